@@ -1,0 +1,252 @@
+//! Types shared by the XDP programs and userspace: map keys and values, map
+//! names, flags, and the one flow-hash function both sides must agree on.
+//!
+//! Byte order: addresses and ports are stored exactly as they appear on the
+//! wire (network order), read as native-endian integers. The hash works on
+//! those raw words, so userspace must build them the same way (see
+//! [`addr_words_v4`], [`addr_words_v6`], [`port_raw`]).
+#![no_std]
+
+pub mod hash;
+
+pub use hash::{flow_hash, source_hash};
+
+/// Map names, as the programs declare them and userspace looks them up.
+pub mod map_names {
+    pub const VIPS: &str = "VIPS";
+    pub const BACKENDS: &str = "BACKENDS";
+    pub const RINGS: &str = "RINGS";
+    pub const CONNS: &str = "CONNS";
+    pub const CONFIG: &str = "CONFIG";
+    pub const GLOBAL_STATS: &str = "GLOBAL_STATS";
+    pub const VIP_STATS: &str = "VIP_STATS";
+    pub const BACKEND_STATS: &str = "BACKEND_STATS";
+    pub const DECAP_ADDRS: &str = "DECAP_ADDRS";
+}
+
+/// Program names (the function names in `lb-ebpf`).
+pub mod program_names {
+    pub const BALANCER: &str = "lb_balancer";
+    pub const DECAP: &str = "lb_decap";
+}
+
+/// How many VIPs and backends the maps hold. Backend and VIP ids index arrays.
+pub const MAX_VIPS: u32 = 1024;
+pub const MAX_BACKENDS: u32 = 8192;
+/// Default Maglev ring size: a prime, as Maglev needs (paper, section 3.4).
+pub const DEFAULT_RING_SIZE: u32 = 65537;
+/// Default number of ring slots in the shared ring array (enough for 32 VIPs
+/// at the default size, each double-buffered). Userspace may raise it.
+pub const DEFAULT_RING_CAPACITY: u32 = 2 * 32 * DEFAULT_RING_SIZE;
+/// Default conn-table entries. Userspace may change it at load.
+pub const DEFAULT_CONN_TABLE_SIZE: u32 = 262_144;
+/// Default MTU of the path to backends (outer packet, without Ethernet).
+pub const DEFAULT_MTU: u32 = 1500;
+
+pub const AF_INET: u8 = 4;
+pub const AF_INET6: u8 = 6;
+pub const IPPROTO_ICMP: u8 = 1;
+pub const IPPROTO_IPIP: u8 = 4;
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+pub const IPPROTO_IPV6: u8 = 41;
+
+/// Sizes of the headers the balancer adds.
+pub const ETH_HLEN: usize = 14;
+pub const IPV4_HLEN: usize = 20;
+pub const IPV6_HLEN: usize = 40;
+
+/// Key of the VIP map: destination address, port and protocol of a packet.
+/// A VIP with port 0 catches every port of its address and protocol.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct VipKey {
+    /// IPv4 uses `addr[0]`; the other words are zero.
+    pub addr: [u32; 4],
+    /// Network byte order, as on the wire.
+    pub port: u16,
+    pub proto: u8,
+    /// [`AF_INET`] or [`AF_INET6`]: keeps 2001:db8:: apart from 32.1.13.184.
+    pub family: u8,
+}
+
+/// VIP flag: hash on the source address only (session affinity).
+pub const VIP_F_HASH_SRC_ONLY: u32 = 1;
+
+/// Value of the VIP map. Replaced whole by one map update, which the kernel
+/// makes atomic for hash maps: that is how a ring swap becomes visible.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VipMeta {
+    /// Index into the per-VIP stats array.
+    pub vip_id: u32,
+    pub flags: u32,
+    /// First slot of this VIP's live ring inside the ring array.
+    pub ring_offset: u32,
+    /// Number of slots (a prime); 0 means the VIP has no usable backend.
+    pub ring_size: u32,
+}
+
+/// One backend, indexed by backend id in the backends array.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Backend {
+    /// IPv4 uses `addr[0]`.
+    pub addr: [u32; 4],
+    /// Non-zero while the id is in use; changes each time an id is reused,
+    /// so a conn-table entry made for a removed backend never matches the
+    /// next backend that gets the same id.
+    pub cookie: u32,
+    /// [`AF_INET`] or [`AF_INET6`]: the outer header the backend needs.
+    pub family: u8,
+    pub _pad: [u8; 3],
+}
+
+/// Key of the conn table: the flow as it arrives.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub src: [u32; 4],
+    pub dst: [u32; 4],
+    /// Network byte order.
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub proto: u8,
+    pub family: u8,
+    pub _pad: [u8; 2],
+}
+
+/// Value of the conn table.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConnValue {
+    pub backend_id: u32,
+    /// The backend's cookie when the entry was made.
+    pub cookie: u32,
+}
+
+/// Config flag: some IPv4 (IPv6) VIP has port 0, so a miss on the exact
+/// port needs a second lookup with port 0. Without it, a non-VIP packet
+/// costs one lookup.
+pub const CONFIG_F_PORT0_V4: u32 = 1;
+pub const CONFIG_F_PORT0_V6: u32 = 2;
+
+/// The balancer's settings: one entry of an array map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Config {
+    /// Destination MAC of every encapsulated packet (the next hop).
+    pub next_hop_mac: [u8; 6],
+    pub _pad: [u8; 2],
+    pub flags: u32,
+    /// Largest outer packet (IP header and up) the path to backends carries.
+    pub mtu: u32,
+    /// Outer IPv4 source: `prefix | (flow hash & host_mask)`, network order.
+    pub encap_src_v4: u32,
+    pub encap_src_v4_host_mask: u32,
+    /// Outer IPv6 source: the hash fills the last word under its host mask.
+    pub encap_src_v6: [u32; 4],
+    pub encap_src_v6_host_mask: u32,
+}
+
+/// Global counters: one per-CPU array entry of [`GlobalStats`], indexed by
+/// these reasons. Every packet ends in exactly one *outcome* (indices below
+/// [`stat::OUTCOMES`]), so their sum is the number of packets seen.
+pub mod stat {
+    /// Not IP, not a VIP, or a protocol the balancer does not serve: passed.
+    pub const NOT_FOR_US: usize = 0;
+    /// Truncated or invalid headers: passed to the kernel, which drops them.
+    pub const MALFORMED: usize = 1;
+    /// IP fragments of TCP/UDP: passed.
+    pub const FRAGMENT: usize = 2;
+    /// VIP without any usable backend: dropped.
+    pub const NO_BACKEND: usize = 3;
+    /// Too large for the MTU once encapsulated: passed to the kernel.
+    pub const TOO_BIG: usize = 4;
+    /// The kernel refused to grow the packet (no headroom): passed.
+    pub const ENCAP_FAILED: usize = 5;
+    /// Encapsulated and sent back out (XDP_TX).
+    pub const FORWARDED: usize = 6;
+    pub const OUTCOMES: usize = 7;
+    /// VIP packets whose conn-table entry was found and still valid.
+    pub const CONN_HIT: usize = 7;
+    /// VIP packets that picked a backend from the ring (new or re-picked flow).
+    pub const CONN_MISS: usize = 8;
+    pub const COUNT: usize = 9;
+    pub const NAMES: [&str; COUNT] = [
+        "not_for_us",
+        "malformed",
+        "fragment",
+        "no_backend",
+        "too_big",
+        "encap_failed",
+        "forwarded",
+        "conn_hit",
+        "conn_miss",
+    ];
+}
+
+/// The global counters of one CPU.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GlobalStats {
+    pub counters: [u64; stat::COUNT],
+}
+
+/// Per-VIP counters (per-CPU array indexed by `vip_id`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VipStats {
+    pub packets: u64,
+    pub bytes: u64,
+    pub new_flows: u64,
+}
+
+/// Per-backend counters (per-CPU array indexed by backend id).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BackendStats {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// Key of the decap program's address map: an outer destination it strips.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct DecapAddr {
+    pub addr: [u32; 4],
+    pub family: u8,
+    pub _pad: [u8; 3],
+}
+
+/// Raw words of an IPv4 address as the program reads them from the packet.
+pub fn addr_words_v4(octets: [u8; 4]) -> [u32; 4] {
+    [u32::from_ne_bytes(octets), 0, 0, 0]
+}
+
+/// Raw words of an IPv6 address as the program reads them from the packet.
+pub fn addr_words_v6(octets: [u8; 16]) -> [u32; 4] {
+    let w = |i: usize| u32::from_ne_bytes([octets[i], octets[i + 1], octets[i + 2], octets[i + 3]]);
+    [w(0), w(4), w(8), w(12)]
+}
+
+/// A port as the program reads it from the packet (network order in memory).
+pub fn port_raw(port: u16) -> u16 {
+    u16::from_ne_bytes(port.to_be_bytes())
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: all are repr(C), made of integers, with explicit padding.
+    unsafe impl aya::Pod for VipKey {}
+    unsafe impl aya::Pod for VipMeta {}
+    unsafe impl aya::Pod for Backend {}
+    unsafe impl aya::Pod for FlowKey {}
+    unsafe impl aya::Pod for ConnValue {}
+    unsafe impl aya::Pod for Config {}
+    unsafe impl aya::Pod for GlobalStats {}
+    unsafe impl aya::Pod for VipStats {}
+    unsafe impl aya::Pod for BackendStats {}
+    unsafe impl aya::Pod for DecapAddr {}
+}

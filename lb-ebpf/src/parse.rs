@@ -1,0 +1,166 @@
+//! The parser: Ethernet, IPv4 (with options), IPv6, and
+//! the TCP/UDP ports. Every read is bounds-checked against `data_end`, which
+//! is also what the verifier demands.
+
+use aya_ebpf::programs::XdpContext;
+
+use crate::headers::{ptr_at, EthHdr, Ipv4Hdr, Ipv6Hdr, ETH_P_IP, ETH_P_IPV6};
+use lb_common::{FlowKey, AF_INET, AF_INET6, ETH_HLEN, IPPROTO_TCP, IPPROTO_UDP};
+
+/// IPv6 Fragment extension header (RFC 8200, section 4.5).
+const IPPROTO_FRAGMENT: u8 = 44;
+/// IPv4 MF flag and fragment offset bits (RFC 791), in wire order.
+const IPV4_FRAG_MASK: u16 = 0x3fffu16.to_be();
+/// TCP flags byte (RFC 9293): SYN and ACK bits.
+const TCP_SYN: u8 = 0x02;
+const TCP_ACK: u8 = 0x10;
+
+/// The first bytes of TCP and UDP: both start with the two ports.
+#[repr(C)]
+struct Ports {
+    src: u16,
+    dst: u16,
+}
+
+/// A TCP or UDP packet, ready for the VIP lookup.
+pub struct Packet {
+    pub flow: FlowKey,
+    /// Length of the IP packet (header and payload) as its header says;
+    /// Ethernet padding after it is not counted.
+    pub ip_len: u32,
+    /// IPv4 TOS or IPv6 traffic class, copied to the outer header.
+    pub tos: u8,
+    /// A TCP SYN without ACK: the first packet of a connection.
+    pub syn: bool,
+}
+
+pub enum Parsed {
+    /// Not IP, or an IP protocol the balancer does not serve.
+    NotForUs,
+    Malformed,
+    Fragment,
+    Flow(Packet),
+}
+
+#[inline(always)]
+pub fn parse(ctx: &XdpContext) -> Parsed {
+    let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
+        return Parsed::Malformed;
+    };
+    let proto = unsafe { (*eth).proto };
+    if proto == ETH_P_IP {
+        parse_ipv4(ctx)
+    } else if proto == ETH_P_IPV6 {
+        parse_ipv6(ctx)
+    } else {
+        Parsed::NotForUs
+    }
+}
+
+#[inline(always)]
+fn parse_ipv4(ctx: &XdpContext) -> Parsed {
+    let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, ETH_HLEN) else {
+        return Parsed::Malformed;
+    };
+    let ip = unsafe { &*ip };
+    // RFC 791: IHL counts 32-bit words, at least 5; options may follow.
+    let header_len = ((ip.ver_ihl & 0x0f) as usize) * 4;
+    let ip_len = u16::from_be(ip.tot_len) as u32;
+    let available = (ctx.data_end() - ctx.data() - ETH_HLEN) as u32;
+    if ip.ver_ihl >> 4 != 4 || header_len < 20 || ip_len < header_len as u32 || ip_len > available {
+        return Parsed::Malformed;
+    }
+    if ip.proto != IPPROTO_TCP && ip.proto != IPPROTO_UDP {
+        return Parsed::NotForUs;
+    }
+    if ip.frag_off & IPV4_FRAG_MASK != 0 {
+        return Parsed::Fragment;
+    }
+    let mut flow = FlowKey {
+        src: [ip.saddr, 0, 0, 0],
+        dst: [ip.daddr, 0, 0, 0],
+        proto: ip.proto,
+        family: AF_INET,
+        ..FlowKey::default()
+    };
+    let tos = ip.tos;
+    let Some(syn) = parse_ports(
+        ctx,
+        ETH_HLEN + header_len,
+        &mut flow,
+        ip_len - header_len as u32,
+    ) else {
+        return Parsed::Malformed;
+    };
+    Parsed::Flow(Packet {
+        flow,
+        ip_len,
+        tos,
+        syn,
+    })
+}
+
+#[inline(always)]
+fn parse_ipv6(ctx: &XdpContext) -> Parsed {
+    let Some(ip) = ptr_at::<Ipv6Hdr>(ctx, ETH_HLEN) else {
+        return Parsed::Malformed;
+    };
+    let ip = unsafe { &*ip };
+    let first = u32::from_be(ip.ver_tc_flow);
+    let payload_len = u16::from_be(ip.payload_len) as u32;
+    let available = (ctx.data_end() - ctx.data() - ETH_HLEN) as u32;
+    if first >> 28 != 6 || payload_len + 40 > available {
+        return Parsed::Malformed;
+    }
+    if ip.next_hdr == IPPROTO_FRAGMENT {
+        return Parsed::Fragment;
+    }
+    // Other extension headers are not walked: such packets go to the kernel.
+    if ip.next_hdr != IPPROTO_TCP && ip.next_hdr != IPPROTO_UDP {
+        return Parsed::NotForUs;
+    }
+    let mut flow = FlowKey {
+        src: ip.saddr,
+        dst: ip.daddr,
+        proto: ip.next_hdr,
+        family: AF_INET6,
+        ..FlowKey::default()
+    };
+    let tos = (first >> 20) as u8;
+    let Some(syn) = parse_ports(ctx, ETH_HLEN + 40, &mut flow, payload_len) else {
+        return Parsed::Malformed;
+    };
+    Parsed::Flow(Packet {
+        flow,
+        ip_len: payload_len + 40,
+        tos,
+        syn,
+    })
+}
+
+/// Reads the ports into `flow` and tells whether it is a TCP SYN. `None`
+/// when the L4 header is shorter than its minimum (TCP 20 bytes, RFC 9293;
+/// UDP 8 bytes, RFC 768), in the packet or in what the IP length claims.
+#[inline(always)]
+fn parse_ports(ctx: &XdpContext, offset: usize, flow: &mut FlowKey, l4_len: u32) -> Option<bool> {
+    let ports = ptr_at::<Ports>(ctx, offset)?;
+    let mut syn = false;
+    if flow.proto == IPPROTO_TCP {
+        let tcp = ptr_at::<[u8; 20]>(ctx, offset)?;
+        if l4_len < 20 {
+            return None;
+        }
+        let flags = unsafe { (*tcp)[13] };
+        syn = flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    } else {
+        ptr_at::<[u8; 8]>(ctx, offset)?;
+        if l4_len < 8 {
+            return None;
+        }
+    }
+    unsafe {
+        flow.src_port = (*ports).src;
+        flow.dst_port = (*ports).dst;
+    }
+    Some(syn)
+}

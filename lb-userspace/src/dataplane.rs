@@ -1,0 +1,255 @@
+//! The loaded XDP objects and typed access to every map they own. Nothing
+//! here decides anything: `services.rs` says what to write, this writes it.
+
+use std::net::IpAddr;
+
+use aya::{
+    maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuValues},
+    programs::{ProgramError, Xdp},
+    Ebpf, EbpfLoader, Pod,
+};
+use lb_common::{
+    map_names, program_names, stat, Backend, BackendStats, Config, ConnValue, DecapAddr, FlowKey,
+    GlobalStats, VipKey, VipMeta, VipStats, DEFAULT_CONN_TABLE_SIZE, DEFAULT_RING_CAPACITY,
+};
+
+use crate::{object, sys};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DataplaneError {
+    #[error("loading the XDP object failed: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("the XDP program failed to load or attach: {0}")]
+    Program(#[from] ProgramError),
+    #[error("map {name}: {source}")]
+    Map { name: &'static str, source: MapError },
+    #[error("map {0} is missing from the XDP object")]
+    MissingMap(&'static str),
+    #[error("cannot count the possible CPUs: {0}")]
+    Cpus(std::io::Error),
+    #[error("writing {count} ring slots at {offset}: {source}")]
+    RingWrite { offset: u32, count: usize, source: std::io::Error },
+}
+
+fn map_err(name: &'static str) -> impl FnOnce(MapError) -> DataplaneError {
+    move |source| DataplaneError::Map { name, source }
+}
+
+/// Sizes fixed when the object is loaded.
+#[derive(Clone, Copy, Debug)]
+pub struct LoadOptions {
+    pub conn_table_size: u32,
+    /// Slots in the ring array shared by all VIPs (each VIP needs two rings).
+    pub ring_capacity: u32,
+    /// Load the bench-only object (restores each packet after forwarding it).
+    pub bench_restore: bool,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            conn_table_size: DEFAULT_CONN_TABLE_SIZE,
+            ring_capacity: DEFAULT_RING_CAPACITY,
+            bench_restore: false,
+        }
+    }
+}
+
+/// The balancer program and its maps.
+pub struct Dataplane {
+    ebpf: Ebpf,
+    ring_capacity: u32,
+}
+
+impl Dataplane {
+    /// Loads the balancer into the kernel (verified, not attached).
+    pub fn load(opts: LoadOptions) -> Result<Self, DataplaneError> {
+        let bytes = if opts.bench_restore { object::BALANCER_BENCH } else { object::BALANCER };
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries(map_names::CONNS, opts.conn_table_size)
+            .map_max_entries(map_names::RINGS, opts.ring_capacity)
+            .load(bytes)?;
+        load_xdp(&mut ebpf, program_names::BALANCER)?;
+        Ok(Self { ebpf, ring_capacity: opts.ring_capacity })
+    }
+
+    pub fn program(&mut self) -> &mut Xdp {
+        xdp(&mut self.ebpf, program_names::BALANCER)
+    }
+
+    pub fn ring_capacity(&self) -> u32 {
+        self.ring_capacity
+    }
+
+    fn map(&mut self, name: &'static str) -> Result<&mut Map, DataplaneError> {
+        self.ebpf.map_mut(name).ok_or(DataplaneError::MissingMap(name))
+    }
+
+    fn hash<K: Pod, V: Pod>(&mut self, name: &'static str) -> Result<HashMap<&mut MapData, K, V>, DataplaneError> {
+        HashMap::try_from(self.map(name)?).map_err(map_err(name))
+    }
+
+    fn array<V: Pod>(&mut self, name: &'static str) -> Result<Array<&mut MapData, V>, DataplaneError> {
+        Array::try_from(self.map(name)?).map_err(map_err(name))
+    }
+
+    fn per_cpu<V: Pod>(&mut self, name: &'static str) -> Result<PerCpuArray<&mut MapData, V>, DataplaneError> {
+        PerCpuArray::try_from(self.map(name)?).map_err(map_err(name))
+    }
+
+    pub fn set_config(&mut self, config: &Config) -> Result<(), DataplaneError> {
+        self.array::<Config>(map_names::CONFIG)?.set(0, config, 0).map_err(map_err(map_names::CONFIG))
+    }
+
+    pub fn config(&mut self) -> Result<Config, DataplaneError> {
+        self.array::<Config>(map_names::CONFIG)?.get(&0, 0).map_err(map_err(map_names::CONFIG))
+    }
+
+    /// Inserts or replaces a VIP. Replacing is atomic for packets: they see
+    /// the old value or the new one.
+    pub fn set_vip(&mut self, key: &VipKey, meta: &VipMeta) -> Result<(), DataplaneError> {
+        self.hash::<VipKey, VipMeta>(map_names::VIPS)?.insert(key, meta, 0).map_err(map_err(map_names::VIPS))
+    }
+
+    pub fn remove_vip(&mut self, key: &VipKey) -> Result<(), DataplaneError> {
+        self.hash::<VipKey, VipMeta>(map_names::VIPS)?.remove(key).map_err(map_err(map_names::VIPS))
+    }
+
+    pub fn vip(&mut self, key: &VipKey) -> Result<Option<VipMeta>, DataplaneError> {
+        optional(self.hash::<VipKey, VipMeta>(map_names::VIPS)?.get(key, 0), map_names::VIPS)
+    }
+
+    pub fn set_backend(&mut self, id: u32, backend: &Backend) -> Result<(), DataplaneError> {
+        self.array::<Backend>(map_names::BACKENDS)?.set(id, backend, 0).map_err(map_err(map_names::BACKENDS))
+    }
+
+    pub fn backend(&mut self, id: u32) -> Result<Backend, DataplaneError> {
+        self.array::<Backend>(map_names::BACKENDS)?.get(&id, 0).map_err(map_err(map_names::BACKENDS))
+    }
+
+    /// Writes `slots` (backend ids) into the ring array from `offset` on.
+    pub fn write_ring(&mut self, offset: u32, slots: &[u32]) -> Result<(), DataplaneError> {
+        let Map::Array(data) = self.map(map_names::RINGS)? else {
+            return Err(DataplaneError::MissingMap(map_names::RINGS));
+        };
+        sys::array_update_batch(data.fd(), offset, slots).map_err(|source| DataplaneError::RingWrite {
+            offset,
+            count: slots.len(),
+            source,
+        })
+    }
+
+    pub fn ring_slot(&mut self, slot: u32) -> Result<u32, DataplaneError> {
+        self.array::<u32>(map_names::RINGS)?.get(&slot, 0).map_err(map_err(map_names::RINGS))
+    }
+
+    pub fn conn(&mut self, flow: &FlowKey) -> Result<Option<ConnValue>, DataplaneError> {
+        optional(self.hash::<FlowKey, ConnValue>(map_names::CONNS)?.get(flow, 0), map_names::CONNS)
+    }
+
+    pub fn set_conn(&mut self, flow: &FlowKey, value: &ConnValue) -> Result<(), DataplaneError> {
+        self.hash::<FlowKey, ConnValue>(map_names::CONNS)?.insert(flow, value, 0).map_err(map_err(map_names::CONNS))
+    }
+
+    /// Global counters summed over CPUs, indexed by [`lb_common::stat`].
+    pub fn global_stats(&mut self) -> Result<[u64; stat::COUNT], DataplaneError> {
+        let per_cpu = self.per_cpu::<GlobalStats>(map_names::GLOBAL_STATS)?;
+        let values = per_cpu.get(&0, 0).map_err(map_err(map_names::GLOBAL_STATS))?;
+        let mut sum = [0u64; stat::COUNT];
+        for cpu in values.iter() {
+            for (s, v) in sum.iter_mut().zip(cpu.counters) {
+                *s += v;
+            }
+        }
+        Ok(sum)
+    }
+
+    pub fn vip_stats(&mut self, vip_id: u32) -> Result<VipStats, DataplaneError> {
+        let values = self.per_cpu::<VipStats>(map_names::VIP_STATS)?.get(&vip_id, 0).map_err(map_err(map_names::VIP_STATS))?;
+        Ok(values.iter().fold(VipStats::default(), |a, v| VipStats {
+            packets: a.packets + v.packets,
+            bytes: a.bytes + v.bytes,
+            new_flows: a.new_flows + v.new_flows,
+        }))
+    }
+
+    pub fn backend_stats(&mut self, backend_id: u32) -> Result<BackendStats, DataplaneError> {
+        let values = self
+            .per_cpu::<BackendStats>(map_names::BACKEND_STATS)?
+            .get(&backend_id, 0)
+            .map_err(map_err(map_names::BACKEND_STATS))?;
+        Ok(values.iter().fold(BackendStats::default(), |a, v| BackendStats {
+            packets: a.packets + v.packets,
+            bytes: a.bytes + v.bytes,
+        }))
+    }
+
+    /// Zeroes the counters of a VIP id before it is given to a new VIP.
+    pub fn reset_vip_stats(&mut self, vip_id: u32) -> Result<(), DataplaneError> {
+        let zero = zeroed_per_cpu::<VipStats>()?;
+        self.per_cpu::<VipStats>(map_names::VIP_STATS)?.set(vip_id, zero, 0).map_err(map_err(map_names::VIP_STATS))
+    }
+
+    /// Zeroes the counters of a backend id before it is reused.
+    pub fn reset_backend_stats(&mut self, backend_id: u32) -> Result<(), DataplaneError> {
+        let zero = zeroed_per_cpu::<BackendStats>()?;
+        self.per_cpu::<BackendStats>(map_names::BACKEND_STATS)?
+            .set(backend_id, zero, 0)
+            .map_err(map_err(map_names::BACKEND_STATS))
+    }
+}
+
+/// The decap program of a backend host and its address map.
+pub struct Decap {
+    ebpf: Ebpf,
+}
+
+impl Decap {
+    pub fn load() -> Result<Self, DataplaneError> {
+        let mut ebpf = EbpfLoader::new().load(object::DECAP)?;
+        load_xdp(&mut ebpf, program_names::DECAP)?;
+        Ok(Self { ebpf })
+    }
+
+    pub fn program(&mut self) -> &mut Xdp {
+        xdp(&mut self.ebpf, program_names::DECAP)
+    }
+
+    /// Packets encapsulated to `addr` will be decapsulated.
+    pub fn add_address(&mut self, addr: IpAddr) -> Result<(), DataplaneError> {
+        let name = map_names::DECAP_ADDRS;
+        let map = self.ebpf.map_mut(name).ok_or(DataplaneError::MissingMap(name))?;
+        let mut map: HashMap<&mut MapData, DecapAddr, u8> = HashMap::try_from(map).map_err(map_err(name))?;
+        map.insert(decap_key(addr), 1, 0).map_err(map_err(name))
+    }
+}
+
+pub fn decap_key(addr: IpAddr) -> DecapAddr {
+    let (addr, family) = crate::addr::words(addr);
+    DecapAddr { addr, family, _pad: [0; 3] }
+}
+
+fn load_xdp(ebpf: &mut Ebpf, name: &str) -> Result<(), DataplaneError> {
+    xdp(ebpf, name).load()?;
+    Ok(())
+}
+
+fn xdp<'a>(ebpf: &'a mut Ebpf, name: &str) -> &'a mut Xdp {
+    // The embedded object always has this program; anything else is a build bug.
+    ebpf.program_mut(name)
+        .and_then(|p| p.try_into().ok())
+        .unwrap_or_else(|| panic!("the embedded XDP object has no XDP program {name}"))
+}
+
+fn optional<V>(result: Result<V, MapError>, name: &'static str) -> Result<Option<V>, DataplaneError> {
+    match result {
+        Ok(v) => Ok(Some(v)),
+        Err(MapError::KeyNotFound) => Ok(None),
+        Err(e) => Err(DataplaneError::Map { name, source: e }),
+    }
+}
+
+fn zeroed_per_cpu<V: Pod + Default>() -> Result<PerCpuValues<V>, DataplaneError> {
+    let cpus = aya::util::nr_cpus().map_err(|(_, e)| DataplaneError::Cpus(e))?;
+    PerCpuValues::try_from(vec![V::default(); cpus]).map_err(DataplaneError::Cpus)
+}

@@ -1,0 +1,13 @@
+//! The controller's library: load the XDP objects, write their maps, build
+//! Maglev rings, and keep the VIP/backend model that drives them.
+
+pub mod addr;
+pub mod dataplane;
+pub mod maglev;
+pub mod object;
+pub mod rings;
+pub mod services;
+mod sys;
+
+pub use dataplane::{Dataplane, DataplaneError, Decap, LoadOptions};
+pub use services::{BackendSpec, HashMode, Proto, ServiceError, Services, Settings, VipSpec};

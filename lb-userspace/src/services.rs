@@ -1,0 +1,536 @@
+//! The VIP and backend model, and how it becomes map contents. Every change
+//! is validated in full before any map is touched; a change whose map write
+//! fails leaves the model as it was.
+//!
+//! Order of writes matters for packets in flight: a backend's entry is
+//! written before any ring names it, a new ring is written to the VIP's idle
+//! half before one VIP-map update makes it live, and a removed backend's
+//! entry is cleared only after the ring no longer names it.
+
+use std::{
+    collections::{BTreeMap, VecDeque},
+    fmt,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+};
+
+use lb_common::{
+    flow_hash, source_hash, Backend, Config, FlowKey, VipKey, VipMeta, CONFIG_F_PORT0_V4,
+    CONFIG_F_PORT0_V6, IPPROTO_TCP, IPPROTO_UDP, MAX_BACKENDS, MAX_VIPS, VIP_F_HASH_SRC_ONLY,
+};
+
+use crate::{
+    addr,
+    dataplane::{Dataplane, DataplaneError},
+    maglev::{self, RingMember},
+    rings::{Extent, RingSpace},
+};
+
+/// Largest ring a VIP may ask for (a prime just under 2^20).
+pub const MAX_RING_SIZE: u32 = 1_048_573;
+/// Largest backend weight.
+pub const MAX_WEIGHT: u32 = 10_000;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Proto {
+    Tcp,
+    Udp,
+}
+
+impl Proto {
+    pub fn number(self) -> u8 {
+        match self {
+            Proto::Tcp => IPPROTO_TCP,
+            Proto::Udp => IPPROTO_UDP,
+        }
+    }
+}
+
+/// What the flow hash of a VIP covers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum HashMode {
+    /// Source and destination address and port, and protocol.
+    #[default]
+    FiveTuple,
+    /// The source address only: every flow of a client to one backend.
+    SourceIp,
+}
+
+/// What identifies a VIP: address, port (0: every port) and protocol.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct VipAddr {
+    pub addr: IpAddr,
+    pub port: u16,
+    pub proto: Proto,
+}
+
+impl VipAddr {
+    pub fn key(&self) -> VipKey {
+        let (addr, family) = addr::words(self.addr);
+        VipKey { addr, port: lb_common::port_raw(self.port), proto: self.proto.number(), family }
+    }
+}
+
+impl fmt::Display for VipAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let proto = match self.proto {
+            Proto::Tcp => "tcp",
+            Proto::Udp => "udp",
+        };
+        match self.addr {
+            IpAddr::V4(a) => write!(f, "{a}:{}/{proto}", self.port),
+            IpAddr::V6(a) => write!(f, "[{a}]:{}/{proto}", self.port),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VipSpec {
+    pub vip: VipAddr,
+    pub hash: HashMode,
+    /// Maglev ring size: a prime, at most [`MAX_RING_SIZE`].
+    pub ring_size: u32,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BackendSpec {
+    pub addr: IpAddr,
+    /// 0 keeps existing flows but takes no new ones, like drain.
+    pub weight: u32,
+}
+
+/// Host-wide data-plane settings.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Settings {
+    pub next_hop_mac: [u8; 6],
+    /// Outer IPv4 source prefix; the host bits carry flow-hash bits.
+    pub encap_src_v4: (Ipv4Addr, u8),
+    /// Outer IPv6 source prefix; up to the last 32 host bits carry hash bits.
+    pub encap_src_v6: (Ipv6Addr, u8),
+    /// Largest outer packet (from the IP header on) towards backends.
+    pub mtu: u32,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    #[error("VIP {0} already exists")]
+    VipExists(VipAddr),
+    #[error("no VIP {0}")]
+    NoSuchVip(VipAddr),
+    #[error("backend {1} already exists in VIP {0}")]
+    BackendExists(VipAddr, IpAddr),
+    #[error("no backend {1} in VIP {0}")]
+    NoSuchBackend(VipAddr, IpAddr),
+    #[error("ring size {0} is not a prime (Maglev needs one; 65537 is the default)")]
+    RingSizeNotPrime(u32),
+    #[error("ring size {0} is larger than the maximum {MAX_RING_SIZE}")]
+    RingSizeTooLarge(u32),
+    #[error("no room for a ring of {needed} slots (largest free run {free}); remove a VIP or load with a larger ring capacity")]
+    RingSpaceFull { needed: u32, free: u32 },
+    #[error("all {MAX_VIPS} VIP slots are in use")]
+    TooManyVips,
+    #[error("all {MAX_BACKENDS} backend slots are in use")]
+    TooManyBackends,
+    #[error("weight {0} is out of range 0..={MAX_WEIGHT}")]
+    WeightOutOfRange(u32),
+    #[error("backend {backend} is IPv4 but VIP {vip} is IPv6: IPv6 cannot be carried in an IPv4 outer header here")]
+    FamilyMismatch { vip: VipAddr, backend: IpAddr },
+    #[error("prefix length {0} is too long for its address family")]
+    BadPrefix(u8),
+    #[error(transparent)]
+    Dataplane(#[from] DataplaneError),
+}
+
+/// A backend as the model keeps it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BackendState {
+    pub id: u32,
+    pub cookie: u32,
+    pub weight: u32,
+    pub drained: bool,
+}
+
+impl BackendState {
+    fn takes_new_flows(&self) -> bool {
+        self.weight > 0 && !self.drained
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct VipState {
+    pub spec: VipSpec,
+    pub id: u32,
+    extent: Extent,
+    /// Which half of the extent is live (0 or 1).
+    live_half: u32,
+    /// The live ring: backend ids (empty when no backend takes new flows).
+    ring: Vec<u32>,
+    pub backends: BTreeMap<IpAddr, BackendState>,
+}
+
+impl VipState {
+    fn meta(&self, half: u32, ring_size: u32) -> VipMeta {
+        let flags = match self.spec.hash {
+            HashMode::FiveTuple => 0,
+            HashMode::SourceIp => VIP_F_HASH_SRC_ONLY,
+        };
+        VipMeta {
+            vip_id: self.id,
+            flags,
+            ring_offset: self.extent.offset + half * self.spec.ring_size,
+            ring_size,
+        }
+    }
+
+    pub fn ring(&self) -> &[u32] {
+        &self.ring
+    }
+}
+
+/// Where a flow goes, and why.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Explanation {
+    pub vip: VipAddr,
+    pub backend: IpAddr,
+    pub backend_id: u32,
+    pub hash: u32,
+    pub via: Via,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Via {
+    /// The conn table remembers this flow.
+    ConnTable,
+    /// A new flow: this slot of the VIP's Maglev ring.
+    Ring { slot: u32 },
+}
+
+/// The VIPs and backends of one balancer, kept in step with its maps.
+pub struct Services {
+    settings: Settings,
+    vips: BTreeMap<VipAddr, VipState>,
+    free_vip_ids: VecDeque<u32>,
+    /// Freed ids go to the back: an id is reused as late as possible.
+    free_backend_ids: VecDeque<u32>,
+    ring_space: RingSpace,
+    next_cookie: u32,
+}
+
+impl Services {
+    /// Starts with no VIP and writes `settings` to the data plane.
+    pub fn new(dp: &mut Dataplane, settings: Settings) -> Result<Self, ServiceError> {
+        let services = Self {
+            settings,
+            vips: BTreeMap::new(),
+            free_vip_ids: (0..MAX_VIPS).collect(),
+            free_backend_ids: (0..MAX_BACKENDS).collect(),
+            ring_space: RingSpace::new(dp.ring_capacity()),
+            next_cookie: 1,
+        };
+        dp.set_config(&services.config()?)?;
+        Ok(services)
+    }
+
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    pub fn set_settings(&mut self, dp: &mut Dataplane, settings: Settings) -> Result<(), ServiceError> {
+        let old = std::mem::replace(&mut self.settings, settings);
+        let config = self.config();
+        match config.map(|c| dp.set_config(&c)) {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => {
+                self.settings = old;
+                Err(e.into())
+            }
+            Err(e) => {
+                self.settings = old;
+                Err(e)
+            }
+        }
+    }
+
+    pub fn vips(&self) -> impl Iterator<Item = &VipState> {
+        self.vips.values()
+    }
+
+    pub fn vip(&self, vip: &VipAddr) -> Result<&VipState, ServiceError> {
+        self.vips.get(vip).ok_or(ServiceError::NoSuchVip(*vip))
+    }
+
+    pub fn add_vip(&mut self, dp: &mut Dataplane, spec: VipSpec) -> Result<(), ServiceError> {
+        if self.vips.contains_key(&spec.vip) {
+            return Err(ServiceError::VipExists(spec.vip));
+        }
+        check_ring_size(spec.ring_size)?;
+        let vip_id = *self.free_vip_ids.front().ok_or(ServiceError::TooManyVips)?;
+        let needed = 2 * spec.ring_size;
+        let extent = self.ring_space.alloc(needed).ok_or(ServiceError::RingSpaceFull {
+            needed,
+            free: self.ring_space.largest_free(),
+        })?;
+        let state = VipState {
+            spec,
+            id: vip_id,
+            extent,
+            live_half: 0,
+            ring: Vec::new(),
+            backends: BTreeMap::new(),
+        };
+        let written = dp
+            .reset_vip_stats(vip_id)
+            .and_then(|()| dp.set_vip(&spec.vip.key(), &state.meta(0, 0)));
+        if let Err(e) = written {
+            self.ring_space.free(extent);
+            return Err(e.into());
+        }
+        self.free_vip_ids.pop_front();
+        self.vips.insert(spec.vip, state);
+        self.write_port0_flags(dp)
+    }
+
+    pub fn remove_vip(&mut self, dp: &mut Dataplane, vip: &VipAddr) -> Result<(), ServiceError> {
+        if !self.vips.contains_key(vip) {
+            return Err(ServiceError::NoSuchVip(*vip));
+        }
+        dp.remove_vip(&vip.key())?;
+        let state = self.vips.remove(vip).expect("checked above");
+        for backend in state.backends.values() {
+            self.release_backend(dp, backend.id)?;
+        }
+        self.ring_space.free(state.extent);
+        self.free_vip_ids.push_back(state.id);
+        self.write_port0_flags(dp)
+    }
+
+    pub fn add_backend(&mut self, dp: &mut Dataplane, vip: &VipAddr, spec: BackendSpec) -> Result<(), ServiceError> {
+        let state = self.vips.get(vip).ok_or(ServiceError::NoSuchVip(*vip))?;
+        if state.backends.contains_key(&spec.addr) {
+            return Err(ServiceError::BackendExists(*vip, spec.addr));
+        }
+        check_weight(spec.weight)?;
+        if vip.addr.is_ipv6() && spec.addr.is_ipv4() {
+            return Err(ServiceError::FamilyMismatch { vip: *vip, backend: spec.addr });
+        }
+        let id = *self.free_backend_ids.front().ok_or(ServiceError::TooManyBackends)?;
+        let cookie = self.next_cookie;
+        let (words, family) = addr::words(spec.addr);
+        dp.reset_backend_stats(id)?;
+        dp.set_backend(id, &Backend { addr: words, cookie, family, _pad: [0; 3] })?;
+        let mut backends = state.backends.clone();
+        backends.insert(spec.addr, BackendState { id, cookie, weight: spec.weight, drained: false });
+        if let Err(e) = self.swap_ring(dp, vip, backends) {
+            // The entry is not in any ring: clearing it undoes the add.
+            let _ = dp.set_backend(id, &Backend::default());
+            return Err(e);
+        }
+        self.free_backend_ids.pop_front();
+        self.next_cookie = self.next_cookie.checked_add(1).unwrap_or(1);
+        Ok(())
+    }
+
+    pub fn remove_backend(&mut self, dp: &mut Dataplane, vip: &VipAddr, addr: IpAddr) -> Result<(), ServiceError> {
+        let mut backends = self.vip(vip)?.backends.clone();
+        let removed = backends.remove(&addr).ok_or(ServiceError::NoSuchBackend(*vip, addr))?;
+        self.swap_ring(dp, vip, backends)?;
+        self.release_backend(dp, removed.id)
+    }
+
+    /// Drained: existing flows stay, new flows go elsewhere.
+    pub fn drain_backend(&mut self, dp: &mut Dataplane, vip: &VipAddr, addr: IpAddr) -> Result<(), ServiceError> {
+        self.change_backend(dp, vip, addr, |b| b.drained = true)
+    }
+
+    pub fn undrain_backend(&mut self, dp: &mut Dataplane, vip: &VipAddr, addr: IpAddr) -> Result<(), ServiceError> {
+        self.change_backend(dp, vip, addr, |b| b.drained = false)
+    }
+
+    pub fn set_weight(&mut self, dp: &mut Dataplane, vip: &VipAddr, addr: IpAddr, weight: u32) -> Result<(), ServiceError> {
+        check_weight(weight)?;
+        self.change_backend(dp, vip, addr, |b| b.weight = weight)
+    }
+
+    fn change_backend(
+        &mut self,
+        dp: &mut Dataplane,
+        vip: &VipAddr,
+        addr: IpAddr,
+        change: impl FnOnce(&mut BackendState),
+    ) -> Result<(), ServiceError> {
+        let mut backends = self.vip(vip)?.backends.clone();
+        change(backends.get_mut(&addr).ok_or(ServiceError::NoSuchBackend(*vip, addr))?);
+        self.swap_ring(dp, vip, backends)
+    }
+
+    /// Builds the ring for `backends`, writes it to the idle half and makes
+    /// it live with one VIP-map update; then the model takes `backends`.
+    fn swap_ring(
+        &mut self,
+        dp: &mut Dataplane,
+        vip: &VipAddr,
+        backends: BTreeMap<IpAddr, BackendState>,
+    ) -> Result<(), ServiceError> {
+        let state = self.vips.get_mut(vip).ok_or(ServiceError::NoSuchVip(*vip))?;
+        let eligible: Vec<&BackendState> = backends.values().filter(|b| b.takes_new_flows()).collect();
+        let members: Vec<RingMember> = backends
+            .iter()
+            .filter(|(_, b)| b.takes_new_flows())
+            .map(|(a, b)| RingMember { identity: identity(*a), weight: b.weight })
+            .collect();
+        let ring: Vec<u32> = match maglev::build(&members, state.spec.ring_size) {
+            Some(slots) => slots.iter().map(|&i| eligible[i as usize].id).collect(),
+            None => Vec::new(),
+        };
+        if ring == state.ring {
+            state.backends = backends;
+            return Ok(());
+        }
+        let idle = 1 - state.live_half;
+        let meta = if ring.is_empty() {
+            state.meta(state.live_half, 0)
+        } else {
+            let meta = state.meta(idle, state.spec.ring_size);
+            dp.write_ring(meta.ring_offset, &ring)?;
+            meta
+        };
+        dp.set_vip(&vip.key(), &meta)?;
+        if !ring.is_empty() {
+            state.live_half = idle;
+        }
+        state.ring = ring;
+        state.backends = backends;
+        Ok(())
+    }
+
+    fn release_backend(&mut self, dp: &mut Dataplane, id: u32) -> Result<(), ServiceError> {
+        dp.set_backend(id, &Backend::default())?;
+        self.free_backend_ids.push_back(id);
+        Ok(())
+    }
+
+    /// Where the data plane sends `flow` now: the VIP it matches (exact port,
+    /// then port 0), its conn-table entry if still valid, else the ring.
+    pub fn explain(&self, dp: &mut Dataplane, flow: &FlowKey) -> Result<Option<Explanation>, ServiceError> {
+        let Some(state) = self.vip_for(flow) else {
+            return Ok(None);
+        };
+        let hash = match state.spec.hash {
+            HashMode::SourceIp => source_hash(&flow.src),
+            HashMode::FiveTuple => flow_hash(&flow.src, &flow.dst, flow.src_port, flow.dst_port, flow.proto),
+        };
+        let by_id = |id: u32| state.backends.iter().find(|(_, b)| b.id == id);
+        if let Some(conn) = dp.conn(flow)? {
+            if let Some((addr, _)) = by_id(conn.backend_id).filter(|(_, b)| b.cookie == conn.cookie) {
+                return Ok(Some(Explanation {
+                    vip: state.spec.vip,
+                    backend: *addr,
+                    backend_id: conn.backend_id,
+                    hash,
+                    via: Via::ConnTable,
+                }));
+            }
+        }
+        if state.ring.is_empty() {
+            return Ok(None);
+        }
+        let slot = hash % state.spec.ring_size;
+        let id = state.ring[slot as usize];
+        let (addr, _) = by_id(id).expect("the ring names only this VIP's backends");
+        Ok(Some(Explanation { vip: state.spec.vip, backend: *addr, backend_id: id, hash, via: Via::Ring { slot } }))
+    }
+
+    fn vip_for(&self, flow: &FlowKey) -> Option<&VipState> {
+        let addr = addr::from_words(flow.dst, flow.family);
+        let proto = match flow.proto {
+            IPPROTO_TCP => Proto::Tcp,
+            IPPROTO_UDP => Proto::Udp,
+            _ => return None,
+        };
+        let port = u16::from_be_bytes(flow.dst_port.to_ne_bytes());
+        self.vips
+            .get(&VipAddr { addr, port, proto })
+            .or_else(|| self.vips.get(&VipAddr { addr, port: 0, proto }))
+    }
+
+    fn write_port0_flags(&mut self, dp: &mut Dataplane) -> Result<(), ServiceError> {
+        dp.set_config(&self.config()?)?;
+        Ok(())
+    }
+
+    fn config(&self) -> Result<Config, ServiceError> {
+        let s = &self.settings;
+        let mut flags = 0;
+        for vip in self.vips.keys().filter(|v| v.port == 0) {
+            flags |= if vip.addr.is_ipv4() { CONFIG_F_PORT0_V4 } else { CONFIG_F_PORT0_V6 };
+        }
+        let (v4, v4_len) = s.encap_src_v4;
+        let (v6, v6_len) = s.encap_src_v6;
+        if v4_len > 32 {
+            return Err(ServiceError::BadPrefix(v4_len));
+        }
+        if v6_len > 128 {
+            return Err(ServiceError::BadPrefix(v6_len));
+        }
+        let v4_host = u32::MAX.checked_shr(v4_len as u32).unwrap_or(0);
+        // Only the last 32 bits of an IPv6 source carry hash bits.
+        let v6_host = u32::MAX.checked_shr(v6_len.saturating_sub(96) as u32).unwrap_or(0);
+        let wire = |host_order: u32| u32::from_ne_bytes(host_order.to_be_bytes());
+        let mut v6_words = addr::words(IpAddr::V6(v6)).0;
+        v6_words[3] &= !wire(v6_host);
+        Ok(Config {
+            next_hop_mac: s.next_hop_mac,
+            _pad: [0; 2],
+            flags,
+            mtu: s.mtu,
+            encap_src_v4: addr::words(IpAddr::V4(v4)).0[0] & !wire(v4_host),
+            encap_src_v4_host_mask: wire(v4_host),
+            encap_src_v6: v6_words,
+            encap_src_v6_host_mask: wire(v6_host),
+        })
+    }
+}
+
+/// A backend's identity for Maglev: its address bytes, the same on every host.
+fn identity(addr: IpAddr) -> Vec<u8> {
+    match addr {
+        IpAddr::V4(a) => a.octets().to_vec(),
+        IpAddr::V6(a) => a.octets().to_vec(),
+    }
+}
+
+pub fn check_ring_size(size: u32) -> Result<(), ServiceError> {
+    if size > MAX_RING_SIZE {
+        return Err(ServiceError::RingSizeTooLarge(size));
+    }
+    if !maglev::is_prime(size) {
+        return Err(ServiceError::RingSizeNotPrime(size));
+    }
+    Ok(())
+}
+
+fn check_weight(weight: u32) -> Result<(), ServiceError> {
+    if weight > MAX_WEIGHT {
+        return Err(ServiceError::WeightOutOfRange(weight));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vip_addresses_print_as_the_cli_writes_them() {
+        let v4 = VipAddr { addr: "203.0.113.10".parse().unwrap(), port: 80, proto: Proto::Tcp };
+        let v6 = VipAddr { addr: "2001:db8::10".parse().unwrap(), port: 0, proto: Proto::Udp };
+        assert_eq!(v4.to_string(), "203.0.113.10:80/tcp");
+        assert_eq!(v6.to_string(), "[2001:db8::10]:0/udp");
+    }
+
+    #[test]
+    fn ring_sizes_must_be_prime_and_bounded() {
+        assert!(check_ring_size(65537).is_ok());
+        assert!(matches!(check_ring_size(65536), Err(ServiceError::RingSizeNotPrime(65536))));
+        assert!(matches!(check_ring_size(2_000_003), Err(ServiceError::RingSizeTooLarge(_))));
+    }
+}

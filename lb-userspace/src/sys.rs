@@ -1,0 +1,53 @@
+//! The one bpf(2) command aya 0.14 does not wrap that the controller needs:
+//! BPF_MAP_UPDATE_BATCH (Linux 5.6), which writes a whole Maglev ring in one
+//! system call instead of one call per slot (65,537 of them).
+
+use std::os::fd::{AsFd, AsRawFd};
+
+const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+
+/// `union bpf_attr`'s `batch` member (include/uapi/linux/bpf.h).
+#[repr(C)]
+#[derive(Default)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+/// Writes `values[i]` at index `first + i` of an array map of `u32`.
+pub fn array_update_batch(map: impl AsFd, first: u32, values: &[u32]) -> std::io::Result<()> {
+    let keys: Vec<u32> = (first..first + values.len() as u32).collect();
+    let mut done = 0usize;
+    // The kernel may stop early (it reports how many it wrote); go on from there.
+    while done < values.len() {
+        let mut attr = BatchAttr {
+            keys: keys[done..].as_ptr() as u64,
+            values: values[done..].as_ptr() as u64,
+            count: (values.len() - done) as u32,
+            map_fd: map.as_fd().as_raw_fd() as u32,
+            ..BatchAttr::default()
+        };
+        let ret = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_UPDATE_BATCH,
+                &mut attr as *mut BatchAttr,
+                std::mem::size_of::<BatchAttr>() as u32,
+            )
+        };
+        if ret < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        if attr.count == 0 {
+            return Err(std::io::Error::other("BPF_MAP_UPDATE_BATCH wrote nothing"));
+        }
+        done += attr.count as usize;
+    }
+    Ok(())
+}
