@@ -10,16 +10,32 @@ fn main() {
     let manifest = PathBuf::from(env::var("CARGO_MANIFEST_DIR").unwrap());
     let root = manifest.parent().unwrap();
     let ebpf = root.join("lb-ebpf");
-    for watched in ["lb-ebpf/src", "lb-ebpf/Cargo.toml", "lb-common/src", "lb-common/Cargo.toml"] {
+    for watched in [
+        "lb-ebpf/src",
+        "lb-ebpf/Cargo.toml",
+        "lb-common/src",
+        "lb-common/Cargo.toml",
+    ] {
         println!("cargo:rerun-if-changed={}", root.join(watched).display());
     }
     let out_dir = PathBuf::from(env::var("OUT_DIR").unwrap());
     // The bench-only build restores each packet after forwarding it (see
     // lb-ebpf's `bench-restore` feature); it gets its own target directory.
-    for (features, target_dir, suffix) in [("", "target", ""), ("bench-restore", "target/bench", "-bench")] {
+    for (features, target_dir, suffix) in [
+        ("", "target", ""),
+        ("bench-restore", "target/bench", "-bench"),
+    ] {
         let mut cmd = Command::new("rustup");
         cmd.current_dir(&ebpf)
-            .args(["run", "nightly", "cargo", "build", "--release", "-Z", "build-std=core"])
+            .args([
+                "run",
+                "nightly",
+                "cargo",
+                "build",
+                "--release",
+                "-Z",
+                "build-std=core",
+            ])
             .args(["--target", "bpfel-unknown-none", "--target-dir", target_dir])
             .args(["--features", features]);
         // The outer cargo's settings are for the host build, not this one.
@@ -43,7 +59,10 @@ fn main() {
             "building lb-ebpf failed (nightly + rust-src + bpf-linker needed: run `cargo xtask setup`)"
         );
         for program in PROGRAMS {
-            let built = ebpf.join(target_dir).join("bpfel-unknown-none/release").join(program);
+            let built = ebpf
+                .join(target_dir)
+                .join("bpfel-unknown-none/release")
+                .join(program);
             let dest = out_dir.join(format!("{program}{suffix}.o"));
             std::fs::copy(&built, &dest)
                 .unwrap_or_else(|e| panic!("copy {} -> {}: {e}", built.display(), dest.display()));

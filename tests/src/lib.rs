@@ -1,1 +1,265 @@
+//! Support for the packet tests: frames built field by field from the RFCs,
+//! and a harness that loads the real balancer object and runs frames through
+//! it with BPF_PROG_TEST_RUN. Expected outputs live in the tests, by hand.
 
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use aya::programs::{TestRun, TestRunOptions};
+use lb_userspace::{
+    services::{VipAddr, VipSpec},
+    BackendSpec, Dataplane, HashMode, LoadOptions, Services, Settings,
+};
+
+/// The router that hands frames to the LB host.
+pub const ROUTER_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x03];
+/// The LB host's NIC.
+pub const LB_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
+/// The next hop towards backends.
+pub const NEXT_HOP_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
+
+pub const ETH_P_IP: u16 = 0x0800;
+pub const ETH_P_IPV6: u16 = 0x86dd;
+pub const ETH_P_ARP: u16 = 0x0806;
+
+pub const XDP_DROP: u32 = 1;
+pub const XDP_PASS: u32 = 2;
+pub const XDP_TX: u32 = 3;
+
+/// TCP flags (RFC 9293 section 3.1).
+pub const SYN: u8 = 0x02;
+pub const ACK: u8 = 0x10;
+pub const PSH: u8 = 0x08;
+
+pub fn eth(dst: [u8; 6], src: [u8; 6], ethertype: u16) -> Vec<u8> {
+    let mut f = Vec::with_capacity(14);
+    f.extend_from_slice(&dst);
+    f.extend_from_slice(&src);
+    f.extend_from_slice(&ethertype.to_be_bytes());
+    f
+}
+
+/// RFC 1071 Internet checksum.
+pub fn checksum(bytes: &[u8]) -> u16 {
+    let mut sum = 0u32;
+    for pair in bytes.chunks(2) {
+        let word = u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)]);
+        sum += word as u32;
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// RFC 791 header: TOS 0, ID 0x1234, DF, TTL 64, valid checksum.
+pub fn ipv4(
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    proto: u8,
+    options: &[u8],
+    payload_len: usize,
+) -> Vec<u8> {
+    assert!(options.len() % 4 == 0);
+    let header_len = 20 + options.len();
+    let mut h = vec![0x40 | (header_len / 4) as u8, 0];
+    h.extend_from_slice(&((header_len + payload_len) as u16).to_be_bytes());
+    h.extend_from_slice(&[0x12, 0x34, 0x40, 0x00, 64, proto, 0, 0]);
+    h.extend_from_slice(&src.octets());
+    h.extend_from_slice(&dst.octets());
+    h.extend_from_slice(options);
+    let c = checksum(&h);
+    h[10..12].copy_from_slice(&c.to_be_bytes());
+    h
+}
+
+/// RFC 8200 header: traffic class 0, flow label 0x12345, hop limit 64.
+pub fn ipv6(src: Ipv6Addr, dst: Ipv6Addr, next_header: u8, payload_len: usize) -> Vec<u8> {
+    let mut h = vec![0x60, 0x01, 0x23, 0x45];
+    h.extend_from_slice(&(payload_len as u16).to_be_bytes());
+    h.extend_from_slice(&[next_header, 64]);
+    h.extend_from_slice(&src.octets());
+    h.extend_from_slice(&dst.octets());
+    h
+}
+
+/// RFC 9293 header, 20 bytes, no options. The checksum is left 0: the
+/// balancer never reads or changes it.
+pub fn tcp(src_port: u16, dst_port: u16, flags: u8) -> Vec<u8> {
+    let mut h = Vec::with_capacity(20);
+    h.extend_from_slice(&src_port.to_be_bytes());
+    h.extend_from_slice(&dst_port.to_be_bytes());
+    h.extend_from_slice(&0x0102_0304u32.to_be_bytes()); // sequence
+    h.extend_from_slice(&0u32.to_be_bytes()); // acknowledgment
+    h.extend_from_slice(&[0x50, flags, 0xff, 0xff, 0, 0, 0, 0]);
+    h
+}
+
+/// RFC 768 header and payload.
+pub fn udp(src_port: u16, dst_port: u16, payload: &[u8]) -> Vec<u8> {
+    let mut h = Vec::with_capacity(8 + payload.len());
+    h.extend_from_slice(&src_port.to_be_bytes());
+    h.extend_from_slice(&dst_port.to_be_bytes());
+    h.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+    h.extend_from_slice(&[0, 0]);
+    h.extend_from_slice(payload);
+    h
+}
+
+/// A whole frame from the router: Ethernet, IP, then `l4` (TCP or UDP bytes).
+pub fn frame(src: IpAddr, dst: IpAddr, proto: u8, l4: &[u8]) -> Vec<u8> {
+    let mut f;
+    match (src, dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            f = eth(LB_MAC, ROUTER_MAC, ETH_P_IP);
+            f.extend(ipv4(s, d, proto, &[], l4.len()));
+        }
+        (IpAddr::V6(s), IpAddr::V6(d)) => {
+            f = eth(LB_MAC, ROUTER_MAC, ETH_P_IPV6);
+            f.extend(ipv6(s, d, proto, l4.len()));
+        }
+        _ => panic!("mixed address families"),
+    }
+    f.extend_from_slice(l4);
+    f
+}
+
+pub fn tcp_frame(src: &str, src_port: u16, dst: &str, dst_port: u16, flags: u8) -> Vec<u8> {
+    frame(
+        src.parse().unwrap(),
+        dst.parse().unwrap(),
+        6,
+        &tcp(src_port, dst_port, flags),
+    )
+}
+
+pub fn udp_frame(src: &str, src_port: u16, dst: &str, dst_port: u16, payload: &[u8]) -> Vec<u8> {
+    frame(
+        src.parse().unwrap(),
+        dst.parse().unwrap(),
+        17,
+        &udp(src_port, dst_port, payload),
+    )
+}
+
+/// The outer destination of an encapsulated frame: the backend.
+pub fn outer_dst(out: &[u8]) -> IpAddr {
+    match u16::from_be_bytes([out[12], out[13]]) {
+        ETH_P_IP => IpAddr::from(<[u8; 4]>::try_from(&out[30..34]).unwrap()),
+        ETH_P_IPV6 => IpAddr::from(<[u8; 16]>::try_from(&out[38..54]).unwrap()),
+        other => panic!("not an IP frame: ethertype {other:#06x}"),
+    }
+}
+
+/// Default settings of the harness: outer sources are single addresses
+/// (/32, /128) so that whole outer headers can be written out by hand.
+pub fn test_settings() -> Settings {
+    Settings {
+        next_hop_mac: NEXT_HOP_MAC,
+        encap_src_v4: ("192.0.2.1".parse().unwrap(), 32),
+        encap_src_v6: ("2001:db8:ffff::1".parse().unwrap(), 128),
+        mtu: 1500,
+    }
+}
+
+/// The real balancer object, loaded, with its maps written by the same
+/// library the controller uses.
+pub struct Harness {
+    pub dp: Dataplane,
+    pub services: Services,
+}
+
+impl Harness {
+    pub fn new() -> Self {
+        Self::with(LoadOptions {
+            conn_table_size: 65_536,
+            ring_capacity: 8 * 65_537,
+            bench_restore: false,
+        })
+    }
+
+    pub fn with(opts: LoadOptions) -> Self {
+        assert!(
+            unsafe { libc_geteuid() } == 0,
+            "packet tests load XDP programs: run them as root (cargo xtask test does)"
+        );
+        let mut dp = Dataplane::load(opts).expect("the balancer object loads and verifies");
+        let services = Services::new(&mut dp, test_settings()).expect("settings written");
+        Self { dp, services }
+    }
+
+    /// Adds a VIP written as the CLI writes it, with the default ring size.
+    pub fn vip(&mut self, vip: &str, hash: HashMode) -> VipAddr {
+        let vip: VipAddr = vip.parse().unwrap();
+        self.services
+            .add_vip(
+                &mut self.dp,
+                VipSpec {
+                    vip,
+                    hash,
+                    ring_size: 65537,
+                },
+            )
+            .expect("VIP added");
+        vip
+    }
+
+    pub fn backend(&mut self, vip: &VipAddr, addr: &str, weight: u32) {
+        let spec = BackendSpec {
+            addr: addr.parse().unwrap(),
+            weight,
+        };
+        self.services
+            .add_backend(&mut self.dp, vip, spec)
+            .expect("backend added");
+    }
+
+    /// Runs one frame; returns the XDP action and the frame as it left.
+    pub fn run(&mut self, frame: &[u8]) -> (u32, Vec<u8>) {
+        let mut out = vec![0u8; frame.len() + 256];
+        let result = self
+            .dp
+            .program()
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                ..TestRunOptions::default()
+            })
+            .expect("BPF_PROG_TEST_RUN");
+        out.truncate(result.data_size_out as usize);
+        (result.return_value, out)
+    }
+
+    /// Runs a frame that must be forwarded; returns the backend it went to.
+    pub fn forward(&mut self, frame: &[u8]) -> IpAddr {
+        let (action, out) = self.run(frame);
+        assert_eq!(action, XDP_TX, "frame was not forwarded");
+        outer_dst(&out)
+    }
+
+    pub fn stat(&mut self, index: usize) -> u64 {
+        self.dp.global_stats().unwrap()[index]
+    }
+}
+
+impl Default for Harness {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+extern "C" {
+    #[link_name = "geteuid"]
+    fn libc_geteuid() -> u32;
+}
+
+/// A small deterministic generator, so a failing random test can be rerun.
+pub struct XorShift(pub u64);
+
+impl XorShift {
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}

@@ -1,0 +1,634 @@
+//! Packet tests: the real balancer object through BPF_PROG_TEST_RUN, maps
+//! written by the controller's library, expected bytes written by hand.
+//! Needs root (loads XDP programs); no interface is touched.
+
+use lb_common::stat;
+use lb_tests::*;
+use lb_userspace::{services::Via, HashMode};
+
+const CLIENT: &str = "192.0.2.55";
+const VIP: &str = "203.0.113.10";
+const CLIENT6: &str = "2001:db8:c::55";
+const VIP6: &str = "2001:db8::10";
+
+fn one_backend_v4() -> Harness {
+    let mut h = Harness::new();
+    let vip = h.vip("203.0.113.10:80/tcp", HashMode::FiveTuple);
+    h.backend(&vip, "198.51.100.20", 1);
+    h
+}
+
+/// The inner packet must leave byte for byte as it came in.
+fn assert_inner_untouched(input: &[u8], out: &[u8], outer_len: usize) {
+    assert_eq!(&out[14 + outer_len..], &input[14..], "inner packet changed");
+}
+
+#[test]
+fn ipv4_syn_is_encapsulated_ipip_to_the_backend() {
+    let mut h = one_backend_v4();
+    let input = tcp_frame(CLIENT, 40000, VIP, 80, SYN);
+    let (action, out) = h.run(&input);
+    assert_eq!(action, XDP_TX);
+    assert_eq!(out.len(), input.len() + 20);
+    #[rustfmt::skip]
+    let expected_head: [u8; 34] = [
+        // Ethernet: to the next hop, from the LB's own MAC, IPv4.
+        0x02, 0, 0, 0, 0, 0x02,  0x02, 0, 0, 0, 0, 0x01,  0x08, 0x00,
+        // IPv4 (RFC 791/2003): IHL 5, TOS 0, total 60 = 20 + 40 inner,
+        // ID 0, DF, TTL 64, protocol 4 (IP-in-IP), checksum 0x4e75
+        // (computed by hand), 192.0.2.1 -> 198.51.100.20.
+        0x45, 0x00, 0x00, 0x3c,  0x00, 0x00, 0x40, 0x00,
+        0x40, 0x04, 0x4e, 0x75,  192, 0, 2, 1,  198, 51, 100, 20,
+    ];
+    assert_eq!(&out[..34], &expected_head[..]);
+    assert_eq!(checksum(&out[14..34]), 0, "outer checksum verifies");
+    assert_inner_untouched(&input, &out, 20);
+}
+
+#[test]
+fn ipv4_established_flow_keeps_its_backend_through_the_conn_table() {
+    let mut h = Harness::new();
+    let vip = h.vip("203.0.113.10:80/tcp", HashMode::FiveTuple);
+    for i in 1..=5 {
+        h.backend(&vip, &format!("198.51.100.{i}"), 1);
+    }
+    let first = h.forward(&tcp_frame(CLIENT, 40001, VIP, 80, SYN));
+    assert_eq!(h.stat(stat::CONN_MISS), 1);
+    for _ in 0..3 {
+        assert_eq!(h.forward(&tcp_frame(CLIENT, 40001, VIP, 80, ACK)), first);
+    }
+    assert_eq!(h.stat(stat::CONN_HIT), 3);
+    assert_eq!(h.stat(stat::CONN_MISS), 1);
+}
+
+#[test]
+fn ipv6_syn_and_established_are_encapsulated_in_ipv6() {
+    let mut h = Harness::new();
+    let vip = h.vip("[2001:db8::10]:443/tcp", HashMode::FiveTuple);
+    h.backend(&vip, "2001:db8:1::20", 1);
+    let input = tcp_frame(CLIENT6, 50000, VIP6, 443, SYN);
+    let (action, out) = h.run(&input);
+    assert_eq!(action, XDP_TX);
+    #[rustfmt::skip]
+    let expected_head: [u8; 54] = [
+        0x02, 0, 0, 0, 0, 0x02,  0x02, 0, 0, 0, 0, 0x01,  0x86, 0xdd,
+        // IPv6 (RFC 8200/2473): version 6, traffic class 0, flow label
+        // (checked below, masked here), payload 60 = 40 + 20 inner,
+        // next header 41 (IPv6), hop limit 64.
+        0x60, 0x00, 0x00, 0x00,  0x00, 0x3c, 41, 64,
+        0x20, 0x01, 0x0d, 0xb8, 0xff, 0xff, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x01,
+        0x20, 0x01, 0x0d, 0xb8, 0, 0x01, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x20,
+    ];
+    let mut head = out[..54].to_vec();
+    let label = u32::from_be_bytes([0, head[15] & 0x0f, head[16], head[17]]);
+    head[15] &= 0xf0;
+    head[16] = 0;
+    head[17] = 0;
+    assert_eq!(head, expected_head.to_vec());
+    assert_inner_untouched(&input, &out, 40);
+
+    // The flow label is the flow hash's low 20 bits: the same for every
+    // packet of the flow, different for another flow (RFC 6438).
+    let (_, again) = h.run(&tcp_frame(CLIENT6, 50000, VIP6, 443, ACK));
+    assert_eq!(&again[14..18], &out[14..18]);
+    let (_, other) = h.run(&tcp_frame(CLIENT6, 50001, VIP6, 443, SYN));
+    let other_label = u32::from_be_bytes([0, other[15] & 0x0f, other[16], other[17]]);
+    assert_ne!(label, other_label);
+    assert_eq!(h.stat(stat::CONN_HIT), 1);
+}
+
+#[test]
+fn ipv4_vip_to_ipv6_backend_is_ipv4_in_ipv6() {
+    let mut h = Harness::new();
+    let vip = h.vip("203.0.113.10:80/tcp", HashMode::FiveTuple);
+    h.backend(&vip, "2001:db8:1::20", 1);
+    let input = tcp_frame(CLIENT, 40000, VIP, 80, SYN);
+    let (action, out) = h.run(&input);
+    assert_eq!(action, XDP_TX);
+    assert_eq!(&out[12..14], &[0x86, 0xdd]);
+    assert_eq!(out[14] >> 4, 6);
+    assert_eq!(
+        &out[18..22],
+        &[0x00, 0x28, 4, 64],
+        "payload 40, next header 4 (IPv4), hop limit 64"
+    );
+    assert_eq!(
+        outer_dst(&out),
+        "2001:db8:1::20".parse::<std::net::IpAddr>().unwrap()
+    );
+    assert_inner_untouched(&input, &out, 40);
+}
+
+#[test]
+fn udp_is_balanced_and_encapsulated() {
+    let mut h = Harness::new();
+    let vip = h.vip("203.0.113.10:53/udp", HashMode::FiveTuple);
+    h.backend(&vip, "198.51.100.20", 1);
+    let input = udp_frame(CLIENT, 5353, VIP, 53, b"query");
+    let (action, out) = h.run(&input);
+    assert_eq!(action, XDP_TX);
+    #[rustfmt::skip]
+    let expected_outer: [u8; 20] = [
+        // Total 53 = 20 outer + 20 IPv4 + 8 UDP + 5 payload; checksum by hand.
+        0x45, 0x00, 0x00, 0x35,  0x00, 0x00, 0x40, 0x00,
+        0x40, 0x04, 0x4e, 0x7c,  192, 0, 2, 1,  198, 51, 100, 20,
+    ];
+    assert_eq!(&out[14..34], &expected_outer[..]);
+    assert_inner_untouched(&input, &out, 20);
+    // The same VIP address on TCP is not a VIP.
+    let tcp = tcp_frame(CLIENT, 5353, VIP, 53, SYN);
+    assert_eq!(h.run(&tcp), (XDP_PASS, tcp.clone()));
+}
+
+#[test]
+fn port_zero_vip_catches_every_port_of_its_protocol() {
+    let mut h = Harness::new();
+    let vip = h.vip("203.0.113.10:0/tcp", HashMode::FiveTuple);
+    h.backend(&vip, "198.51.100.20", 1);
+    for port in [1, 80, 8080, 65535] {
+        assert_eq!(
+            h.forward(&tcp_frame(CLIENT, 40000, VIP, port, SYN))
+                .to_string(),
+            "198.51.100.20"
+        );
+    }
+    let udp = udp_frame(CLIENT, 40000, VIP, 8080, b"x");
+    assert_eq!(h.run(&udp), (XDP_PASS, udp.clone()));
+    // An exact-port VIP on the same address wins over the port-0 one.
+    let exact = h.vip("203.0.113.10:443/tcp", HashMode::FiveTuple);
+    h.backend(&exact, "198.51.100.30", 1);
+    assert_eq!(
+        h.forward(&tcp_frame(CLIENT, 40000, VIP, 443, SYN))
+            .to_string(),
+        "198.51.100.30"
+    );
+    assert_eq!(
+        h.forward(&tcp_frame(CLIENT, 40000, VIP, 444, SYN))
+            .to_string(),
+        "198.51.100.20"
+    );
+}
+
+#[test]
+fn source_affinity_sends_all_flows_of_a_client_to_one_backend() {
+    let mut h = Harness::new();
+    let vip = h.vip("203.0.113.10:80/tcp", HashMode::SourceIp);
+    for i in 1..=8 {
+        h.backend(&vip, &format!("198.51.100.{i}"), 1);
+    }
+    let mut seen_for_clients = std::collections::HashSet::new();
+    for client in 1..=20 {
+        let src = format!("192.0.2.{client}");
+        let first = h.forward(&tcp_frame(&src, 1000, VIP, 80, SYN));
+        for port in 1001..1020 {
+            assert_eq!(
+                h.forward(&tcp_frame(&src, port, VIP, 80, SYN)),
+                first,
+                "client {src} port {port}"
+            );
+        }
+        seen_for_clients.insert(first);
+    }
+    assert!(
+        seen_for_clients.len() > 1,
+        "20 clients all landed on one backend"
+    );
+}
+
+#[test]
+fn packets_not_for_a_vip_pass_untouched() {
+    let mut h = one_backend_v4();
+    let mut arp = eth([0xff; 6], ROUTER_MAC, ETH_P_ARP);
+    arp.extend_from_slice(&[0, 1, 8, 0, 6, 4, 0, 1]);
+    arp.extend_from_slice(&[0u8; 20]);
+    let icmp_to_vip = frame(
+        CLIENT.parse().unwrap(),
+        VIP.parse().unwrap(),
+        1,
+        &[8, 0, 0, 0, 0, 1, 0, 1],
+    );
+    let cases = [
+        arp,
+        tcp_frame(CLIENT, 40000, "203.0.113.11", 80, SYN), // other address
+        tcp_frame(CLIENT, 40000, VIP, 81, SYN),            // other port
+        udp_frame(CLIENT, 40000, VIP, 80, b"x"),           // other protocol
+        icmp_to_vip,                                       // ICMP (answered in a later version)
+        tcp_frame(CLIENT6, 40000, VIP6, 80, SYN),          // IPv6, no such VIP
+    ];
+    for (i, input) in cases.iter().enumerate() {
+        assert_eq!(h.run(input), (XDP_PASS, input.clone()), "case {i}");
+    }
+    assert_eq!(h.stat(stat::NOT_FOR_US), cases.len() as u64);
+    assert_eq!(h.stat(stat::FORWARDED), 0);
+}
+
+#[test]
+fn truncated_headers_at_every_layer_pass_as_malformed() {
+    let mut h = one_backend_v4();
+    let good4 = tcp_frame(CLIENT, 40000, VIP, 80, SYN);
+    let good6 = {
+        let mut h6 = Harness::new();
+        let v = h6.vip("[2001:db8::10]:80/tcp", HashMode::FiveTuple);
+        h6.backend(&v, "2001:db8:1::20", 1);
+        let f = tcp_frame(CLIENT6, 40000, VIP6, 80, SYN);
+        assert_eq!(
+            h6.run(&f).0,
+            XDP_TX,
+            "the untruncated IPv6 frame is forwarded"
+        );
+        f
+    };
+    assert_eq!(
+        h.run(&good4).0,
+        XDP_TX,
+        "the untruncated IPv4 frame is forwarded"
+    );
+    let udp4 = udp_frame(CLIENT, 40000, VIP, 80, b"");
+    let mut cases: Vec<(String, Vec<u8>)> = vec![
+        ("IPv4 header cut".into(), good4[..14 + 19].to_vec()),
+        ("TCP header cut".into(), good4[..14 + 20 + 19].to_vec()),
+        ("only Ethernet, says IPv4".into(), good4[..14].to_vec()),
+        ("IPv6 header cut".into(), good6[..14 + 39].to_vec()),
+        ("TCP after IPv6 cut".into(), good6[..14 + 40 + 10].to_vec()),
+        ("UDP header cut".into(), udp4[..14 + 20 + 4].to_vec()),
+    ];
+    // Lengths in the IP headers that lie.
+    let mut ihl4 = good4.clone();
+    ihl4[14] = 0x44; // IHL 4 < 5 (RFC 791)
+    cases.push(("IHL below 5".into(), ihl4));
+    let mut ihl15 = good4.clone();
+    ihl15[14] = 0x4f; // 60-byte header, longer than total length 40
+    cases.push(("IHL beyond total length".into(), ihl15));
+    let mut long4 = good4.clone();
+    long4[16..18].copy_from_slice(&200u16.to_be_bytes());
+    cases.push(("IPv4 total length beyond frame".into(), long4));
+    let mut version = good4.clone();
+    version[14] = 0x65;
+    cases.push(("IPv4 ethertype, version 6".into(), version));
+    let mut long6 = good6.clone();
+    long6[18..20].copy_from_slice(&500u16.to_be_bytes());
+    cases.push(("IPv6 payload length beyond frame".into(), long6));
+    let mut short_tcp = good4.clone();
+    short_tcp[16..18].copy_from_slice(&30u16.to_be_bytes()); // 10 bytes of TCP by the IP header
+    cases.push(("IPv4 length leaves TCP short".into(), short_tcp));
+    for (name, input) in &cases {
+        assert_eq!(h.run(input), (XDP_PASS, input.clone()), "{name}");
+    }
+    assert_eq!(h.stat(stat::MALFORMED), cases.len() as u64);
+    assert_eq!(h.stat(stat::FORWARDED), 1);
+}
+
+#[test]
+fn ipv4_options_are_skipped_and_carried_unchanged() {
+    let mut h = one_backend_v4();
+    let tcp_bytes = tcp(40000, 80, SYN);
+    let mut input = eth(LB_MAC, ROUTER_MAC, ETH_P_IP);
+    // IHL 6: four NOP options (RFC 791 option type 1).
+    input.extend(ipv4(
+        CLIENT.parse().unwrap(),
+        VIP.parse().unwrap(),
+        6,
+        &[1, 1, 1, 1],
+        20,
+    ));
+    input.extend(&tcp_bytes);
+    let (action, out) = h.run(&input);
+    assert_eq!(action, XDP_TX);
+    assert_eq!(&out[16..18], &[0, 64], "outer total = 20 + 24 + 20");
+    assert_inner_untouched(&input, &out, 20);
+    // The ports were read after the options: a wrong port would not match.
+    let mut wrong_port = input.clone();
+    wrong_port[14 + 24 + 2..14 + 24 + 4].copy_from_slice(&81u16.to_be_bytes());
+    assert_eq!(h.run(&wrong_port).0, XDP_PASS);
+}
+
+#[test]
+fn fragments_are_passed_and_counted() {
+    let mut h = one_backend_v4();
+    let mut frag = tcp_frame(CLIENT, 40000, VIP, 80, SYN);
+    frag[20] = 0x20; // MF set, offset 0 (RFC 791)
+    frag[21] = 0x00;
+    let mut frag6 = eth(LB_MAC, ROUTER_MAC, ETH_P_IPV6);
+    frag6.extend(ipv6(CLIENT6.parse().unwrap(), VIP6.parse().unwrap(), 44, 8));
+    frag6.extend_from_slice(&[6, 0, 0, 1, 0, 0, 0, 1]); // RFC 8200 fragment header, M=1
+    for input in [&frag, &frag6] {
+        assert_eq!(h.run(input), (XDP_PASS, input.clone()));
+    }
+    assert_eq!(h.stat(stat::FRAGMENT), 2);
+}
+
+#[test]
+fn too_big_once_encapsulated_is_passed_and_counted() {
+    let mut h = one_backend_v4();
+    // 1480 bytes of IP fit a 1500 MTU with 20 bytes of outer header; 1481 do not.
+    let fits = frame(
+        CLIENT.parse().unwrap(),
+        VIP.parse().unwrap(),
+        17,
+        &udp(1, 80, &[0; 0]),
+    );
+    assert_eq!(h.run(&fits).0, XDP_PASS, "UDP to a TCP VIP");
+    let payload = vec![0u8; 1480 - 40];
+    let input = frame(
+        CLIENT.parse().unwrap(),
+        VIP.parse().unwrap(),
+        6,
+        &[tcp(40000, 80, ACK), payload].concat(),
+    );
+    assert_eq!(h.run(&input).0, XDP_TX);
+    let payload = vec![0u8; 1481 - 40];
+    let input = frame(
+        CLIENT.parse().unwrap(),
+        VIP.parse().unwrap(),
+        6,
+        &[tcp(40000, 80, ACK), payload].concat(),
+    );
+    assert_eq!(h.run(&input), (XDP_PASS, input.clone()));
+    assert_eq!(h.stat(stat::TOO_BIG), 1);
+}
+
+#[test]
+fn vip_without_backends_drops() {
+    let mut h = Harness::new();
+    let vip = h.vip("203.0.113.10:80/tcp", HashMode::FiveTuple);
+    let input = tcp_frame(CLIENT, 40000, VIP, 80, SYN);
+    assert_eq!(h.run(&input).0, XDP_DROP);
+    // A backend of weight 0 takes no new flows either.
+    h.backend(&vip, "198.51.100.20", 0);
+    assert_eq!(h.run(&input).0, XDP_DROP);
+    assert_eq!(h.stat(stat::NO_BACKEND), 2);
+}
+
+/// Finds a client port whose new flow lands on `backend`.
+fn port_to(h: &mut Harness, backend: &str) -> u16 {
+    (1024..u16::MAX)
+        .find(|&p| h.forward(&tcp_frame(CLIENT, p, VIP, 80, SYN)).to_string() == backend)
+        .expect("some port maps to the backend")
+}
+
+#[test]
+fn drained_backend_keeps_its_flows_and_gets_no_new_ones() {
+    let mut h = Harness::new();
+    let vip = h.vip("203.0.113.10:80/tcp", HashMode::FiveTuple);
+    for i in 1..=3 {
+        h.backend(&vip, &format!("198.51.100.{i}"), 1);
+    }
+    let port = port_to(&mut h, "198.51.100.1");
+    h.services
+        .drain_backend(&mut h.dp, &vip, "198.51.100.1".parse().unwrap())
+        .unwrap();
+    assert_eq!(
+        h.forward(&tcp_frame(CLIENT, port, VIP, 80, ACK))
+            .to_string(),
+        "198.51.100.1"
+    );
+    for p in 20000..20300 {
+        assert_ne!(
+            h.forward(&tcp_frame(CLIENT, p, VIP, 80, SYN)).to_string(),
+            "198.51.100.1"
+        );
+    }
+    // A new SYN on the drained flow's own tuple starts a new connection.
+    assert_ne!(
+        h.forward(&tcp_frame(CLIENT, port, VIP, 80, SYN))
+            .to_string(),
+        "198.51.100.1"
+    );
+}
+
+#[test]
+fn removed_backend_flows_are_re_picked_and_stick_to_the_new_one() {
+    let mut h = Harness::new();
+    let vip = h.vip("203.0.113.10:80/tcp", HashMode::FiveTuple);
+    for i in 1..=3 {
+        h.backend(&vip, &format!("198.51.100.{i}"), 1);
+    }
+    let port = port_to(&mut h, "198.51.100.2");
+    let misses = h.stat(stat::CONN_MISS);
+    h.services
+        .remove_backend(&mut h.dp, &vip, "198.51.100.2".parse().unwrap())
+        .unwrap();
+    let repicked = h.forward(&tcp_frame(CLIENT, port, VIP, 80, ACK));
+    assert_ne!(repicked.to_string(), "198.51.100.2");
+    assert_eq!(
+        h.stat(stat::CONN_MISS),
+        misses + 1,
+        "the stale entry was a miss"
+    );
+    assert_eq!(h.forward(&tcp_frame(CLIENT, port, VIP, 80, ACK)), repicked);
+    assert_eq!(
+        h.stat(stat::CONN_MISS),
+        misses + 1,
+        "the new entry is a hit"
+    );
+}
+
+#[test]
+fn a_conn_entry_for_a_reused_backend_id_is_not_followed() {
+    // Ids are reused (late, but eventually): a conn entry made for the id's
+    // previous owner carries that owner's cookie and must not match.
+    let mut h = Harness::new();
+    let vip = h.vip("203.0.113.10:80/tcp", HashMode::FiveTuple);
+    h.backend(&vip, "198.51.100.1", 1);
+    let other = h.vip("203.0.113.20:80/tcp", HashMode::FiveTuple);
+    h.backend(&other, "198.51.100.7", 1);
+    let other_backend = *h
+        .services
+        .vip(&other)
+        .unwrap()
+        .backends
+        .values()
+        .next()
+        .unwrap();
+    let flow_frame = tcp_frame(CLIENT, 40000, VIP, 80, ACK);
+    let stale = lb_common::ConnValue {
+        backend_id: other_backend.id,
+        cookie: other_backend.cookie + 1000,
+    };
+    h.dp.set_conn(&flow_of(&flow_frame), &stale).unwrap();
+    assert_eq!(h.forward(&flow_frame).to_string(), "198.51.100.1");
+    assert_eq!(h.stat(stat::CONN_HIT), 0);
+    // With the right cookie the entry is followed, even to another VIP's
+    // backend: the cookie is the only guard, so it must be exact.
+    let live = lb_common::ConnValue {
+        backend_id: other_backend.id,
+        cookie: other_backend.cookie,
+    };
+    h.dp.set_conn(&flow_of(&flow_frame), &live).unwrap();
+    assert_eq!(h.forward(&flow_frame).to_string(), "198.51.100.7");
+}
+
+#[test]
+fn ring_swap_flips_halves_and_new_flows_follow_the_new_ring() {
+    let mut h = Harness::new();
+    let vip = h.vip("203.0.113.10:80/tcp", HashMode::FiveTuple);
+    h.backend(&vip, "198.51.100.1", 1);
+    let key = vip.key();
+    let first = h.dp.vip(&key).unwrap().unwrap();
+    h.backend(&vip, "198.51.100.2", 1);
+    let second = h.dp.vip(&key).unwrap().unwrap();
+    assert_eq!(first.ring_size, 65537);
+    assert_eq!(
+        second.ring_offset.abs_diff(first.ring_offset),
+        65537,
+        "the other half went live"
+    );
+    // The old half still holds the old ring untouched (packets that read the
+    // old VIP entry finish on a complete ring).
+    let old_slot = h.dp.ring_slot(first.ring_offset + 1234).unwrap();
+    let old_id = h.services.vip(&vip).unwrap().backends[&"198.51.100.1".parse().unwrap()].id;
+    assert_eq!(old_slot, old_id);
+    let mut seen = std::collections::HashSet::new();
+    for p in 30000..30100 {
+        seen.insert(h.forward(&tcp_frame(CLIENT, p, VIP, 80, SYN)).to_string());
+    }
+    assert_eq!(seen.len(), 2, "new flows use both backends after the swap");
+    h.backend(&vip, "198.51.100.3", 1);
+    let third = h.dp.vip(&key).unwrap().unwrap();
+    assert_eq!(third.ring_offset, first.ring_offset, "and back again");
+}
+
+#[test]
+fn syn_re_picks_while_established_packets_keep_their_backend() {
+    let mut h = Harness::new();
+    let vip = h.vip("203.0.113.10:80/tcp", HashMode::FiveTuple);
+    h.backend(&vip, "198.51.100.1", 1);
+    h.forward(&tcp_frame(CLIENT, 40000, VIP, 80, SYN));
+    h.services
+        .set_weight(&mut h.dp, &vip, "198.51.100.1".parse().unwrap(), 0)
+        .unwrap();
+    h.backend(&vip, "198.51.100.2", 1);
+    assert_eq!(
+        h.forward(&tcp_frame(CLIENT, 40000, VIP, 80, ACK))
+            .to_string(),
+        "198.51.100.1"
+    );
+    assert_eq!(
+        h.forward(&tcp_frame(CLIENT, 40000, VIP, 80, SYN))
+            .to_string(),
+        "198.51.100.2"
+    );
+    assert_eq!(
+        h.forward(&tcp_frame(CLIENT, 40000, VIP, 80, ACK))
+            .to_string(),
+        "198.51.100.2"
+    );
+}
+
+#[test]
+fn counters_account_for_every_packet() {
+    let mut h = Harness::new();
+    let vip = h.vip("203.0.113.10:80/tcp", HashMode::FiveTuple);
+    h.backend(&vip, "198.51.100.1", 1);
+    let syn = tcp_frame(CLIENT, 40000, VIP, 80, SYN); // 40 bytes of IP
+    let data = frame(
+        CLIENT.parse().unwrap(),
+        VIP.parse().unwrap(),
+        6,
+        &[tcp(40000, 80, ACK | PSH), vec![7; 100]].concat(),
+    );
+    h.run(&syn);
+    h.run(&data);
+    h.run(&data);
+    h.run(&tcp_frame(CLIENT, 40000, "203.0.113.99", 80, SYN));
+    h.run(&syn[..30]);
+    let g = h.dp.global_stats().unwrap();
+    assert_eq!(g[stat::FORWARDED], 3);
+    assert_eq!(g[stat::NOT_FOR_US], 1);
+    assert_eq!(g[stat::MALFORMED], 1);
+    assert_eq!(g[stat::CONN_MISS], 1);
+    assert_eq!(g[stat::CONN_HIT], 2);
+    assert_eq!(
+        g[..stat::OUTCOMES].iter().sum::<u64>(),
+        5,
+        "one outcome per packet"
+    );
+    let v = h.dp.vip_stats(h.services.vip(&vip).unwrap().id).unwrap();
+    assert_eq!((v.packets, v.bytes, v.new_flows), (3, 40 + 140 + 140, 1));
+    let id = h
+        .services
+        .vip(&vip)
+        .unwrap()
+        .backends
+        .values()
+        .next()
+        .unwrap()
+        .id;
+    let b = h.dp.backend_stats(id).unwrap();
+    assert_eq!((b.packets, b.bytes), (3, 320));
+}
+
+#[test]
+fn program_and_userspace_agree_on_10000_random_flows() {
+    let mut h = Harness::new();
+    let v4 = h.vip("203.0.113.10:80/tcp", HashMode::FiveTuple);
+    let v6 = h.vip("[2001:db8::10]:0/udp", HashMode::FiveTuple);
+    let affinity = h.vip("203.0.113.20:443/tcp", HashMode::SourceIp);
+    for i in 1..=7u32 {
+        h.backend(&v4, &format!("198.51.100.{i}"), i);
+        h.backend(&v6, &format!("2001:db8:1::{i}"), 1 + i % 3);
+        h.backend(&affinity, &format!("198.51.100.{}", 100 + i), 1);
+    }
+    let mut rng = XorShift(0x1234_5678_9abc_def1);
+    let mut per_backend = std::collections::HashMap::new();
+    for n in 0..10_000 {
+        let r = rng.next_u64();
+        let port = (r >> 16) as u16;
+        let frame = match n % 3 {
+            0 => tcp_frame(&format!("192.0.2.{}", r as u8), port, VIP, 80, SYN),
+            1 => udp_frame(
+                &format!("2001:db8:c::{:x}", r as u16),
+                port,
+                VIP6,
+                (r >> 32) as u16,
+                b"x",
+            ),
+            _ => tcp_frame(
+                &format!("192.0.2.{}", r as u8),
+                port,
+                "203.0.113.20",
+                443,
+                SYN,
+            ),
+        };
+        let flow = flow_of(&frame);
+        let expected = h
+            .services
+            .explain(&mut h.dp, &flow)
+            .unwrap()
+            .expect("a VIP flow");
+        assert!(
+            matches!(expected.via, Via::Ring { .. }),
+            "a SYN or new flow uses the ring"
+        );
+        let got = h.forward(&frame);
+        assert_eq!(got, expected.backend, "flow {n}");
+        *per_backend.entry(got).or_insert(0) += 1;
+        // Now the conn table knows it, and says so.
+        let again = h.services.explain(&mut h.dp, &flow).unwrap().unwrap();
+        assert_eq!((again.backend, again.via), (got, Via::ConnTable));
+    }
+    assert_eq!(per_backend.len(), 21, "every backend got flows");
+}
+
+/// The conn-table key of a frame, read from its bytes by offsets.
+fn flow_of(frame: &[u8]) -> lb_common::FlowKey {
+    let ipv6 = u16::from_be_bytes([frame[12], frame[13]]) == ETH_P_IPV6;
+    let (src, dst, proto, l4, family) = if ipv6 {
+        let a = |o: usize| lb_common::addr_words_v6(frame[o..o + 16].try_into().unwrap());
+        (a(22), a(38), frame[20], 54, lb_common::AF_INET6)
+    } else {
+        let a = |o: usize| lb_common::addr_words_v4(frame[o..o + 4].try_into().unwrap());
+        (a(26), a(30), frame[23], 34, lb_common::AF_INET)
+    };
+    let port = |o: usize| lb_common::port_raw(u16::from_be_bytes([frame[o], frame[o + 1]]));
+    lb_common::FlowKey {
+        src,
+        dst,
+        src_port: port(l4),
+        dst_port: port(l4 + 2),
+        proto,
+        family,
+        _pad: [0; 2],
+    }
+}
