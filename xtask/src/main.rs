@@ -1,1 +1,86 @@
-fn main() {}
+//! Developer and CI entry points: `cargo xtask setup|build|test`.
+//! Every command runs `setup` first; it is quick when nothing is missing.
+
+mod setup;
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    time::Instant,
+};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "Build, test and set up the XDP load balancer")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what a fresh machine lacks: nightly rust-src, bpf-linker,
+    /// Debian packages; mount bpffs.
+    Setup,
+    /// Build the XDP objects and the userspace crates (release).
+    Build,
+    /// Run every test: unit tests, packet tests (BPF_PROG_TEST_RUN) and
+    /// end-to-end tests in network namespaces. Needs root.
+    Test {
+        /// Extra arguments for `cargo test` (a test name filter, say).
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let root = workspace_root();
+    setup::setup(&root)?;
+    match cli.command {
+        Cmd::Setup => Ok(()),
+        Cmd::Build => step("build (eBPF objects and userspace, release)", || {
+            run(Command::new("cargo").current_dir(&root).args(["build", "--workspace", "--release"]))?;
+            Ok("done".into())
+        })
+        .map(|_| ()),
+        Cmd::Test { args } => {
+            // One test binary at a time; inside one, tests run in parallel.
+            run(Command::new("cargo").current_dir(&root).args(["test", "--workspace"]).arg("--").args(&args))
+        }
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+/// Runs one named step, printing its name, outcome and duration.
+pub fn step(name: &str, f: impl FnOnce() -> Result<String>) -> Result<String> {
+    println!("==> {name}");
+    let start = Instant::now();
+    let outcome = f().with_context(|| format!("step '{name}' failed"))?;
+    println!("    {outcome} ({:.1} s)", start.elapsed().as_secs_f64());
+    Ok(outcome)
+}
+
+pub fn run(cmd: &mut Command) -> Result<()> {
+    let status = cmd.status().with_context(|| format!("cannot start {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed with {status}");
+    }
+    Ok(())
+}
+
+pub fn capture(program: &str, args: &[&str]) -> Result<String> {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .with_context(|| format!("cannot start {program}"))?;
+    if !out.status.success() {
+        bail!("{program} {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(String::from_utf8(out.stdout)?)
+}
