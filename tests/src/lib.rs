@@ -59,7 +59,7 @@ pub fn ipv4(
     options: &[u8],
     payload_len: usize,
 ) -> Vec<u8> {
-    assert!(options.len() % 4 == 0);
+    assert!(options.len().is_multiple_of(4));
     let header_len = 20 + options.len();
     let mut h = vec![0x40 | (header_len / 4) as u8, 0];
     h.extend_from_slice(&((header_len + payload_len) as u16).to_be_bytes());

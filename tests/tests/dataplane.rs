@@ -632,3 +632,52 @@ fn flow_of(frame: &[u8]) -> lb_common::FlowKey {
         _pad: [0; 2],
     }
 }
+
+#[test]
+fn outer_source_is_the_prefix_plus_flow_hash_bits() {
+    let mut h = Harness::new();
+    let mut settings = test_settings();
+    settings.encap_src_v4 = ("192.0.2.0".parse().unwrap(), 24);
+    settings.encap_src_v6 = ("2001:db8:ffff::".parse().unwrap(), 64);
+    h.services.set_settings(&mut h.dp, settings).unwrap();
+    let v4 = h.vip("203.0.113.10:80/tcp", HashMode::FiveTuple);
+    h.backend(&v4, "198.51.100.20", 1);
+    let v6 = h.vip("[2001:db8::10]:80/tcp", HashMode::FiveTuple);
+    h.backend(&v6, "2001:db8:1::20", 1);
+    let mut sources4 = std::collections::HashSet::new();
+    let mut sources6 = std::collections::HashSet::new();
+    for port in 1000..1100 {
+        let (_, out) = h.run(&tcp_frame(CLIENT, port, VIP, 80, SYN));
+        assert_eq!(&out[26..29], &[192, 0, 2], "inside 192.0.2.0/24");
+        assert_eq!(
+            checksum(&out[14..34]),
+            0,
+            "checksum verifies with any source"
+        );
+        sources4.insert(out[29]);
+        let (_, again) = h.run(&tcp_frame(CLIENT, port, VIP, 80, ACK));
+        assert_eq!(&again[26..30], &out[26..30], "stable for the flow");
+        let (_, out6) = h.run(&tcp_frame(CLIENT6, port, VIP6, 80, SYN));
+        assert_eq!(
+            &out6[22..30],
+            &[0x20, 0x01, 0x0d, 0xb8, 0xff, 0xff, 0, 0],
+            "inside 2001:db8:ffff::/64"
+        );
+        assert_eq!(
+            &out6[30..34],
+            &[0, 0, 0, 0],
+            "only the last 32 bits carry the hash"
+        );
+        sources6.insert(out6[34..38].to_vec());
+    }
+    assert!(
+        sources4.len() > 50,
+        "100 flows used {} sources",
+        sources4.len()
+    );
+    assert!(
+        sources6.len() > 90,
+        "100 flows used {} sources",
+        sources6.len()
+    );
+}
