@@ -15,9 +15,7 @@ use aya_ebpf::{
     maps::HashMap,
     programs::XdpContext,
 };
-use lb_common::{
-    DecapAddr, AF_INET, AF_INET6, ETH_HLEN, IPPROTO_IPIP, IPPROTO_IPV6, IPV4_HLEN, IPV6_HLEN,
-};
+use lb_common::{DecapAddr, AF_INET, AF_INET6, ETH_HLEN, IPPROTO_IPIP, IPPROTO_IPV6, IPV4_HLEN, IPV6_HLEN};
 
 use headers::{ptr_at, EthHdr, Ipv4Hdr, Ipv6Hdr, ETH_P_IP, ETH_P_IPV6};
 
@@ -41,19 +39,11 @@ fn decap(ctx: &XdpContext) -> Option<()> {
         if ip.ver_ihl != 0x45 {
             return None;
         }
-        let key = DecapAddr {
-            addr: [ip.daddr, 0, 0, 0],
-            family: AF_INET,
-            _pad: [0; 3],
-        };
+        let key = DecapAddr { addr: [ip.daddr, 0, 0, 0], family: AF_INET, _pad: [0; 3] };
         (IPV4_HLEN, accepted(ip.proto, &key)?)
     } else if proto == ETH_P_IPV6 {
         let ip = unsafe { &*ptr_at::<Ipv6Hdr>(ctx, ETH_HLEN)? };
-        let key = DecapAddr {
-            addr: ip.daddr,
-            family: AF_INET6,
-            _pad: [0; 3],
-        };
+        let key = DecapAddr { addr: ip.daddr, family: AF_INET6, _pad: [0; 3] };
         (IPV6_HLEN, accepted(ip.next_hdr, &key)?)
     } else {
         return None;

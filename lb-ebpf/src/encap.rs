@@ -4,9 +4,7 @@
 //! backend. The inner packet is left byte for byte as it arrived.
 
 use aya_ebpf::{helpers::bpf_xdp_adjust_head, programs::XdpContext};
-use lb_common::{
-    Backend, Config, AF_INET, AF_INET6, ETH_HLEN, IPPROTO_IPIP, IPPROTO_IPV6, IPV4_HLEN, IPV6_HLEN,
-};
+use lb_common::{Backend, Config, AF_INET, AF_INET6, ETH_HLEN, IPPROTO_IPIP, IPPROTO_IPV6, IPV4_HLEN, IPV6_HLEN};
 
 use crate::headers::{ptr_at, EthHdr, Ipv4Hdr, Ipv6Hdr, ETH_P_IP, ETH_P_IPV6};
 
@@ -37,12 +35,7 @@ pub struct Inner {
 /// Encapsulates the packet towards `backend`. `Err` if the kernel refused to
 /// grow the packet; the packet is then unchanged.
 #[inline(always)]
-pub fn encapsulate(
-    ctx: &XdpContext,
-    cfg: &Config,
-    backend: &Backend,
-    inner: &Inner,
-) -> Result<(), ()> {
+pub fn encapsulate(ctx: &XdpContext, cfg: &Config, backend: &Backend, inner: &Inner) -> Result<(), ()> {
     // Our own MAC is the destination of the frame we received; read it
     // before the headers move.
     let eth = ptr_at::<EthHdr>(ctx, 0).ok_or(())?;
@@ -53,21 +46,13 @@ pub fn encapsulate(
         return Err(());
     }
     let eth = ptr_at::<EthHdr>(ctx, 0).ok_or(())?;
-    let outer_proto = if backend.family == AF_INET6 {
-        ETH_P_IPV6
-    } else {
-        ETH_P_IP
-    };
+    let outer_proto = if backend.family == AF_INET6 { ETH_P_IPV6 } else { ETH_P_IP };
     unsafe {
         (*eth).dst = cfg.next_hop_mac;
         (*eth).src = own_mac;
         (*eth).proto = outer_proto;
     }
-    let next_header = if inner.family == AF_INET {
-        IPPROTO_IPIP
-    } else {
-        IPPROTO_IPV6
-    };
+    let next_header = if inner.family == AF_INET { IPPROTO_IPIP } else { IPPROTO_IPV6 };
     if backend.family == AF_INET6 {
         let ip = ptr_at::<Ipv6Hdr>(ctx, ETH_HLEN).ok_or(())?;
         // The flow label carries the flow hash so that routers on the way to
@@ -135,11 +120,7 @@ pub fn restore(ctx: &XdpContext, backend: &Backend, inner_family: u8) {
     let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
         return;
     };
-    let proto = if inner_family == AF_INET6 {
-        ETH_P_IPV6
-    } else {
-        ETH_P_IP
-    };
+    let proto = if inner_family == AF_INET6 { ETH_P_IPV6 } else { ETH_P_IP };
     unsafe {
         (*eth).dst = src;
         (*eth).src = dst;

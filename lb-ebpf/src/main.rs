@@ -26,9 +26,9 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
-    flow_hash, source_hash, stat, Backend, BackendStats, Config, ConnValue, FlowKey, GlobalStats,
-    VipKey, VipMeta, VipStats, AF_INET, CONFIG_F_PORT0_V4, CONFIG_F_PORT0_V6,
-    DEFAULT_CONN_TABLE_SIZE, DEFAULT_RING_CAPACITY, MAX_BACKENDS, MAX_VIPS, VIP_F_HASH_SRC_ONLY,
+    flow_hash, source_hash, stat, Backend, BackendStats, Config, ConnValue, FlowKey, GlobalStats, VipKey, VipMeta,
+    VipStats, AF_INET, CONFIG_F_PORT0_V4, CONFIG_F_PORT0_V6, DEFAULT_CONN_TABLE_SIZE, DEFAULT_RING_CAPACITY,
+    MAX_BACKENDS, MAX_VIPS, VIP_F_HASH_SRC_ONLY,
 };
 
 use encap::{encapsulate, overhead, Inner};
@@ -124,12 +124,7 @@ fn balance(ctx: &XdpContext, stats: &mut [u64; stat::COUNT]) -> (u32, usize) {
     if pkt.ip_len + overhead(&backend) > cfg.mtu {
         return (XDP_PASS, stat::TOO_BIG);
     }
-    let inner = Inner {
-        family: pkt.flow.family,
-        ip_len: pkt.ip_len,
-        tos: pkt.tos,
-        hash,
-    };
+    let inner = Inner { family: pkt.flow.family, ip_len: pkt.ip_len, tos: pkt.tos, hash };
     if encapsulate(ctx, &cfg, &backend, &inner).is_err() {
         return (XDP_PASS, stat::ENCAP_FAILED);
     }
@@ -149,20 +144,11 @@ fn balance(ctx: &XdpContext, stats: &mut [u64; stat::COUNT]) -> (u32, usize) {
 /// copied: a concurrent ring swap replaces the map element.
 #[inline(always)]
 fn lookup_vip(cfg: &Config, flow: &FlowKey) -> Option<VipMeta> {
-    let mut key = VipKey {
-        addr: flow.dst,
-        port: flow.dst_port,
-        proto: flow.proto,
-        family: flow.family,
-    };
+    let mut key = VipKey { addr: flow.dst, port: flow.dst_port, proto: flow.proto, family: flow.family };
     if let Some(vip) = unsafe { VIPS.get(&key) } {
         return Some(*vip);
     }
-    let port0 = if flow.family == AF_INET {
-        CONFIG_F_PORT0_V4
-    } else {
-        CONFIG_F_PORT0_V6
-    };
+    let port0 = if flow.family == AF_INET { CONFIG_F_PORT0_V4 } else { CONFIG_F_PORT0_V6 };
     if cfg.flags & port0 == 0 {
         return None;
     }
@@ -200,10 +186,7 @@ fn pick_from_ring(vip: &VipMeta, pkt: &Packet, hash: u32) -> Option<(u32, Backen
     if backend.cookie == 0 {
         return None;
     }
-    let conn = ConnValue {
-        backend_id,
-        cookie: backend.cookie,
-    };
+    let conn = ConnValue { backend_id, cookie: backend.cookie };
     // A full table evicts its least recently used entry; an error here only
     // means the flow is re-picked next time, to the same backend.
     let _ = CONNS.insert(&pkt.flow, &conn, 0);

@@ -84,20 +84,10 @@ fn parse_ipv4(ctx: &XdpContext) -> Parsed {
         ..FlowKey::default()
     };
     let tos = ip.tos;
-    let Some(syn) = parse_ports(
-        ctx,
-        ETH_HLEN + header_len,
-        &mut flow,
-        ip_len - header_len as u32,
-    ) else {
+    let Some(syn) = parse_ports(ctx, ETH_HLEN + header_len, &mut flow, ip_len - header_len as u32) else {
         return Parsed::Malformed;
     };
-    Parsed::Flow(Packet {
-        flow,
-        ip_len,
-        tos,
-        syn,
-    })
+    Parsed::Flow(Packet { flow, ip_len, tos, syn })
 }
 
 #[inline(always)]
@@ -119,23 +109,12 @@ fn parse_ipv6(ctx: &XdpContext) -> Parsed {
     if ip.next_hdr != IPPROTO_TCP && ip.next_hdr != IPPROTO_UDP {
         return Parsed::NotForUs;
     }
-    let mut flow = FlowKey {
-        src: ip.saddr,
-        dst: ip.daddr,
-        proto: ip.next_hdr,
-        family: AF_INET6,
-        ..FlowKey::default()
-    };
+    let mut flow = FlowKey { src: ip.saddr, dst: ip.daddr, proto: ip.next_hdr, family: AF_INET6, ..FlowKey::default() };
     let tos = (first >> 20) as u8;
     let Some(syn) = parse_ports(ctx, ETH_HLEN + 40, &mut flow, payload_len) else {
         return Parsed::Malformed;
     };
-    Parsed::Flow(Packet {
-        flow,
-        ip_len: payload_len + 40,
-        tos,
-        syn,
-    })
+    Parsed::Flow(Packet { flow, ip_len: payload_len + 40, tos, syn })
 }
 
 /// Reads the ports into `flow` and tells whether it is a TCP SYN. `None`

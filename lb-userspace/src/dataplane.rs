@@ -9,8 +9,8 @@ use aya::{
     Ebpf, EbpfLoader, Pod,
 };
 use lb_common::{
-    map_names, program_names, stat, Backend, BackendStats, Config, ConnValue, DecapAddr, FlowKey,
-    GlobalStats, VipKey, VipMeta, VipStats, DEFAULT_CONN_TABLE_SIZE, DEFAULT_RING_CAPACITY,
+    map_names, program_names, stat, Backend, BackendStats, Config, ConnValue, DecapAddr, FlowKey, GlobalStats, VipKey,
+    VipMeta, VipStats, DEFAULT_CONN_TABLE_SIZE, DEFAULT_RING_CAPACITY,
 };
 
 use crate::{object, sys};
@@ -22,20 +22,13 @@ pub enum DataplaneError {
     #[error("the XDP program failed to load or attach: {0}")]
     Program(#[from] ProgramError),
     #[error("map {name}: {source}")]
-    Map {
-        name: &'static str,
-        source: MapError,
-    },
+    Map { name: &'static str, source: MapError },
     #[error("map {0} is missing from the XDP object")]
     MissingMap(&'static str),
     #[error("cannot count the possible CPUs: {0}")]
     Cpus(std::io::Error),
     #[error("writing {count} ring slots at {offset}: {source}")]
-    RingWrite {
-        offset: u32,
-        count: usize,
-        source: std::io::Error,
-    },
+    RingWrite { offset: u32, count: usize, source: std::io::Error },
 }
 
 fn map_err(name: &'static str) -> impl FnOnce(MapError) -> DataplaneError {
@@ -54,11 +47,7 @@ pub struct LoadOptions {
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        Self {
-            conn_table_size: DEFAULT_CONN_TABLE_SIZE,
-            ring_capacity: DEFAULT_RING_CAPACITY,
-            bench_restore: false,
-        }
+        Self { conn_table_size: DEFAULT_CONN_TABLE_SIZE, ring_capacity: DEFAULT_RING_CAPACITY, bench_restore: false }
     }
 }
 
@@ -71,20 +60,13 @@ pub struct Dataplane {
 impl Dataplane {
     /// Loads the balancer into the kernel (verified, not attached).
     pub fn load(opts: LoadOptions) -> Result<Self, DataplaneError> {
-        let bytes = if opts.bench_restore {
-            object::BALANCER_BENCH
-        } else {
-            object::BALANCER
-        };
+        let bytes = if opts.bench_restore { object::BALANCER_BENCH } else { object::BALANCER };
         let mut ebpf = EbpfLoader::new()
             .map_max_entries(map_names::CONNS, opts.conn_table_size)
             .map_max_entries(map_names::RINGS, opts.ring_capacity)
             .load(bytes)?;
         load_xdp(&mut ebpf, program_names::BALANCER)?;
-        Ok(Self {
-            ebpf,
-            ring_capacity: opts.ring_capacity,
-        })
+        Ok(Self { ebpf, ring_capacity: opts.ring_capacity })
     }
 
     pub fn program(&mut self) -> &mut Xdp {
@@ -96,75 +78,49 @@ impl Dataplane {
     }
 
     fn map(&mut self, name: &'static str) -> Result<&mut Map, DataplaneError> {
-        self.ebpf
-            .map_mut(name)
-            .ok_or(DataplaneError::MissingMap(name))
+        self.ebpf.map_mut(name).ok_or(DataplaneError::MissingMap(name))
     }
 
-    fn hash<K: Pod, V: Pod>(
-        &mut self,
-        name: &'static str,
-    ) -> Result<HashMap<&mut MapData, K, V>, DataplaneError> {
+    fn hash<K: Pod, V: Pod>(&mut self, name: &'static str) -> Result<HashMap<&mut MapData, K, V>, DataplaneError> {
         HashMap::try_from(self.map(name)?).map_err(map_err(name))
     }
 
-    fn array<V: Pod>(
-        &mut self,
-        name: &'static str,
-    ) -> Result<Array<&mut MapData, V>, DataplaneError> {
+    fn array<V: Pod>(&mut self, name: &'static str) -> Result<Array<&mut MapData, V>, DataplaneError> {
         Array::try_from(self.map(name)?).map_err(map_err(name))
     }
 
-    fn per_cpu<V: Pod>(
-        &mut self,
-        name: &'static str,
-    ) -> Result<PerCpuArray<&mut MapData, V>, DataplaneError> {
+    fn per_cpu<V: Pod>(&mut self, name: &'static str) -> Result<PerCpuArray<&mut MapData, V>, DataplaneError> {
         PerCpuArray::try_from(self.map(name)?).map_err(map_err(name))
     }
 
     pub fn set_config(&mut self, config: &Config) -> Result<(), DataplaneError> {
-        self.array::<Config>(map_names::CONFIG)?
-            .set(0, config, 0)
-            .map_err(map_err(map_names::CONFIG))
+        self.array::<Config>(map_names::CONFIG)?.set(0, config, 0).map_err(map_err(map_names::CONFIG))
     }
 
     pub fn config(&mut self) -> Result<Config, DataplaneError> {
-        self.array::<Config>(map_names::CONFIG)?
-            .get(&0, 0)
-            .map_err(map_err(map_names::CONFIG))
+        self.array::<Config>(map_names::CONFIG)?.get(&0, 0).map_err(map_err(map_names::CONFIG))
     }
 
     /// Inserts or replaces a VIP. Replacing is atomic for packets: they see
     /// the old value or the new one.
     pub fn set_vip(&mut self, key: &VipKey, meta: &VipMeta) -> Result<(), DataplaneError> {
-        self.hash::<VipKey, VipMeta>(map_names::VIPS)?
-            .insert(key, meta, 0)
-            .map_err(map_err(map_names::VIPS))
+        self.hash::<VipKey, VipMeta>(map_names::VIPS)?.insert(key, meta, 0).map_err(map_err(map_names::VIPS))
     }
 
     pub fn remove_vip(&mut self, key: &VipKey) -> Result<(), DataplaneError> {
-        self.hash::<VipKey, VipMeta>(map_names::VIPS)?
-            .remove(key)
-            .map_err(map_err(map_names::VIPS))
+        self.hash::<VipKey, VipMeta>(map_names::VIPS)?.remove(key).map_err(map_err(map_names::VIPS))
     }
 
     pub fn vip(&mut self, key: &VipKey) -> Result<Option<VipMeta>, DataplaneError> {
-        optional(
-            self.hash::<VipKey, VipMeta>(map_names::VIPS)?.get(key, 0),
-            map_names::VIPS,
-        )
+        optional(self.hash::<VipKey, VipMeta>(map_names::VIPS)?.get(key, 0), map_names::VIPS)
     }
 
     pub fn set_backend(&mut self, id: u32, backend: &Backend) -> Result<(), DataplaneError> {
-        self.array::<Backend>(map_names::BACKENDS)?
-            .set(id, backend, 0)
-            .map_err(map_err(map_names::BACKENDS))
+        self.array::<Backend>(map_names::BACKENDS)?.set(id, backend, 0).map_err(map_err(map_names::BACKENDS))
     }
 
     pub fn backend(&mut self, id: u32) -> Result<Backend, DataplaneError> {
-        self.array::<Backend>(map_names::BACKENDS)?
-            .get(&id, 0)
-            .map_err(map_err(map_names::BACKENDS))
+        self.array::<Backend>(map_names::BACKENDS)?.get(&id, 0).map_err(map_err(map_names::BACKENDS))
     }
 
     /// Writes `slots` (backend ids) into the ring array from `offset` on.
@@ -172,41 +128,29 @@ impl Dataplane {
         let Map::Array(data) = self.map(map_names::RINGS)? else {
             return Err(DataplaneError::MissingMap(map_names::RINGS));
         };
-        sys::array_update_batch(data.fd(), offset, slots).map_err(|source| {
-            DataplaneError::RingWrite {
-                offset,
-                count: slots.len(),
-                source,
-            }
+        sys::array_update_batch(data.fd(), offset, slots).map_err(|source| DataplaneError::RingWrite {
+            offset,
+            count: slots.len(),
+            source,
         })
     }
 
     pub fn ring_slot(&mut self, slot: u32) -> Result<u32, DataplaneError> {
-        self.array::<u32>(map_names::RINGS)?
-            .get(&slot, 0)
-            .map_err(map_err(map_names::RINGS))
+        self.array::<u32>(map_names::RINGS)?.get(&slot, 0).map_err(map_err(map_names::RINGS))
     }
 
     pub fn conn(&mut self, flow: &FlowKey) -> Result<Option<ConnValue>, DataplaneError> {
-        optional(
-            self.hash::<FlowKey, ConnValue>(map_names::CONNS)?
-                .get(flow, 0),
-            map_names::CONNS,
-        )
+        optional(self.hash::<FlowKey, ConnValue>(map_names::CONNS)?.get(flow, 0), map_names::CONNS)
     }
 
     pub fn set_conn(&mut self, flow: &FlowKey, value: &ConnValue) -> Result<(), DataplaneError> {
-        self.hash::<FlowKey, ConnValue>(map_names::CONNS)?
-            .insert(flow, value, 0)
-            .map_err(map_err(map_names::CONNS))
+        self.hash::<FlowKey, ConnValue>(map_names::CONNS)?.insert(flow, value, 0).map_err(map_err(map_names::CONNS))
     }
 
     /// Global counters summed over CPUs, indexed by [`lb_common::stat`].
     pub fn global_stats(&mut self) -> Result<[u64; stat::COUNT], DataplaneError> {
         let per_cpu = self.per_cpu::<GlobalStats>(map_names::GLOBAL_STATS)?;
-        let values = per_cpu
-            .get(&0, 0)
-            .map_err(map_err(map_names::GLOBAL_STATS))?;
+        let values = per_cpu.get(&0, 0).map_err(map_err(map_names::GLOBAL_STATS))?;
         let mut sum = [0u64; stat::COUNT];
         for cpu in values.iter() {
             for (s, v) in sum.iter_mut().zip(cpu.counters) {
@@ -217,10 +161,8 @@ impl Dataplane {
     }
 
     pub fn vip_stats(&mut self, vip_id: u32) -> Result<VipStats, DataplaneError> {
-        let values = self
-            .per_cpu::<VipStats>(map_names::VIP_STATS)?
-            .get(&vip_id, 0)
-            .map_err(map_err(map_names::VIP_STATS))?;
+        let values =
+            self.per_cpu::<VipStats>(map_names::VIP_STATS)?.get(&vip_id, 0).map_err(map_err(map_names::VIP_STATS))?;
         Ok(values.iter().fold(VipStats::default(), |a, v| VipStats {
             packets: a.packets + v.packets,
             bytes: a.bytes + v.bytes,
@@ -233,20 +175,16 @@ impl Dataplane {
             .per_cpu::<BackendStats>(map_names::BACKEND_STATS)?
             .get(&backend_id, 0)
             .map_err(map_err(map_names::BACKEND_STATS))?;
-        Ok(values
-            .iter()
-            .fold(BackendStats::default(), |a, v| BackendStats {
-                packets: a.packets + v.packets,
-                bytes: a.bytes + v.bytes,
-            }))
+        Ok(values.iter().fold(BackendStats::default(), |a, v| BackendStats {
+            packets: a.packets + v.packets,
+            bytes: a.bytes + v.bytes,
+        }))
     }
 
     /// Zeroes the counters of a VIP id before it is given to a new VIP.
     pub fn reset_vip_stats(&mut self, vip_id: u32) -> Result<(), DataplaneError> {
         let zero = zeroed_per_cpu::<VipStats>()?;
-        self.per_cpu::<VipStats>(map_names::VIP_STATS)?
-            .set(vip_id, zero, 0)
-            .map_err(map_err(map_names::VIP_STATS))
+        self.per_cpu::<VipStats>(map_names::VIP_STATS)?.set(vip_id, zero, 0).map_err(map_err(map_names::VIP_STATS))
     }
 
     /// Zeroes the counters of a backend id before it is reused.
@@ -277,23 +215,15 @@ impl Decap {
     /// Packets encapsulated to `addr` will be decapsulated.
     pub fn add_address(&mut self, addr: IpAddr) -> Result<(), DataplaneError> {
         let name = map_names::DECAP_ADDRS;
-        let map = self
-            .ebpf
-            .map_mut(name)
-            .ok_or(DataplaneError::MissingMap(name))?;
-        let mut map: HashMap<&mut MapData, DecapAddr, u8> =
-            HashMap::try_from(map).map_err(map_err(name))?;
+        let map = self.ebpf.map_mut(name).ok_or(DataplaneError::MissingMap(name))?;
+        let mut map: HashMap<&mut MapData, DecapAddr, u8> = HashMap::try_from(map).map_err(map_err(name))?;
         map.insert(decap_key(addr), 1, 0).map_err(map_err(name))
     }
 }
 
 pub fn decap_key(addr: IpAddr) -> DecapAddr {
     let (addr, family) = crate::addr::words(addr);
-    DecapAddr {
-        addr,
-        family,
-        _pad: [0; 3],
-    }
+    DecapAddr { addr, family, _pad: [0; 3] }
 }
 
 fn load_xdp(ebpf: &mut Ebpf, name: &str) -> Result<(), DataplaneError> {
@@ -308,10 +238,7 @@ fn xdp<'a>(ebpf: &'a mut Ebpf, name: &str) -> &'a mut Xdp {
         .unwrap_or_else(|| panic!("the embedded XDP object has no XDP program {name}"))
 }
 
-fn optional<V>(
-    result: Result<V, MapError>,
-    name: &'static str,
-) -> Result<Option<V>, DataplaneError> {
+fn optional<V>(result: Result<V, MapError>, name: &'static str) -> Result<Option<V>, DataplaneError> {
     match result {
         Ok(v) => Ok(Some(v)),
         Err(MapError::KeyNotFound) => Ok(None),

@@ -3,6 +3,8 @@
 
 pub mod addr;
 pub mod dataplane;
+pub mod desired;
+pub mod health;
 pub mod maglev;
 pub mod object;
 pub mod rings;

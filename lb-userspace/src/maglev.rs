@@ -32,23 +32,16 @@ pub fn build(members: &[RingMember], size: u32) -> Option<Vec<u32>> {
     debug_assert!(is_prime(size), "Maglev ring size must be prime");
     // Sort by identity so that insertion order does not matter; remember the
     // caller's indices.
-    let mut order: Vec<usize> = (0..members.len())
-        .filter(|&i| members[i].weight > 0)
-        .collect();
+    let mut order: Vec<usize> = (0..members.len()).filter(|&i| members[i].weight > 0).collect();
     order.sort_by(|&a, &b| members[a].identity.cmp(&members[b].identity));
     order.dedup_by(|a, b| members[*a].identity == members[*b].identity);
     if order.is_empty() {
         return None;
     }
     let m = size as u64;
-    let offsets: Vec<u64> = order
-        .iter()
-        .map(|&i| xxh3_64_with_seed(&members[i].identity, OFFSET_SEED) % m)
-        .collect();
-    let skips: Vec<u64> = order
-        .iter()
-        .map(|&i| xxh3_64_with_seed(&members[i].identity, SKIP_SEED) % (m - 1) + 1)
-        .collect();
+    let offsets: Vec<u64> = order.iter().map(|&i| xxh3_64_with_seed(&members[i].identity, OFFSET_SEED) % m).collect();
+    let skips: Vec<u64> =
+        order.iter().map(|&i| xxh3_64_with_seed(&members[i].identity, SKIP_SEED) % (m - 1) + 1).collect();
     let weights: Vec<u64> = order.iter().map(|&i| members[i].weight as u64).collect();
     let max_weight = *weights.iter().max().unwrap();
 
@@ -100,14 +93,7 @@ mod tests {
     use super::*;
 
     fn member(i: u32, weight: u32) -> RingMember {
-        RingMember {
-            identity: [198, 51, 100, 0]
-                .iter()
-                .chain(&i.to_be_bytes())
-                .copied()
-                .collect(),
-            weight,
-        }
+        RingMember { identity: [198, 51, 100, 0].iter().chain(&i.to_be_bytes()).copied().collect(), weight }
     }
 
     fn counts(ring: &[u32], n: usize) -> Vec<u64> {
@@ -148,10 +134,7 @@ mod tests {
             let members: Vec<_> = (0..n).map(|i| member(i, 1)).collect();
             let ring = build(&members, 65537).unwrap();
             let worst = worst_deviation(&members, &ring);
-            println!(
-                "maglev M=65537 n={n} equal weights: worst share deviation {:.4}%",
-                worst * 100.0
-            );
+            println!("maglev M=65537 n={n} equal weights: worst share deviation {:.4}%", worst * 100.0);
             assert!(worst < 0.01, "n={n}: {worst}");
         }
     }
@@ -164,10 +147,7 @@ mod tests {
             let members: Vec<_> = (0..n).map(|i| member(i, 1 + (i * 7 + 3) % 4)).collect();
             let ring = build(&members, 65537).unwrap();
             let worst = worst_deviation(&members, &ring);
-            println!(
-                "maglev M=65537 n={n} weights 1..4: worst share deviation {:.4}%",
-                worst * 100.0
-            );
+            println!("maglev M=65537 n={n} weights 1..4: worst share deviation {:.4}%", worst * 100.0);
             assert!(worst < 0.01, "n={n}: {worst}");
         }
         // A heavy backend next to light ones.
@@ -175,10 +155,7 @@ mod tests {
         members.push(member(99, 100));
         let ring = build(&members, 65537).unwrap();
         let worst = worst_deviation(&members, &ring);
-        println!(
-            "maglev M=65537 20x10 + 1x100: worst share deviation {:.4}%",
-            worst * 100.0
-        );
+        println!("maglev M=65537 20x10 + 1x100: worst share deviation {:.4}%", worst * 100.0);
         assert!(worst < 0.01, "{worst}");
     }
 

@@ -4,6 +4,5 @@
 use aya::include_bytes_aligned;
 
 pub static BALANCER: &[u8] = include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-balancer.o"));
-pub static BALANCER_BENCH: &[u8] =
-    include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-balancer-bench.o"));
+pub static BALANCER_BENCH: &[u8] = include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-balancer-bench.o"));
 pub static DECAP: &[u8] = include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-decap.o"));

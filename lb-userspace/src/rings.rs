@@ -4,14 +4,14 @@
 //! therefore reads the old ring or the new one, never a mix.
 
 /// A run of slots `[offset, offset + len)`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Extent {
     pub offset: u32,
     pub len: u32,
 }
 
 /// First-fit allocator over `[0, capacity)`.
-#[derive(Debug)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct RingSpace {
     /// Free extents, sorted by offset, never adjacent (merged on free).
     free: Vec<Extent>,
@@ -19,21 +19,13 @@ pub struct RingSpace {
 
 impl RingSpace {
     pub fn new(capacity: u32) -> Self {
-        Self {
-            free: vec![Extent {
-                offset: 0,
-                len: capacity,
-            }],
-        }
+        Self { free: vec![Extent { offset: 0, len: capacity }] }
     }
 
     pub fn alloc(&mut self, len: u32) -> Option<Extent> {
         let i = self.free.iter().position(|e| e.len >= len)?;
         let hole = &mut self.free[i];
-        let got = Extent {
-            offset: hole.offset,
-            len,
-        };
+        let got = Extent { offset: hole.offset, len };
         hole.offset += len;
         hole.len -= len;
         if hole.len == 0 {
@@ -46,9 +38,7 @@ impl RingSpace {
         let i = self.free.partition_point(|e| e.offset < extent.offset);
         self.free.insert(i, extent);
         // Merge with the next, then with the previous neighbour.
-        if i + 1 < self.free.len()
-            && self.free[i].offset + self.free[i].len == self.free[i + 1].offset
-        {
+        if i + 1 < self.free.len() && self.free[i].offset + self.free[i].len == self.free[i + 1].offset {
             self.free[i].len += self.free[i + 1].len;
             self.free.remove(i + 1);
         }
@@ -80,12 +70,6 @@ mod tests {
         space.free(a);
         assert_eq!(space.largest_free(), 60);
         space.free(c);
-        assert_eq!(
-            space.free,
-            vec![Extent {
-                offset: 0,
-                len: 100
-            }]
-        );
+        assert_eq!(space.free, vec![Extent { offset: 0, len: 100 }]);
     }
 }

@@ -14,9 +14,11 @@ use std::{
 };
 
 use lb_common::{
-    flow_hash, source_hash, Backend, Config, FlowKey, VipKey, VipMeta, CONFIG_F_PORT0_V4,
-    CONFIG_F_PORT0_V6, IPPROTO_TCP, IPPROTO_UDP, MAX_BACKENDS, MAX_VIPS, VIP_F_HASH_SRC_ONLY,
+    flow_hash, source_hash, Backend, Config, FlowKey, VipKey, VipMeta, CONFIG_F_PORT0_V4, CONFIG_F_PORT0_V6,
+    IPPROTO_TCP, IPPROTO_UDP, MAX_BACKENDS, MAX_VIPS, VIP_F_HASH_SRC_ONLY,
 };
+
+use serde::{Deserialize, Serialize};
 
 use crate::{
     addr,
@@ -30,7 +32,7 @@ pub const MAX_RING_SIZE: u32 = 1_048_573;
 /// Largest backend weight.
 pub const MAX_WEIGHT: u32 = 10_000;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum Proto {
     Tcp,
     Udp,
@@ -46,7 +48,7 @@ impl Proto {
 }
 
 /// What the flow hash of a VIP covers.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub enum HashMode {
     /// Source and destination address and port, and protocol.
     #[default]
@@ -56,7 +58,7 @@ pub enum HashMode {
 }
 
 /// What identifies a VIP: address, port (0: every port) and protocol.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct VipAddr {
     pub addr: IpAddr,
     pub port: u16,
@@ -66,12 +68,7 @@ pub struct VipAddr {
 impl VipAddr {
     pub fn key(&self) -> VipKey {
         let (addr, family) = addr::words(self.addr);
-        VipKey {
-            addr,
-            port: lb_common::port_raw(self.port),
-            proto: self.proto.number(),
-            family,
-        }
+        VipKey { addr, port: lb_common::port_raw(self.port), proto: self.proto.number(), family }
     }
 }
 
@@ -94,26 +91,22 @@ impl std::str::FromStr for VipAddr {
     /// `ADDR:PORT/PROTO`, IPv6 in brackets: `203.0.113.10:80/tcp`,
     /// `[2001:db8::10]:443/tcp`, `203.0.113.10:0/udp` (every port).
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let (sock, proto) = s.rsplit_once('/').ok_or_else(|| {
-            format!("VIP '{s}' has no protocol: write ADDR:PORT/tcp or ADDR:PORT/udp")
-        })?;
+        let (sock, proto) = s
+            .rsplit_once('/')
+            .ok_or_else(|| format!("VIP '{s}' has no protocol: write ADDR:PORT/tcp or ADDR:PORT/udp"))?;
         let proto = match proto.to_ascii_lowercase().as_str() {
             "tcp" => Proto::Tcp,
             "udp" => Proto::Udp,
             other => return Err(format!("VIP '{s}': protocol '{other}' is not tcp or udp")),
         };
-        let sock: std::net::SocketAddr = sock.parse().map_err(|_| {
-            format!("VIP '{s}': '{sock}' is not ADDR:PORT (IPv6 is written [2001:db8::10]:80)")
-        })?;
-        Ok(VipAddr {
-            addr: sock.ip(),
-            port: sock.port(),
-            proto,
-        })
+        let sock: std::net::SocketAddr = sock
+            .parse()
+            .map_err(|_| format!("VIP '{s}': '{sock}' is not ADDR:PORT (IPv6 is written [2001:db8::10]:80)"))?;
+        Ok(VipAddr { addr: sock.ip(), port: sock.port(), proto })
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VipSpec {
     pub vip: VipAddr,
     pub hash: HashMode,
@@ -129,7 +122,7 @@ pub struct BackendSpec {
 }
 
 /// Host-wide data-plane settings.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Settings {
     pub next_hop_mac: [u8; 6],
     /// Outer IPv4 source prefix; the host bits carry flow-hash bits.
@@ -171,21 +164,24 @@ pub enum ServiceError {
 }
 
 /// A backend as the model keeps it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BackendState {
     pub id: u32,
     pub cookie: u32,
     pub weight: u32,
     pub drained: bool,
+    /// As health checks last said (true when unchecked).
+    pub healthy: bool,
 }
 
 impl BackendState {
-    fn takes_new_flows(&self) -> bool {
+    /// The operator's say: weight above 0 and not drained.
+    fn wanted(&self) -> bool {
         self.weight > 0 && !self.drained
     }
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct VipState {
     pub spec: VipSpec,
     pub id: u32,
@@ -193,7 +189,11 @@ pub struct VipState {
     /// Which half of the extent is live (0 or 1).
     live_half: u32,
     /// The live ring: backend ids (empty when no backend takes new flows).
+    /// Not saved: it is rebuilt from the backends, deterministically.
+    #[serde(skip)]
     ring: Vec<u32>,
+    /// Every wanted backend is unhealthy, so all of them serve (fail open).
+    pub fail_open: bool,
     pub backends: BTreeMap<IpAddr, BackendState>,
 }
 
@@ -203,17 +203,34 @@ impl VipState {
             HashMode::FiveTuple => 0,
             HashMode::SourceIp => VIP_F_HASH_SRC_ONLY,
         };
-        VipMeta {
-            vip_id: self.id,
-            flags,
-            ring_offset: self.extent.offset + half * self.spec.ring_size,
-            ring_size,
-        }
+        VipMeta { vip_id: self.id, flags, ring_offset: self.extent.offset + half * self.spec.ring_size, ring_size }
     }
 
     pub fn ring(&self) -> &[u32] {
         &self.ring
     }
+
+    /// Whether a backend is in the ring now.
+    pub fn in_ring(&self, backend: &BackendState) -> bool {
+        backend.wanted() && (backend.healthy || self.fail_open)
+    }
+}
+
+/// The ring for `backends`: the wanted and healthy ones or, when every
+/// wanted one is unhealthy, all wanted ones (fail open). Returns the ring of
+/// backend ids (empty if none is wanted) and whether it failed open.
+fn plan_ring(backends: &BTreeMap<IpAddr, BackendState>, ring_size: u32) -> (Vec<u32>, bool) {
+    let wanted: Vec<(&IpAddr, &BackendState)> = backends.iter().filter(|(_, b)| b.wanted()).collect();
+    let healthy: Vec<(&IpAddr, &BackendState)> = wanted.iter().copied().filter(|(_, b)| b.healthy).collect();
+    let fail_open = healthy.is_empty() && !wanted.is_empty();
+    let members = if fail_open { wanted } else { healthy };
+    let ring_members: Vec<RingMember> =
+        members.iter().map(|(a, b)| RingMember { identity: identity(**a), weight: b.weight }).collect();
+    let ring = match maglev::build(&ring_members, ring_size) {
+        Some(slots) => slots.iter().map(|&i| members[i as usize].1.id).collect(),
+        None => Vec::new(),
+    };
+    (ring, fail_open)
 }
 
 /// Where a flow goes, and why.
@@ -264,11 +281,7 @@ impl Services {
         &self.settings
     }
 
-    pub fn set_settings(
-        &mut self,
-        dp: &mut Dataplane,
-        settings: Settings,
-    ) -> Result<(), ServiceError> {
+    pub fn set_settings(&mut self, dp: &mut Dataplane, settings: Settings) -> Result<(), ServiceError> {
         let old = std::mem::replace(&mut self.settings, settings);
         let config = self.config();
         match config.map(|c| dp.set_config(&c)) {
@@ -302,21 +315,9 @@ impl Services {
         let extent = self
             .ring_space
             .alloc(needed)
-            .ok_or(ServiceError::RingSpaceFull {
-                needed,
-                free: self.ring_space.largest_free(),
-            })?;
-        let state = VipState {
-            spec,
-            id: vip_id,
-            extent,
-            live_half: 0,
-            ring: Vec::new(),
-            backends: BTreeMap::new(),
-        };
-        let written = dp
-            .reset_vip_stats(vip_id)
-            .and_then(|()| dp.set_vip(&spec.vip.key(), &state.meta(0, 0)));
+            .ok_or(ServiceError::RingSpaceFull { needed, free: self.ring_space.largest_free() })?;
+        let state = VipState { spec, id: vip_id, extent, live_half: 0, ring: Vec::new(), fail_open: false, backends: BTreeMap::new() };
+        let written = dp.reset_vip_stats(vip_id).and_then(|()| dp.set_vip(&spec.vip.key(), &state.meta(0, 0)));
         if let Err(e) = written {
             self.ring_space.free(extent);
             return Err(e.into());
@@ -340,49 +341,22 @@ impl Services {
         self.write_port0_flags(dp)
     }
 
-    pub fn add_backend(
-        &mut self,
-        dp: &mut Dataplane,
-        vip: &VipAddr,
-        spec: BackendSpec,
-    ) -> Result<(), ServiceError> {
+    pub fn add_backend(&mut self, dp: &mut Dataplane, vip: &VipAddr, spec: BackendSpec) -> Result<(), ServiceError> {
         let state = self.vips.get(vip).ok_or(ServiceError::NoSuchVip(*vip))?;
         if state.backends.contains_key(&spec.addr) {
             return Err(ServiceError::BackendExists(*vip, spec.addr));
         }
         check_weight(spec.weight)?;
         if vip.addr.is_ipv6() && spec.addr.is_ipv4() {
-            return Err(ServiceError::FamilyMismatch {
-                vip: *vip,
-                backend: spec.addr,
-            });
+            return Err(ServiceError::FamilyMismatch { vip: *vip, backend: spec.addr });
         }
-        let id = *self
-            .free_backend_ids
-            .front()
-            .ok_or(ServiceError::TooManyBackends)?;
+        let id = *self.free_backend_ids.front().ok_or(ServiceError::TooManyBackends)?;
         let cookie = self.next_cookie;
         let (words, family) = addr::words(spec.addr);
         dp.reset_backend_stats(id)?;
-        dp.set_backend(
-            id,
-            &Backend {
-                addr: words,
-                cookie,
-                family,
-                _pad: [0; 3],
-            },
-        )?;
+        dp.set_backend(id, &Backend { addr: words, cookie, family, _pad: [0; 3] })?;
         let mut backends = state.backends.clone();
-        backends.insert(
-            spec.addr,
-            BackendState {
-                id,
-                cookie,
-                weight: spec.weight,
-                drained: false,
-            },
-        );
+        backends.insert(spec.addr, BackendState { id, cookie, weight: spec.weight, drained: false, healthy: true });
         if let Err(e) = self.swap_ring(dp, vip, backends) {
             // The entry is not in any ring: clearing it undoes the add.
             let _ = dp.set_backend(id, &Backend::default());
@@ -393,37 +367,25 @@ impl Services {
         Ok(())
     }
 
-    pub fn remove_backend(
-        &mut self,
-        dp: &mut Dataplane,
-        vip: &VipAddr,
-        addr: IpAddr,
-    ) -> Result<(), ServiceError> {
+    pub fn remove_backend(&mut self, dp: &mut Dataplane, vip: &VipAddr, addr: IpAddr) -> Result<(), ServiceError> {
         let mut backends = self.vip(vip)?.backends.clone();
-        let removed = backends
-            .remove(&addr)
-            .ok_or(ServiceError::NoSuchBackend(*vip, addr))?;
+        let removed = backends.remove(&addr).ok_or(ServiceError::NoSuchBackend(*vip, addr))?;
         self.swap_ring(dp, vip, backends)?;
         self.release_backend(dp, removed.id)
     }
 
     /// Drained: existing flows stay, new flows go elsewhere.
-    pub fn drain_backend(
-        &mut self,
-        dp: &mut Dataplane,
-        vip: &VipAddr,
-        addr: IpAddr,
-    ) -> Result<(), ServiceError> {
+    pub fn drain_backend(&mut self, dp: &mut Dataplane, vip: &VipAddr, addr: IpAddr) -> Result<(), ServiceError> {
         self.change_backend(dp, vip, addr, |b| b.drained = true)
     }
 
-    pub fn undrain_backend(
-        &mut self,
-        dp: &mut Dataplane,
-        vip: &VipAddr,
-        addr: IpAddr,
-    ) -> Result<(), ServiceError> {
+    pub fn undrain_backend(&mut self, dp: &mut Dataplane, vip: &VipAddr, addr: IpAddr) -> Result<(), ServiceError> {
         self.change_backend(dp, vip, addr, |b| b.drained = false)
+    }
+
+    /// Health checks changed their verdict on a backend.
+    pub fn set_health(&mut self, dp: &mut Dataplane, vip: &VipAddr, addr: IpAddr, healthy: bool) -> Result<(), ServiceError> {
+        self.change_backend(dp, vip, addr, |b| b.healthy = healthy)
     }
 
     pub fn set_weight(
@@ -445,11 +407,7 @@ impl Services {
         change: impl FnOnce(&mut BackendState),
     ) -> Result<(), ServiceError> {
         let mut backends = self.vip(vip)?.backends.clone();
-        change(
-            backends
-                .get_mut(&addr)
-                .ok_or(ServiceError::NoSuchBackend(*vip, addr))?,
-        );
+        change(backends.get_mut(&addr).ok_or(ServiceError::NoSuchBackend(*vip, addr))?);
         self.swap_ring(dp, vip, backends)
     }
 
@@ -461,26 +419,11 @@ impl Services {
         vip: &VipAddr,
         backends: BTreeMap<IpAddr, BackendState>,
     ) -> Result<(), ServiceError> {
-        let state = self
-            .vips
-            .get_mut(vip)
-            .ok_or(ServiceError::NoSuchVip(*vip))?;
-        let eligible: Vec<&BackendState> =
-            backends.values().filter(|b| b.takes_new_flows()).collect();
-        let members: Vec<RingMember> = backends
-            .iter()
-            .filter(|(_, b)| b.takes_new_flows())
-            .map(|(a, b)| RingMember {
-                identity: identity(*a),
-                weight: b.weight,
-            })
-            .collect();
-        let ring: Vec<u32> = match maglev::build(&members, state.spec.ring_size) {
-            Some(slots) => slots.iter().map(|&i| eligible[i as usize].id).collect(),
-            None => Vec::new(),
-        };
+        let state = self.vips.get_mut(vip).ok_or(ServiceError::NoSuchVip(*vip))?;
+        let (ring, fail_open) = plan_ring(&backends, state.spec.ring_size);
         if ring == state.ring {
             state.backends = backends;
+            state.fail_open = fail_open;
             return Ok(());
         }
         let idle = 1 - state.live_half;
@@ -497,6 +440,7 @@ impl Services {
         }
         state.ring = ring;
         state.backends = backends;
+        state.fail_open = fail_open;
         Ok(())
     }
 
@@ -508,28 +452,17 @@ impl Services {
 
     /// Where the data plane sends `flow` now: the VIP it matches (exact port,
     /// then port 0), its conn-table entry if still valid, else the ring.
-    pub fn explain(
-        &self,
-        dp: &mut Dataplane,
-        flow: &FlowKey,
-    ) -> Result<Option<Explanation>, ServiceError> {
+    pub fn explain(&self, dp: &mut Dataplane, flow: &FlowKey) -> Result<Option<Explanation>, ServiceError> {
         let Some(state) = self.vip_for(flow) else {
             return Ok(None);
         };
         let hash = match state.spec.hash {
             HashMode::SourceIp => source_hash(&flow.src),
-            HashMode::FiveTuple => flow_hash(
-                &flow.src,
-                &flow.dst,
-                flow.src_port,
-                flow.dst_port,
-                flow.proto,
-            ),
+            HashMode::FiveTuple => flow_hash(&flow.src, &flow.dst, flow.src_port, flow.dst_port, flow.proto),
         };
         let by_id = |id: u32| state.backends.iter().find(|(_, b)| b.id == id);
         if let Some(conn) = dp.conn(flow)? {
-            if let Some((addr, _)) = by_id(conn.backend_id).filter(|(_, b)| b.cookie == conn.cookie)
-            {
+            if let Some((addr, _)) = by_id(conn.backend_id).filter(|(_, b)| b.cookie == conn.cookie) {
                 return Ok(Some(Explanation {
                     vip: state.spec.vip,
                     backend: *addr,
@@ -545,13 +478,7 @@ impl Services {
         let slot = hash % state.spec.ring_size;
         let id = state.ring[slot as usize];
         let (addr, _) = by_id(id).expect("the ring names only this VIP's backends");
-        Ok(Some(Explanation {
-            vip: state.spec.vip,
-            backend: *addr,
-            backend_id: id,
-            hash,
-            via: Via::Ring { slot },
-        }))
+        Ok(Some(Explanation { vip: state.spec.vip, backend: *addr, backend_id: id, hash, via: Via::Ring { slot } }))
     }
 
     fn vip_for(&self, flow: &FlowKey) -> Option<&VipState> {
@@ -562,13 +489,7 @@ impl Services {
             _ => return None,
         };
         let port = u16::from_be_bytes(flow.dst_port.to_ne_bytes());
-        self.vips.get(&VipAddr { addr, port, proto }).or_else(|| {
-            self.vips.get(&VipAddr {
-                addr,
-                port: 0,
-                proto,
-            })
-        })
+        self.vips.get(&VipAddr { addr, port, proto }).or_else(|| self.vips.get(&VipAddr { addr, port: 0, proto }))
     }
 
     fn write_port0_flags(&mut self, dp: &mut Dataplane) -> Result<(), ServiceError> {
@@ -580,11 +501,7 @@ impl Services {
         let s = &self.settings;
         let mut flags = 0;
         for vip in self.vips.keys().filter(|v| v.port == 0) {
-            flags |= if vip.addr.is_ipv4() {
-                CONFIG_F_PORT0_V4
-            } else {
-                CONFIG_F_PORT0_V6
-            };
+            flags |= if vip.addr.is_ipv4() { CONFIG_F_PORT0_V4 } else { CONFIG_F_PORT0_V6 };
         }
         let (v4, v4_len) = s.encap_src_v4;
         let (v6, v6_len) = s.encap_src_v6;
@@ -596,9 +513,7 @@ impl Services {
         }
         let v4_host = u32::MAX.checked_shr(v4_len as u32).unwrap_or(0);
         // Only the last 32 bits of an IPv6 source carry hash bits.
-        let v6_host = u32::MAX
-            .checked_shr(v6_len.saturating_sub(96) as u32)
-            .unwrap_or(0);
+        let v6_host = u32::MAX.checked_shr(v6_len.saturating_sub(96) as u32).unwrap_or(0);
         let wire = |host_order: u32| u32::from_ne_bytes(host_order.to_be_bytes());
         let mut v6_words = addr::words(IpAddr::V6(v6)).0;
         v6_words[3] &= !wire(v6_host);
@@ -646,16 +561,8 @@ mod tests {
 
     #[test]
     fn vip_addresses_print_as_the_cli_writes_them() {
-        let v4 = VipAddr {
-            addr: "203.0.113.10".parse().unwrap(),
-            port: 80,
-            proto: Proto::Tcp,
-        };
-        let v6 = VipAddr {
-            addr: "2001:db8::10".parse().unwrap(),
-            port: 0,
-            proto: Proto::Udp,
-        };
+        let v4 = VipAddr { addr: "203.0.113.10".parse().unwrap(), port: 80, proto: Proto::Tcp };
+        let v6 = VipAddr { addr: "2001:db8::10".parse().unwrap(), port: 0, proto: Proto::Udp };
         assert_eq!(v4.to_string(), "203.0.113.10:80/tcp");
         assert_eq!(v6.to_string(), "[2001:db8::10]:0/udp");
     }
@@ -663,35 +570,17 @@ mod tests {
     #[test]
     fn vip_addresses_parse_and_bad_ones_say_why() {
         let v: VipAddr = "[2001:db8::10]:443/TCP".parse().unwrap();
-        assert_eq!(
-            (v.addr, v.port, v.proto),
-            ("2001:db8::10".parse().unwrap(), 443, Proto::Tcp)
-        );
-        assert!("203.0.113.10:80"
-            .parse::<VipAddr>()
-            .unwrap_err()
-            .contains("no protocol"));
-        assert!("203.0.113.10:80/sctp"
-            .parse::<VipAddr>()
-            .unwrap_err()
-            .contains("sctp"));
-        assert!("203.0.113.300:80/tcp"
-            .parse::<VipAddr>()
-            .unwrap_err()
-            .contains("not ADDR:PORT"));
+        assert_eq!((v.addr, v.port, v.proto), ("2001:db8::10".parse().unwrap(), 443, Proto::Tcp));
+        assert!("203.0.113.10:80".parse::<VipAddr>().unwrap_err().contains("no protocol"));
+        assert!("203.0.113.10:80/sctp".parse::<VipAddr>().unwrap_err().contains("sctp"));
+        assert!("203.0.113.300:80/tcp".parse::<VipAddr>().unwrap_err().contains("not ADDR:PORT"));
         assert!("2001:db8::10:80/tcp".parse::<VipAddr>().is_err());
     }
 
     #[test]
     fn ring_sizes_must_be_prime_and_bounded() {
         assert!(check_ring_size(65537).is_ok());
-        assert!(matches!(
-            check_ring_size(65536),
-            Err(ServiceError::RingSizeNotPrime(65536))
-        ));
-        assert!(matches!(
-            check_ring_size(2_000_003),
-            Err(ServiceError::RingSizeTooLarge(_))
-        ));
+        assert!(matches!(check_ring_size(65536), Err(ServiceError::RingSizeNotPrime(65536))));
+        assert!(matches!(check_ring_size(2_000_003), Err(ServiceError::RingSizeTooLarge(_))));
     }
 }

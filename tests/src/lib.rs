@@ -52,13 +52,7 @@ pub fn checksum(bytes: &[u8]) -> u16 {
 }
 
 /// RFC 791 header: TOS 0, ID 0x1234, DF, TTL 64, valid checksum.
-pub fn ipv4(
-    src: Ipv4Addr,
-    dst: Ipv4Addr,
-    proto: u8,
-    options: &[u8],
-    payload_len: usize,
-) -> Vec<u8> {
+pub fn ipv4(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, options: &[u8], payload_len: usize) -> Vec<u8> {
     assert!(options.len().is_multiple_of(4));
     let header_len = 20 + options.len();
     let mut h = vec![0x40 | (header_len / 4) as u8, 0];
@@ -124,21 +118,11 @@ pub fn frame(src: IpAddr, dst: IpAddr, proto: u8, l4: &[u8]) -> Vec<u8> {
 }
 
 pub fn tcp_frame(src: &str, src_port: u16, dst: &str, dst_port: u16, flags: u8) -> Vec<u8> {
-    frame(
-        src.parse().unwrap(),
-        dst.parse().unwrap(),
-        6,
-        &tcp(src_port, dst_port, flags),
-    )
+    frame(src.parse().unwrap(), dst.parse().unwrap(), 6, &tcp(src_port, dst_port, flags))
 }
 
 pub fn udp_frame(src: &str, src_port: u16, dst: &str, dst_port: u16, payload: &[u8]) -> Vec<u8> {
-    frame(
-        src.parse().unwrap(),
-        dst.parse().unwrap(),
-        17,
-        &udp(src_port, dst_port, payload),
-    )
+    frame(src.parse().unwrap(), dst.parse().unwrap(), 17, &udp(src_port, dst_port, payload))
 }
 
 /// The outer destination of an encapsulated frame: the backend.
@@ -170,11 +154,7 @@ pub struct Harness {
 
 impl Harness {
     pub fn new() -> Self {
-        Self::with(LoadOptions {
-            conn_table_size: 65_536,
-            ring_capacity: 8 * 65_537,
-            bench_restore: false,
-        })
+        Self::with(LoadOptions { conn_table_size: 65_536, ring_capacity: 8 * 65_537, bench_restore: false })
     }
 
     pub fn with(opts: LoadOptions) -> Self {
@@ -190,27 +170,13 @@ impl Harness {
     /// Adds a VIP written as the CLI writes it, with the default ring size.
     pub fn vip(&mut self, vip: &str, hash: HashMode) -> VipAddr {
         let vip: VipAddr = vip.parse().unwrap();
-        self.services
-            .add_vip(
-                &mut self.dp,
-                VipSpec {
-                    vip,
-                    hash,
-                    ring_size: 65537,
-                },
-            )
-            .expect("VIP added");
+        self.services.add_vip(&mut self.dp, VipSpec { vip, hash, ring_size: 65537 }).expect("VIP added");
         vip
     }
 
     pub fn backend(&mut self, vip: &VipAddr, addr: &str, weight: u32) {
-        let spec = BackendSpec {
-            addr: addr.parse().unwrap(),
-            weight,
-        };
-        self.services
-            .add_backend(&mut self.dp, vip, spec)
-            .expect("backend added");
+        let spec = BackendSpec { addr: addr.parse().unwrap(), weight };
+        self.services.add_backend(&mut self.dp, vip, spec).expect("backend added");
     }
 
     /// Runs one frame; returns the XDP action and the frame as it left.
@@ -219,11 +185,7 @@ impl Harness {
         let result = self
             .dp
             .program()
-            .test_run(TestRunOptions {
-                data_in: Some(frame),
-                data_out: Some(&mut out),
-                ..TestRunOptions::default()
-            })
+            .test_run(TestRunOptions { data_in: Some(frame), data_out: Some(&mut out), ..TestRunOptions::default() })
             .expect("BPF_PROG_TEST_RUN");
         out.truncate(result.data_size_out as usize);
         (result.return_value, out)

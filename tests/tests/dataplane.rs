@@ -107,15 +107,8 @@ fn ipv4_vip_to_ipv6_backend_is_ipv4_in_ipv6() {
     assert_eq!(action, XDP_TX);
     assert_eq!(&out[12..14], &[0x86, 0xdd]);
     assert_eq!(out[14] >> 4, 6);
-    assert_eq!(
-        &out[18..22],
-        &[0x00, 0x28, 4, 64],
-        "payload 40, next header 4 (IPv4), hop limit 64"
-    );
-    assert_eq!(
-        outer_dst(&out),
-        "2001:db8:1::20".parse::<std::net::IpAddr>().unwrap()
-    );
+    assert_eq!(&out[18..22], &[0x00, 0x28, 4, 64], "payload 40, next header 4 (IPv4), hop limit 64");
+    assert_eq!(outer_dst(&out), "2001:db8:1::20".parse::<std::net::IpAddr>().unwrap());
     assert_inner_untouched(&input, &out, 40);
 }
 
@@ -146,27 +139,15 @@ fn port_zero_vip_catches_every_port_of_its_protocol() {
     let vip = h.vip("203.0.113.10:0/tcp", HashMode::FiveTuple);
     h.backend(&vip, "198.51.100.20", 1);
     for port in [1, 80, 8080, 65535] {
-        assert_eq!(
-            h.forward(&tcp_frame(CLIENT, 40000, VIP, port, SYN))
-                .to_string(),
-            "198.51.100.20"
-        );
+        assert_eq!(h.forward(&tcp_frame(CLIENT, 40000, VIP, port, SYN)).to_string(), "198.51.100.20");
     }
     let udp = udp_frame(CLIENT, 40000, VIP, 8080, b"x");
     assert_eq!(h.run(&udp), (XDP_PASS, udp.clone()));
     // An exact-port VIP on the same address wins over the port-0 one.
     let exact = h.vip("203.0.113.10:443/tcp", HashMode::FiveTuple);
     h.backend(&exact, "198.51.100.30", 1);
-    assert_eq!(
-        h.forward(&tcp_frame(CLIENT, 40000, VIP, 443, SYN))
-            .to_string(),
-        "198.51.100.30"
-    );
-    assert_eq!(
-        h.forward(&tcp_frame(CLIENT, 40000, VIP, 444, SYN))
-            .to_string(),
-        "198.51.100.20"
-    );
+    assert_eq!(h.forward(&tcp_frame(CLIENT, 40000, VIP, 443, SYN)).to_string(), "198.51.100.30");
+    assert_eq!(h.forward(&tcp_frame(CLIENT, 40000, VIP, 444, SYN)).to_string(), "198.51.100.20");
 }
 
 #[test]
@@ -181,18 +162,11 @@ fn source_affinity_sends_all_flows_of_a_client_to_one_backend() {
         let src = format!("192.0.2.{client}");
         let first = h.forward(&tcp_frame(&src, 1000, VIP, 80, SYN));
         for port in 1001..1020 {
-            assert_eq!(
-                h.forward(&tcp_frame(&src, port, VIP, 80, SYN)),
-                first,
-                "client {src} port {port}"
-            );
+            assert_eq!(h.forward(&tcp_frame(&src, port, VIP, 80, SYN)), first, "client {src} port {port}");
         }
         seen_for_clients.insert(first);
     }
-    assert!(
-        seen_for_clients.len() > 1,
-        "20 clients all landed on one backend"
-    );
+    assert!(seen_for_clients.len() > 1, "20 clients all landed on one backend");
 }
 
 #[test]
@@ -201,12 +175,7 @@ fn packets_not_for_a_vip_pass_untouched() {
     let mut arp = eth([0xff; 6], ROUTER_MAC, ETH_P_ARP);
     arp.extend_from_slice(&[0, 1, 8, 0, 6, 4, 0, 1]);
     arp.extend_from_slice(&[0u8; 20]);
-    let icmp_to_vip = frame(
-        CLIENT.parse().unwrap(),
-        VIP.parse().unwrap(),
-        1,
-        &[8, 0, 0, 0, 0, 1, 0, 1],
-    );
+    let icmp_to_vip = frame(CLIENT.parse().unwrap(), VIP.parse().unwrap(), 1, &[8, 0, 0, 0, 0, 1, 0, 1]);
     let cases = [
         arp,
         tcp_frame(CLIENT, 40000, "203.0.113.11", 80, SYN), // other address
@@ -231,18 +200,10 @@ fn truncated_headers_at_every_layer_pass_as_malformed() {
         let v = h6.vip("[2001:db8::10]:80/tcp", HashMode::FiveTuple);
         h6.backend(&v, "2001:db8:1::20", 1);
         let f = tcp_frame(CLIENT6, 40000, VIP6, 80, SYN);
-        assert_eq!(
-            h6.run(&f).0,
-            XDP_TX,
-            "the untruncated IPv6 frame is forwarded"
-        );
+        assert_eq!(h6.run(&f).0, XDP_TX, "the untruncated IPv6 frame is forwarded");
         f
     };
-    assert_eq!(
-        h.run(&good4).0,
-        XDP_TX,
-        "the untruncated IPv4 frame is forwarded"
-    );
+    assert_eq!(h.run(&good4).0, XDP_TX, "the untruncated IPv4 frame is forwarded");
     let udp4 = udp_frame(CLIENT, 40000, VIP, 80, b"");
     let mut cases: Vec<(String, Vec<u8>)> = vec![
         ("IPv4 header cut".into(), good4[..14 + 19].to_vec()),
@@ -284,13 +245,7 @@ fn ipv4_options_are_skipped_and_carried_unchanged() {
     let tcp_bytes = tcp(40000, 80, SYN);
     let mut input = eth(LB_MAC, ROUTER_MAC, ETH_P_IP);
     // IHL 6: four NOP options (RFC 791 option type 1).
-    input.extend(ipv4(
-        CLIENT.parse().unwrap(),
-        VIP.parse().unwrap(),
-        6,
-        &[1, 1, 1, 1],
-        20,
-    ));
+    input.extend(ipv4(CLIENT.parse().unwrap(), VIP.parse().unwrap(), 6, &[1, 1, 1, 1], 20));
     input.extend(&tcp_bytes);
     let (action, out) = h.run(&input);
     assert_eq!(action, XDP_TX);
@@ -321,28 +276,13 @@ fn fragments_are_passed_and_counted() {
 fn too_big_once_encapsulated_is_passed_and_counted() {
     let mut h = one_backend_v4();
     // 1480 bytes of IP fit a 1500 MTU with 20 bytes of outer header; 1481 do not.
-    let fits = frame(
-        CLIENT.parse().unwrap(),
-        VIP.parse().unwrap(),
-        17,
-        &udp(1, 80, &[0; 0]),
-    );
+    let fits = frame(CLIENT.parse().unwrap(), VIP.parse().unwrap(), 17, &udp(1, 80, &[0; 0]));
     assert_eq!(h.run(&fits).0, XDP_PASS, "UDP to a TCP VIP");
     let payload = vec![0u8; 1480 - 40];
-    let input = frame(
-        CLIENT.parse().unwrap(),
-        VIP.parse().unwrap(),
-        6,
-        &[tcp(40000, 80, ACK), payload].concat(),
-    );
+    let input = frame(CLIENT.parse().unwrap(), VIP.parse().unwrap(), 6, &[tcp(40000, 80, ACK), payload].concat());
     assert_eq!(h.run(&input).0, XDP_TX);
     let payload = vec![0u8; 1481 - 40];
-    let input = frame(
-        CLIENT.parse().unwrap(),
-        VIP.parse().unwrap(),
-        6,
-        &[tcp(40000, 80, ACK), payload].concat(),
-    );
+    let input = frame(CLIENT.parse().unwrap(), VIP.parse().unwrap(), 6, &[tcp(40000, 80, ACK), payload].concat());
     assert_eq!(h.run(&input), (XDP_PASS, input.clone()));
     assert_eq!(h.stat(stat::TOO_BIG), 1);
 }
@@ -374,26 +314,13 @@ fn drained_backend_keeps_its_flows_and_gets_no_new_ones() {
         h.backend(&vip, &format!("198.51.100.{i}"), 1);
     }
     let port = port_to(&mut h, "198.51.100.1");
-    h.services
-        .drain_backend(&mut h.dp, &vip, "198.51.100.1".parse().unwrap())
-        .unwrap();
-    assert_eq!(
-        h.forward(&tcp_frame(CLIENT, port, VIP, 80, ACK))
-            .to_string(),
-        "198.51.100.1"
-    );
+    h.services.drain_backend(&mut h.dp, &vip, "198.51.100.1".parse().unwrap()).unwrap();
+    assert_eq!(h.forward(&tcp_frame(CLIENT, port, VIP, 80, ACK)).to_string(), "198.51.100.1");
     for p in 20000..20300 {
-        assert_ne!(
-            h.forward(&tcp_frame(CLIENT, p, VIP, 80, SYN)).to_string(),
-            "198.51.100.1"
-        );
+        assert_ne!(h.forward(&tcp_frame(CLIENT, p, VIP, 80, SYN)).to_string(), "198.51.100.1");
     }
     // A new SYN on the drained flow's own tuple starts a new connection.
-    assert_ne!(
-        h.forward(&tcp_frame(CLIENT, port, VIP, 80, SYN))
-            .to_string(),
-        "198.51.100.1"
-    );
+    assert_ne!(h.forward(&tcp_frame(CLIENT, port, VIP, 80, SYN)).to_string(), "198.51.100.1");
 }
 
 #[test]
@@ -405,22 +332,12 @@ fn removed_backend_flows_are_re_picked_and_stick_to_the_new_one() {
     }
     let port = port_to(&mut h, "198.51.100.2");
     let misses = h.stat(stat::CONN_MISS);
-    h.services
-        .remove_backend(&mut h.dp, &vip, "198.51.100.2".parse().unwrap())
-        .unwrap();
+    h.services.remove_backend(&mut h.dp, &vip, "198.51.100.2".parse().unwrap()).unwrap();
     let repicked = h.forward(&tcp_frame(CLIENT, port, VIP, 80, ACK));
     assert_ne!(repicked.to_string(), "198.51.100.2");
-    assert_eq!(
-        h.stat(stat::CONN_MISS),
-        misses + 1,
-        "the stale entry was a miss"
-    );
+    assert_eq!(h.stat(stat::CONN_MISS), misses + 1, "the stale entry was a miss");
     assert_eq!(h.forward(&tcp_frame(CLIENT, port, VIP, 80, ACK)), repicked);
-    assert_eq!(
-        h.stat(stat::CONN_MISS),
-        misses + 1,
-        "the new entry is a hit"
-    );
+    assert_eq!(h.stat(stat::CONN_MISS), misses + 1, "the new entry is a hit");
 }
 
 #[test]
@@ -432,28 +349,15 @@ fn a_conn_entry_for_a_reused_backend_id_is_not_followed() {
     h.backend(&vip, "198.51.100.1", 1);
     let other = h.vip("203.0.113.20:80/tcp", HashMode::FiveTuple);
     h.backend(&other, "198.51.100.7", 1);
-    let other_backend = *h
-        .services
-        .vip(&other)
-        .unwrap()
-        .backends
-        .values()
-        .next()
-        .unwrap();
+    let other_backend = *h.services.vip(&other).unwrap().backends.values().next().unwrap();
     let flow_frame = tcp_frame(CLIENT, 40000, VIP, 80, ACK);
-    let stale = lb_common::ConnValue {
-        backend_id: other_backend.id,
-        cookie: other_backend.cookie + 1000,
-    };
+    let stale = lb_common::ConnValue { backend_id: other_backend.id, cookie: other_backend.cookie + 1000 };
     h.dp.set_conn(&flow_of(&flow_frame), &stale).unwrap();
     assert_eq!(h.forward(&flow_frame).to_string(), "198.51.100.1");
     assert_eq!(h.stat(stat::CONN_HIT), 0);
     // With the right cookie the entry is followed, even to another VIP's
     // backend: the cookie is the only guard, so it must be exact.
-    let live = lb_common::ConnValue {
-        backend_id: other_backend.id,
-        cookie: other_backend.cookie,
-    };
+    let live = lb_common::ConnValue { backend_id: other_backend.id, cookie: other_backend.cookie };
     h.dp.set_conn(&flow_of(&flow_frame), &live).unwrap();
     assert_eq!(h.forward(&flow_frame).to_string(), "198.51.100.7");
 }
@@ -468,11 +372,7 @@ fn ring_swap_flips_halves_and_new_flows_follow_the_new_ring() {
     h.backend(&vip, "198.51.100.2", 1);
     let second = h.dp.vip(&key).unwrap().unwrap();
     assert_eq!(first.ring_size, 65537);
-    assert_eq!(
-        second.ring_offset.abs_diff(first.ring_offset),
-        65537,
-        "the other half went live"
-    );
+    assert_eq!(second.ring_offset.abs_diff(first.ring_offset), 65537, "the other half went live");
     // The old half still holds the old ring untouched (packets that read the
     // old VIP entry finish on a complete ring).
     let old_slot = h.dp.ring_slot(first.ring_offset + 1234).unwrap();
@@ -494,25 +394,11 @@ fn syn_re_picks_while_established_packets_keep_their_backend() {
     let vip = h.vip("203.0.113.10:80/tcp", HashMode::FiveTuple);
     h.backend(&vip, "198.51.100.1", 1);
     h.forward(&tcp_frame(CLIENT, 40000, VIP, 80, SYN));
-    h.services
-        .set_weight(&mut h.dp, &vip, "198.51.100.1".parse().unwrap(), 0)
-        .unwrap();
+    h.services.set_weight(&mut h.dp, &vip, "198.51.100.1".parse().unwrap(), 0).unwrap();
     h.backend(&vip, "198.51.100.2", 1);
-    assert_eq!(
-        h.forward(&tcp_frame(CLIENT, 40000, VIP, 80, ACK))
-            .to_string(),
-        "198.51.100.1"
-    );
-    assert_eq!(
-        h.forward(&tcp_frame(CLIENT, 40000, VIP, 80, SYN))
-            .to_string(),
-        "198.51.100.2"
-    );
-    assert_eq!(
-        h.forward(&tcp_frame(CLIENT, 40000, VIP, 80, ACK))
-            .to_string(),
-        "198.51.100.2"
-    );
+    assert_eq!(h.forward(&tcp_frame(CLIENT, 40000, VIP, 80, ACK)).to_string(), "198.51.100.1");
+    assert_eq!(h.forward(&tcp_frame(CLIENT, 40000, VIP, 80, SYN)).to_string(), "198.51.100.2");
+    assert_eq!(h.forward(&tcp_frame(CLIENT, 40000, VIP, 80, ACK)).to_string(), "198.51.100.2");
 }
 
 #[test]
@@ -521,12 +407,8 @@ fn counters_account_for_every_packet() {
     let vip = h.vip("203.0.113.10:80/tcp", HashMode::FiveTuple);
     h.backend(&vip, "198.51.100.1", 1);
     let syn = tcp_frame(CLIENT, 40000, VIP, 80, SYN); // 40 bytes of IP
-    let data = frame(
-        CLIENT.parse().unwrap(),
-        VIP.parse().unwrap(),
-        6,
-        &[tcp(40000, 80, ACK | PSH), vec![7; 100]].concat(),
-    );
+    let data =
+        frame(CLIENT.parse().unwrap(), VIP.parse().unwrap(), 6, &[tcp(40000, 80, ACK | PSH), vec![7; 100]].concat());
     h.run(&syn);
     h.run(&data);
     h.run(&data);
@@ -538,22 +420,10 @@ fn counters_account_for_every_packet() {
     assert_eq!(g[stat::MALFORMED], 1);
     assert_eq!(g[stat::CONN_MISS], 1);
     assert_eq!(g[stat::CONN_HIT], 2);
-    assert_eq!(
-        g[..stat::OUTCOMES].iter().sum::<u64>(),
-        5,
-        "one outcome per packet"
-    );
+    assert_eq!(g[..stat::OUTCOMES].iter().sum::<u64>(), 5, "one outcome per packet");
     let v = h.dp.vip_stats(h.services.vip(&vip).unwrap().id).unwrap();
     assert_eq!((v.packets, v.bytes, v.new_flows), (3, 40 + 140 + 140, 1));
-    let id = h
-        .services
-        .vip(&vip)
-        .unwrap()
-        .backends
-        .values()
-        .next()
-        .unwrap()
-        .id;
+    let id = h.services.vip(&vip).unwrap().backends.values().next().unwrap().id;
     let b = h.dp.backend_stats(id).unwrap();
     assert_eq!((b.packets, b.bytes), (3, 320));
 }
@@ -576,31 +446,12 @@ fn program_and_userspace_agree_on_10000_random_flows() {
         let port = (r >> 16) as u16;
         let frame = match n % 3 {
             0 => tcp_frame(&format!("192.0.2.{}", r as u8), port, VIP, 80, SYN),
-            1 => udp_frame(
-                &format!("2001:db8:c::{:x}", r as u16),
-                port,
-                VIP6,
-                (r >> 32) as u16,
-                b"x",
-            ),
-            _ => tcp_frame(
-                &format!("192.0.2.{}", r as u8),
-                port,
-                "203.0.113.20",
-                443,
-                SYN,
-            ),
+            1 => udp_frame(&format!("2001:db8:c::{:x}", r as u16), port, VIP6, (r >> 32) as u16, b"x"),
+            _ => tcp_frame(&format!("192.0.2.{}", r as u8), port, "203.0.113.20", 443, SYN),
         };
         let flow = flow_of(&frame);
-        let expected = h
-            .services
-            .explain(&mut h.dp, &flow)
-            .unwrap()
-            .expect("a VIP flow");
-        assert!(
-            matches!(expected.via, Via::Ring { .. }),
-            "a SYN or new flow uses the ring"
-        );
+        let expected = h.services.explain(&mut h.dp, &flow).unwrap().expect("a VIP flow");
+        assert!(matches!(expected.via, Via::Ring { .. }), "a SYN or new flow uses the ring");
         let got = h.forward(&frame);
         assert_eq!(got, expected.backend, "flow {n}");
         *per_backend.entry(got).or_insert(0) += 1;
@@ -622,15 +473,7 @@ fn flow_of(frame: &[u8]) -> lb_common::FlowKey {
         (a(26), a(30), frame[23], 34, lb_common::AF_INET)
     };
     let port = |o: usize| lb_common::port_raw(u16::from_be_bytes([frame[o], frame[o + 1]]));
-    lb_common::FlowKey {
-        src,
-        dst,
-        src_port: port(l4),
-        dst_port: port(l4 + 2),
-        proto,
-        family,
-        _pad: [0; 2],
-    }
+    lb_common::FlowKey { src, dst, src_port: port(l4), dst_port: port(l4 + 2), proto, family, _pad: [0; 2] }
 }
 
 #[test]
@@ -649,35 +492,15 @@ fn outer_source_is_the_prefix_plus_flow_hash_bits() {
     for port in 1000..1100 {
         let (_, out) = h.run(&tcp_frame(CLIENT, port, VIP, 80, SYN));
         assert_eq!(&out[26..29], &[192, 0, 2], "inside 192.0.2.0/24");
-        assert_eq!(
-            checksum(&out[14..34]),
-            0,
-            "checksum verifies with any source"
-        );
+        assert_eq!(checksum(&out[14..34]), 0, "checksum verifies with any source");
         sources4.insert(out[29]);
         let (_, again) = h.run(&tcp_frame(CLIENT, port, VIP, 80, ACK));
         assert_eq!(&again[26..30], &out[26..30], "stable for the flow");
         let (_, out6) = h.run(&tcp_frame(CLIENT6, port, VIP6, 80, SYN));
-        assert_eq!(
-            &out6[22..30],
-            &[0x20, 0x01, 0x0d, 0xb8, 0xff, 0xff, 0, 0],
-            "inside 2001:db8:ffff::/64"
-        );
-        assert_eq!(
-            &out6[30..34],
-            &[0, 0, 0, 0],
-            "only the last 32 bits carry the hash"
-        );
+        assert_eq!(&out6[22..30], &[0x20, 0x01, 0x0d, 0xb8, 0xff, 0xff, 0, 0], "inside 2001:db8:ffff::/64");
+        assert_eq!(&out6[30..34], &[0, 0, 0, 0], "only the last 32 bits carry the hash");
         sources6.insert(out6[34..38].to_vec());
     }
-    assert!(
-        sources4.len() > 50,
-        "100 flows used {} sources",
-        sources4.len()
-    );
-    assert!(
-        sources6.len() > 90,
-        "100 flows used {} sources",
-        sources6.len()
-    );
+    assert!(sources4.len() > 50, "100 flows used {} sources", sources4.len());
+    assert!(sources6.len() > 90, "100 flows used {} sources", sources6.len());
 }

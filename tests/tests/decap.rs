@@ -19,11 +19,7 @@ fn run(d: &mut Decap, frame: &[u8]) -> (u32, Vec<u8>) {
     let mut out = vec![0u8; frame.len() + 64];
     let r = d
         .program()
-        .test_run(TestRunOptions {
-            data_in: Some(frame),
-            data_out: Some(&mut out),
-            ..TestRunOptions::default()
-        })
+        .test_run(TestRunOptions { data_in: Some(frame), data_out: Some(&mut out), ..TestRunOptions::default() })
         .expect("BPF_PROG_TEST_RUN");
     out.truncate(r.data_size_out as usize);
     (r.return_value, out)
@@ -60,10 +56,7 @@ fn expected(inner: &[u8], ethertype: u16) -> Vec<u8> {
 fn ipv4_in_ipv4_to_our_address_is_stripped() {
     let mut d = decap_for(&["198.51.100.20"]);
     let inner = &tcp_frame("192.0.2.55", 40000, "203.0.113.10", 80, SYN)[14..];
-    let (action, out) = run(
-        &mut d,
-        &encapsulated("192.0.2.1", "198.51.100.20", inner, false),
-    );
+    let (action, out) = run(&mut d, &encapsulated("192.0.2.1", "198.51.100.20", inner, false));
     assert_eq!(action, XDP_PASS);
     assert_eq!(out, expected(inner, ETH_P_IP));
 }
@@ -72,16 +65,10 @@ fn ipv4_in_ipv4_to_our_address_is_stripped() {
 fn ipv6_in_ipv6_and_ipv4_in_ipv6_are_stripped() {
     let mut d = decap_for(&["2001:db8:1::20"]);
     let inner6 = &tcp_frame("2001:db8:c::55", 40000, "2001:db8::10", 443, SYN)[14..];
-    let (_, out) = run(
-        &mut d,
-        &encapsulated("2001:db8:ffff::1", "2001:db8:1::20", inner6, true),
-    );
+    let (_, out) = run(&mut d, &encapsulated("2001:db8:ffff::1", "2001:db8:1::20", inner6, true));
     assert_eq!(out, expected(inner6, ETH_P_IPV6));
     let inner4 = &udp_frame("192.0.2.55", 5353, "203.0.113.10", 53, b"q")[14..];
-    let (_, out) = run(
-        &mut d,
-        &encapsulated("2001:db8:ffff::1", "2001:db8:1::20", inner4, false),
-    );
+    let (_, out) = run(&mut d, &encapsulated("2001:db8:ffff::1", "2001:db8:1::20", inner4, false));
     assert_eq!(out, expected(inner4, ETH_P_IP));
 }
 
@@ -101,7 +88,7 @@ fn everything_else_passes_untouched() {
     let cases = [
         encapsulated("192.0.2.1", "198.51.100.21", inner, false), // not our address
         tcp_frame("192.0.2.55", 40000, "198.51.100.20", 80, SYN), // plain TCP to us
-        with_options, // outer options: not from the balancer
+        with_options,                                             // outer options: not from the balancer
         tcp_frame("192.0.2.55", 40000, "198.51.100.20", 80, SYN)[..20].to_vec(), // truncated
     ];
     for (i, input) in cases.iter().enumerate() {

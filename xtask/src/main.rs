@@ -42,30 +42,19 @@ fn main() -> Result<()> {
     match cli.command {
         Cmd::Setup => Ok(()),
         Cmd::Build => step("build (eBPF objects and userspace, release)", || {
-            run(Command::new("cargo").current_dir(&root).args([
-                "build",
-                "--workspace",
-                "--release",
-            ]))?;
+            run(Command::new("cargo").current_dir(&root).args(["build", "--workspace", "--release"]))?;
             Ok("done".into())
         })
         .map(|_| ()),
         Cmd::Test { args } => {
             // One test binary at a time; inside one, tests run in parallel.
-            run(Command::new("cargo")
-                .current_dir(&root)
-                .args(["test", "--workspace"])
-                .arg("--")
-                .args(&args))
+            run(Command::new("cargo").current_dir(&root).args(["test", "--workspace"]).arg("--").args(&args))
         }
     }
 }
 
 fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
 }
 
 /// Runs one named step, printing its name, outcome and duration.
@@ -78,9 +67,7 @@ pub fn step(name: &str, f: impl FnOnce() -> Result<String>) -> Result<String> {
 }
 
 pub fn run(cmd: &mut Command) -> Result<()> {
-    let status = cmd
-        .status()
-        .with_context(|| format!("cannot start {cmd:?}"))?;
+    let status = cmd.status().with_context(|| format!("cannot start {cmd:?}"))?;
     if !status.success() {
         bail!("{cmd:?} failed with {status}");
     }
@@ -88,16 +75,9 @@ pub fn run(cmd: &mut Command) -> Result<()> {
 }
 
 pub fn capture(program: &str, args: &[&str]) -> Result<String> {
-    let out = Command::new(program)
-        .args(args)
-        .output()
-        .with_context(|| format!("cannot start {program}"))?;
+    let out = Command::new(program).args(args).output().with_context(|| format!("cannot start {program}"))?;
     if !out.status.success() {
-        bail!(
-            "{program} {} failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
+        bail!("{program} {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
     }
     Ok(String::from_utf8(out.stdout)?)
 }

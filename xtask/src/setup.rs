@@ -27,10 +27,7 @@ pub fn setup(root: &Path) -> Result<()> {
 }
 
 fn ensure_nightly() -> Result<String> {
-    if capture("rustup", &["toolchain", "list"])?
-        .lines()
-        .any(|l| l.starts_with("nightly"))
-    {
+    if capture("rustup", &["toolchain", "list"])?.lines().any(|l| l.starts_with("nightly")) {
         return Ok("present".into());
     }
     run(Command::new("rustup").args(["toolchain", "install", "nightly", "--profile", "minimal"]))?;
@@ -38,10 +35,7 @@ fn ensure_nightly() -> Result<String> {
 }
 
 fn ensure_rust_src() -> Result<String> {
-    let installed = capture(
-        "rustup",
-        &["component", "list", "--toolchain", "nightly", "--installed"],
-    )?;
+    let installed = capture("rustup", &["component", "list", "--toolchain", "nightly", "--installed"])?;
     if installed.lines().any(|l| l.starts_with("rust-src")) {
         return Ok("present".into());
     }
@@ -68,9 +62,7 @@ fn ensure_bpf_linker(root: &Path) -> Result<String> {
         .filter_map(|e| e.ok())
         .map(|e| e.path())
         .find(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with(&format!("libLLVM.so.{llvm_major}")))
+            p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(&format!("libLLVM.so.{llvm_major}")))
         })
         .with_context(|| format!("no libLLVM.so.{llvm_major}* in {}", lib_dir.display()))?;
     let prefix = root.join("target/xtask/llvm-prefix");
@@ -78,25 +70,13 @@ fn ensure_bpf_linker(root: &Path) -> Result<String> {
     let link = prefix.join("lib/libLLVM.so");
     let _ = std::fs::remove_file(&link);
     std::os::unix::fs::symlink(&lib, &link)?;
-    println!(
-        "    building bpf-linker {BPF_LINKER_VERSION} against {} (about 70 s)",
-        lib.display()
-    );
+    println!("    building bpf-linker {BPF_LINKER_VERSION} against {} (about 70 s)", lib.display());
     run(Command::new("cargo")
-        .args([
-            "+stable",
-            "install",
-            "--force",
-            "--locked",
-            "--no-default-features",
-        ])
+        .args(["+stable", "install", "--force", "--locked", "--no-default-features"])
         .args(["--features", &format!("llvm-{llvm_major}")])
         .arg(format!("bpf-linker@{BPF_LINKER_VERSION}"))
         .env("LLVM_PREFIX", &prefix)
-        .env(
-            "RUSTFLAGS",
-            format!("-C link-arg=-Wl,-rpath,{}", lib_dir.display()),
-        ))?;
+        .env("RUSTFLAGS", format!("-C link-arg=-Wl,-rpath,{}", lib_dir.display())))?;
     Ok("built".into())
 }
 
@@ -134,10 +114,7 @@ fn ensure_apt_packages() -> Result<String> {
 
 fn ensure_bpffs() -> Result<String> {
     let mounts = std::fs::read_to_string("/proc/mounts")?;
-    if mounts
-        .lines()
-        .any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf") && l.contains(" bpf "))
-    {
+    if mounts.lines().any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf") && l.contains(" bpf ")) {
         return Ok("mounted".into());
     }
     run(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))?;

@@ -1,0 +1,338 @@
+//! Declarative desired state: the TOML file of `lbctl up --config` and
+//! `lbctl apply -f`, its validation (errors name the line), and the plan of
+//! changes that brings a running state to it.
+//!
+//! ```toml
+//! [[vip]]
+//! vip = "203.0.113.10:80/tcp"   # ADDR:PORT/PROTO, [IPv6]:PORT/PROTO; port 0 = all
+//! hash = "5tuple"               # or "src-ip"; optional
+//! ring_size = 65537             # a prime; optional
+//!
+//! [[vip.backend]]
+//! address = "198.51.100.1"
+//! weight = 1                    # 0..=10000; optional, default 1
+//! drained = false               # optional
+//! check = "tcp:80"              # none | tcp[:PORT] | http://HOST:PORT/PATH
+//! interval = "2s"               # optional check timing
+//! timeout = "1s"
+//! rise = 2
+//! fall = 3
+//! ```
+
+use std::{collections::BTreeMap, net::IpAddr, time::Duration};
+
+use lb_common::DEFAULT_RING_SIZE;
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::{
+    health::{self, CheckSpec, Probe},
+    services::{check_ring_size, HashMode, VipAddr, VipSpec, MAX_WEIGHT},
+};
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct File {
+    #[serde(default)]
+    vip: Vec<VipEntry>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VipEntry {
+    vip: Spanned<String>,
+    hash: Option<Spanned<String>>,
+    ring_size: Option<Spanned<u32>>,
+    #[serde(default)]
+    backend: Vec<BackendEntry>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BackendEntry {
+    address: Spanned<String>,
+    weight: Option<Spanned<u32>>,
+    drained: Option<bool>,
+    check: Option<Spanned<String>>,
+    interval: Option<Spanned<String>>,
+    timeout: Option<Spanned<String>>,
+    rise: Option<u32>,
+    fall: Option<u32>,
+}
+
+/// A backend as the operator wants it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BackendWish {
+    pub weight: u32,
+    pub drained: bool,
+    pub check: CheckSpec,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VipWish {
+    pub spec: VipSpec,
+    pub backends: BTreeMap<IpAddr, BackendWish>,
+}
+
+pub type Desired = BTreeMap<VipAddr, VipWish>;
+
+/// Parses and validates a desired-state file. Errors say `line N: ...`.
+pub fn parse(text: &str) -> Result<Desired, String> {
+    let file: File = toml::from_str(text).map_err(|e| e.to_string().trim_end().to_string())?;
+    let at = |span: std::ops::Range<usize>| format!("line {}", text[..span.start.min(text.len())].lines().count().max(1));
+    let mut desired = Desired::new();
+    for entry in file.vip {
+        let hash = entry.hash.as_ref().map(|h| h.get_ref().as_str()).unwrap_or("");
+        let ring_size = entry.ring_size.as_ref().map(|r| *r.get_ref()).unwrap_or(0);
+        if let Some(r) = &entry.ring_size {
+            check_ring_size(*r.get_ref()).map_err(|e| format!("{}: {e}", at(r.span())))?;
+        }
+        let spec = vip_spec(entry.vip.get_ref(), hash, ring_size).map_err(|e| format!("{}: {e}", at(entry.vip.span())))?;
+        let mut backends = BTreeMap::new();
+        for b in entry.backend {
+            let line = at(b.address.span());
+            let addr: IpAddr = parse_backend_addr(&spec.vip, b.address.get_ref()).map_err(|e| format!("{line}: {e}"))?;
+            let weight = b.weight.as_ref().map(|w| *w.get_ref()).unwrap_or(1);
+            if let Some(w) = &b.weight {
+                check_weight(weight).map_err(|e| format!("{}: {e}", at(w.span())))?;
+            }
+            let check = check_spec(
+                &spec.vip,
+                b.check.as_ref().map(|c| c.get_ref().as_str()).unwrap_or("none"),
+                b.interval.as_ref().map(|i| i.get_ref().as_str()),
+                b.timeout.as_ref().map(|t| t.get_ref().as_str()),
+                b.rise,
+                b.fall,
+            )
+            .map_err(|e| format!("{line}: {e}"))?;
+            let wish = BackendWish { weight, drained: b.drained.unwrap_or(false), check };
+            if backends.insert(addr, wish).is_some() {
+                return Err(format!("{line}: backend {addr} appears twice in VIP {}", spec.vip));
+            }
+        }
+        let vip = spec.vip;
+        if desired.insert(vip, VipWish { spec, backends }).is_some() {
+            return Err(format!("{}: VIP {vip} appears twice", at(entry.vip.span())));
+        }
+    }
+    Ok(desired)
+}
+
+/// A VIP from its text parts, validated; shared with the API.
+pub fn vip_spec(vip: &str, hash: &str, ring_size: u32) -> Result<VipSpec, String> {
+    let vip: VipAddr = vip.parse()?;
+    let hash = match hash {
+        "" | "5tuple" => HashMode::FiveTuple,
+        "src-ip" => HashMode::SourceIp,
+        other => return Err(format!("hash '{other}' is not 5tuple or src-ip")),
+    };
+    let ring_size = if ring_size == 0 { DEFAULT_RING_SIZE } else { ring_size };
+    check_ring_size(ring_size).map_err(|e| e.to_string())?;
+    Ok(VipSpec { vip, hash, ring_size })
+}
+
+/// A backend address for `vip`: an IP address of a family the VIP can
+/// reach (IPv6 VIPs need IPv6 backends: there is no IPv6-in-IPv4).
+pub fn parse_backend_addr(vip: &VipAddr, text: &str) -> Result<IpAddr, String> {
+    let addr: IpAddr = text.parse().map_err(|_| format!("backend address '{text}' is not an IP address"))?;
+    if vip.addr.is_ipv6() && addr.is_ipv4() {
+        return Err(format!("backend {addr} is IPv4 but VIP {vip} is IPv6: IPv6 cannot be carried in IPv4 here"));
+    }
+    Ok(addr)
+}
+
+pub fn check_weight(weight: u32) -> Result<(), String> {
+    if weight > MAX_WEIGHT {
+        return Err(format!("weight {weight} is out of range 0..={MAX_WEIGHT}"));
+    }
+    Ok(())
+}
+
+/// A health check from its text parts; `None` parts take the defaults.
+pub fn check_spec(
+    vip: &VipAddr,
+    check: &str,
+    interval: Option<&str>,
+    timeout: Option<&str>,
+    rise: Option<u32>,
+    fall: Option<u32>,
+) -> Result<CheckSpec, String> {
+    let duration = |text: Option<&str>, default: Duration, what: &str| -> Result<Duration, String> {
+        match text {
+            None => Ok(default),
+            Some(t) => {
+                let d = humantime::parse_duration(t).map_err(|e| format!("{what} '{t}': {e}"))?;
+                if d.is_zero() {
+                    return Err(format!("{what} '{t}' must be above zero"));
+                }
+                Ok(d)
+            }
+        }
+    };
+    let spec = CheckSpec {
+        probe: Probe::parse(check, vip.port)?,
+        interval: duration(interval, health::DEFAULT_INTERVAL, "interval")?,
+        timeout: duration(timeout, health::DEFAULT_TIMEOUT, "timeout")?,
+        rise: rise.unwrap_or(health::DEFAULT_RISE),
+        fall: fall.unwrap_or(health::DEFAULT_FALL),
+    };
+    if spec.rise == 0 || spec.fall == 0 {
+        return Err("rise and fall must be at least 1".into());
+    }
+    if spec.timeout > spec.interval {
+        return Err(format!("timeout {:?} is longer than interval {:?}", spec.timeout, spec.interval));
+    }
+    Ok(spec)
+}
+
+/// One step of a plan.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Change {
+    RemoveVip(VipAddr),
+    AddVip(VipSpec),
+    RemoveBackend(VipAddr, IpAddr),
+    AddBackend(VipAddr, IpAddr, BackendWish),
+    UpdateBackend(VipAddr, IpAddr, BackendWish),
+}
+
+impl std::fmt::Display for Change {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Change::RemoveVip(v) => write!(f, "- vip {v}"),
+            Change::AddVip(s) => write!(f, "+ vip {} (hash {:?}, ring {})", s.vip, s.hash, s.ring_size),
+            Change::RemoveBackend(v, a) => write!(f, "- backend {a} of {v}"),
+            Change::AddBackend(v, a, w) | Change::UpdateBackend(v, a, w) => {
+                let sign = if matches!(self, Change::AddBackend(..)) { "+" } else { "~" };
+                write!(f, "{sign} backend {a} of {v} (weight {}, check {}", w.weight, w.check.probe)?;
+                if w.drained {
+                    write!(f, ", drained")?;
+                }
+                write!(f, ")")
+            }
+        }
+    }
+}
+
+/// The changes that turn `current` into `desired`, removals first. A VIP
+/// whose hash or ring size changes is removed and added again.
+pub fn plan(current: &Desired, desired: &Desired) -> Vec<Change> {
+    let mut removals = Vec::new();
+    let mut additions = Vec::new();
+    for (vip, now) in current {
+        match desired.get(vip) {
+            Some(want) if want.spec == now.spec => {
+                for addr in now.backends.keys().filter(|a| !want.backends.contains_key(a)) {
+                    removals.push(Change::RemoveBackend(*vip, *addr));
+                }
+                for (addr, wish) in &want.backends {
+                    match now.backends.get(addr) {
+                        None => additions.push(Change::AddBackend(*vip, *addr, wish.clone())),
+                        Some(old) if old != wish => additions.push(Change::UpdateBackend(*vip, *addr, wish.clone())),
+                        Some(_) => {}
+                    }
+                }
+            }
+            _ => removals.push(Change::RemoveVip(*vip)),
+        }
+    }
+    for (vip, want) in desired {
+        if current.get(vip).is_some_and(|now| now.spec == want.spec) {
+            continue;
+        }
+        additions.push(Change::AddVip(want.spec));
+        for (addr, wish) in &want.backends {
+            additions.push(Change::AddBackend(*vip, *addr, wish.clone()));
+        }
+    }
+    removals.extend(additions);
+    removals
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[[vip]]
+vip = "203.0.113.10:80/tcp"
+
+[[vip.backend]]
+address = "198.51.100.1"
+check = "tcp"
+
+[[vip.backend]]
+address = "198.51.100.2"
+weight = 3
+drained = true
+
+[[vip]]
+vip = "[2001:db8::10]:0/udp"
+hash = "src-ip"
+ring_size = 251
+
+[[vip.backend]]
+address = "2001:db8:1::1"
+check = "http://svc.example:8080/healthz"
+interval = "500ms"
+timeout = "200ms"
+rise = 1
+fall = 2
+"#;
+
+    #[test]
+    fn a_full_file_parses() {
+        let d = parse(GOOD).unwrap();
+        assert_eq!(d.len(), 2);
+        let v4 = &d[&"203.0.113.10:80/tcp".parse().unwrap()];
+        assert_eq!(v4.spec.ring_size, 65537);
+        let b1 = &v4.backends[&"198.51.100.1".parse().unwrap()];
+        assert_eq!((b1.weight, b1.drained, &b1.check.probe), (1, false, &Probe::Tcp { port: 80 }));
+        assert!(v4.backends[&"198.51.100.2".parse().unwrap()].drained);
+        let v6 = &d[&"[2001:db8::10]:0/udp".parse().unwrap()];
+        assert_eq!((v6.spec.hash, v6.spec.ring_size), (HashMode::SourceIp, 251));
+        let b = &v6.backends[&"2001:db8:1::1".parse().unwrap()];
+        assert_eq!((b.check.interval, b.check.rise, b.check.fall), (Duration::from_millis(500), 1, 2));
+    }
+
+    #[test]
+    fn errors_name_the_line() {
+        let bad_addr = GOOD.replace("198.51.100.2\"", "198.51.100.300\"");
+        assert_eq!(parse(&bad_addr).unwrap_err(), "line 10: backend address '198.51.100.300' is not an IP address");
+        let bad_ring = GOOD.replace("ring_size = 251", "ring_size = 250");
+        assert!(parse(&bad_ring).unwrap_err().starts_with("line 17: ring size 250 is not a prime"), "{}", parse(&bad_ring).unwrap_err());
+        let v4_in_v6 = GOOD.replace("2001:db8:1::1", "198.51.100.9");
+        assert!(parse(&v4_in_v6).unwrap_err().starts_with("line 20: backend 198.51.100.9 is IPv4"));
+        let heavy = GOOD.replace("weight = 3", "weight = 10001");
+        assert!(parse(&heavy).unwrap_err().starts_with("line 11: weight 10001"));
+        let typo = GOOD.replace("drained = true", "drainned = true");
+        assert!(parse(&typo).unwrap_err().contains("line 12"), "{}", parse(&typo).unwrap_err());
+        let dup = format!("{GOOD}\n[[vip]]\nvip = \"203.0.113.10:80/tcp\"\n");
+        assert!(parse(&dup).unwrap_err().contains("appears twice"));
+        let port0_tcp = GOOD.replace("check = \"http://svc.example:8080/healthz\"", "check = \"tcp\"");
+        assert!(parse(&port0_tcp).unwrap_err().contains("port-0"));
+    }
+
+    #[test]
+    fn plan_removes_first_and_recreates_changed_vips() {
+        let now = parse(GOOD).unwrap();
+        let mut want = now.clone();
+        let v4: VipAddr = "203.0.113.10:80/tcp".parse().unwrap();
+        let v6: VipAddr = "[2001:db8::10]:0/udp".parse().unwrap();
+        let vip = want.get_mut(&v4).unwrap();
+        vip.backends.remove(&"198.51.100.1".parse().unwrap());
+        vip.backends.get_mut(&"198.51.100.2".parse().unwrap()).unwrap().weight = 5;
+        want.get_mut(&v6).unwrap().spec.ring_size = 257;
+        let changes: Vec<String> = plan(&now, &want).iter().map(|c| c.to_string()).collect();
+        assert_eq!(
+            changes,
+            [
+                "- backend 198.51.100.1 of 203.0.113.10:80/tcp",
+                "- vip [2001:db8::10]:0/udp",
+                "~ backend 198.51.100.2 of 203.0.113.10:80/tcp (weight 5, check none, drained)",
+                "+ vip [2001:db8::10]:0/udp (hash SourceIp, ring 257)",
+                "+ backend 2001:db8:1::1 of [2001:db8::10]:0/udp (weight 1, check http://svc.example:8080/healthz)",
+            ]
+        );
+        assert!(plan(&now, &now).is_empty());
+    }
+}

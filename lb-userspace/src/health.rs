@@ -1,0 +1,252 @@
+//! Health checks: TCP connect or HTTP GET against a backend, every interval
+//! (with up to 10% jitter so checks of many backends do not line up), with
+//! rise/fall counts so one lost probe does not move flows.
+
+use std::{net::IpAddr, time::Duration};
+
+use serde::{Deserialize, Serialize};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+};
+
+/// What to probe.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Probe {
+    None,
+    /// TCP connect to this port.
+    Tcp { port: u16 },
+    /// HTTP/1.1 GET; healthy if the status is in `expect`.
+    Http { host: String, port: u16, path: String },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckSpec {
+    pub probe: Probe,
+    pub interval: Duration,
+    pub timeout: Duration,
+    /// Successes in a row that bring a down backend up.
+    pub rise: u32,
+    /// Failures in a row that take an up backend down.
+    pub fall: u32,
+}
+
+pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(2);
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(1);
+pub const DEFAULT_RISE: u32 = 2;
+pub const DEFAULT_FALL: u32 = 3;
+
+impl Default for CheckSpec {
+    fn default() -> Self {
+        Self {
+            probe: Probe::None,
+            interval: DEFAULT_INTERVAL,
+            timeout: DEFAULT_TIMEOUT,
+            rise: DEFAULT_RISE,
+            fall: DEFAULT_FALL,
+        }
+    }
+}
+
+impl Probe {
+    /// Parses `none`, `tcp`, `tcp:PORT` or `http://HOST:PORT/PATH`.
+    /// `default_port` (the VIP's port) is used by a bare `tcp`.
+    pub fn parse(text: &str, default_port: u16) -> Result<Probe, String> {
+        let text = text.trim();
+        if text.is_empty() || text == "none" {
+            return Ok(Probe::None);
+        }
+        if text == "tcp" {
+            if default_port == 0 {
+                return Err("check 'tcp' needs a port on a port-0 VIP: write tcp:PORT".into());
+            }
+            return Ok(Probe::Tcp { port: default_port });
+        }
+        if let Some(port) = text.strip_prefix("tcp:") {
+            let port = port.parse::<u16>().ok().filter(|p| *p != 0);
+            return port.map(|port| Probe::Tcp { port }).ok_or_else(|| format!("check '{text}': port is not 1-65535"));
+        }
+        if let Some(rest) = text.strip_prefix("http://") {
+            let (authority, path) = match rest.find('/') {
+                Some(i) => (&rest[..i], &rest[i..]),
+                None => (rest, "/"),
+            };
+            let (host, port) = match authority.rsplit_once(':') {
+                Some((h, p)) if !h.ends_with(']') || authority.starts_with('[') => {
+                    let port = p.parse::<u16>().map_err(|_| format!("check '{text}': bad port '{p}'"))?;
+                    (h.to_string(), port)
+                }
+                _ => (authority.to_string(), 80),
+            };
+            if host.is_empty() {
+                return Err(format!("check '{text}': no host"));
+            }
+            return Ok(Probe::Http { host, port, path: path.to_string() });
+        }
+        Err(format!("check '{text}' is not none, tcp[:PORT] or http://HOST:PORT/PATH"))
+    }
+}
+
+impl std::fmt::Display for Probe {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Probe::None => write!(f, "none"),
+            Probe::Tcp { port } => write!(f, "tcp:{port}"),
+            Probe::Http { host, port, path } => write!(f, "http://{host}:{port}{path}"),
+        }
+    }
+}
+
+/// One probe of `addr`. `Err` says why it failed.
+pub async fn probe(addr: IpAddr, spec: &CheckSpec) -> Result<(), String> {
+    let work = async {
+        match &spec.probe {
+            Probe::None => Ok(()),
+            Probe::Tcp { port } => TcpStream::connect((addr, *port)).await.map(|_| ()).map_err(|e| e.to_string()),
+            Probe::Http { host, port, path } => http_get(addr, *port, host, path).await,
+        }
+    };
+    match tokio::time::timeout(spec.timeout, work).await {
+        Ok(result) => result,
+        Err(_) => Err(format!("timed out after {:?}", spec.timeout)),
+    }
+}
+
+/// Minimal HTTP/1.1 GET: healthy on a 2xx or 3xx status (RFC 9110 15).
+async fn http_get(addr: IpAddr, port: u16, host: &str, path: &str) -> Result<(), String> {
+    let mut stream = TcpStream::connect((addr, port)).await.map_err(|e| e.to_string())?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: lbctl-health\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.map_err(|e| e.to_string())?;
+    let mut head = vec![0u8; 64];
+    let mut got = 0;
+    while got < 12 {
+        let n = stream.read(&mut head[got..]).await.map_err(|e| e.to_string())?;
+        if n == 0 {
+            break;
+        }
+        got += n;
+    }
+    let line = String::from_utf8_lossy(&head[..got]);
+    let status: u16 = line
+        .strip_prefix("HTTP/1.")
+        .and_then(|r| r.get(2..5))
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| format!("not an HTTP response: {:?}", line.lines().next().unwrap_or("")))?;
+    if (200..400).contains(&status) {
+        Ok(())
+    } else {
+        Err(format!("HTTP status {status}"))
+    }
+}
+
+/// Rise/fall bookkeeping of one backend.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Tracker {
+    pub healthy: bool,
+    streak: u32,
+    pub checks: u64,
+    pub failures: u64,
+    pub last_error: String,
+}
+
+impl Tracker {
+    pub fn new(healthy: bool) -> Self {
+        Self { healthy, ..Self::default() }
+    }
+
+    /// Records one result; returns the new verdict if it changed.
+    pub fn record(&mut self, spec: &CheckSpec, result: &Result<(), String>) -> Option<bool> {
+        self.checks += 1;
+        let ok = result.is_ok();
+        if let Err(e) = result {
+            self.failures += 1;
+            self.last_error = e.clone();
+        }
+        if ok == self.healthy {
+            self.streak = 0;
+            return None;
+        }
+        self.streak += 1;
+        let needed = if ok { spec.rise } else { spec.fall };
+        if self.streak >= needed.max(1) {
+            self.healthy = ok;
+            self.streak = 0;
+            return Some(ok);
+        }
+        None
+    }
+}
+
+/// Up to 10% of the interval, from a cheap per-call source.
+pub fn jitter(interval: Duration) -> Duration {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().subsec_nanos();
+    interval.mul_f64((nanos % 1000) as f64 / 10_000.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn probes_parse_and_bad_ones_say_why() {
+        assert_eq!(Probe::parse("none", 80), Ok(Probe::None));
+        assert_eq!(Probe::parse("tcp", 80), Ok(Probe::Tcp { port: 80 }));
+        assert_eq!(Probe::parse("tcp:8080", 80), Ok(Probe::Tcp { port: 8080 }));
+        assert!(Probe::parse("tcp", 0).unwrap_err().contains("port-0"));
+        assert!(Probe::parse("tcp:0", 80).is_err());
+        assert_eq!(
+            Probe::parse("http://www.example:8080/healthz", 80),
+            Ok(Probe::Http { host: "www.example".into(), port: 8080, path: "/healthz".into() })
+        );
+        assert_eq!(
+            Probe::parse("http://www.example", 80),
+            Ok(Probe::Http { host: "www.example".into(), port: 80, path: "/".into() })
+        );
+        assert!(Probe::parse("udp:53", 80).unwrap_err().contains("udp:53"));
+    }
+
+    #[test]
+    fn rise_and_fall_need_streaks() {
+        let spec = CheckSpec { rise: 2, fall: 3, ..CheckSpec::default() };
+        let mut t = Tracker::new(true);
+        let fail = Err("refused".to_string());
+        assert_eq!(t.record(&spec, &fail), None);
+        assert_eq!(t.record(&spec, &fail), None);
+        assert_eq!(t.record(&spec, &Ok(())), None, "a success breaks the streak");
+        assert_eq!(t.record(&spec, &fail), None);
+        assert_eq!(t.record(&spec, &fail), None);
+        assert_eq!(t.record(&spec, &fail), Some(false));
+        assert_eq!(t.record(&spec, &Ok(())), None);
+        assert_eq!(t.record(&spec, &Ok(())), Some(true));
+        assert_eq!((t.checks, t.failures, t.last_error.as_str()), (8, 5, "refused"));
+    }
+
+    #[tokio::test]
+    async fn tcp_and_http_probes_against_local_servers() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            let mut n = 0;
+            while let Ok((mut s, _)) = listener.accept().await {
+                let mut buf = [0u8; 256];
+                let _ = s.read(&mut buf).await;
+                let status = if n == 0 { "200 OK" } else { "503 Service Unavailable" };
+                n += 1;
+                let _ = s.write_all(format!("HTTP/1.1 {status}\r\nContent-Length: 0\r\n\r\n").as_bytes()).await;
+            }
+        });
+        let localhost: IpAddr = "127.0.0.1".parse().unwrap();
+        let http = CheckSpec {
+            probe: Probe::Http { host: "x".into(), port, path: "/".into() },
+            ..CheckSpec::default()
+        };
+        assert_eq!(probe(localhost, &http).await, Ok(()));
+        assert_eq!(probe(localhost, &http).await, Err("HTTP status 503".into()));
+        let closed = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let tcp = CheckSpec { probe: Probe::Tcp { port: closed }, ..CheckSpec::default() };
+        assert!(probe(localhost, &tcp).await.unwrap_err().contains("refused"));
+    }
+}
