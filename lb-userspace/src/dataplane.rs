@@ -1,7 +1,7 @@
 //! The loaded XDP objects and typed access to every map they own. Nothing
 //! here decides anything: `services.rs` says what to write, this writes it.
 
-use std::net::IpAddr;
+use std::{net::IpAddr, path::PathBuf};
 
 use aya::{
     maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuValues},
@@ -36,18 +36,21 @@ fn map_err(name: &'static str) -> impl FnOnce(MapError) -> DataplaneError {
 }
 
 /// Sizes fixed when the object is loaded.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct LoadOptions {
     pub conn_table_size: u32,
     /// Slots in the ring array shared by all VIPs (each VIP needs two rings).
     pub ring_capacity: u32,
     /// Load the bench-only object (restores each packet after forwarding it).
     pub bench_restore: bool,
+    /// Pin every map in this bpffs directory; maps already pinned there are
+    /// reused with their contents (a controller restart).
+    pub pin_dir: Option<PathBuf>,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        Self { conn_table_size: DEFAULT_CONN_TABLE_SIZE, ring_capacity: DEFAULT_RING_CAPACITY, bench_restore: false }
+        Self { conn_table_size: DEFAULT_CONN_TABLE_SIZE, ring_capacity: DEFAULT_RING_CAPACITY, bench_restore: false, pin_dir: None }
     }
 }
 
@@ -61,10 +64,15 @@ impl Dataplane {
     /// Loads the balancer into the kernel (verified, not attached).
     pub fn load(opts: LoadOptions) -> Result<Self, DataplaneError> {
         let bytes = if opts.bench_restore { object::BALANCER_BENCH } else { object::BALANCER };
-        let mut ebpf = EbpfLoader::new()
-            .map_max_entries(map_names::CONNS, opts.conn_table_size)
-            .map_max_entries(map_names::RINGS, opts.ring_capacity)
-            .load(bytes)?;
+        let mut loader = EbpfLoader::new();
+        loader.map_max_entries(map_names::CONNS, opts.conn_table_size);
+        loader.map_max_entries(map_names::RINGS, opts.ring_capacity);
+        if let Some(dir) = &opts.pin_dir {
+            for name in map_names::BALANCER_MAPS {
+                loader.map_pin_path(name, dir.join(name));
+            }
+        }
+        let mut ebpf = loader.load(bytes)?;
         load_xdp(&mut ebpf, program_names::BALANCER)?;
         Ok(Self { ebpf, ring_capacity: opts.ring_capacity })
     }

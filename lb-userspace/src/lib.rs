@@ -6,6 +6,7 @@ pub mod dataplane;
 pub mod desired;
 pub mod health;
 pub mod maglev;
+pub mod netlink;
 pub mod object;
 pub mod rings;
 pub mod services;

@@ -251,6 +251,18 @@ pub enum Via {
     Ring { slot: u32 },
 }
 
+/// Everything needed to take over maps that a previous controller filled:
+/// saved after every change, read back on restart.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Snapshot {
+    settings: Settings,
+    vips: Vec<VipState>,
+    free_vip_ids: VecDeque<u32>,
+    free_backend_ids: VecDeque<u32>,
+    ring_space: RingSpace,
+    next_cookie: u32,
+}
+
 /// The VIPs and backends of one balancer, kept in step with its maps.
 pub struct Services {
     settings: Settings,
@@ -275,6 +287,41 @@ impl Services {
         };
         dp.set_config(&services.config()?)?;
         Ok(services)
+    }
+
+    pub fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            settings: self.settings,
+            vips: self.vips.values().cloned().collect(),
+            free_vip_ids: self.free_vip_ids.clone(),
+            free_backend_ids: self.free_backend_ids.clone(),
+            ring_space: self.ring_space.clone(),
+            next_cookie: self.next_cookie,
+        }
+    }
+
+    /// Takes over maps that already hold `snapshot`: the live rings are
+    /// rebuilt in memory (Maglev is deterministic) and nothing is written,
+    /// so packets and conn-table entries are not disturbed.
+    pub fn restore(snapshot: Snapshot) -> Self {
+        let vips = snapshot
+            .vips
+            .into_iter()
+            .map(|mut state| {
+                let (ring, fail_open) = plan_ring(&state.backends, state.spec.ring_size);
+                state.ring = ring;
+                state.fail_open = fail_open;
+                (state.spec.vip, state)
+            })
+            .collect();
+        Self {
+            settings: snapshot.settings,
+            vips,
+            free_vip_ids: snapshot.free_vip_ids,
+            free_backend_ids: snapshot.free_backend_ids,
+            ring_space: snapshot.ring_space,
+            next_cookie: snapshot.next_cookie,
+        }
     }
 
     pub fn settings(&self) -> &Settings {
