@@ -15,7 +15,10 @@ fn main() {
 fn build_proto() {
     println!("cargo:rerun-if-changed=proto/lb.proto");
     let fds = protox::compile(["lb.proto"], ["proto"]).expect("proto/lb.proto compiles");
-    tonic_prost_build::configure().compile_fds(fds).expect("gRPC code generated");
+    tonic_prost_build::configure()
+        .type_attribute(".", "#[derive(serde::Serialize)]")
+        .compile_fds(fds)
+        .expect("gRPC code generated");
 }
 
 fn build_ebpf() {

@@ -23,8 +23,7 @@ pub mod map_names {
     pub const BACKEND_STATS: &str = "BACKEND_STATS";
     pub const DECAP_ADDRS: &str = "DECAP_ADDRS";
     /// The balancer's maps: what a controller pins and a restart adopts.
-    pub const BALANCER_MAPS: [&str; 8] =
-        [VIPS, BACKENDS, RINGS, CONNS, CONFIG, GLOBAL_STATS, VIP_STATS, BACKEND_STATS];
+    pub const BALANCER_MAPS: [&str; 8] = [VIPS, BACKENDS, RINGS, CONNS, CONFIG, GLOBAL_STATS, VIP_STATS, BACKEND_STATS];
 }
 
 /// Program names (the function names in `lb-ebpf`).

@@ -50,7 +50,12 @@ pub struct LoadOptions {
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        Self { conn_table_size: DEFAULT_CONN_TABLE_SIZE, ring_capacity: DEFAULT_RING_CAPACITY, bench_restore: false, pin_dir: None }
+        Self {
+            conn_table_size: DEFAULT_CONN_TABLE_SIZE,
+            ring_capacity: DEFAULT_RING_CAPACITY,
+            bench_restore: false,
+            pin_dir: None,
+        }
     }
 }
 

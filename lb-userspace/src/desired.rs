@@ -79,7 +79,8 @@ pub type Desired = BTreeMap<VipAddr, VipWish>;
 /// Parses and validates a desired-state file. Errors say `line N: ...`.
 pub fn parse(text: &str) -> Result<Desired, String> {
     let file: File = toml::from_str(text).map_err(|e| e.to_string().trim_end().to_string())?;
-    let at = |span: std::ops::Range<usize>| format!("line {}", text[..span.start.min(text.len())].lines().count().max(1));
+    let at =
+        |span: std::ops::Range<usize>| format!("line {}", text[..span.start.min(text.len())].lines().count().max(1));
     let mut desired = Desired::new();
     for entry in file.vip {
         let hash = entry.hash.as_ref().map(|h| h.get_ref().as_str()).unwrap_or("");
@@ -87,11 +88,13 @@ pub fn parse(text: &str) -> Result<Desired, String> {
         if let Some(r) = &entry.ring_size {
             check_ring_size(*r.get_ref()).map_err(|e| format!("{}: {e}", at(r.span())))?;
         }
-        let spec = vip_spec(entry.vip.get_ref(), hash, ring_size).map_err(|e| format!("{}: {e}", at(entry.vip.span())))?;
+        let spec =
+            vip_spec(entry.vip.get_ref(), hash, ring_size).map_err(|e| format!("{}: {e}", at(entry.vip.span())))?;
         let mut backends = BTreeMap::new();
         for b in entry.backend {
             let line = at(b.address.span());
-            let addr: IpAddr = parse_backend_addr(&spec.vip, b.address.get_ref()).map_err(|e| format!("{line}: {e}"))?;
+            let addr: IpAddr =
+                parse_backend_addr(&spec.vip, b.address.get_ref()).map_err(|e| format!("{line}: {e}"))?;
             let weight = b.weight.as_ref().map(|w| *w.get_ref()).unwrap_or(1);
             if let Some(w) = &b.weight {
                 check_weight(weight).map_err(|e| format!("{}: {e}", at(w.span())))?;
@@ -299,7 +302,11 @@ fall = 2
         let bad_addr = GOOD.replace("198.51.100.2\"", "198.51.100.300\"");
         assert_eq!(parse(&bad_addr).unwrap_err(), "line 10: backend address '198.51.100.300' is not an IP address");
         let bad_ring = GOOD.replace("ring_size = 251", "ring_size = 250");
-        assert!(parse(&bad_ring).unwrap_err().starts_with("line 17: ring size 250 is not a prime"), "{}", parse(&bad_ring).unwrap_err());
+        assert!(
+            parse(&bad_ring).unwrap_err().starts_with("line 17: ring size 250 is not a prime"),
+            "{}",
+            parse(&bad_ring).unwrap_err()
+        );
         let v4_in_v6 = GOOD.replace("2001:db8:1::1", "198.51.100.9");
         assert!(parse(&v4_in_v6).unwrap_err().starts_with("line 20: backend 198.51.100.9 is IPv4"));
         let heavy = GOOD.replace("weight = 3", "weight = 10001");

@@ -15,9 +15,15 @@ use tokio::{
 pub enum Probe {
     None,
     /// TCP connect to this port.
-    Tcp { port: u16 },
+    Tcp {
+        port: u16,
+    },
     /// HTTP/1.1 GET; healthy if the status is in `expect`.
-    Http { host: String, port: u16, path: String },
+    Http {
+        host: String,
+        port: u16,
+        path: String,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -115,7 +121,8 @@ pub async fn probe(addr: IpAddr, spec: &CheckSpec) -> Result<(), String> {
 /// Minimal HTTP/1.1 GET: healthy on a 2xx or 3xx status (RFC 9110 15).
 async fn http_get(addr: IpAddr, port: u16, host: &str, path: &str) -> Result<(), String> {
     let mut stream = TcpStream::connect((addr, port)).await.map_err(|e| e.to_string())?;
-    let request = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: lbctl-health\r\nConnection: close\r\n\r\n");
+    let request =
+        format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: lbctl-health\r\nConnection: close\r\n\r\n");
     stream.write_all(request.as_bytes()).await.map_err(|e| e.to_string())?;
     let mut head = vec![0u8; 64];
     let mut got = 0;
@@ -236,10 +243,8 @@ mod tests {
             }
         });
         let localhost: IpAddr = "127.0.0.1".parse().unwrap();
-        let http = CheckSpec {
-            probe: Probe::Http { host: "x".into(), port, path: "/".into() },
-            ..CheckSpec::default()
-        };
+        let http =
+            CheckSpec { probe: Probe::Http { host: "x".into(), port, path: "/".into() }, ..CheckSpec::default() };
         assert_eq!(probe(localhost, &http).await, Ok(()));
         assert_eq!(probe(localhost, &http).await, Err("HTTP status 503".into()));
         let closed = {

@@ -2,7 +2,10 @@
 //! Maglev rings, and keep the VIP/backend model that drives them.
 
 pub mod addr;
+pub mod api;
+pub mod controller;
 pub mod dataplane;
+pub mod decap_cmd;
 pub mod desired;
 pub mod health;
 pub mod maglev;
@@ -11,6 +14,7 @@ pub mod object;
 pub mod rings;
 pub mod services;
 mod sys;
+pub mod up;
 
 pub use dataplane::{Dataplane, DataplaneError, Decap, LoadOptions};
 pub use services::{BackendSpec, HashMode, Proto, ServiceError, Services, Settings, VipSpec};

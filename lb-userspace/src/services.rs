@@ -363,7 +363,15 @@ impl Services {
             .ring_space
             .alloc(needed)
             .ok_or(ServiceError::RingSpaceFull { needed, free: self.ring_space.largest_free() })?;
-        let state = VipState { spec, id: vip_id, extent, live_half: 0, ring: Vec::new(), fail_open: false, backends: BTreeMap::new() };
+        let state = VipState {
+            spec,
+            id: vip_id,
+            extent,
+            live_half: 0,
+            ring: Vec::new(),
+            fail_open: false,
+            backends: BTreeMap::new(),
+        };
         let written = dp.reset_vip_stats(vip_id).and_then(|()| dp.set_vip(&spec.vip.key(), &state.meta(0, 0)));
         if let Err(e) = written {
             self.ring_space.free(extent);
@@ -431,7 +439,13 @@ impl Services {
     }
 
     /// Health checks changed their verdict on a backend.
-    pub fn set_health(&mut self, dp: &mut Dataplane, vip: &VipAddr, addr: IpAddr, healthy: bool) -> Result<(), ServiceError> {
+    pub fn set_health(
+        &mut self,
+        dp: &mut Dataplane,
+        vip: &VipAddr,
+        addr: IpAddr,
+        healthy: bool,
+    ) -> Result<(), ServiceError> {
         self.change_backend(dp, vip, addr, |b| b.healthy = healthy)
     }
 

@@ -154,7 +154,12 @@ pub struct Harness {
 
 impl Harness {
     pub fn new() -> Self {
-        Self::with(LoadOptions { conn_table_size: 65_536, ring_capacity: 8 * 65_537, bench_restore: false, pin_dir: None })
+        Self::with(LoadOptions {
+            conn_table_size: 65_536,
+            ring_capacity: 8 * 65_537,
+            bench_restore: false,
+            pin_dir: None,
+        })
     }
 
     pub fn with(opts: LoadOptions) -> Self {

@@ -1,0 +1,333 @@
+//! The gRPC services of `proto/lb.proto`, served by the controller on a
+//! unix socket that only its own user (and root) may use.
+
+use std::{net::IpAddr, path::Path, sync::Arc};
+
+use lb_common::{stat, AF_INET, AF_INET6};
+use tokio::net::UnixListener;
+use tokio_stream::{wrappers::UnixListenerStream, StreamExt};
+use tonic::{Request, Response, Status};
+use tracing::warn;
+
+use crate::{
+    controller::{ApiError, Controller},
+    desired::{self, BackendWish},
+    netlink::format_mac,
+    services::{HashMode, Via, VipAddr, VipState},
+};
+
+pub mod pb {
+    tonic::include_proto!("lb.v1");
+}
+
+use pb::{
+    backends_server::{Backends, BackendsServer},
+    health_server::{Health, HealthServer},
+    stats_server::{Stats, StatsServer},
+    status_server::{Status as StatusService, StatusServer},
+    vips_server::{Vips, VipsServer},
+};
+
+impl From<ApiError> for Status {
+    fn from(e: ApiError) -> Self {
+        match e {
+            ApiError::Invalid(m) => Status::invalid_argument(m),
+            ApiError::NotFound(m) => Status::not_found(m),
+            ApiError::Exists(m) => Status::already_exists(m),
+            ApiError::Exhausted(m) => Status::resource_exhausted(m),
+            ApiError::Internal(m) => Status::internal(m),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Api(pub Arc<Controller>);
+
+/// Serves the API on `socket` (mode 0600) until `shutdown` completes.
+pub async fn serve(
+    ctrl: Arc<Controller>,
+    socket: &Path,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    if let Some(dir) = socket.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let _ = std::fs::remove_file(socket);
+    let listener = UnixListener::bind(socket)?;
+    std::fs::set_permissions(socket, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+    let own_uid = unsafe { libc::geteuid() };
+    // The file mode already keeps others out; the peer check is the second lock.
+    let incoming = UnixListenerStream::new(listener).filter(move |conn| match conn {
+        Ok(stream) => match stream.peer_cred() {
+            Ok(cred) if cred.uid() == 0 || cred.uid() == own_uid => true,
+            Ok(cred) => {
+                warn!(uid = cred.uid(), "refused an API connection from another user");
+                false
+            }
+            Err(_) => false,
+        },
+        Err(_) => true,
+    });
+    let api = Api(ctrl);
+    tonic::transport::Server::builder()
+        .add_service(VipsServer::new(api.clone()))
+        .add_service(BackendsServer::new(api.clone()))
+        .add_service(HealthServer::new(api.clone()))
+        .add_service(StatsServer::new(api.clone()))
+        .add_service(StatusServer::new(api))
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await?;
+    Ok(())
+}
+
+fn vip_of(text: &str) -> Result<VipAddr, Status> {
+    text.parse().map_err(Status::invalid_argument)
+}
+
+fn backend_of(vip: &VipAddr, text: &str) -> Result<IpAddr, Status> {
+    desired::parse_backend_addr(vip, text).map_err(Status::invalid_argument)
+}
+
+fn hash_name(h: HashMode) -> &'static str {
+    match h {
+        HashMode::FiveTuple => "5tuple",
+        HashMode::SourceIp => "src-ip",
+    }
+}
+
+impl Api {
+    fn vip_message(&self, state: &VipState, dp: &mut crate::Dataplane) -> pb::Vip {
+        let stats = dp.vip_stats(state.id).unwrap_or_default();
+        pb::Vip {
+            vip: state.spec.vip.to_string(),
+            hash: hash_name(state.spec.hash).into(),
+            ring_size: state.spec.ring_size,
+            backends: state.backends.len() as u32,
+            active_backends: state.backends.values().filter(|b| state.in_ring(b)).count() as u32,
+            fail_open: state.fail_open,
+            packets: stats.packets,
+            bytes: stats.bytes,
+            new_flows: stats.new_flows,
+        }
+    }
+
+    fn backend_messages(&self, vip: &VipAddr) -> Result<Vec<pb::Backend>, Status> {
+        let mut guard = self.0.lock();
+        let st = &mut *guard;
+        let state = st.services.vip(vip).map_err(ApiError::from)?;
+        Ok(state
+            .backends
+            .iter()
+            .map(|(addr, b)| {
+                let stats = st.dp.backend_stats(b.id).unwrap_or_default();
+                let check = st.checks.get(&(*vip, *addr));
+                let health = match check {
+                    None => "unchecked",
+                    Some(c) if c.tracker.healthy => "up",
+                    Some(_) => "down",
+                };
+                pb::Backend {
+                    vip: vip.to_string(),
+                    address: addr.to_string(),
+                    weight: b.weight,
+                    drained: b.drained,
+                    health: health.into(),
+                    check: check.map(|c| c.spec.probe.to_string()).unwrap_or_else(|| "none".into()),
+                    packets: stats.packets,
+                    bytes: stats.bytes,
+                    in_ring: state.in_ring(b),
+                }
+            })
+            .collect())
+    }
+
+    fn backend_message(&self, vip: &VipAddr, addr: IpAddr) -> Result<pb::Backend, Status> {
+        let address = addr.to_string();
+        self.backend_messages(vip)?
+            .into_iter()
+            .find(|b| b.address == address)
+            .ok_or_else(|| Status::not_found(format!("no backend {addr} in VIP {vip}")))
+    }
+}
+
+#[tonic::async_trait]
+impl Vips for Api {
+    async fn add_vip(&self, req: Request<pb::AddVipRequest>) -> Result<Response<pb::Vip>, Status> {
+        let r = req.into_inner();
+        let spec = desired::vip_spec(&r.vip, &r.hash, r.ring_size).map_err(Status::invalid_argument)?;
+        self.0.add_vip(spec)?;
+        let mut guard = self.0.lock();
+        let st = &mut *guard;
+        let state = st.services.vip(&spec.vip).map_err(ApiError::from)?.clone();
+        Ok(Response::new(self.vip_message(&state, &mut st.dp)))
+    }
+
+    async fn delete_vip(&self, req: Request<pb::VipRef>) -> Result<Response<pb::Empty>, Status> {
+        let vip = vip_of(&req.into_inner().vip)?;
+        self.0.remove_vip(&vip)?;
+        Ok(Response::new(pb::Empty {}))
+    }
+
+    async fn list_vips(&self, _: Request<pb::Empty>) -> Result<Response<pb::VipList>, Status> {
+        let mut guard = self.0.lock();
+        let st = &mut *guard;
+        let states: Vec<VipState> = st.services.vips().cloned().collect();
+        let vips = states.iter().map(|s| self.vip_message(s, &mut st.dp)).collect();
+        Ok(Response::new(pb::VipList { vips }))
+    }
+
+    async fn apply(&self, req: Request<pb::ApplyRequest>) -> Result<Response<pb::ApplyReply>, Status> {
+        let r = req.into_inner();
+        let want = desired::parse(&r.toml).map_err(Status::invalid_argument)?;
+        let changes = self.0.apply(&want, r.dry_run)?;
+        Ok(Response::new(pb::ApplyReply { changes: changes.iter().map(|c| c.to_string()).collect() }))
+    }
+}
+
+#[tonic::async_trait]
+impl Backends for Api {
+    async fn add_backend(&self, req: Request<pb::AddBackendRequest>) -> Result<Response<pb::Backend>, Status> {
+        let r = req.into_inner();
+        let vip = vip_of(&r.vip)?;
+        let addr = backend_of(&vip, &r.address)?;
+        let weight = r.weight.unwrap_or(1);
+        desired::check_weight(weight).map_err(Status::invalid_argument)?;
+        let h = r.health.unwrap_or_default();
+        let ms = |v: u64| (v > 0).then(|| format!("{v}ms"));
+        let (interval, timeout) = (ms(h.interval_ms), ms(h.timeout_ms));
+        let check = desired::check_spec(
+            &vip,
+            if h.check.is_empty() { "none" } else { &h.check },
+            interval.as_deref(),
+            timeout.as_deref(),
+            (h.rise > 0).then_some(h.rise),
+            (h.fall > 0).then_some(h.fall),
+        )
+        .map_err(Status::invalid_argument)?;
+        self.0.add_backend(&vip, addr, BackendWish { weight, drained: false, check })?;
+        Ok(Response::new(self.backend_message(&vip, addr)?))
+    }
+
+    async fn delete_backend(&self, req: Request<pb::BackendRef>) -> Result<Response<pb::Empty>, Status> {
+        let r = req.into_inner();
+        let vip = vip_of(&r.vip)?;
+        self.0.remove_backend(&vip, backend_of(&vip, &r.address)?)?;
+        Ok(Response::new(pb::Empty {}))
+    }
+
+    async fn drain_backend(&self, req: Request<pb::BackendRef>) -> Result<Response<pb::Backend>, Status> {
+        let r = req.into_inner();
+        let vip = vip_of(&r.vip)?;
+        let addr = backend_of(&vip, &r.address)?;
+        self.0.drain_backend(&vip, addr)?;
+        Ok(Response::new(self.backend_message(&vip, addr)?))
+    }
+
+    async fn set_weight(&self, req: Request<pb::SetWeightRequest>) -> Result<Response<pb::Backend>, Status> {
+        let r = req.into_inner();
+        let vip = vip_of(&r.vip)?;
+        let addr = backend_of(&vip, &r.address)?;
+        self.0.set_weight(&vip, addr, r.weight)?;
+        Ok(Response::new(self.backend_message(&vip, addr)?))
+    }
+
+    async fn list_backends(&self, req: Request<pb::VipRef>) -> Result<Response<pb::BackendList>, Status> {
+        let vip = vip_of(&req.into_inner().vip)?;
+        Ok(Response::new(pb::BackendList { backends: self.backend_messages(&vip)? }))
+    }
+}
+
+#[tonic::async_trait]
+impl Health for Api {
+    async fn list_health(&self, _: Request<pb::Empty>) -> Result<Response<pb::HealthList>, Status> {
+        let st = self.0.lock();
+        let backends = st
+            .checks
+            .iter()
+            .map(|((vip, addr), c)| pb::HealthState {
+                vip: vip.to_string(),
+                address: addr.to_string(),
+                check: c.spec.probe.to_string(),
+                health: if c.tracker.healthy { "up" } else { "down" }.into(),
+                checks: c.tracker.checks,
+                failures: c.tracker.failures,
+                last_error: c.tracker.last_error.clone(),
+            })
+            .collect();
+        Ok(Response::new(pb::HealthList { backends }))
+    }
+}
+
+#[tonic::async_trait]
+impl Stats for Api {
+    async fn get_stats(&self, _: Request<pb::Empty>) -> Result<Response<pb::StatsReply>, Status> {
+        let counters = self.0.global_stats()?;
+        let global = stat::NAMES
+            .iter()
+            .zip(counters)
+            .map(|(name, value)| pb::Counter { name: name.to_string(), value })
+            .collect();
+        let vips = self.list_vips(Request::new(pb::Empty {})).await?.into_inner().vips;
+        let mut backends = Vec::new();
+        for v in &vips {
+            backends.extend(self.backend_messages(&vip_of(&v.vip)?)?);
+        }
+        Ok(Response::new(pb::StatsReply { global, vips, backends }))
+    }
+
+    async fn explain(&self, req: Request<pb::ExplainRequest>) -> Result<Response<pb::ExplainReply>, Status> {
+        let r = req.into_inner();
+        let vip = vip_of(&r.vip)?;
+        let client: std::net::SocketAddr = r
+            .client
+            .parse()
+            .map_err(|_| Status::invalid_argument(format!("client '{}' is not ADDR:PORT", r.client)))?;
+        if client.is_ipv4() != vip.addr.is_ipv4() {
+            return Err(Status::invalid_argument(format!("client {client} and VIP {vip} are of different families")));
+        }
+        let (src, family) = crate::addr::words(client.ip());
+        let flow = lb_common::FlowKey {
+            src,
+            dst: crate::addr::words(vip.addr).0,
+            src_port: lb_common::port_raw(client.port()),
+            dst_port: lb_common::port_raw(vip.port),
+            proto: vip.proto.number(),
+            family: if family == AF_INET { AF_INET } else { AF_INET6 },
+            _pad: [0; 2],
+        };
+        let e = self
+            .0
+            .explain(&flow)?
+            .ok_or_else(|| Status::not_found(format!("no VIP {vip}, or it has no backend taking new flows")))?;
+        let (via, slot) = match e.via {
+            Via::ConnTable => ("conn-table", 0),
+            Via::Ring { slot } => ("ring", slot),
+        };
+        Ok(Response::new(pb::ExplainReply { backend: e.backend.to_string(), via: via.into(), hash: e.hash, slot }))
+    }
+}
+
+#[tonic::async_trait]
+impl StatusService for Api {
+    async fn get_status(&self, _: Request<pb::Empty>) -> Result<Response<pb::StatusReply>, Status> {
+        let info = &self.0.info;
+        let st = self.0.lock();
+        let settings = *st.services.settings();
+        let vips: Vec<&VipState> = st.services.vips().collect();
+        Ok(Response::new(pb::StatusReply {
+            interface: info.interface.clone(),
+            xdp_mode: info.xdp_mode.clone(),
+            next_hop_mac: format_mac(&settings.next_hop_mac),
+            adopted: info.adopted,
+            vips: vips.len() as u32,
+            backends: vips.iter().map(|v| v.backends.len() as u32).sum(),
+            fail_open_vips: vips.iter().filter(|v| v.fail_open).map(|v| v.spec.vip.to_string()).collect(),
+            uptime_seconds: self.0.started.elapsed().as_secs(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            conn_table_size: info.conn_table_size,
+            encap_src_v4: format!("{}/{}", settings.encap_src_v4.0, settings.encap_src_v4.1),
+            encap_src_v6: format!("{}/{}", settings.encap_src_v6.0, settings.encap_src_v6.1),
+            mtu: settings.mtu,
+        }))
+    }
+}

@@ -1,0 +1,403 @@
+//! The controller behind `lbctl up`: owns the data plane and the model,
+//! validates every request before touching a map, runs health checks,
+//! saves its state after every change so that a restart (even after
+//! SIGKILL) adopts the running program without disturbing traffic.
+
+use std::{
+    collections::BTreeMap,
+    net::IpAddr,
+    path::PathBuf,
+    sync::{Arc, Mutex, MutexGuard},
+    time::Instant,
+};
+
+use lb_common::{stat, FlowKey};
+use serde::{Deserialize, Serialize};
+use tokio::task::JoinHandle;
+use tracing::{info, warn};
+
+use crate::{
+    dataplane::{Dataplane, DataplaneError},
+    desired::{self, BackendWish, Change, Desired, VipWish},
+    health::{self, CheckSpec, Probe, Tracker},
+    services::{BackendSpec, Explanation, ServiceError, Services, Settings, Snapshot, VipAddr, VipSpec, VipState},
+};
+
+/// An error for an API caller: what kind, and a message naming the input.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Exists(String),
+    #[error("{0}")]
+    Exhausted(String),
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl From<ServiceError> for ApiError {
+    fn from(e: ServiceError) -> Self {
+        let msg = e.to_string();
+        match e {
+            ServiceError::NoSuchVip(_) | ServiceError::NoSuchBackend(..) => ApiError::NotFound(msg),
+            ServiceError::VipExists(_) | ServiceError::BackendExists(..) => ApiError::Exists(msg),
+            ServiceError::TooManyVips | ServiceError::TooManyBackends | ServiceError::RingSpaceFull { .. } => {
+                ApiError::Exhausted(msg)
+            }
+            ServiceError::Dataplane(_) => ApiError::Internal(msg),
+            _ => ApiError::Invalid(msg),
+        }
+    }
+}
+
+impl From<DataplaneError> for ApiError {
+    fn from(e: DataplaneError) -> Self {
+        ApiError::Internal(e.to_string())
+    }
+}
+
+/// Health bookkeeping of one backend.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Checked {
+    pub spec: CheckSpec,
+    pub tracker: Tracker,
+}
+
+/// What is saved to the state file.
+#[derive(Serialize, Deserialize)]
+pub struct Saved {
+    pub services: Snapshot,
+    pub checks: Vec<(VipAddr, IpAddr, Checked)>,
+    pub conn_table_size: u32,
+    pub ring_capacity: u32,
+}
+
+/// Facts about this run, for `status`.
+#[derive(Clone, Debug)]
+pub struct RunInfo {
+    pub interface: String,
+    pub xdp_mode: String,
+    pub adopted: bool,
+    pub conn_table_size: u32,
+    /// The next-hop MAC came from the command line (no refresh).
+    pub fixed_next_hop: bool,
+}
+
+pub struct State {
+    pub dp: Dataplane,
+    pub services: Services,
+    pub checks: BTreeMap<(VipAddr, IpAddr), Checked>,
+}
+
+pub struct Controller {
+    state: Mutex<State>,
+    tasks: Mutex<BTreeMap<(VipAddr, IpAddr), JoinHandle<()>>>,
+    state_file: PathBuf,
+    ring_capacity: u32,
+    pub info: RunInfo,
+    pub started: Instant,
+}
+
+impl Controller {
+    pub fn new(state: State, state_file: PathBuf, ring_capacity: u32, info: RunInfo) -> Arc<Self> {
+        Arc::new(Self {
+            state: Mutex::new(state),
+            tasks: Mutex::new(BTreeMap::new()),
+            state_file,
+            ring_capacity,
+            info,
+            started: Instant::now(),
+        })
+    }
+
+    pub fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Starts the health checks of every checked backend (after a restart).
+    pub fn start_checks(self: &Arc<Self>) {
+        let checks: Vec<_> = self.lock().checks.iter().map(|(k, c)| (*k, c.spec.clone())).collect();
+        for ((vip, addr), spec) in checks {
+            self.spawn_check(vip, addr, spec);
+        }
+    }
+
+    /// Saves the state file (write to a temporary file, then rename).
+    fn save(&self, state: &State) {
+        let saved = Saved {
+            services: state.services.snapshot(),
+            checks: state.checks.iter().map(|((v, a), c)| (*v, *a, c.clone())).collect(),
+            conn_table_size: self.info.conn_table_size,
+            ring_capacity: self.ring_capacity,
+        };
+        let tmp = self.state_file.with_extension("tmp");
+        let result = serde_json::to_vec(&saved)
+            .map_err(std::io::Error::other)
+            .and_then(|bytes| std::fs::write(&tmp, bytes))
+            .and_then(|()| std::fs::rename(&tmp, &self.state_file));
+        if let Err(e) = result {
+            warn!(file = %self.state_file.display(), error = %e, "cannot save state: a restart would not restore it");
+        }
+    }
+
+    pub fn save_now(&self) {
+        self.save(&self.lock());
+    }
+
+    pub fn add_vip(&self, spec: VipSpec) -> Result<(), ApiError> {
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        st.services.add_vip(&mut st.dp, spec)?;
+        info!(vip = %spec.vip, hash = ?spec.hash, ring_size = spec.ring_size, "VIP added");
+        self.save(st);
+        Ok(())
+    }
+
+    pub fn remove_vip(&self, vip: &VipAddr) -> Result<(), ApiError> {
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        st.services.remove_vip(&mut st.dp, vip)?;
+        st.checks.retain(|(v, _), _| v != vip);
+        self.tasks.lock().unwrap().retain(|(v, _), task| {
+            let keep = v != vip;
+            if !keep {
+                task.abort();
+            }
+            keep
+        });
+        info!(%vip, "VIP removed");
+        self.save(st);
+        Ok(())
+    }
+
+    pub fn add_backend(self: &Arc<Self>, vip: &VipAddr, addr: IpAddr, wish: BackendWish) -> Result<(), ApiError> {
+        {
+            let mut guard = self.lock();
+            let st = &mut *guard;
+            st.services.add_backend(&mut st.dp, vip, BackendSpec { addr, weight: wish.weight })?;
+            if wish.drained {
+                st.services.drain_backend(&mut st.dp, vip, addr)?;
+            }
+            if wish.check.probe != Probe::None {
+                st.checks.insert((*vip, addr), Checked { spec: wish.check.clone(), tracker: Tracker::new(true) });
+            }
+            info!(%vip, backend = %addr, weight = wish.weight, check = %wish.check.probe, "backend added");
+            self.save(st);
+        }
+        if wish.check.probe != Probe::None {
+            self.spawn_check(*vip, addr, wish.check);
+        }
+        Ok(())
+    }
+
+    pub fn remove_backend(&self, vip: &VipAddr, addr: IpAddr) -> Result<(), ApiError> {
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        st.services.remove_backend(&mut st.dp, vip, addr)?;
+        st.checks.remove(&(*vip, addr));
+        if let Some(task) = self.tasks.lock().unwrap().remove(&(*vip, addr)) {
+            task.abort();
+        }
+        info!(%vip, backend = %addr, "backend removed");
+        self.save(st);
+        Ok(())
+    }
+
+    pub fn drain_backend(&self, vip: &VipAddr, addr: IpAddr) -> Result<(), ApiError> {
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        st.services.drain_backend(&mut st.dp, vip, addr)?;
+        info!(%vip, backend = %addr, "backend drained: keeps its flows, gets no new ones");
+        self.save(st);
+        Ok(())
+    }
+
+    pub fn set_weight(&self, vip: &VipAddr, addr: IpAddr, weight: u32) -> Result<(), ApiError> {
+        desired::check_weight(weight).map_err(ApiError::Invalid)?;
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        st.services.set_weight(&mut st.dp, vip, addr, weight)?;
+        info!(%vip, backend = %addr, weight, "weight set");
+        self.save(st);
+        Ok(())
+    }
+
+    /// The running state in the desired-state form, for `apply` to diff.
+    pub fn current(&self) -> Desired {
+        let st = self.lock();
+        current_of(&st)
+    }
+
+    /// Brings the running state to `want`. On a failure part-way, the
+    /// previous state is put back and the error returned.
+    pub fn apply(self: &Arc<Self>, want: &Desired, dry_run: bool) -> Result<Vec<Change>, ApiError> {
+        let before = self.current();
+        let changes = desired::plan(&before, want);
+        if dry_run {
+            return Ok(changes);
+        }
+        for change in &changes {
+            if let Err(e) = self.execute(change) {
+                warn!(%change, error = %e, "apply failed; restoring the previous state");
+                let now = self.current();
+                for undo in desired::plan(&now, &before) {
+                    if let Err(e2) = self.execute(&undo) {
+                        warn!(change = %undo, error = %e2, "could not undo");
+                    }
+                }
+                return Err(ApiError::Invalid(format!("{change}: {e} (nothing was changed)")));
+            }
+        }
+        Ok(changes)
+    }
+
+    fn execute(self: &Arc<Self>, change: &Change) -> Result<(), ApiError> {
+        match change {
+            Change::RemoveVip(vip) => self.remove_vip(vip),
+            Change::AddVip(spec) => self.add_vip(*spec),
+            Change::RemoveBackend(vip, addr) => self.remove_backend(vip, *addr),
+            Change::AddBackend(vip, addr, wish) => self.add_backend(vip, *addr, wish.clone()),
+            Change::UpdateBackend(vip, addr, wish) => {
+                // Weight, drain and check changes: re-add keeps nothing, so
+                // change each part in place.
+                let old = self.current()[vip].backends[addr].clone();
+                if old.weight != wish.weight {
+                    self.set_weight(vip, *addr, wish.weight)?;
+                }
+                if old.drained != wish.drained {
+                    let mut guard = self.lock();
+                    let st = &mut *guard;
+                    if wish.drained {
+                        st.services.drain_backend(&mut st.dp, vip, *addr)?;
+                    } else {
+                        st.services.undrain_backend(&mut st.dp, vip, *addr)?;
+                    }
+                    self.save(st);
+                }
+                if old.check != wish.check {
+                    self.replace_check(vip, *addr, wish.check.clone());
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn replace_check(self: &Arc<Self>, vip: &VipAddr, addr: IpAddr, spec: CheckSpec) {
+        if let Some(task) = self.tasks.lock().unwrap().remove(&(*vip, addr)) {
+            task.abort();
+        }
+        {
+            let mut guard = self.lock();
+            let st = &mut *guard;
+            if spec.probe == Probe::None {
+                st.checks.remove(&(*vip, addr));
+                // Unchecked backends count as healthy.
+                let _ = st.services.set_health(&mut st.dp, vip, addr, true);
+            } else {
+                st.checks.insert((*vip, addr), Checked { spec: spec.clone(), tracker: Tracker::new(true) });
+            }
+            self.save(st);
+        }
+        if spec.probe != Probe::None {
+            self.spawn_check(*vip, addr, spec);
+        }
+    }
+
+    fn spawn_check(self: &Arc<Self>, vip: VipAddr, addr: IpAddr, spec: CheckSpec) {
+        let ctrl = Arc::clone(self);
+        let task = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(spec.interval + health::jitter(spec.interval)).await;
+                let result = health::probe(addr, &spec).await;
+                ctrl.record_check(&vip, addr, &spec, result);
+            }
+        });
+        if let Some(old) = self.tasks.lock().unwrap().insert((vip, addr), task) {
+            old.abort();
+        }
+    }
+
+    fn record_check(&self, vip: &VipAddr, addr: IpAddr, spec: &CheckSpec, result: Result<(), String>) {
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        let Some(checked) = st.checks.get_mut(&(*vip, addr)) else { return };
+        let Some(healthy) = checked.tracker.record(spec, &result) else { return };
+        let cause = result.err().unwrap_or_else(|| format!("{} checks passed", spec.rise));
+        match st.services.set_health(&mut st.dp, vip, addr, healthy) {
+            Ok(()) => {
+                if healthy {
+                    info!(%vip, backend = %addr, %cause, "backend is up: back in the ring");
+                } else {
+                    warn!(%vip, backend = %addr, %cause, "backend is down: out of the ring, its flows move");
+                }
+                if let Ok(state) = st.services.vip(vip) {
+                    if state.fail_open {
+                        warn!(%vip, "every backend is down: failing open, serving with all of them");
+                    }
+                }
+            }
+            Err(e) => warn!(%vip, backend = %addr, error = %e, "cannot apply a health change"),
+        }
+        self.save(st);
+    }
+
+    pub fn set_next_hop_mac(&self, mac: [u8; 6]) -> Result<bool, ApiError> {
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        let mut settings = *st.services.settings();
+        if settings.next_hop_mac == mac {
+            return Ok(false);
+        }
+        let old = settings.next_hop_mac;
+        settings.next_hop_mac = mac;
+        st.services.set_settings(&mut st.dp, settings)?;
+        info!(
+            old = %crate::netlink::format_mac(&old),
+            new = %crate::netlink::format_mac(&mac),
+            "next-hop MAC changed"
+        );
+        self.save(st);
+        Ok(true)
+    }
+
+    pub fn settings(&self) -> Settings {
+        *self.lock().services.settings()
+    }
+
+    pub fn explain(&self, flow: &FlowKey) -> Result<Option<Explanation>, ApiError> {
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        Ok(st.services.explain(&mut st.dp, flow)?)
+    }
+
+    pub fn global_stats(&self) -> Result<[u64; stat::COUNT], ApiError> {
+        Ok(self.lock().dp.global_stats()?)
+    }
+
+    /// Stops every health check (shutdown).
+    pub fn stop_checks(&self) {
+        for (_, task) in std::mem::take(&mut *self.tasks.lock().unwrap()) {
+            task.abort();
+        }
+    }
+}
+
+fn current_of(st: &State) -> Desired {
+    st.services
+        .vips()
+        .map(|v: &VipState| {
+            let backends = v
+                .backends
+                .iter()
+                .map(|(addr, b)| {
+                    let check = st.checks.get(&(v.spec.vip, *addr)).map(|c| c.spec.clone()).unwrap_or_default();
+                    (*addr, BackendWish { weight: b.weight, drained: b.drained, check })
+                })
+                .collect();
+            (v.spec.vip, VipWish { spec: v.spec, backends })
+        })
+        .collect()
+}

@@ -1,0 +1,77 @@
+//! `lbctl decap up|down IFACE` on a backend host: attach the decap program
+//! with the addresses it strips for, pinned so it stays after lbctl exits.
+
+use std::{net::IpAddr, path::Path};
+
+use anyhow::{bail, Context, Result};
+use aya::programs::{links::FdLink, links::PinnedLink, xdp::XdpLink};
+
+use crate::{
+    dataplane::Decap,
+    netlink::{self, Netlink},
+    up::{ensure_bpffs, remove_pins, ModeChoice},
+};
+
+/// Attaches (or atomically replaces) the decap program on `iface`.
+/// Without `addresses`, the interface's own addresses are used.
+pub async fn up(iface: &str, addresses: &[IpAddr], mode: ModeChoice, pin_root: &Path) -> Result<Vec<IpAddr>> {
+    let ifindex =
+        netlink::if_index(iface).with_context(|| format!("no interface '{iface}' in this network namespace"))?;
+    ensure_bpffs(pin_root)?;
+    let mut addrs = addresses.to_vec();
+    if addrs.is_empty() {
+        let nl = Netlink::open()?;
+        addrs = nl.addresses(ifindex).await?.into_iter().map(|(a, _)| a).collect();
+        addrs.retain(|a| !matches!(a, IpAddr::V6(v6) if v6.segments()[0] & 0xffc0 == 0xfe80));
+    }
+    if addrs.is_empty() {
+        bail!("{iface} has no address to decapsulate for: give --address");
+    }
+    let mut decap = Decap::load()?;
+    for a in &addrs {
+        decap.add_address(*a)?;
+    }
+    let dir = pin_root.join(iface);
+    let link_pin = dir.join("link");
+    if link_pin.exists() {
+        let link = PinnedLink::from_pin(&link_pin).context("opening the pinned decap link")?;
+        let link = XdpLink::try_from(FdLink::from(link)).context("the pinned link is not an XDP link")?;
+        decap.program().attach_to_link(link).context("replacing the decap program")?;
+        return Ok(addrs);
+    }
+    std::fs::create_dir_all(&dir)?;
+    let modes: &[aya::programs::XdpMode] = match mode {
+        ModeChoice::Auto => &[aya::programs::XdpMode::Driver, aya::programs::XdpMode::Skb],
+        ModeChoice::Native => &[aya::programs::XdpMode::Driver],
+        ModeChoice::Generic => &[aya::programs::XdpMode::Skb],
+        ModeChoice::Offload => &[aya::programs::XdpMode::Hardware],
+    };
+    let mut last_error = None;
+    for m in modes {
+        match decap.program().attach(iface, *m) {
+            Ok(id) => {
+                let link = decap.program().take_link(id)?;
+                FdLink::try_from(link)?.pin(&link_pin).context("pinning the decap link")?;
+                return Ok(addrs);
+            }
+            Err(e) => last_error = Some(e),
+        }
+    }
+    remove_pins(&dir);
+    Err(last_error.map(anyhow::Error::from).unwrap_or_else(|| anyhow::anyhow!("no mode")))
+        .with_context(|| format!("cannot attach the decap program to {iface}"))
+}
+
+/// Detaches the decap program from `iface`.
+pub fn down(iface: &str, pin_root: &Path) -> Result<()> {
+    let dir = pin_root.join(iface);
+    let link_pin = dir.join("link");
+    if !link_pin.exists() {
+        bail!("no decap program of lbctl on {iface} (nothing pinned at {})", link_pin.display());
+    }
+    let link = PinnedLink::from_pin(&link_pin).context("opening the pinned decap link")?;
+    // Unpinned and dropped: the kernel detaches it.
+    drop(link.unpin()?);
+    remove_pins(&dir);
+    Ok(())
+}

@@ -1,0 +1,277 @@
+//! `lbctl up IFACE`: load (or adopt) the balancer, attach it, apply the
+//! desired state, serve the API until SIGINT/SIGTERM, then clean up.
+
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use anyhow::{bail, Context, Result};
+use aya::programs::{links::FdLink, links::PinnedLink, xdp::XdpLink, XdpMode};
+use tracing::{info, warn};
+
+use crate::{
+    api,
+    controller::{Controller, RunInfo, Saved, State},
+    dataplane::{Dataplane, LoadOptions},
+    desired,
+    netlink::{self, Netlink},
+    services::{Services, Settings},
+};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ModeChoice {
+    /// Native (driver) mode, falling back to generic.
+    Auto,
+    Native,
+    Generic,
+    Offload,
+}
+
+pub struct UpOptions {
+    pub iface: String,
+    pub mode: ModeChoice,
+    pub config: Option<PathBuf>,
+    pub socket: PathBuf,
+    pub next_hop_mac: Option<[u8; 6]>,
+    pub encap_src_v4: Option<(Ipv4Addr, u8)>,
+    pub encap_src_v6: Option<(Ipv6Addr, u8)>,
+    pub mtu: u32,
+    pub conn_table_size: u32,
+    pub ring_capacity: u32,
+    pub keep: bool,
+    /// bpffs directory for pins; the interface name is appended.
+    pub pin_root: PathBuf,
+    /// Directory of the state file `IFACE.json`.
+    pub state_dir: PathBuf,
+}
+
+pub async fn run(opts: UpOptions) -> Result<()> {
+    let ifindex = netlink::if_index(&opts.iface)
+        .with_context(|| format!("no interface '{}' in this network namespace", opts.iface))?;
+    ensure_bpffs(&opts.pin_root)?;
+    let pin_dir = opts.pin_root.join(&opts.iface);
+    let link_pin = pin_dir.join("link");
+    std::fs::create_dir_all(&opts.state_dir)?;
+    let state_file = opts.state_dir.join(format!("{}.json", opts.iface));
+
+    // Adopt what a previous controller left running, if it left its state.
+    let saved: Option<Saved> = if link_pin.exists() && state_file.exists() {
+        let text = std::fs::read(&state_file)?;
+        Some(serde_json::from_slice(&text).with_context(|| format!("state file {} is damaged", state_file.display()))?)
+    } else {
+        if pin_dir.exists() {
+            warn!(dir = %pin_dir.display(), "removing pins without a state file: starting afresh");
+            remove_pins(&pin_dir);
+        }
+        None
+    };
+    let adopted = saved.is_some();
+    let (conn_table_size, ring_capacity) = match &saved {
+        Some(s) => (s.conn_table_size, s.ring_capacity),
+        None => (opts.conn_table_size, opts.ring_capacity),
+    };
+    std::fs::create_dir_all(&pin_dir)?;
+    let mut dp = Dataplane::load(LoadOptions {
+        conn_table_size,
+        ring_capacity,
+        bench_restore: false,
+        pin_dir: Some(pin_dir.clone()),
+    })?;
+
+    let nl = Netlink::open()?;
+    let next_hop_mac = match opts.next_hop_mac {
+        Some(mac) => mac,
+        None => resolve_next_hop(&nl).await?,
+    };
+    let addrs = nl.addresses(ifindex).await.unwrap_or_default();
+    let settings = Settings {
+        next_hop_mac,
+        encap_src_v4: opts.encap_src_v4.unwrap_or_else(|| default_source_v4(&addrs)),
+        encap_src_v6: opts.encap_src_v6.unwrap_or_else(|| default_source_v6(&addrs)),
+        mtu: opts.mtu,
+    };
+    let (services, checks) = match saved {
+        Some(saved) => {
+            let mut services = Services::restore(saved.services);
+            services.set_settings(&mut dp, settings)?;
+            (services, saved.checks.into_iter().map(|(v, a, c)| ((v, a), c)).collect())
+        }
+        None => (Services::new(&mut dp, settings)?, Default::default()),
+    };
+
+    let xdp_mode = if adopted {
+        let link = PinnedLink::from_pin(&link_pin).context("opening the pinned XDP link")?;
+        let link = XdpLink::try_from(FdLink::from(link)).context("the pinned link is not an XDP link")?;
+        dp.program().attach_to_link(link).context("replacing the running program")?;
+        "adopted".to_string()
+    } else {
+        attach(&mut dp, &opts.iface, opts.mode, &link_pin)?
+    };
+    info!(interface = %opts.iface, mode = %xdp_mode, adopted, "balancer attached");
+
+    let info = RunInfo {
+        interface: opts.iface.clone(),
+        xdp_mode,
+        adopted,
+        conn_table_size,
+        fixed_next_hop: opts.next_hop_mac.is_some(),
+    };
+    let ctrl = Controller::new(State { dp, services, checks }, state_file.clone(), ring_capacity, info);
+    if let Some(path) = &opts.config {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let want = desired::parse(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        for change in ctrl.apply(&want, false)? {
+            info!(%change, "config applied");
+        }
+    }
+    // Save once so that a restart adopts even an unchanged balancer.
+    ctrl.save_now();
+    ctrl.start_checks();
+    if !ctrl.info.fixed_next_hop {
+        tokio::spawn(refresh_next_hop(Arc::clone(&ctrl), nl));
+    }
+
+    info!(socket = %opts.socket.display(), "serving the API");
+    let served = api::serve(Arc::clone(&ctrl), &opts.socket, shutdown_signal()).await;
+    ctrl.stop_checks();
+    let _ = std::fs::remove_file(&opts.socket);
+    if opts.keep {
+        info!("--keep: the program stays attached with its maps; `lbctl up` adopts it");
+    } else {
+        // Removing the link pin lets the link go when this process closes it.
+        remove_pins(&pin_dir);
+        let _ = std::fs::remove_file(&state_file);
+        info!("detached and unpinned");
+    }
+    served
+}
+
+/// Attaches in the chosen mode (auto: native, then generic) and pins the
+/// link so that it outlives this process. Returns the mode used.
+fn attach(dp: &mut Dataplane, iface: &str, choice: ModeChoice, link_pin: &Path) -> Result<String> {
+    let candidates: &[(XdpMode, &str)] = match choice {
+        ModeChoice::Auto => &[(XdpMode::Driver, "native"), (XdpMode::Skb, "generic")],
+        ModeChoice::Native => &[(XdpMode::Driver, "native")],
+        ModeChoice::Generic => &[(XdpMode::Skb, "generic")],
+        ModeChoice::Offload => &[(XdpMode::Hardware, "offload")],
+    };
+    let mut errors = Vec::new();
+    for (mode, name) in candidates {
+        match dp.program().attach(iface, *mode) {
+            Ok(id) => {
+                let link = dp.program().take_link(id)?;
+                let fd = FdLink::try_from(link).context("the kernel gave no bpf_link to pin")?;
+                fd.pin(link_pin).context("pinning the XDP link")?;
+                return Ok(name.to_string());
+            }
+            Err(e) => errors.push(format!("{name}: {}", error_chain(&e))),
+        }
+    }
+    bail!(
+        "cannot attach XDP to {iface} ({}). If another XDP program is attached, detach it first \
+         (ip link set dev {iface} xdp off)",
+        errors.join("; ")
+    )
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+/// Removes the pinned link (detaching it once no process holds it) and maps.
+pub fn remove_pins(dir: &Path) {
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for entry in entries.flatten() {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+    let _ = std::fs::remove_dir(dir);
+}
+
+pub fn ensure_bpffs(pin_root: &Path) -> Result<()> {
+    let mounts = std::fs::read_to_string("/proc/mounts")?;
+    let is_bpffs = |p: &Path| mounts.lines().any(|l| l.split_whitespace().nth(1) == p.to_str() && l.contains(" bpf "));
+    let mut p = Some(pin_root);
+    while let Some(dir) = p {
+        if is_bpffs(dir) {
+            return std::fs::create_dir_all(pin_root).context("creating the pin directory");
+        }
+        p = dir.parent();
+    }
+    let mount_point = Path::new("/sys/fs/bpf");
+    let status = std::process::Command::new("mount").args(["-t", "bpf", "bpf"]).arg(mount_point).status()?;
+    if !status.success() {
+        bail!("bpffs is not mounted at {} and mounting it failed", mount_point.display());
+    }
+    std::fs::create_dir_all(pin_root).context("creating the pin directory")
+}
+
+async fn resolve_next_hop(nl: &Netlink) -> Result<[u8; 6]> {
+    let gateway = nl
+        .default_gateway()
+        .await?
+        .context("no default route in this network namespace to find the next hop: give --next-hop-mac")?;
+    for _ in 0..30 {
+        if let Some(mac) = nl.neighbour_mac(gateway).await? {
+            info!(%gateway, mac = %netlink::format_mac(&mac), "next hop resolved");
+            return Ok(mac);
+        }
+        netlink::nudge_resolution(gateway);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    bail!("the gateway {gateway} did not resolve to a MAC within 3 s: give --next-hop-mac")
+}
+
+/// Keeps the next-hop MAC in step with the neighbour table.
+async fn refresh_next_hop(ctrl: Arc<Controller>, nl: Netlink) {
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let Ok(Some(gateway)) = nl.default_gateway().await else { continue };
+        match nl.neighbour_mac(gateway).await {
+            Ok(Some(mac)) => {
+                let _ = ctrl.set_next_hop_mac(mac);
+            }
+            _ => netlink::nudge_resolution(gateway),
+        }
+    }
+}
+
+fn default_source_v4(addrs: &[(IpAddr, u8)]) -> (Ipv4Addr, u8) {
+    addrs
+        .iter()
+        .find_map(|(a, _)| match a {
+            IpAddr::V4(v4) => Some((*v4, 32)),
+            _ => None,
+        })
+        .unwrap_or((Ipv4Addr::UNSPECIFIED, 32))
+}
+
+fn default_source_v6(addrs: &[(IpAddr, u8)]) -> (Ipv6Addr, u8) {
+    addrs
+        .iter()
+        .find_map(|(a, _)| match a {
+            IpAddr::V6(v6) if v6.segments()[0] & 0xffc0 != 0xfe80 => Some((*v6, 128)),
+            _ => None,
+        })
+        .unwrap_or((Ipv6Addr::UNSPECIFIED, 128))
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM: stopping"),
+        _ = int.recv() => info!("SIGINT: stopping"),
+    }
+}
