@@ -33,6 +33,22 @@ enum Cmd {
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
     },
+    /// The lab: an edge site in network namespaces (client, router, two LB
+    /// hosts, three backends) to experiment in.
+    Lab {
+        #[command(subcommand)]
+        command: LabCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum LabCmd {
+    /// Build lbctl and bring the lab up (it stays up until `lab down`).
+    Up,
+    /// Remove every namespace, process and pin of the lab.
+    Down,
+    /// What of the lab is running.
+    Status,
 }
 
 fn main() -> Result<()> {
@@ -46,11 +62,36 @@ fn main() -> Result<()> {
             Ok("done".into())
         })
         .map(|_| ()),
+        Cmd::Lab { command } => match command {
+            LabCmd::Up => {
+                let lbctl = build_lbctl(&root)?;
+                step("lab up", || {
+                    lb_lab::Lab::up(&lbctl, &mut lb_lab::print_step)?.keep();
+                    Ok("up: try `ip netns exec lbl-client curl http://203.0.113.10/`".into())
+                })?;
+                print!("{}", lb_lab::Lab::status()?);
+                Ok(())
+            }
+            LabCmd::Down => step("lab down", || lb_lab::Lab::down().map(|()| "down".into())).map(|_| ()),
+            LabCmd::Status => {
+                print!("{}", lb_lab::Lab::status()?);
+                Ok(())
+            }
+        },
         Cmd::Test { args } => {
             // One test binary at a time; inside one, tests run in parallel.
             run(Command::new("cargo").current_dir(&root).args(["test", "--workspace"]).arg("--").args(&args))
         }
     }
+}
+
+/// Builds the release `lbctl` and returns its path.
+fn build_lbctl(root: &Path) -> Result<PathBuf> {
+    step("build lbctl (release)", || {
+        run(Command::new("cargo").current_dir(root).args(["build", "--release", "-p", "lb-userspace", "--bin", "lbctl"]))?;
+        Ok("done".into())
+    })?;
+    Ok(root.join("target/release/lbctl"))
 }
 
 fn workspace_root() -> PathBuf {

@@ -11,7 +11,7 @@ use anyhow::{bail, Context, Result};
 use crate::{capture, run, step};
 
 /// Debian packages the tests and the lab use.
-const APT_PACKAGES: &[&str] = &["iproute2", "ethtool", "procps"];
+const APT_PACKAGES: &[&str] = &["iproute2", "ethtool", "procps", "util-linux", "curl", "nginx", "python3"];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
 pub fn setup(root: &Path) -> Result<()> {
@@ -105,10 +105,23 @@ fn ensure_apt_packages() -> Result<String> {
     }
     println!("    installing {}", missing.join(", "));
     run(Command::new("apt-get").args(["update", "-q"]))?;
-    run(Command::new("apt-get")
+    // Packages such as nginx start their service on install; the lab runs
+    // its own instances in namespaces, so keep the host's ports untouched
+    // (policy-rc.d exit 101 = "action forbidden", invoke-rc.d(8)).
+    let policy = Path::new("/usr/sbin/policy-rc.d");
+    let own_policy = !policy.exists();
+    if own_policy {
+        std::fs::write(policy, "#!/bin/sh\nexit 101\n")?;
+        std::fs::set_permissions(policy, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+    }
+    let installed = run(Command::new("apt-get")
         .args(["install", "-y", "-q", "--no-install-recommends"])
         .args(&missing)
-        .env("DEBIAN_FRONTEND", "noninteractive"))?;
+        .env("DEBIAN_FRONTEND", "noninteractive"));
+    if own_policy {
+        std::fs::remove_file(policy)?;
+    }
+    installed?;
     Ok(format!("installed {}", missing.join(", ")))
 }
 

@@ -1,0 +1,500 @@
+//! An edge site in network namespaces, for the demo, for people to try
+//! things in, and for the end-to-end tests:
+//!
+//! ```text
+//!  client (192.0.2.10-13, 2001:db8:c::10-13)
+//!     |
+//!  router --ECMP (L4 hash) for the VIPs--> lb1, lb2   (lbctl up, XDP native)
+//!     |  <------------- IP-in-IP (XDP_TX) -------------'
+//!     +-- be1, be2, be3   (lbctl decap up; VIPs on lo; nginx; echo server)
+//!          replies go from the VIP straight back to the client (DSR)
+//! ```
+//!
+//! Everything uses documentation addresses and namespaces named `lbl-*`;
+//! [`Lab::down`] removes all of it, and dropping a [`Lab`] calls it, so a
+//! failed test cleans up too.
+
+use std::{
+    fs,
+    io::Write,
+    os::fd::AsRawFd,
+    path::{Path, PathBuf},
+    process::{Command, Output, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+
+pub const VIP4: &str = "203.0.113.10";
+pub const VIP6: &str = "2001:db8:f::10";
+/// Where the lab keeps configs, logs, pid files, sockets and state.
+pub const DIR: &str = "/run/lb-lab";
+const PREFIX: &str = "lbl-";
+pub const LBS: usize = 2;
+pub const BACKENDS: usize = 3;
+/// Port of the line echo server on every backend (TCP and UDP).
+pub const ECHO_PORT: u16 = 9000;
+
+pub fn client_v4(i: usize) -> String {
+    format!("192.0.2.{}", 10 + i)
+}
+pub fn client_v6(i: usize) -> String {
+    format!("2001:db8:c::{}", 10 + i)
+}
+pub fn backend_v4(j: usize) -> String {
+    format!("198.51.100.{}", 16 * j + 2)
+}
+pub fn backend_v6(j: usize) -> String {
+    format!("2001:db8:b{j}::2")
+}
+pub fn lb_ns(i: usize) -> String {
+    format!("{PREFIX}lb{i}")
+}
+pub fn lb_iface(i: usize) -> String {
+    format!("lb{i}-eth")
+}
+pub fn backend_ns(j: usize) -> String {
+    format!("{PREFIX}be{j}")
+}
+pub const CLIENT_NS: &str = "lbl-client";
+pub const ROUTER_NS: &str = "lbl-router";
+
+/// Runs a command; fails with its stderr if it fails.
+pub fn sh(program: &str, args: &[&str]) -> Result<String> {
+    let out = Command::new(program).args(args).output().with_context(|| format!("cannot run {program}"))?;
+    if !out.status.success() {
+        bail!("{program} {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Runs a command inside a namespace (`ip netns exec`).
+pub fn ns(name: &str, args: &[&str]) -> Result<String> {
+    let mut full = vec!["netns", "exec", name];
+    full.extend_from_slice(args);
+    sh("ip", &full)
+}
+
+fn ip(name: &str, args: &str) -> Result<String> {
+    let mut full = vec!["-n", name];
+    full.extend(args.split_whitespace());
+    sh("ip", &full)
+}
+
+fn sysctl(name: &str, settings: &[&str]) -> Result<()> {
+    for s in settings {
+        ns(name, &["sysctl", "-qw", s])?;
+    }
+    Ok(())
+}
+
+/// Runs `f` on a thread that has entered namespace `name`: sockets it makes
+/// belong to that namespace and keep working from any thread afterwards.
+pub fn in_ns<T: Send + 'static>(name: &str, f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
+    let path = format!("/var/run/netns/{name}");
+    let file = fs::File::open(&path).with_context(|| format!("no namespace {name}"))?;
+    let name = name.to_string();
+    thread::spawn(move || {
+        if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            return Err(anyhow::anyhow!("setns {name}: {}", std::io::Error::last_os_error()));
+        }
+        Ok(f())
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("the thread in {path} panicked"))?
+}
+
+/// A running lab. Dropping it tears everything down unless [`Lab::keep`].
+pub struct Lab {
+    pub lbctl: PathBuf,
+    keep: bool,
+}
+
+impl Lab {
+    /// Builds the topology and starts every process; on any failure,
+    /// removes what it made. `log` receives a line per step.
+    pub fn up(lbctl: &Path, log: &mut dyn FnMut(&str)) -> Result<Lab> {
+        Lab::down()?;
+        let lab = Lab { lbctl: lbctl.canonicalize().context("lbctl binary")?, keep: false };
+        fs::create_dir_all(DIR)?;
+        log("namespaces and links");
+        lab.build_network()?;
+        log("decap on backends and router, VIPs on the backends' lo");
+        lab.start_decap()?;
+        log("nginx and echo servers on the backends");
+        for j in 1..=BACKENDS {
+            lab.start_servers(j)?;
+        }
+        for i in 1..=LBS {
+            log(&format!("lbctl up on lb{i}"));
+            lab.start_lb(i, &[])?;
+        }
+        Ok(lab)
+    }
+
+    /// Leaves the lab running after this value is dropped.
+    pub fn keep(mut self) {
+        self.keep = true;
+    }
+
+    fn build_network(&self) -> Result<()> {
+        let mut all = vec![CLIENT_NS.to_string(), ROUTER_NS.to_string()];
+        all.extend((1..=LBS).map(lb_ns));
+        all.extend((1..=BACKENDS).map(backend_ns));
+        for n in &all {
+            sh("ip", &["netns", "add", n])?;
+            ip(n, "link set lo up")?;
+        }
+        let link = |a_ns: &str, a: &str, b_ns: &str, b: &str| -> Result<()> {
+            sh("ip", &["link", "add", a, "netns", a_ns, "type", "veth", "peer", "name", b, "netns", b_ns])?;
+            ip(a_ns, &format!("link set {a} up"))?;
+            ip(b_ns, &format!("link set {b} up")).map(drop)
+        };
+        // Client: MTU 1400 leaves room for the outer header on 1500 links.
+        link(CLIENT_NS, "cl-eth", ROUTER_NS, "rt-cl")?;
+        ip(CLIENT_NS, "link set cl-eth mtu 1400")?;
+        ip(ROUTER_NS, "link set rt-cl mtu 1400")?;
+        ip(ROUTER_NS, "addr add 192.0.2.1/24 dev rt-cl")?;
+        ip(ROUTER_NS, "addr add 2001:db8:c::1/64 dev rt-cl nodad")?;
+        for i in 0..4 {
+            ip(CLIENT_NS, &format!("addr add {}/24 dev cl-eth", client_v4(i)))?;
+            ip(CLIENT_NS, &format!("addr add {}/64 dev cl-eth nodad", client_v6(i)))?;
+        }
+        ip(CLIENT_NS, "route add default via 192.0.2.1")?;
+        ip(CLIENT_NS, "-6 route add default via 2001:db8:c::1")?;
+        // Local sockets leave checksums to offload; across XDP_TX on veth
+        // they would arrive unfinished (PLATFORM.md). Real NICs do not.
+        ns(CLIENT_NS, &["ethtool", "-K", "cl-eth", "tx", "off"])?;
+
+        for i in 1..=LBS {
+            let (n, dev, rt) = (lb_ns(i), lb_iface(i), format!("rt-lb{i}"));
+            link(&n, &dev, ROUTER_NS, &rt)?;
+            ip(ROUTER_NS, &format!("addr add 198.51.100.{}/30 dev {rt}", 4 * i - 3))?;
+            ip(ROUTER_NS, &format!("addr add 2001:db8:a{i}::1/64 dev {rt} nodad"))?;
+            ip(&n, &format!("addr add 198.51.100.{}/30 dev {dev}", 4 * i - 2))?;
+            ip(&n, &format!("addr add 2001:db8:a{i}::2/64 dev {dev} nodad"))?;
+            ip(&n, &format!("route add default via 198.51.100.{}", 4 * i - 3))?;
+            ip(&n, &format!("-6 route add default via 2001:db8:a{i}::1"))?;
+        }
+        for j in 1..=BACKENDS {
+            let (n, dev, rt) = (backend_ns(j), format!("be{j}-eth"), format!("rt-be{j}"));
+            link(&n, &dev, ROUTER_NS, &rt)?;
+            ip(ROUTER_NS, &format!("addr add 198.51.100.{}/28 dev {rt}", 16 * j + 1))?;
+            ip(ROUTER_NS, &format!("addr add 2001:db8:b{j}::1/64 dev {rt} nodad"))?;
+            ip(&n, &format!("addr add {}/28 dev {dev}", backend_v4(j)))?;
+            ip(&n, &format!("addr add {}/64 dev {dev} nodad", backend_v6(j)))?;
+            ip(&n, &format!("addr add {VIP4}/32 dev lo"))?;
+            ip(&n, &format!("addr add {VIP6}/128 dev lo nodad"))?;
+            ip(&n, &format!("route add default via 198.51.100.{}", 16 * j + 1))?;
+            ip(&n, &format!("-6 route add default via 2001:db8:b{j}::1"))?;
+            // Packets for the VIP arrive on the backend link; replies leave
+            // from the VIP by the default route (DSR).
+            sysctl(&n, &["net.ipv4.conf.all.rp_filter=0", "net.ipv4.conf.default.rp_filter=0"])?;
+        }
+        sysctl(
+            ROUTER_NS,
+            &[
+                "net.ipv4.ip_forward=1",
+                "net.ipv6.conf.all.forwarding=1",
+                "net.ipv4.conf.all.rp_filter=0",
+                "net.ipv4.conf.default.rp_filter=0",
+                // ECMP over L4 fields: flows spread over both LB hosts.
+                "net.ipv4.fib_multipath_hash_policy=1",
+                "net.ipv6.fib_multipath_hash_policy=1",
+            ],
+        )?;
+        ip(ROUTER_NS, "route add 203.0.113.0/24 nexthop via 198.51.100.2 dev rt-lb1 nexthop via 198.51.100.6 dev rt-lb2")?;
+        ip(
+            ROUTER_NS,
+            "-6 route add 2001:db8:f::/64 nexthop via 2001:db8:a1::2 dev rt-lb1 nexthop via 2001:db8:a2::2 dev rt-lb2",
+        )?;
+        Ok(())
+    }
+
+    /// Runs `lbctl ARGS` inside namespace `name`, keeping the host's mounts
+    /// (bpffs) visible: nsenter enters the network namespace only.
+    pub fn lbctl_in(&self, name: &str, args: &[&str]) -> Result<String> {
+        let netns = format!("--net=/var/run/netns/{name}");
+        let mut full = vec![netns.as_str(), self.lbctl.to_str().unwrap()];
+        full.extend_from_slice(args);
+        sh("nsenter", &full)
+    }
+
+    fn start_decap(&self) -> Result<()> {
+        for j in 1..=BACKENDS {
+            self.lbctl_in(&backend_ns(j), &["decap", "up", &format!("be{j}-eth"), "--xdp-mode", "native"])?;
+        }
+        // XDP_TX on a veth only delivers when the peer runs XDP too
+        // (PLATFORM.md): the router's LB-facing ends get the decap program,
+        // which passes everything not addressed to it.
+        for i in 1..=LBS {
+            let addr = format!("198.51.100.{}", 4 * i - 3);
+            self.lbctl_in(ROUTER_NS, &["decap", "up", &format!("rt-lb{i}"), "--address", &addr])?;
+        }
+        Ok(())
+    }
+
+    /// The API socket of LB host `i`.
+    pub fn socket(i: usize) -> String {
+        format!("{DIR}/lb{i}.sock")
+    }
+
+    /// Starts `lbctl up` on LB host `i` in the background.
+    pub fn start_lb(&self, i: usize, extra: &[&str]) -> Result<u32> {
+        let socket = Lab::socket(i);
+        let _ = fs::remove_file(&socket);
+        let log = fs::OpenOptions::new().create(true).append(true).open(format!("{DIR}/lb{i}.log"))?;
+        let child = Command::new("nsenter")
+            .arg(format!("--net=/var/run/netns/{}", lb_ns(i)))
+            .arg(&self.lbctl)
+            .args(["--socket", &socket, "up", &lb_iface(i), "--xdp-mode", "native"])
+            .args(["--state-dir", &format!("{DIR}/state")])
+            .args(["--encap-src", &format!("198.51.100.{}/32", 4 * i - 2)])
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting lbctl up")?;
+        let pid = child.id();
+        fs::write(format!("{DIR}/lb{i}.pid"), pid.to_string())?;
+        wait_for(Duration::from_secs(10), || Path::new(&socket).exists())
+            .with_context(|| format!("lbctl up on lb{i} did not open its socket; see {DIR}/lb{i}.log"))?;
+        Ok(pid)
+    }
+
+    /// Sends `signal` to LB host `i`'s controller and waits for it to exit.
+    pub fn stop_lb(&self, i: usize, signal: i32) -> Result<()> {
+        let pid_file = format!("{DIR}/lb{i}.pid");
+        let pid: i32 = fs::read_to_string(&pid_file)?.trim().parse()?;
+        unsafe { libc::kill(pid, signal) };
+        let mut status = 0;
+        // Our own child: reap it. (After `lab up` in another process, it is
+        // not our child; then just wait for it to vanish.)
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(10) {
+            let r = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
+            if r == pid || (r < 0 && !running(pid)) {
+                let _ = fs::remove_file(&pid_file);
+                return Ok(());
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+        bail!("lbctl on lb{i} (pid {pid}) did not exit")
+    }
+
+    /// A client command for LB host `i`: `lbctl --socket ... ARGS`.
+    pub fn lbctl(&self, i: usize, args: &[&str]) -> Output {
+        Command::new(&self.lbctl)
+            .args(["--socket", &Lab::socket(i)])
+            .args(args)
+            .output()
+            .expect("lbctl runs")
+    }
+
+    /// Like [`Lab::lbctl`], on every LB host; fails if any fails.
+    pub fn lbctl_all(&self, args: &[&str]) -> Result<()> {
+        for i in 1..=LBS {
+            let out = self.lbctl(i, args);
+            if !out.status.success() {
+                bail!("lbctl {} on lb{i}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts nginx (HTTP on the VIPs, port 80) and the echo server
+    /// (TCP and UDP, port 9000) on backend `j`.
+    pub fn start_servers(&self, j: usize) -> Result<()> {
+        let dir = format!("{DIR}/be{j}");
+        fs::create_dir_all(format!("{dir}/tmp"))?;
+        let conf = format!(
+            "worker_processes 1;\ndaemon on;\npid {dir}/nginx.pid;\nerror_log {dir}/nginx-error.log;\n\
+             events {{ worker_connections 512; }}\n\
+             http {{\n  access_log off;\n  client_body_temp_path {dir}/tmp;\n  proxy_temp_path {dir}/tmp;\n  \
+             fastcgi_temp_path {dir}/tmp;\n  uwsgi_temp_path {dir}/tmp;\n  scgi_temp_path {dir}/tmp;\n  \
+             server {{\n    listen {VIP4}:80;\n    listen [{VIP6}]:80;\n    \
+             location / {{ default_type text/plain; return 200 \"be{j}\\n\"; }}\n  }}\n  \
+             server {{\n    listen {b4}:80;\n    listen [{b6}]:80;\n    \
+             location / {{ default_type text/plain; return 200 \"be{j} health\\n\"; }}\n  }}\n}}\n",
+            b4 = backend_v4(j),
+            b6 = backend_v6(j),
+        );
+        fs::write(format!("{dir}/nginx.conf"), conf)?;
+        ns(&backend_ns(j), &["nginx", "-c", &format!("{dir}/nginx.conf")])?;
+        fs::write(format!("{DIR}/echo.py"), ECHO_SERVER)?;
+        let log = fs::File::create(format!("{dir}/echo.log"))?;
+        let child = Command::new("ip")
+            .args(["netns", "exec", &backend_ns(j), "/usr/bin/python3", &format!("{DIR}/echo.py"), &format!("be{j}")])
+            .args([VIP4, VIP6])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()?;
+        fs::write(format!("{dir}/echo.pid"), child.id().to_string())?;
+        Ok(())
+    }
+
+    /// Stops nginx and the echo server of backend `j` (a dead backend).
+    pub fn stop_servers(&self, j: usize) -> Result<()> {
+        let dir = format!("{DIR}/be{j}");
+        for pid_file in [format!("{dir}/nginx.pid"), format!("{dir}/echo.pid")] {
+            kill_pid_file(&pid_file, libc::SIGTERM);
+        }
+        wait_for(Duration::from_secs(5), || !Path::new(&format!("{dir}/nginx.pid")).exists())
+            .context("nginx did not stop")
+    }
+
+    /// Removes every namespace, process and pin the lab made. Idempotent.
+    pub fn down() -> Result<()> {
+        for i in 1..=LBS {
+            kill_pid_file(&format!("{DIR}/lb{i}.pid"), libc::SIGKILL);
+        }
+        for j in 1..=BACKENDS {
+            kill_pid_file(&format!("{DIR}/be{j}/nginx.pid"), libc::SIGTERM);
+            kill_pid_file(&format!("{DIR}/be{j}/echo.pid"), libc::SIGKILL);
+        }
+        // Deleting a namespace destroys its veths and detaches their XDP
+        // programs; the pins would keep links alive, so remove them first.
+        for i in 1..=LBS {
+            remove_dir(&format!("/sys/fs/bpf/lbctl/{}", lb_iface(i)));
+            remove_dir(&format!("/sys/fs/bpf/lbctl-decap/rt-lb{i}"));
+        }
+        for j in 1..=BACKENDS {
+            remove_dir(&format!("/sys/fs/bpf/lbctl-decap/be{j}-eth"));
+        }
+        let listed = sh("ip", &["netns", "list"])?;
+        for line in listed.lines() {
+            if let Some(name) = line.split_whitespace().next().filter(|n| n.starts_with(PREFIX)) {
+                sh("ip", &["netns", "del", name])?;
+            }
+        }
+        let _ = fs::remove_dir_all(DIR);
+        Ok(())
+    }
+
+    /// One line per namespace and process, for `cargo xtask lab status`.
+    pub fn status() -> Result<String> {
+        let mut out = String::new();
+        let listed = sh("ip", &["netns", "list"])?;
+        let names: Vec<&str> =
+            listed.lines().filter_map(|l| l.split_whitespace().next()).filter(|n| n.starts_with(PREFIX)).collect();
+        if names.is_empty() {
+            return Ok("the lab is down\n".into());
+        }
+        for n in names {
+            let links = ip(n, "-br link")?;
+            let xdp = ip(n, "link")?.lines().filter(|l| l.trim_start().starts_with("prog/xdp")).count();
+            out.push_str(&format!("{n:<12} links: {:<40} xdp programs: {xdp}\n", links.lines().map(|l| l.split_whitespace().next().unwrap_or("")).collect::<Vec<_>>().join(" ")));
+        }
+        for i in 1..=LBS {
+            let alive = pid_alive(&format!("{DIR}/lb{i}.pid"));
+            out.push_str(&format!("lb{i} controller: {}  socket {}\n", if alive { "running" } else { "stopped" }, Lab::socket(i)));
+        }
+        Ok(out)
+    }
+
+    /// An HTTP GET from the client, from source address `src`.
+    pub fn curl(&self, src: &str, url: &str) -> Result<String> {
+        ns(CLIENT_NS, &["curl", "-sS", "--max-time", "3", "--interface", src, url])
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        if !self.keep {
+            if let Err(e) = Lab::down() {
+                eprintln!("lab teardown failed: {e:#}");
+            }
+        }
+    }
+}
+
+fn remove_dir(dir: &str) {
+    if let Ok(entries) = fs::read_dir(dir) {
+        for e in entries.flatten() {
+            let _ = fs::remove_file(e.path());
+        }
+    }
+    let _ = fs::remove_dir(dir);
+}
+
+fn pid_alive(pid_file: &str) -> bool {
+    fs::read_to_string(pid_file).ok().and_then(|p| p.trim().parse::<i32>().ok()).is_some_and(running)
+}
+
+/// Alive and not a zombie (an orphan's zombie may linger if nobody reaps it).
+fn running(pid: i32) -> bool {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let state = stat.rsplit_once(") ").and_then(|(_, rest)| rest.chars().next());
+    matches!(state, Some(s) if s != 'Z' && s != 'X')
+}
+
+/// Signals the process named in a pid file the lab wrote, then drops the file.
+fn kill_pid_file(pid_file: &str, signal: i32) {
+    if let Some(pid) = fs::read_to_string(pid_file).ok().and_then(|p| p.trim().parse::<i32>().ok()) {
+        unsafe { libc::kill(pid, signal) };
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(5) {
+            unsafe { libc::waitpid(pid, std::ptr::null_mut(), libc::WNOHANG) };
+            if !running(pid) {
+                break;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+    let _ = fs::remove_file(pid_file);
+}
+
+pub fn wait_for(limit: Duration, mut ok: impl FnMut() -> bool) -> Result<()> {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if ok() {
+            return Ok(());
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+    bail!("not within {limit:?}")
+}
+
+/// Writes progress lines to stdout (for xtask).
+pub fn print_step(line: &str) {
+    println!("    {line}");
+    let _ = std::io::stdout().flush();
+}
+
+/// Echo server of every backend: each TCP line comes back as
+/// "NAME LINE"; each UDP datagram as "NAME DATAGRAM".
+const ECHO_SERVER: &str = r#"
+import socket, sys, threading
+name, addrs = sys.argv[1], sys.argv[2:]
+PORT = 9000
+
+def serve_tcp(conn):
+    with conn, conn.makefile("rb") as lines:
+        for line in lines:
+            conn.sendall(name.encode() + b" " + line)
+
+def tcp(addr):
+    fam = socket.AF_INET6 if ":" in addr else socket.AF_INET
+    s = socket.socket(fam, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind((addr, PORT)); s.listen(128)
+    while True:
+        c, _ = s.accept()
+        threading.Thread(target=serve_tcp, args=(c,), daemon=True).start()
+
+def udp(addr):
+    fam = socket.AF_INET6 if ":" in addr else socket.AF_INET
+    s = socket.socket(fam, socket.SOCK_DGRAM)
+    s.bind((addr, PORT))
+    while True:
+        data, peer = s.recvfrom(65535)
+        s.sendto(name.encode() + b" " + data, peer)
+
+for a in addrs:
+    threading.Thread(target=tcp, args=(a,), daemon=True).start()
+    threading.Thread(target=udp, args=(a,), daemon=True).start()
+threading.Event().wait()
+"#;
