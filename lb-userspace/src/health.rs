@@ -124,7 +124,7 @@ async fn http_get(addr: IpAddr, port: u16, host: &str, path: &str) -> Result<(),
     let request =
         format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: lbctl-health\r\nConnection: close\r\n\r\n");
     stream.write_all(request.as_bytes()).await.map_err(|e| e.to_string())?;
-    let mut head = vec![0u8; 64];
+    let mut head = [0u8; 64];
     let mut got = 0;
     while got < 12 {
         let n = stream.read(&mut head[got..]).await.map_err(|e| e.to_string())?;

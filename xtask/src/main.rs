@@ -88,7 +88,14 @@ fn main() -> Result<()> {
 /// Builds the release `lbctl` and returns its path.
 fn build_lbctl(root: &Path) -> Result<PathBuf> {
     step("build lbctl (release)", || {
-        run(Command::new("cargo").current_dir(root).args(["build", "--release", "-p", "lb-userspace", "--bin", "lbctl"]))?;
+        run(Command::new("cargo").current_dir(root).args([
+            "build",
+            "--release",
+            "-p",
+            "lb-userspace",
+            "--bin",
+            "lbctl",
+        ]))?;
         Ok("done".into())
     })?;
     Ok(root.join("target/release/lbctl"))

@@ -11,7 +11,8 @@ use anyhow::{bail, Context, Result};
 use crate::{capture, run, step};
 
 /// Debian packages the tests and the lab use.
-const APT_PACKAGES: &[&str] = &["iproute2", "ethtool", "procps", "util-linux", "curl", "nginx", "python3"];
+const APT_PACKAGES: &[&str] =
+    &["iproute2", "ethtool", "procps", "util-linux", "curl", "nginx", "python3", "iputils-ping"];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
 pub fn setup(root: &Path) -> Result<()> {

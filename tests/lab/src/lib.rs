@@ -204,7 +204,10 @@ impl Lab {
                 "net.ipv6.fib_multipath_hash_policy=1",
             ],
         )?;
-        ip(ROUTER_NS, "route add 203.0.113.0/24 nexthop via 198.51.100.2 dev rt-lb1 nexthop via 198.51.100.6 dev rt-lb2")?;
+        ip(
+            ROUTER_NS,
+            "route add 203.0.113.0/24 nexthop via 198.51.100.2 dev rt-lb1 nexthop via 198.51.100.6 dev rt-lb2",
+        )?;
         ip(
             ROUTER_NS,
             "-6 route add 2001:db8:f::/64 nexthop via 2001:db8:a1::2 dev rt-lb1 nexthop via 2001:db8:a2::2 dev rt-lb2",
@@ -286,11 +289,7 @@ impl Lab {
 
     /// A client command for LB host `i`: `lbctl --socket ... ARGS`.
     pub fn lbctl(&self, i: usize, args: &[&str]) -> Output {
-        Command::new(&self.lbctl)
-            .args(["--socket", &Lab::socket(i)])
-            .args(args)
-            .output()
-            .expect("lbctl runs")
+        Command::new(&self.lbctl).args(["--socket", &Lab::socket(i)]).args(args).output().expect("lbctl runs")
     }
 
     /// Like [`Lab::lbctl`], on every LB host; fails if any fails.
@@ -386,11 +385,18 @@ impl Lab {
         for n in names {
             let links = ip(n, "-br link")?;
             let xdp = ip(n, "link")?.lines().filter(|l| l.trim_start().starts_with("prog/xdp")).count();
-            out.push_str(&format!("{n:<12} links: {:<40} xdp programs: {xdp}\n", links.lines().map(|l| l.split_whitespace().next().unwrap_or("")).collect::<Vec<_>>().join(" ")));
+            out.push_str(&format!(
+                "{n:<12} links: {:<40} xdp programs: {xdp}\n",
+                links.lines().map(|l| l.split_whitespace().next().unwrap_or("")).collect::<Vec<_>>().join(" ")
+            ));
         }
         for i in 1..=LBS {
             let alive = pid_alive(&format!("{DIR}/lb{i}.pid"));
-            out.push_str(&format!("lb{i} controller: {}  socket {}\n", if alive { "running" } else { "stopped" }, Lab::socket(i)));
+            out.push_str(&format!(
+                "lb{i} controller: {}  socket {}\n",
+                if alive { "running" } else { "stopped" },
+                Lab::socket(i)
+            ));
         }
         Ok(out)
     }

@@ -1,0 +1,524 @@
+//! End-to-end tests on the lab (tests/lab): real namespaces, veths, XDP in
+//! native mode, nginx and an echo server on the backends, everything driven
+//! through the `lbctl` CLI as a user would. Needs root. The lab is built
+//! for each test and removed after it, also when the test fails.
+
+use std::{
+    collections::HashMap,
+    io::{BufRead, BufReader, Write},
+    net::{SocketAddr, TcpStream, UdpSocket},
+    path::PathBuf,
+    process::Command,
+    sync::{Mutex, MutexGuard},
+    time::{Duration, Instant},
+};
+
+use lb_lab::*;
+
+/// One lab at a time: the tests share namespace names.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+struct Setup {
+    lab: Lab,
+    _serial: MutexGuard<'static, ()>,
+}
+
+fn lbctl_binary() -> PathBuf {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let status = Command::new(env!("CARGO"))
+        .current_dir(&root)
+        .args(["build", "-q", "-p", "lb-userspace", "--bin", "lbctl"])
+        .status()
+        .expect("cargo runs");
+    assert!(status.success(), "building lbctl failed");
+    root.join("target/debug/lbctl")
+}
+
+fn lab() -> Setup {
+    let serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let lab = Lab::up(&lbctl_binary(), &mut |_| {}).expect("lab up");
+    Setup { lab, _serial: serial }
+}
+
+/// Runs lbctl on LB host `i`; panics with its stderr if it fails.
+fn ok(lab: &Lab, i: usize, args: &[&str]) -> String {
+    let out = lab.lbctl(i, args);
+    assert!(out.status.success(), "lbctl {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn all(lab: &Lab, args: &[&str]) {
+    lab.lbctl_all(args).unwrap();
+}
+
+const HTTP4: &str = "203.0.113.10:80/tcp";
+const ECHO4: &str = "203.0.113.10:9000/tcp";
+const UDP4: &str = "203.0.113.10:9000/udp";
+const HTTP6: &str = "[2001:db8:f::10]:80/tcp";
+const ECHO6: &str = "[2001:db8:f::10]:9000/tcp";
+const UDP6: &str = "[2001:db8:f::10]:9000/udp";
+
+/// Every backend on every VIP, on both LB hosts, with `extra` backend args.
+fn serve_everything(lab: &Lab, extra: &[&str]) {
+    for vip in [HTTP4, ECHO4, UDP4, HTTP6, ECHO6, UDP6] {
+        all(lab, &["vip", "add", vip]);
+        for j in 1..=BACKENDS {
+            let addr = if vip.starts_with('[') { backend_v6(j) } else { backend_v4(j) };
+            let mut args = vec!["backend", "add", vip, &addr];
+            args.extend_from_slice(extra);
+            all(lab, &args);
+        }
+    }
+}
+
+/// A TCP connection from the client namespace, from `src`.
+fn connect(src: SocketAddr, dst: SocketAddr) -> TcpStream {
+    in_ns(CLIENT_NS, move || {
+        let socket = match src {
+            SocketAddr::V4(_) => libc_socket(libc::AF_INET),
+            SocketAddr::V6(_) => libc_socket(libc::AF_INET6),
+        };
+        bind_and_connect(socket, src, dst)
+    })
+    .unwrap()
+    .unwrap_or_else(|e| panic!("connect {src} -> {dst}: {e}"))
+}
+
+fn libc_socket(family: i32) -> std::os::fd::OwnedFd {
+    use std::os::fd::FromRawFd;
+    let fd = unsafe { libc::socket(family, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    assert!(fd >= 0);
+    unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) }
+}
+
+/// std has no bind-before-connect for TCP; do it on a raw socket so the
+/// test chooses the source port (and so knows the flow).
+fn bind_and_connect(fd: std::os::fd::OwnedFd, src: SocketAddr, dst: SocketAddr) -> std::io::Result<TcpStream> {
+    use std::os::fd::AsRawFd;
+    let raw = fd.as_raw_fd();
+    let one: i32 = 1;
+    unsafe { libc::setsockopt(raw, libc::SOL_SOCKET, libc::SO_REUSEADDR, &one as *const i32 as *const _, 4) };
+    let (sa, len) = sockaddr(src);
+    if unsafe { libc::bind(raw, &sa as *const _ as *const libc::sockaddr, len) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let (da, dlen) = sockaddr(dst);
+    if unsafe { libc::connect(raw, &da as *const _ as *const libc::sockaddr, dlen) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let stream = TcpStream::from(fd);
+    stream.set_read_timeout(Some(Duration::from_secs(3)))?;
+    Ok(stream)
+}
+
+fn sockaddr(a: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    match a {
+        SocketAddr::V4(v4) => {
+            let sin = libc::sockaddr_in {
+                sin_family: libc::AF_INET as u16,
+                sin_port: v4.port().to_be(),
+                sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes(v4.ip().octets()) },
+                sin_zero: [0; 8],
+            };
+            unsafe { std::ptr::write(&mut storage as *mut _ as *mut libc::sockaddr_in, sin) };
+            (storage, std::mem::size_of::<libc::sockaddr_in>() as u32)
+        }
+        SocketAddr::V6(v6) => {
+            let sin6 = libc::sockaddr_in6 {
+                sin6_family: libc::AF_INET6 as u16,
+                sin6_port: v6.port().to_be(),
+                sin6_flowinfo: 0,
+                sin6_addr: libc::in6_addr { s6_addr: v6.ip().octets() },
+                sin6_scope_id: 0,
+            };
+            unsafe { std::ptr::write(&mut storage as *mut _ as *mut libc::sockaddr_in6, sin6) };
+            (storage, std::mem::size_of::<libc::sockaddr_in6>() as u32)
+        }
+    }
+}
+
+/// Sends a line on an echo connection; returns the backend that answered.
+fn echo(stream: &mut TcpStream, line: &str) -> String {
+    stream.write_all(format!("{line}\n").as_bytes()).unwrap();
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    let mut reply = String::new();
+    reader.read_line(&mut reply).unwrap_or_else(|e| panic!("no echo of {line:?}: {e}"));
+    let (backend, rest) = reply.trim_end().split_once(' ').expect("NAME LINE");
+    assert_eq!(rest, line);
+    backend.to_string()
+}
+
+/// One UDP exchange from `src`; returns the backend and the reply's source.
+fn udp(src: SocketAddr, dst: SocketAddr) -> (String, SocketAddr) {
+    in_ns(CLIENT_NS, move || {
+        let s = UdpSocket::bind(src).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        s.send_to(b"ping", dst).unwrap();
+        let mut buf = [0u8; 256];
+        let (n, from) = s.recv_from(&mut buf).unwrap_or_else(|e| panic!("no UDP reply {src} -> {dst}: {e}"));
+        let text = String::from_utf8_lossy(&buf[..n]).to_string();
+        (text.split_once(' ').unwrap().0.to_string(), from)
+    })
+    .unwrap()
+}
+
+/// The backend `lbctl explain` names, as the lab's backend name (be1..).
+fn explained(lab: &Lab, i: usize, client: &str, vip: &str) -> String {
+    let out = ok(lab, i, &["-o", "json", "explain", client, vip]);
+    let addr = out.split("\"backend\": \"").nth(1).unwrap().split('"').next().unwrap().to_string();
+    let j = (1..=BACKENDS).find(|&j| backend_v4(j) == addr || backend_v6(j) == addr).expect("a lab backend");
+    format!("be{j}")
+}
+
+fn sock(addr: &str, port: u16) -> SocketAddr {
+    let ip: std::net::IpAddr = addr.parse().unwrap();
+    SocketAddr::new(ip, port)
+}
+
+#[test]
+fn tcp_http_and_udp_reach_the_chosen_backend_over_both_families_with_direct_return() {
+    let s = lab();
+    let lab = &s.lab;
+    serve_everything(lab, &[]);
+    // The LB hosts neither forward nor own the VIP: replies cannot pass them.
+    for i in 1..=LBS {
+        assert_eq!(ns(&lb_ns(i), &["sysctl", "-n", "net.ipv4.ip_forward"]).unwrap().trim(), "0");
+    }
+    let mut seen = HashMap::new();
+    for (n, port) in (41000..41024).enumerate() {
+        let c = n % 4;
+        for (src, vip_addr, echo_vip, udp_vip) in [(client_v4(c), VIP4, ECHO4, UDP4), (client_v6(c), VIP6, ECHO6, UDP6)]
+        {
+            let client = sock(&src, port).to_string();
+            let want = explained(lab, 1, &client, echo_vip);
+            assert_eq!(explained(lab, 2, &client, echo_vip), want, "both LB hosts agree");
+            let mut stream = connect(sock(&src, port), sock(vip_addr, ECHO_PORT));
+            assert_eq!(stream.peer_addr().unwrap().ip().to_string(), vip_addr);
+            assert_eq!(echo(&mut stream, "hello"), want, "TCP {client}");
+            let want_udp = explained(lab, 1, &client, udp_vip);
+            let (got, from) = udp(sock(&src, port), sock(vip_addr, ECHO_PORT));
+            assert_eq!(got, want_udp, "UDP {client}");
+            assert_eq!(from, sock(vip_addr, ECHO_PORT), "the UDP reply comes from the VIP (DSR)");
+            *seen.entry(got).or_insert(0) += 1;
+        }
+    }
+    assert_eq!(seen.len(), BACKENDS, "every backend served some flows: {seen:?}");
+    // Real HTTP through nginx, both families.
+    for c in 0..4 {
+        let body = lab.curl(&client_v4(c), "http://203.0.113.10/").unwrap();
+        assert!(body.starts_with("be"), "{body}");
+        let body = lab.curl(&client_v6(c), "http://[2001:db8:f::10]/").unwrap();
+        assert!(body.starts_with("be"), "{body}");
+    }
+}
+
+#[test]
+fn new_flows_follow_the_weights() {
+    let s = lab();
+    let lab = &s.lab;
+    all(lab, &["vip", "add", UDP4]);
+    for j in 1..=BACKENDS {
+        all(lab, &["backend", "add", UDP4, &backend_v4(j), "--weight", &j.to_string()]);
+    }
+    let mut counts = [0usize; BACKENDS + 1];
+    let flows = 600;
+    for n in 0..flows {
+        let (got, _) = udp(sock(&client_v4(n % 4), 20000 + n as u16), sock(VIP4, ECHO_PORT));
+        counts[got[2..].parse::<usize>().unwrap()] += 1;
+    }
+    // Tolerance: each share within 6 percentage points of weight/6 (about
+    // four standard deviations of a binomial over 600 flows).
+    for (j, count) in counts.iter().enumerate().skip(1) {
+        let share = *count as f64 / flows as f64;
+        let want = j as f64 / 6.0;
+        println!("be{j}: weight {j}, {:.1}% of {flows} flows (weight share {:.1}%)", share * 100.0, want * 100.0);
+        assert!((share - want).abs() < 0.06, "be{j}: {share} vs {want}");
+    }
+}
+
+#[test]
+fn a_long_connection_survives_adds_drains_weights_and_another_backend_dying() {
+    let s = lab();
+    let lab = &s.lab;
+    all(lab, &["vip", "add", ECHO4]);
+    for j in 1..=2 {
+        all(
+            lab,
+            &[
+                "backend",
+                "add",
+                ECHO4,
+                &backend_v4(j),
+                "--check",
+                "tcp:9000",
+                "--interval",
+                "300ms",
+                "--timeout",
+                "200ms",
+                "--fall",
+                "2",
+            ],
+        );
+    }
+    let mut stream = connect(sock(&client_v4(0), 45000), sock(VIP4, ECHO_PORT));
+    let mine = echo(&mut stream, "start");
+    let other = if mine == "be1" { 2 } else { 1 };
+    type Step<'a> = (&'a str, Box<dyn Fn() + 'a>);
+    let steps: Vec<Step> = vec![
+        ("add be3", Box::new(|| all(lab, &["backend", "add", ECHO4, &backend_v4(3)]))),
+        ("re-weight", Box::new(|| all(lab, &["backend", "set-weight", ECHO4, &backend_v4(3), "5"]))),
+        ("drain the other", Box::new(move || all(lab, &["backend", "drain", ECHO4, &backend_v4(other)]))),
+        ("kill the other", Box::new(move || lab.stop_servers(other).unwrap())),
+        ("wait for its health check", Box::new(|| std::thread::sleep(Duration::from_millis(1200)))),
+    ];
+    for (name, step) in steps {
+        step();
+        assert_eq!(echo(&mut stream, name), mine, "after '{name}' the connection stays on {mine}");
+    }
+    // And our own backend is drained: still ours.
+    let own_addr = backend_v4(mine[2..].parse().unwrap());
+    all(lab, &["backend", "drain", ECHO4, &own_addr]);
+    assert_eq!(echo(&mut stream, "own drained"), mine);
+}
+
+#[test]
+fn a_dead_backend_leaves_within_interval_times_fall_and_returns_after_rise() {
+    let s = lab();
+    let lab = &s.lab;
+    all(lab, &["vip", "add", ECHO4]);
+    for j in 1..=BACKENDS {
+        all(
+            lab,
+            &[
+                "backend",
+                "add",
+                ECHO4,
+                &backend_v4(j),
+                "--check",
+                "http://lab:80/",
+                "--interval",
+                "400ms",
+                "--timeout",
+                "200ms",
+                "--rise",
+                "2",
+                "--fall",
+                "2",
+            ],
+        );
+    }
+    // A connection on a backend that stays alive.
+    let (port, keeper) = (46000..46100)
+        .map(|p| (p, explained(lab, 1, &sock(&client_v4(1), p).to_string(), ECHO4)))
+        .find(|(_, b)| b != "be2")
+        .unwrap();
+    let mut kept = connect(sock(&client_v4(1), port), sock(VIP4, ECHO_PORT));
+    assert_eq!(echo(&mut kept, "before"), keeper);
+
+    lab.stop_servers(2).unwrap();
+    let killed = Instant::now();
+    // interval x fall = 800 ms, plus jitter (10%) and the probe timeout.
+    let limit = Duration::from_millis(400 * 2 + 80 + 200 + 700);
+    wait_for(limit, || {
+        (1..=LBS).all(|i| {
+            let list = ok(lab, i, &["backend", "list", ECHO4]);
+            list.lines().any(|l| l.contains(&backend_v4(2)) && l.contains("down"))
+        })
+    })
+    .expect("be2 marked down on both LB hosts");
+    println!("be2 out of the ring {:?} after it died", killed.elapsed());
+    for n in 0..40u16 {
+        let mut c = connect(sock(&client_v4((n % 4) as usize), 47000 + n), sock(VIP4, ECHO_PORT));
+        assert_ne!(echo(&mut c, "new"), "be2");
+    }
+    assert_eq!(echo(&mut kept, "during"), keeper, "other backends' connections are untouched");
+
+    lab.start_servers(2).unwrap();
+    wait_for(Duration::from_secs(4), || {
+        (1..=LBS).all(|i| {
+            ok(lab, i, &["backend", "list", ECHO4]).lines().any(|l| l.contains(&backend_v4(2)) && l.contains(" up "))
+        })
+    })
+    .expect("be2 back up after rise checks");
+    let back = (48000..48200u16).any(|p| {
+        let mut c = connect(sock(&client_v4(2), p), sock(VIP4, ECHO_PORT));
+        echo(&mut c, "again") == "be2"
+    });
+    assert!(back, "new flows reach be2 again");
+}
+
+#[test]
+fn sigkill_of_the_controllers_keeps_a_streaming_connection_and_restart_restores_state() {
+    let s = lab();
+    let lab = &s.lab;
+    all(lab, &["vip", "add", ECHO4]);
+    for j in 1..=BACKENDS {
+        all(lab, &["backend", "add", ECHO4, &backend_v4(j), "--weight", &j.to_string()]);
+    }
+    let before = ok(lab, 1, &["backend", "list", ECHO4]);
+    let mut stream = connect(sock(&client_v4(0), 49000), sock(VIP4, ECHO_PORT));
+    let mine = echo(&mut stream, "0");
+    let streamer = std::thread::spawn(move || {
+        for n in 1..=60 {
+            assert_eq!(echo(&mut stream, &n.to_string()), mine, "line {n}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    for i in 1..=LBS {
+        lab.stop_lb(i, libc::SIGKILL).unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    for i in 1..=LBS {
+        lab.start_lb(i, &[]).unwrap();
+    }
+    streamer.join().expect("the connection streamed through the kill and restart");
+    for i in 1..=LBS {
+        let status = ok(lab, i, &["status"]);
+        assert!(status.contains("adopted        true"), "{status}");
+    }
+    let after = ok(lab, 1, &["backend", "list", ECHO4]);
+    let strip =
+        |t: &str| t.lines().map(|l| l.split_whitespace().take(5).collect::<Vec<_>>().join(" ")).collect::<Vec<_>>();
+    assert_eq!(strip(&after), strip(&before), "backends restored");
+    // A clean stop detaches: no XDP program is left on the LB host.
+    lab.stop_lb(1, libc::SIGTERM).unwrap();
+    assert!(!ip_link(&lb_ns(1)).contains("prog/xdp"));
+}
+
+fn ip_link(name: &str) -> String {
+    sh("ip", &["-n", name, "link"]).unwrap()
+}
+
+#[test]
+fn a_flow_moved_between_lb_hosts_by_the_router_keeps_its_backend() {
+    let s = lab();
+    let lab = &s.lab;
+    all(lab, &["vip", "add", ECHO4]);
+    for j in 1..=BACKENDS {
+        all(lab, &["backend", "add", ECHO4, &backend_v4(j)]);
+    }
+    for p in 0..200u16 {
+        let client = sock(&client_v4((p % 4) as usize), 50000 + p).to_string();
+        assert_eq!(explained(lab, 1, &client, ECHO4), explained(lab, 2, &client, ECHO4), "{client}");
+    }
+    let pin = |i: usize| {
+        let via = format!("198.51.100.{}", 4 * i - 2);
+        ns(ROUTER_NS, &["ip", "route", "replace", "203.0.113.0/24", "via", &via]).unwrap();
+    };
+    pin(1);
+    let mut stream = connect(sock(&client_v4(3), 51000), sock(VIP4, ECHO_PORT));
+    let mine = echo(&mut stream, "via lb1");
+    pin(2);
+    assert_eq!(echo(&mut stream, "via lb2"), mine);
+    let forwarded = |i: usize| {
+        let stats = ok(lab, i, &["stats"]);
+        stats
+            .lines()
+            .find(|l| l.starts_with("forwarded"))
+            .unwrap()
+            .split_whitespace()
+            .nth(1)
+            .unwrap()
+            .parse::<u64>()
+            .unwrap()
+    };
+    assert!(forwarded(1) > 0 && forwarded(2) > 0, "both LB hosts carried the flow");
+}
+
+#[test]
+fn traffic_not_for_a_vip_passes_the_lb_host_untouched() {
+    let s = lab();
+    let lab = &s.lab;
+    serve_everything(lab, &[]);
+    // Ping the LB host's own address and reach a non-VIP port of its NIC.
+    ns(CLIENT_NS, &["ping", "-c", "3", "-i", "0.2", "-W", "2", "198.51.100.2"]).expect("ping through XDP");
+    ns(CLIENT_NS, &["ping", "-6", "-c", "3", "-i", "0.2", "-W", "2", "2001:db8:a1::2"]).expect("ping6 through XDP");
+    let stats = ok(lab, 1, &["-o", "json", "stats"]);
+    let not_for_us = stats
+        .split("\"not_for_us\",\n      \"value\": ")
+        .nth(1)
+        .unwrap()
+        .split(|c: char| !c.is_ascii_digit())
+        .next()
+        .unwrap();
+    assert!(not_for_us.parse::<u64>().unwrap() >= 6, "{stats}");
+}
+
+#[test]
+fn bad_input_is_refused_with_a_clear_error_and_changes_nothing() {
+    let s = lab();
+    let lab = &s.lab;
+    all(lab, &["vip", "add", ECHO4]);
+    all(lab, &["backend", "add", ECHO4, &backend_v4(1)]);
+    all(lab, &["vip", "add", ECHO6]);
+    let before = (ok(lab, 1, &["-o", "json", "vip", "list"]), ok(lab, 1, &["-o", "json", "backend", "list", ECHO4]));
+    let cases: &[(&[&str], &str)] = &[
+        (&["vip", "add", "203.0.113.300:80/tcp"], "203.0.113.300:80/tcp"),
+        (&["vip", "add", "203.0.113.10:80"], "no protocol"),
+        (&["vip", "add", "203.0.113.11:80/tcp", "--ring-size", "65536"], "not a prime"),
+        (&["vip", "add", "203.0.113.11:80/tcp", "--ring-size", "2000003"], "larger than the maximum"),
+        (&["vip", "add", ECHO4], "already exists"),
+        (&["backend", "add", "203.0.113.99:80/tcp", "198.51.100.18"], "no VIP 203.0.113.99:80/tcp"),
+        (&["backend", "add", ECHO4, &backend_v4(1)], "already exists"),
+        (&["backend", "add", ECHO4, "198.51.100.999"], "198.51.100.999"),
+        (&["backend", "add", ECHO4, &backend_v4(2), "--weight", "10001"], "weight 10001"),
+        (&["backend", "add", ECHO6, &backend_v4(2)], "is IPv4 but VIP"),
+        (&["backend", "add", ECHO4, &backend_v4(2), "--check", "smtp:25"], "smtp:25"),
+        (&["backend", "set-weight", ECHO4, &backend_v4(3), "2"], "no backend"),
+        (&["explain", "192.0.2.10", ECHO4], "not ADDR:PORT"),
+    ];
+    for (args, needle) in cases {
+        let out = lab.lbctl(1, args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "lbctl {} should fail", args.join(" "));
+        assert!(err.contains(needle), "lbctl {}: {err}", args.join(" "));
+    }
+    let bad = format!("{DIR}/bad.toml");
+    std::fs::write(
+        &bad,
+        "[[vip]]\nvip = \"203.0.113.10:9000/tcp\"\n\n[[vip.backend]]\naddress = \"198.51.100.18\"\nweight = 99999\n",
+    )
+    .unwrap();
+    let out = lab.lbctl(1, &["apply", "-f", &bad]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("line 6: weight 99999"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let after = (ok(lab, 1, &["-o", "json", "vip", "list"]), ok(lab, 1, &["-o", "json", "backend", "list", ECHO4]));
+    assert_eq!(after, before, "nothing changed");
+
+    // A good file: the changes are printed, a second apply changes nothing.
+    let good = format!("{DIR}/good.toml");
+    std::fs::write(
+        &good,
+        format!("[[vip]]\nvip = \"{ECHO4}\"\n\n[[vip.backend]]\naddress = \"{}\"\nweight = 2\n\n[[vip.backend]]\naddress = \"{}\"\n", backend_v4(1), backend_v4(3)),
+    )
+    .unwrap();
+    let first = ok(lab, 1, &["apply", "-f", &good]);
+    assert!(first.contains("- vip [2001:db8:f::10]:9000/tcp"), "{first}");
+    assert!(first.contains("~ backend 198.51.100.18 of 203.0.113.10:9000/tcp (weight 2"), "{first}");
+    assert!(first.contains("+ backend 198.51.100.50 of 203.0.113.10:9000/tcp"), "{first}");
+    assert_eq!(ok(lab, 1, &["apply", "-f", &good]).trim(), "no changes");
+}
+
+#[test]
+fn the_api_socket_refuses_other_users() {
+    let s = lab();
+    let lab = &s.lab;
+    let meta = std::fs::metadata(Lab::socket(1)).unwrap();
+    assert_eq!(std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o777, 0o600);
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(&lab.lbctl)
+        .args(["--socket", &Lab::socket(1), "vip", "add", ECHO4])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("ermission denied") || err.contains("cannot connect"), "{err}");
+    assert!(!ok(lab, 1, &["vip", "list"]).contains("203.0.113.10"), "nothing was added");
+}
