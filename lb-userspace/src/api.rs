@@ -13,7 +13,7 @@ use crate::{
     controller::{ApiError, Controller},
     desired::{self, BackendWish},
     netlink::format_mac,
-    services::{HashMode, Via, VipAddr, VipState},
+    services::{Via, VipAddr, VipState},
 };
 
 pub mod pb {
@@ -88,19 +88,12 @@ fn backend_of(vip: &VipAddr, text: &str) -> Result<IpAddr, Status> {
     desired::parse_backend_addr(vip, text).map_err(Status::invalid_argument)
 }
 
-fn hash_name(h: HashMode) -> &'static str {
-    match h {
-        HashMode::FiveTuple => "5tuple",
-        HashMode::SourceIp => "src-ip",
-    }
-}
-
 impl Api {
     fn vip_message(&self, state: &VipState, dp: &mut crate::Dataplane) -> pb::Vip {
         let stats = dp.vip_stats(state.id).unwrap_or_default();
         pb::Vip {
             vip: state.spec.vip.to_string(),
-            hash: hash_name(state.spec.hash).into(),
+            hash: state.spec.hash.to_string(),
             ring_size: state.spec.ring_size,
             backends: state.backends.len() as u32,
             active_backends: state.backends.values().filter(|b| state.in_ring(b)).count() as u32,

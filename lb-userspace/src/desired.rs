@@ -202,7 +202,7 @@ impl std::fmt::Display for Change {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Change::RemoveVip(v) => write!(f, "- vip {v}"),
-            Change::AddVip(s) => write!(f, "+ vip {} (hash {:?}, ring {})", s.vip, s.hash, s.ring_size),
+            Change::AddVip(s) => write!(f, "+ vip {} (hash {}, ring {})", s.vip, s.hash, s.ring_size),
             Change::RemoveBackend(v, a) => write!(f, "- backend {a} of {v}"),
             Change::AddBackend(v, a, w) | Change::UpdateBackend(v, a, w) => {
                 let sign = if matches!(self, Change::AddBackend(..)) { "+" } else { "~" };
@@ -336,7 +336,7 @@ fall = 2
                 "- backend 198.51.100.1 of 203.0.113.10:80/tcp",
                 "- vip [2001:db8::10]:0/udp",
                 "~ backend 198.51.100.2 of 203.0.113.10:80/tcp (weight 5, check none, drained)",
-                "+ vip [2001:db8::10]:0/udp (hash SourceIp, ring 257)",
+                "+ vip [2001:db8::10]:0/udp (hash src-ip, ring 257)",
                 "+ backend 2001:db8:1::1 of [2001:db8::10]:0/udp (weight 1, check http://svc.example:8080/healthz)",
             ]
         );

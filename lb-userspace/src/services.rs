@@ -57,6 +57,15 @@ pub enum HashMode {
     SourceIp,
 }
 
+impl fmt::Display for HashMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            HashMode::FiveTuple => "5tuple",
+            HashMode::SourceIp => "src-ip",
+        })
+    }
+}
+
 /// What identifies a VIP: address, port (0: every port) and protocol.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct VipAddr {

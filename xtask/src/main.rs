@@ -1,6 +1,7 @@
 //! Developer and CI entry points: `cargo xtask setup|build|test`.
 //! Every command runs `setup` first; it is quick when nothing is missing.
 
+mod demo;
 mod setup;
 
 use std::{
@@ -33,6 +34,9 @@ enum Cmd {
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
     },
+    /// The demo: lab up, VIPs through lbctl, HTTP traffic, stats, a
+    /// health-check failover, lab down.
+    Demo,
     /// The lab: an edge site in network namespaces (client, router, two LB
     /// hosts, three backends) to experiment in.
     Lab {
@@ -62,6 +66,10 @@ fn main() -> Result<()> {
             Ok("done".into())
         })
         .map(|_| ()),
+        Cmd::Demo => {
+            let lbctl = build_lbctl(&root)?;
+            demo::demo(&root, &lbctl)
+        }
         Cmd::Lab { command } => match command {
             LabCmd::Up => {
                 let lbctl = build_lbctl(&root)?;
