@@ -73,15 +73,30 @@ fn serve_everything(lab: &Lab, extra: &[&str]) {
 
 /// A TCP connection from the client namespace, from `src`.
 fn connect(src: SocketAddr, dst: SocketAddr) -> TcpStream {
+    try_connect(src, dst).unwrap_or_else(|e| panic!("connect {src} -> {dst}: {e}"))
+}
+
+fn try_connect(src: SocketAddr, dst: SocketAddr) -> std::io::Result<TcpStream> {
     in_ns(CLIENT_NS, move || {
         let socket = match src {
             SocketAddr::V4(_) => libc_socket(libc::AF_INET),
             SocketAddr::V6(_) => libc_socket(libc::AF_INET6),
         };
+        // Give up after about 3 s instead of the kernel's two minutes.
+        let retries: i32 = 1;
+        unsafe {
+            use std::os::fd::AsRawFd;
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                libc::IPPROTO_TCP,
+                libc::TCP_SYNCNT,
+                &retries as *const i32 as *const _,
+                4,
+            )
+        };
         bind_and_connect(socket, src, dst)
     })
     .unwrap()
-    .unwrap_or_else(|e| panic!("connect {src} -> {dst}: {e}"))
 }
 
 fn libc_socket(family: i32) -> std::os::fd::OwnedFd {
@@ -268,6 +283,8 @@ fn a_long_connection_survives_adds_drains_weights_and_another_backend_dying() {
     let steps: Vec<Step> = vec![
         ("add be3", Box::new(|| all(lab, &["backend", "add", ECHO4, &backend_v4(3)]))),
         ("re-weight", Box::new(|| all(lab, &["backend", "set-weight", ECHO4, &backend_v4(3), "5"]))),
+        ("delete be3", Box::new(|| all(lab, &["backend", "del", ECHO4, &backend_v4(3)]))),
+        ("add be3 again", Box::new(|| all(lab, &["backend", "add", ECHO4, &backend_v4(3)]))),
         ("drain the other", Box::new(move || all(lab, &["backend", "drain", ECHO4, &backend_v4(other)]))),
         ("kill the other", Box::new(move || lab.stop_servers(other).unwrap())),
         ("wait for its health check", Box::new(|| std::thread::sleep(Duration::from_millis(1200)))),
@@ -521,4 +538,81 @@ fn the_api_socket_refuses_other_users() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("ermission denied") || err.contains("cannot connect"), "{err}");
     assert!(!ok(lab, 1, &["vip", "list"]).contains("203.0.113.10"), "nothing was added");
+}
+
+#[test]
+fn all_backends_down_fails_open_and_says_so() {
+    let s = lab();
+    let lab = &s.lab;
+    all(lab, &["vip", "add", HTTP4]);
+    for j in 1..=BACKENDS {
+        all(
+            lab,
+            &[
+                "backend",
+                "add",
+                HTTP4,
+                &backend_v4(j),
+                "--check",
+                "tcp:80",
+                "--interval",
+                "300ms",
+                "--timeout",
+                "200ms",
+                "--fall",
+                "1",
+            ],
+        );
+    }
+    // Keep the echo servers: only nginx (the checked port) goes away.
+    for j in 1..=BACKENDS {
+        ns(&backend_ns(j), &["sh", "-c", &format!("kill $(cat {DIR}/be{j}/nginx.pid)")]).unwrap();
+    }
+    wait_for(Duration::from_secs(5), || (1..=LBS).all(|i| ok(lab, i, &["vip", "list"]).contains("3 (FAIL OPEN)")))
+        .expect("the VIP fails open with all three backends in its ring");
+    for i in 1..=LBS {
+        let status = ok(lab, i, &["status"]);
+        assert!(status.contains(&format!("failing open   {HTTP4}")), "{status}");
+    }
+    let log = std::fs::read_to_string(format!("{DIR}/lb1.log")).unwrap();
+    assert!(log.contains("failing open"), "logged");
+    // New flows still reach a backend: its kernel answers the SYN to the
+    // dead port with a RST from the VIP (refused), where a dropped packet
+    // would time out.
+    let err = try_connect(sock(&client_v4(0), 52000), sock(VIP4, 80)).unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "{err}");
+}
+
+#[test]
+fn the_next_hop_mac_follows_the_neighbour_table() {
+    let s = lab();
+    let lab = &s.lab;
+    all(lab, &["vip", "add", HTTP4]);
+    for j in 1..=BACKENDS {
+        all(lab, &["backend", "add", HTTP4, &backend_v4(j)]);
+    }
+    let mac_of = |i: usize| {
+        ok(lab, i, &["status"])
+            .lines()
+            .find(|l| l.starts_with("next-hop MAC"))
+            .unwrap()
+            .split_whitespace()
+            .last()
+            .unwrap()
+            .to_string()
+    };
+    let router_mac = |dev: &str| {
+        let out = sh("ip", &["-n", ROUTER_NS, "-br", "link", "show", dev]).unwrap();
+        out.split_whitespace().nth(2).unwrap().to_string()
+    };
+    assert_eq!(mac_of(1), router_mac("rt-lb1"));
+    // The router's NIC is replaced: a new MAC; the LB host's neighbour
+    // entry is refreshed (flushed here to make it immediate).
+    ns(ROUTER_NS, &["ip", "link", "set", "rt-lb1", "address", "02:00:5e:00:53:01"]).unwrap();
+    ns(&lb_ns(1), &["ip", "neigh", "flush", "dev", &lb_iface(1)]).unwrap();
+    wait_for(Duration::from_secs(5), || mac_of(1) == "02:00:5e:00:53:01").expect("new next-hop MAC picked up");
+    ns(ROUTER_NS, &["ip", "route", "replace", "203.0.113.0/24", "via", "198.51.100.2"]).unwrap();
+    for c in 0..4 {
+        assert!(lab.curl(&client_v4(c), "http://203.0.113.10/").unwrap().starts_with("be"));
+    }
 }

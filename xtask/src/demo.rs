@@ -54,7 +54,10 @@ pub fn demo(root: &Path, lbctl: &Path) -> Result<()> {
         lab.stop_servers(3)?;
         let t = Instant::now();
         wait_for(Duration::from_secs(5), || backend_is(&lab, "198.51.100.50", "down"))?;
-        println!("    be3 out of the ring on both LB hosts after {:.1} s (interval 500ms x fall 2)", t.elapsed().as_secs_f64());
+        println!(
+            "    be3 out of the ring on both LB hosts after {:.1} s (interval 500ms x fall 2)",
+            t.elapsed().as_secs_f64()
+        );
         let counts = spread(&lab, 100, false)?;
         print_spread(&counts);
         if counts.contains_key("be3") {
@@ -82,7 +85,9 @@ pub fn demo(root: &Path, lbctl: &Path) -> Result<()> {
 fn backend_is(lab: &Lab, addr: &str, state: &str) -> bool {
     (1..=lb_lab::LBS).all(|i| {
         let out = lab.lbctl(i, &["backend", "list", "203.0.113.10:80/tcp"]);
-        String::from_utf8_lossy(&out.stdout).lines().any(|l| l.contains(addr) && l.split_whitespace().any(|w| w == state))
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .any(|l| l.contains(addr) && l.split_whitespace().any(|w| w == state))
     })
 }
 
