@@ -105,25 +105,35 @@ pub fn ipv4_checksum(hdr: &Ipv4Hdr) -> u16 {
 
 /// Undo of [`encapsulate`] for the bench-only build: BPF_PROG_TEST_RUN
 /// with repeat > 1 feeds the program its own output, so the benchmark
-/// restores the input to keep every repetition on the same path.
+/// restores the input to keep every repetition on the same path. A SYN
+/// also gets the next source port, so that each repetition is a new flow.
+/// (The router's MAC is not restored: the parser does not read it.)
 #[cfg(feature = "bench-restore")]
 #[inline(always)]
-pub fn restore(ctx: &XdpContext, backend: &Backend, inner_family: u8) {
+pub fn restore(ctx: &XdpContext, backend: &Backend, inner_family: u8, syn: bool) {
     let outer_len = overhead(backend) as usize;
-    let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
-        return;
-    };
-    let (dst, src) = unsafe { ((*eth).dst, (*eth).src) };
+    let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else { return };
+    let own_mac = unsafe { (*eth).src };
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, outer_len as i32) } != 0 {
         return;
     }
-    let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
-        return;
-    };
+    let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else { return };
     let proto = if inner_family == AF_INET6 { ETH_P_IPV6 } else { ETH_P_IP };
     unsafe {
-        (*eth).dst = src;
-        (*eth).src = dst;
+        (*eth).dst = own_mac;
         (*eth).proto = proto;
+    }
+    if syn {
+        let l4 = if inner_family == AF_INET6 {
+            ETH_HLEN + IPV6_HLEN
+        } else {
+            match ptr_at::<u8>(ctx, ETH_HLEN) {
+                Some(v) => ETH_HLEN + ((unsafe { *v } & 0x0f) as usize) * 4,
+                None => return,
+            }
+        };
+        if let Some(port) = ptr_at::<u16>(ctx, l4) {
+            unsafe { *port = (*port).wrapping_add(1) };
+        }
     }
 }

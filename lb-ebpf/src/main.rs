@@ -135,7 +135,7 @@ fn balance(ctx: &XdpContext, stats: &mut [u64; stat::COUNT]) -> (u32, usize) {
         }
     }
     #[cfg(feature = "bench-restore")]
-    encap::restore(ctx, &backend, inner.family);
+    encap::restore(ctx, &backend, inner.family, pkt.syn);
     (XDP_TX, stat::FORWARDED)
 }
 

@@ -156,6 +156,17 @@ impl Dataplane {
         optional(self.hash::<FlowKey, ConnValue>(map_names::CONNS)?.get(flow, 0), map_names::CONNS)
     }
 
+    /// Fills the conn table in one system call per batch (benchmarks).
+    pub fn set_conns(&mut self, flows: &[FlowKey], values: &[ConnValue]) -> Result<(), DataplaneError> {
+        let Map::LruHashMap(data) = self.map(map_names::CONNS)? else {
+            return Err(DataplaneError::MissingMap(map_names::CONNS));
+        };
+        sys::update_batch(data.fd(), flows, values).map_err(|source| DataplaneError::Map {
+            name: map_names::CONNS,
+            source: MapError::SyscallError(aya::sys::SyscallError { call: "BPF_MAP_UPDATE_BATCH", io_error: source }),
+        })
+    }
+
     pub fn set_conn(&mut self, flow: &FlowKey, value: &ConnValue) -> Result<(), DataplaneError> {
         self.hash::<FlowKey, ConnValue>(map_names::CONNS)?.insert(flow, value, 0).map_err(map_err(map_names::CONNS))
     }

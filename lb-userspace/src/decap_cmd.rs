@@ -4,12 +4,12 @@
 use std::{net::IpAddr, path::Path};
 
 use anyhow::{bail, Context, Result};
-use aya::programs::{links::FdLink, links::PinnedLink, xdp::XdpLink};
+use aya::programs::links::{FdLink, PinnedLink};
 
 use crate::{
     dataplane::Decap,
     netlink::{self, Netlink},
-    up::{ensure_bpffs, remove_pins, ModeChoice},
+    up::{ensure_bpffs, remove_pins, replace_pinned, ModeChoice},
 };
 
 /// Attaches (or atomically replaces) the decap program on `iface`.
@@ -34,10 +34,11 @@ pub async fn up(iface: &str, addresses: &[IpAddr], mode: ModeChoice, pin_root: &
     let dir = pin_root.join(iface);
     let link_pin = dir.join("link");
     if link_pin.exists() {
-        let link = PinnedLink::from_pin(&link_pin).context("opening the pinned decap link")?;
-        let link = XdpLink::try_from(FdLink::from(link)).context("the pinned link is not an XDP link")?;
-        decap.program().attach_to_link(link).context("replacing the decap program")?;
-        return Ok(addrs);
+        if replace_pinned(decap.program(), &link_pin).is_ok() {
+            return Ok(addrs);
+        }
+        // Severed (its interface was deleted): attach anew below.
+        let _ = std::fs::remove_file(&link_pin);
     }
     std::fs::create_dir_all(&dir)?;
     let modes: &[aya::programs::XdpMode] = match mode {

@@ -6,3 +6,5 @@ use aya::include_bytes_aligned;
 pub static BALANCER: &[u8] = include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-balancer.o"));
 pub static BALANCER_BENCH: &[u8] = include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-balancer-bench.o"));
 pub static DECAP: &[u8] = include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-decap.o"));
+/// Benchmark floors: `floor_pass`, `floor_tx`, `floor_restore`.
+pub static FLOOR: &[u8] = include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-floor.o"));

@@ -102,13 +102,16 @@ pub async fn run(opts: UpOptions) -> Result<()> {
         None => (Services::new(&mut dp, settings)?, Default::default()),
     };
 
-    let xdp_mode = if adopted {
-        let link = PinnedLink::from_pin(&link_pin).context("opening the pinned XDP link")?;
-        let link = XdpLink::try_from(FdLink::from(link)).context("the pinned link is not an XDP link")?;
-        dp.program().attach_to_link(link).context("replacing the running program")?;
-        "adopted".to_string()
-    } else {
-        attach(&mut dp, &opts.iface, opts.mode, &link_pin)?
+    let xdp_mode = match adopted.then(|| replace_pinned(dp.program(), &link_pin)) {
+        Some(Ok(())) => "adopted".to_string(),
+        Some(Err(e)) => {
+            // The interface went away since (the link is severed): keep the
+            // maps and the restored state, attach afresh.
+            warn!(error = %error_chain(e.as_ref()), "the pinned link is unusable; attaching anew");
+            let _ = std::fs::remove_file(&link_pin);
+            attach(&mut dp, &opts.iface, opts.mode, &link_pin)?
+        }
+        None => attach(&mut dp, &opts.iface, opts.mode, &link_pin)?,
     };
     info!(interface = %opts.iface, mode = %xdp_mode, adopted, "balancer attached");
 
@@ -149,6 +152,14 @@ pub async fn run(opts: UpOptions) -> Result<()> {
     served
 }
 
+/// Atomically replaces the program behind a pinned XDP link with `program`.
+pub fn replace_pinned(program: &mut aya::programs::Xdp, link_pin: &Path) -> Result<()> {
+    let link = PinnedLink::from_pin(link_pin).context("opening the pinned XDP link")?;
+    let link = XdpLink::try_from(FdLink::from(link)).context("the pinned link is not an XDP link")?;
+    program.attach_to_link(link).context("replacing the running program")?;
+    Ok(())
+}
+
 /// Attaches in the chosen mode (auto: native, then generic) and pins the
 /// link so that it outlives this process. Returns the mode used.
 fn attach(dp: &mut Dataplane, iface: &str, choice: ModeChoice, link_pin: &Path) -> Result<String> {
@@ -177,7 +188,7 @@ fn attach(dp: &mut Dataplane, iface: &str, choice: ModeChoice, link_pin: &Path) 
     )
 }
 
-fn error_chain(e: &dyn std::error::Error) -> String {
+pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {

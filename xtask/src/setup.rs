@@ -12,7 +12,7 @@ use crate::{capture, run, step};
 
 /// Debian packages the tests and the lab use.
 const APT_PACKAGES: &[&str] =
-    &["iproute2", "ethtool", "procps", "util-linux", "curl", "nginx", "python3", "iputils-ping"];
+    &["iproute2", "ethtool", "procps", "util-linux", "curl", "nginx", "python3", "iputils-ping", "wrk", "haproxy"];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
 pub fn setup(root: &Path) -> Result<()> {

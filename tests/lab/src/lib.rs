@@ -363,6 +363,7 @@ impl Lab {
         for j in 1..=BACKENDS {
             remove_dir(&format!("/sys/fs/bpf/lbctl-decap/be{j}-eth"));
         }
+        remove_dir("/sys/fs/bpf/lbctl-decap/rt-cl");
         let listed = sh("ip", &["netns", "list"])?;
         for line in listed.lines() {
             if let Some(name) = line.split_whitespace().next().filter(|n| n.starts_with(PREFIX)) {

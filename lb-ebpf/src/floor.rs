@@ -1,0 +1,64 @@
+//! Floors for the benchmarks: the least an XDP program can do on each path,
+//! measured in the same run as the balancer so that numbers from these noisy
+//! machines can be read as ratios.
+#![no_std]
+#![no_main]
+
+#[allow(dead_code)] // the floors use only the Ethernet header
+mod headers;
+
+use aya_ebpf::{
+    bindings::xdp_action::{XDP_PASS, XDP_TX},
+    helpers::bpf_xdp_adjust_head,
+    macros::xdp,
+    programs::XdpContext,
+};
+
+use headers::{ptr_at, EthHdr};
+
+/// Returns XDP_PASS: the cost of running any XDP program at all.
+#[xdp]
+pub fn floor_pass(_ctx: XdpContext) -> u32 {
+    XDP_PASS
+}
+
+/// Swaps the MACs and bounces the frame: the least a forwarder does.
+#[xdp]
+pub fn floor_tx(ctx: XdpContext) -> u32 {
+    swap_macs(&ctx);
+    XDP_TX
+}
+
+/// floor_tx plus the bench build's grow-and-restore of the headroom: what
+/// the balancer's bench build adds to every forwarded packet.
+#[xdp]
+pub fn floor_restore(ctx: XdpContext) -> u32 {
+    unsafe {
+        if bpf_xdp_adjust_head(ctx.ctx, -20) != 0 || bpf_xdp_adjust_head(ctx.ctx, 20) != 0 {
+            return XDP_PASS;
+        }
+    }
+    swap_macs(&ctx);
+    XDP_TX
+}
+
+#[inline(always)]
+fn swap_macs(ctx: &XdpContext) {
+    if let Some(eth) = ptr_at::<EthHdr>(ctx, 0) {
+        unsafe {
+            let dst = (*eth).dst;
+            (*eth).dst = (*eth).src;
+            (*eth).src = dst;
+        }
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";
