@@ -1,6 +1,7 @@
 //! Developer and CI entry points: `cargo xtask setup|build|test`.
 //! Every command runs `setup` first; it is quick when nothing is missing.
 
+mod bench;
 mod demo;
 mod setup;
 
@@ -34,6 +35,16 @@ enum Cmd {
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
     },
+    /// Benchmarks: per-packet cost against floors, Maglev builds, control
+    /// latency, lab pps and HTTP rps against HAProxy. Prints a table.
+    Bench {
+        /// A shorter run (under 2 minutes once built).
+        #[arg(long)]
+        quick: bool,
+        /// Also write every number to this JSON file.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     /// The demo: lab up, VIPs through lbctl, HTTP traffic, stats, a
     /// health-check failover, lab down.
     Demo,
@@ -66,6 +77,7 @@ fn main() -> Result<()> {
             Ok("done".into())
         })
         .map(|_| ()),
+        Cmd::Bench { quick, json } => bench::bench(&root, quick, json.as_deref()),
         Cmd::Demo => {
             let lbctl = build_lbctl(&root)?;
             demo::demo(&root, &lbctl)
