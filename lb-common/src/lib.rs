@@ -22,8 +22,10 @@ pub mod map_names {
     pub const VIP_STATS: &str = "VIP_STATS";
     pub const BACKEND_STATS: &str = "BACKEND_STATS";
     pub const DECAP_ADDRS: &str = "DECAP_ADDRS";
+    pub const VIP_FILTER: &str = "VIP_FILTER";
     /// The balancer's maps: what a controller pins and a restart adopts.
-    pub const BALANCER_MAPS: [&str; 8] = [VIPS, BACKENDS, RINGS, CONNS, CONFIG, GLOBAL_STATS, VIP_STATS, BACKEND_STATS];
+    pub const BALANCER_MAPS: [&str; 9] =
+        [VIPS, VIP_FILTER, BACKENDS, RINGS, CONNS, CONFIG, GLOBAL_STATS, VIP_STATS, BACKEND_STATS];
 }
 
 /// Program names (the function names in `lb-ebpf`).
@@ -118,13 +120,30 @@ pub struct FlowKey {
     pub _pad: [u8; 2],
 }
 
-/// Value of the conn table.
+/// Value of the conn table. It carries what an established packet needs
+/// besides its backend, so that such a packet skips the VIP lookup.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ConnValue {
     pub backend_id: u32,
     /// The backend's cookie when the entry was made.
     pub cookie: u32,
+    /// The VIP the flow was balanced for (its stats index).
+    pub vip_id: u32,
+    /// The flow hash: outer source bits and IPv6 flow label.
+    pub hash: u32,
+}
+
+/// Slots of the VIP-address filter: an array of `u8`, 1 where some VIP's
+/// address hashes to the slot. Most packets on an edge NIC are not for a
+/// VIP; this inlined array lookup sends them on without any helper call.
+pub const VIP_FILTER_SLOTS: u32 = 1 << 16;
+
+/// The filter slot of a destination address (raw words). Multiplicative
+/// hashing; collisions only cost the colliding packets a full lookup.
+#[inline(always)]
+pub fn vip_filter_slot(addr: &[u32; 4]) -> u32 {
+    (addr[0] ^ addr[1] ^ addr[2] ^ addr[3]).wrapping_mul(0x9e37_79b1) >> 16
 }
 
 /// Config flag: some IPv4 (IPv6) VIP has port 0, so a miss on the exact

@@ -4,14 +4,19 @@
 //! is the packet path:
 //!
 //! 1. parse Ethernet / IPv4 / IPv6 / TCP / UDP (anything else: XDP_PASS);
-//! 2. look up the VIP by (address, port, protocol), then port 0;
-//! 3. conn table: an existing flow keeps its backend (a SYN picks afresh);
-//! 4. otherwise the VIP's Maglev ring picks, and the flow is remembered;
+//! 2. VIP-address filter: an inlined array lookup sends most non-VIP
+//!    packets on with no helper call at all;
+//! 3. conn table: an existing flow keeps its backend, and its entry carries
+//!    what the packet needs (VIP id, hash), so no VIP lookup (a SYN skips
+//!    this step and picks afresh);
+//! 4. otherwise look up the VIP by (address, port, protocol), then port 0,
+//!    and let its Maglev ring pick; the flow is remembered;
 //! 5. check the MTU, encapsulate towards the backend, XDP_TX.
 //!
-//! Per established packet: two hash lookups (VIP, conn table) and one
-//! adjust_head helper call; array lookups (config, backend, stats) are
-//! inlined by the kernel. A new flow adds a conn-table update.
+//! Helper calls per packet: established, 2 (conn-table lookup,
+//! adjust_head); new flow, 3 (VIP lookup, conn-table update, adjust_head);
+//! non-VIP, none unless its address collides in the filter. Array lookups
+//! (filter, config, ring, backend, stats) are inlined by the kernel.
 #![no_std]
 #![no_main]
 
@@ -26,9 +31,9 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
-    flow_hash, source_hash, stat, Backend, BackendStats, Config, ConnValue, FlowKey, GlobalStats, VipKey, VipMeta,
-    VipStats, AF_INET, CONFIG_F_PORT0_V4, CONFIG_F_PORT0_V6, DEFAULT_CONN_TABLE_SIZE, DEFAULT_RING_CAPACITY,
-    MAX_BACKENDS, MAX_VIPS, VIP_F_HASH_SRC_ONLY,
+    flow_hash, source_hash, stat, vip_filter_slot, Backend, BackendStats, Config, ConnValue, FlowKey, GlobalStats,
+    VipKey, VipMeta, VipStats, AF_INET, CONFIG_F_PORT0_V4, CONFIG_F_PORT0_V6, DEFAULT_CONN_TABLE_SIZE,
+    DEFAULT_RING_CAPACITY, MAX_BACKENDS, MAX_VIPS, VIP_FILTER_SLOTS, VIP_F_HASH_SRC_ONLY,
 };
 
 use encap::{encapsulate, overhead, Inner};
@@ -39,6 +44,9 @@ const BPF_F_NO_COMMON_LRU: u32 = 1 << 1;
 
 #[map]
 static VIPS: HashMap<VipKey, VipMeta> = HashMap::with_max_entries(MAX_VIPS, 0);
+/// 1 where some VIP address hashes to the slot (`vip_filter_slot`).
+#[map]
+static VIP_FILTER: Array<u8> = Array::with_max_entries(VIP_FILTER_SLOTS, 0);
 #[map]
 static BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);
 /// Every VIP's Maglev ring(s), back to back: slot -> backend id.
@@ -79,52 +87,40 @@ fn balance(ctx: &XdpContext, stats: &mut [u64; stat::COUNT]) -> (u32, usize) {
         Parsed::Malformed => return (XDP_PASS, stat::MALFORMED),
         Parsed::Fragment => return (XDP_PASS, stat::FRAGMENT),
     };
+
+    // 2. The filter: no VIP has this address.
+    if VIP_FILTER.get(vip_filter_slot(&pkt.flow.dst)).copied() != Some(1) {
+        return (XDP_PASS, stat::NOT_FOR_US);
+    }
     let Some(cfg) = CONFIG.get(0) else {
         return (XDP_PASS, stat::NOT_FOR_US);
     };
 
-    // 2. VIP lookup.
-    let Some(vip) = lookup_vip(cfg, &pkt.flow) else {
-        return (XDP_PASS, stat::NOT_FOR_US);
-    };
-    let vip_stats = VIP_STATS.get_ptr_mut(vip.vip_id);
-    if let Some(s) = vip_stats {
-        unsafe {
-            (*s).packets += 1;
-            (*s).bytes += pkt.ip_len as u64;
-        }
-    }
-    let hash = if vip.flags & VIP_F_HASH_SRC_ONLY != 0 {
-        source_hash(&pkt.flow.src)
-    } else {
-        let f = &pkt.flow;
-        flow_hash(&f.src, &f.dst, f.src_port, f.dst_port, f.proto)
-    };
-
-    // 3. and 4. Conn table, else the ring.
-    let (backend_id, backend) = match lookup_conn(&pkt) {
+    // 3. An established flow, or 4. a new one: VIP, then its ring.
+    let (backend_id, backend, conn) = match lookup_conn(&pkt) {
         Some(found) => {
             stats[stat::CONN_HIT] += 1;
             found
         }
         None => {
+            let Some(vip) = lookup_vip(cfg, &pkt.flow) else {
+                return (XDP_PASS, stat::NOT_FOR_US);
+            };
             stats[stat::CONN_MISS] += 1;
-            let Some(picked) = pick_from_ring(&vip, &pkt, hash) else {
+            let Some(picked) = pick_from_ring(&vip, &pkt) else {
+                count_vip(vip.vip_id, &pkt, 0);
                 return (XDP_DROP, stat::NO_BACKEND);
             };
-            if let Some(s) = vip_stats {
-                unsafe { (*s).new_flows += 1 };
-            }
+            count_vip(vip.vip_id, &pkt, 1);
             picked
         }
     };
-
     // 5. MTU, encapsulation, out.
     let cfg = *cfg;
     if pkt.ip_len + overhead(&backend) > cfg.mtu {
         return (XDP_PASS, stat::TOO_BIG);
     }
-    let inner = Inner { family: pkt.flow.family, ip_len: pkt.ip_len, tos: pkt.tos, hash };
+    let inner = Inner { family: pkt.flow.family, ip_len: pkt.ip_len, tos: pkt.tos, hash: conn.hash };
     if encapsulate(ctx, &cfg, &backend, &inner).is_err() {
         return (XDP_PASS, stat::ENCAP_FAILED);
     }
@@ -137,6 +133,18 @@ fn balance(ctx: &XdpContext, stats: &mut [u64; stat::COUNT]) -> (u32, usize) {
     #[cfg(feature = "bench-restore")]
     encap::restore(ctx, &backend, inner.family, pkt.syn);
     (XDP_TX, stat::FORWARDED)
+}
+
+/// Per-VIP packets, bytes and new flows.
+#[inline(always)]
+fn count_vip(vip_id: u32, pkt: &Packet, new_flows: u64) {
+    if let Some(s) = VIP_STATS.get_ptr_mut(vip_id) {
+        unsafe {
+            (*s).packets += 1;
+            (*s).bytes += pkt.ip_len as u64;
+            (*s).new_flows += new_flows;
+        }
+    }
 }
 
 /// The VIP for this destination: exact port first, then the port-0 VIP of
@@ -156,41 +164,46 @@ fn lookup_vip(cfg: &Config, flow: &FlowKey) -> Option<VipMeta> {
     unsafe { VIPS.get(&key) }.copied()
 }
 
-/// The flow's remembered backend, if it has one that still exists. A SYN
-/// starts a new connection, so it never reuses an entry.
+/// The flow's remembered backend, if it still exists. A SYN starts a new
+/// connection, so it never reuses an entry.
 #[inline(always)]
-fn lookup_conn(pkt: &Packet) -> Option<(u32, Backend)> {
+fn lookup_conn(pkt: &Packet) -> Option<(u32, Backend, ConnValue)> {
     if pkt.syn {
         return None;
     }
-    let conn = unsafe { CONNS.get(&pkt.flow) }?;
-    let conn = *conn;
+    let conn = *unsafe { CONNS.get(&pkt.flow) }?;
     let backend = BACKENDS.get(conn.backend_id)?;
     // A removed backend has cookie 0; a reused id has a new cookie.
     if backend.cookie == 0 || backend.cookie != conn.cookie {
         return None;
     }
-    Some((conn.backend_id, *backend))
+    count_vip(conn.vip_id, pkt, 0);
+    Some((conn.backend_id, *backend, conn))
 }
 
 /// Maglev: the ring slot of the flow's hash names the backend; the choice is
-/// remembered in the conn table.
+/// remembered in the conn table with what later packets need.
 #[inline(always)]
-fn pick_from_ring(vip: &VipMeta, pkt: &Packet, hash: u32) -> Option<(u32, Backend)> {
+fn pick_from_ring(vip: &VipMeta, pkt: &Packet) -> Option<(u32, Backend, ConnValue)> {
     if vip.ring_size == 0 {
         return None;
     }
-    let slot = vip.ring_offset + hash % vip.ring_size;
-    let backend_id = *RINGS.get(slot)?;
+    let f = &pkt.flow;
+    let hash = if vip.flags & VIP_F_HASH_SRC_ONLY != 0 {
+        source_hash(&f.src)
+    } else {
+        flow_hash(&f.src, &f.dst, f.src_port, f.dst_port, f.proto)
+    };
+    let backend_id = *RINGS.get(vip.ring_offset + hash % vip.ring_size)?;
     let backend = *BACKENDS.get(backend_id)?;
     if backend.cookie == 0 {
         return None;
     }
-    let conn = ConnValue { backend_id, cookie: backend.cookie };
+    let conn = ConnValue { backend_id, cookie: backend.cookie, vip_id: vip.vip_id, hash };
     // A full table evicts its least recently used entry; an error here only
     // means the flow is re-picked next time, to the same backend.
-    let _ = CONNS.insert(&pkt.flow, &conn, 0);
-    Some((backend_id, backend))
+    let _ = CONNS.insert(f, &conn, 0);
+    Some((backend_id, backend, conn))
 }
 
 #[cfg(not(test))]

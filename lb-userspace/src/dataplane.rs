@@ -128,6 +128,15 @@ impl Dataplane {
         optional(self.hash::<VipKey, VipMeta>(map_names::VIPS)?.get(key, 0), map_names::VIPS)
     }
 
+    /// Marks (1) or clears (0) a slot of the VIP-address filter.
+    pub fn set_vip_filter(&mut self, slot: u32, value: u8) -> Result<(), DataplaneError> {
+        self.array::<u8>(map_names::VIP_FILTER)?.set(slot, value, 0).map_err(map_err(map_names::VIP_FILTER))
+    }
+
+    pub fn vip_filter(&mut self, slot: u32) -> Result<u8, DataplaneError> {
+        self.array::<u8>(map_names::VIP_FILTER)?.get(&slot, 0).map_err(map_err(map_names::VIP_FILTER))
+    }
+
     pub fn set_backend(&mut self, id: u32, backend: &Backend) -> Result<(), DataplaneError> {
         self.array::<Backend>(map_names::BACKENDS)?.set(id, backend, 0).map_err(map_err(map_names::BACKENDS))
     }

@@ -381,7 +381,11 @@ impl Services {
             fail_open: false,
             backends: BTreeMap::new(),
         };
-        let written = dp.reset_vip_stats(vip_id).and_then(|()| dp.set_vip(&spec.vip.key(), &state.meta(0, 0)));
+        // The VIP entry first, then the filter slot that lets packets reach it.
+        let written = dp
+            .reset_vip_stats(vip_id)
+            .and_then(|()| dp.set_vip(&spec.vip.key(), &state.meta(0, 0)))
+            .and_then(|()| dp.set_vip_filter(filter_slot(&spec.vip), 1));
         if let Err(e) = written {
             self.ring_space.free(extent);
             return Err(e.into());
@@ -397,6 +401,11 @@ impl Services {
         }
         dp.remove_vip(&vip.key())?;
         let state = self.vips.remove(vip).expect("checked above");
+        // Other VIPs may share the address (other ports) or the slot.
+        let slot = filter_slot(vip);
+        if !self.vips.keys().any(|v| filter_slot(v) == slot) {
+            dp.set_vip_filter(slot, 0)?;
+        }
         for backend in state.backends.values() {
             self.release_backend(dp, backend.id)?;
         }
@@ -598,6 +607,10 @@ impl Services {
             encap_src_v6_host_mask: wire(v6_host),
         })
     }
+}
+
+fn filter_slot(vip: &VipAddr) -> u32 {
+    lb_common::vip_filter_slot(&addr::words(vip.addr).0)
 }
 
 /// A backend's identity for Maglev: its address bytes, the same on every host.

@@ -116,7 +116,7 @@ fn dataplane(r: &mut Results, opts: &Opts) -> anyhow::Result<()> {
     // 1M flows in the conn table, so lookups do not run on an empty table.
     let v4 = svc.vip(&vips[0].parse().map_err(anyhow::Error::msg)?)?;
     let b = *v4.backends.values().next().unwrap();
-    let target = ConnValue { backend_id: b.id, cookie: b.cookie };
+    let target = ConnValue { backend_id: b.id, cookie: b.cookie, vip_id: v4.id, hash: 0 };
     let mut rng = XorShift(0x5eed);
     let flows: Vec<FlowKey> = (0..1_000_000)
         .map(|_| {

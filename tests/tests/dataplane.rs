@@ -351,13 +351,14 @@ fn a_conn_entry_for_a_reused_backend_id_is_not_followed() {
     h.backend(&other, "198.51.100.7", 1);
     let other_backend = *h.services.vip(&other).unwrap().backends.values().next().unwrap();
     let flow_frame = tcp_frame(CLIENT, 40000, VIP, 80, ACK);
-    let stale = lb_common::ConnValue { backend_id: other_backend.id, cookie: other_backend.cookie + 1000 };
+    let stale =
+        lb_common::ConnValue { backend_id: other_backend.id, cookie: other_backend.cookie + 1000, vip_id: 1, hash: 7 };
     h.dp.set_conn(&flow_of(&flow_frame), &stale).unwrap();
     assert_eq!(h.forward(&flow_frame).to_string(), "198.51.100.1");
     assert_eq!(h.stat(stat::CONN_HIT), 0);
     // With the right cookie the entry is followed, even to another VIP's
     // backend: the cookie is the only guard, so it must be exact.
-    let live = lb_common::ConnValue { backend_id: other_backend.id, cookie: other_backend.cookie };
+    let live = lb_common::ConnValue { backend_id: other_backend.id, cookie: other_backend.cookie, vip_id: 1, hash: 7 };
     h.dp.set_conn(&flow_of(&flow_frame), &live).unwrap();
     assert_eq!(h.forward(&flow_frame).to_string(), "198.51.100.7");
 }
@@ -503,4 +504,32 @@ fn outer_source_is_the_prefix_plus_flow_hash_bits() {
     }
     assert!(sources4.len() > 50, "100 flows used {} sources", sources4.len());
     assert!(sources6.len() > 90, "100 flows used {} sources", sources6.len());
+}
+
+#[test]
+fn removing_a_vip_stops_its_established_flows_and_clears_the_filter_last() {
+    let mut h = Harness::new();
+    let web = h.vip("203.0.113.10:80/tcp", HashMode::FiveTuple);
+    h.backend(&web, "198.51.100.1", 1);
+    let tls = h.vip("203.0.113.10:443/tcp", HashMode::FiveTuple);
+    h.backend(&tls, "198.51.100.2", 1);
+    h.forward(&tcp_frame(CLIENT, 40000, VIP, 80, SYN));
+    h.forward(&tcp_frame(CLIENT, 40000, VIP, 443, SYN));
+    let slot = lb_common::vip_filter_slot(&lb_common::addr_words_v4([203, 0, 113, 10]));
+    assert_eq!(h.dp.vip_filter(slot).unwrap(), 1);
+
+    h.services.remove_vip(&mut h.dp, &web).unwrap();
+    // Its flow's conn entry names a released backend: not followed.
+    let ack = tcp_frame(CLIENT, 40000, VIP, 80, ACK);
+    assert_eq!(h.run(&ack), (XDP_PASS, ack.clone()));
+    // The other VIP on the address keeps the filter slot and its flows.
+    assert_eq!(h.dp.vip_filter(slot).unwrap(), 1);
+    assert_eq!(h.forward(&tcp_frame(CLIENT, 40000, VIP, 443, ACK)).to_string(), "198.51.100.2");
+
+    h.services.remove_vip(&mut h.dp, &tls).unwrap();
+    assert_eq!(h.dp.vip_filter(slot).unwrap(), 0, "no VIP left on the address");
+    let hits = h.stat(stat::CONN_HIT);
+    let tls_ack = tcp_frame(CLIENT, 40000, VIP, 443, ACK);
+    assert_eq!(h.run(&tls_ack), (XDP_PASS, tls_ack.clone()));
+    assert_eq!(h.stat(stat::CONN_HIT), hits, "filtered out before the conn table");
 }

@@ -18,8 +18,15 @@ const MAGLEV: [(&str, &str); 3] = [
 pub fn bench(root: &Path, quick: bool, json: Option<&Path>) -> Result<()> {
     let mut results: BTreeMap<String, f64> = BTreeMap::new();
     step("Maglev ring builds (criterion)", || {
-        let time = if quick { ["--warm-up-time", "1", "--measurement-time", "2"] } else { ["--warm-up-time", "2", "--measurement-time", "5"] };
-        run(Command::new("cargo").current_dir(root).args(["bench", "-q", "-p", "lb-userspace", "--bench", "maglev", "--"]).args(time))?;
+        let time = if quick {
+            ["--warm-up-time", "1", "--measurement-time", "2"]
+        } else {
+            ["--warm-up-time", "2", "--measurement-time", "5"]
+        };
+        run(Command::new("cargo")
+            .current_dir(root)
+            .args(["bench", "-q", "-p", "lb-userspace", "--bench", "maglev", "--"])
+            .args(time))?;
         for (id, key) in MAGLEV {
             let path = root.join(format!("target/criterion/maglev_build/{id}/new/estimates.json"));
             let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
@@ -30,7 +37,15 @@ pub fn bench(root: &Path, quick: bool, json: Option<&Path>) -> Result<()> {
         Ok("done".into())
     })?;
     step("build lbctl (release), then data plane, control plane and lab benchmarks", || {
-        run(Command::new("cargo").current_dir(root).args(["build", "-q", "--release", "-p", "lb-userspace", "--bin", "lbctl"]))?;
+        run(Command::new("cargo").current_dir(root).args([
+            "build",
+            "-q",
+            "--release",
+            "-p",
+            "lb-userspace",
+            "--bin",
+            "lbctl",
+        ]))?;
         let partial = root.join("target/bench-partial.json");
         let mut cmd = Command::new("cargo");
         cmd.current_dir(root).args(["bench", "-q", "-p", "lb-tests", "--bench", "bench", "--", "--json"]).arg(&partial);
@@ -71,7 +86,11 @@ fn print_table(r: &BTreeMap<String, f64>) {
         let v = get(key);
         // Forwarding paths run the bench build: take its undo step off.
         let net = if forwards { v - undo } else { v };
-        let note = if forwards { format!("{:.2}x tx floor ({net:.0} ns without the bench undo step)", net / floor) } else { format!("{:.2}x", v / floor) };
+        let note = if forwards {
+            format!("{:.2}x tx floor ({net:.0} ns without the bench undo step)", net / floor)
+        } else {
+            format!("{:.2}x", v / floor)
+        };
         println!(
             "{:<34} {:>10.1} {:>10.1} {:>10.1}  {note}",
             key.trim_start_matches("dataplane."),
