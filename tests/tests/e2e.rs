@@ -616,3 +616,33 @@ fn the_next_hop_mac_follows_the_neighbour_table() {
         assert!(lab.curl(&client_v4(c), "http://203.0.113.10/").unwrap().starts_with("be"));
     }
 }
+
+#[test]
+fn a_forced_xdp_mode_that_fails_is_a_clear_error_and_generic_works() {
+    let s = lab();
+    let lab = &s.lab;
+    lab.stop_lb(1, libc::SIGTERM).unwrap();
+    let socket = Lab::socket(1);
+    let out = Command::new("nsenter")
+        .arg(format!("--net=/var/run/netns/{}", lb_ns(1)))
+        .arg(&lab.lbctl)
+        .args([
+            "--socket",
+            &socket,
+            "up",
+            &lb_iface(1),
+            "--xdp-mode",
+            "offload",
+            "--state-dir",
+            &format!("{DIR}/state"),
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "offload on a veth must fail");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cannot attach XDP to lb1-eth") && err.contains("offload"), "{err}");
+    assert!(!ip_link(&lb_ns(1)).contains("prog/xdp"), "nothing left attached");
+    lab.start_lb(1, &["--xdp-mode", "generic"]).unwrap();
+    assert!(ok(lab, 1, &["status"]).contains("xdp mode       generic"));
+    assert!(ip_link(&lb_ns(1)).contains("xdpgeneric"));
+}
