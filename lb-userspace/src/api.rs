@@ -190,11 +190,14 @@ impl Backends for Api {
         let (interval, timeout) = (ms(h.interval_ms), ms(h.timeout_ms));
         let check = desired::check_spec(
             &vip,
-            if h.check.is_empty() { "none" } else { &h.check },
-            interval.as_deref(),
-            timeout.as_deref(),
-            (h.rise > 0).then_some(h.rise),
-            (h.fall > 0).then_some(h.fall),
+            &desired::CheckText {
+                check: &h.check,
+                interval: interval.as_deref(),
+                timeout: timeout.as_deref(),
+                rise: (h.rise > 0).then_some(h.rise),
+                fall: (h.fall > 0).then_some(h.fall),
+                expect_status: (!h.expect_status.is_empty()).then_some(h.expect_status.as_str()),
+            },
         )
         .map_err(Status::invalid_argument)?;
         self.0.add_backend(&vip, addr, BackendWish { weight, drained: false, check })?;

@@ -17,6 +17,7 @@
 //! timeout = "1s"
 //! rise = 2
 //! fall = 3
+//! expect_status = "200-399"     # HTTP checks: healthy statuses
 //! ```
 
 use std::{collections::BTreeMap, net::IpAddr, time::Duration};
@@ -58,6 +59,7 @@ struct BackendEntry {
     timeout: Option<Spanned<String>>,
     rise: Option<u32>,
     fall: Option<u32>,
+    expect_status: Option<Spanned<String>>,
 }
 
 /// A backend as the operator wants it.
@@ -101,11 +103,14 @@ pub fn parse(text: &str) -> Result<Desired, String> {
             }
             let check = check_spec(
                 &spec.vip,
-                b.check.as_ref().map(|c| c.get_ref().as_str()).unwrap_or("none"),
-                b.interval.as_ref().map(|i| i.get_ref().as_str()),
-                b.timeout.as_ref().map(|t| t.get_ref().as_str()),
-                b.rise,
-                b.fall,
+                &CheckText {
+                    check: b.check.as_ref().map(|c| c.get_ref().as_str()).unwrap_or("none"),
+                    interval: b.interval.as_ref().map(|i| i.get_ref().as_str()),
+                    timeout: b.timeout.as_ref().map(|t| t.get_ref().as_str()),
+                    rise: b.rise,
+                    fall: b.fall,
+                    expect_status: b.expect_status.as_ref().map(|e| e.get_ref().as_str()),
+                },
             )
             .map_err(|e| format!("{line}: {e}"))?;
             let wish = BackendWish { weight, drained: b.drained.unwrap_or(false), check };
@@ -151,15 +156,21 @@ pub fn check_weight(weight: u32) -> Result<(), String> {
     Ok(())
 }
 
+/// A health check as text, from the CLI, the API or a file.
+#[derive(Default)]
+pub struct CheckText<'a> {
+    pub check: &'a str,
+    pub interval: Option<&'a str>,
+    pub timeout: Option<&'a str>,
+    pub rise: Option<u32>,
+    pub fall: Option<u32>,
+    pub expect_status: Option<&'a str>,
+}
+
 /// A health check from its text parts; `None` parts take the defaults.
-pub fn check_spec(
-    vip: &VipAddr,
-    check: &str,
-    interval: Option<&str>,
-    timeout: Option<&str>,
-    rise: Option<u32>,
-    fall: Option<u32>,
-) -> Result<CheckSpec, String> {
+pub fn check_spec(vip: &VipAddr, text: &CheckText) -> Result<CheckSpec, String> {
+    let CheckText { check, interval, timeout, rise, fall, expect_status } = *text;
+    let check = if check.is_empty() { "none" } else { check };
     let duration = |text: Option<&str>, default: Duration, what: &str| -> Result<Duration, String> {
         match text {
             None => Ok(default),
@@ -178,6 +189,7 @@ pub fn check_spec(
         timeout: duration(timeout, health::DEFAULT_TIMEOUT, "timeout")?,
         rise: rise.unwrap_or(health::DEFAULT_RISE),
         fall: fall.unwrap_or(health::DEFAULT_FALL),
+        expect: expect_status.map(health::parse_status_range).transpose()?.unwrap_or(health::DEFAULT_EXPECT),
     };
     if spec.rise == 0 || spec.fall == 0 {
         return Err("rise and fall must be at least 1".into());
@@ -280,6 +292,7 @@ interval = "500ms"
 timeout = "200ms"
 rise = 1
 fall = 2
+expect_status = "200-299"
 "#;
 
     #[test]
@@ -295,6 +308,9 @@ fall = 2
         assert_eq!((v6.spec.hash, v6.spec.ring_size), (HashMode::SourceIp, 251));
         let b = &v6.backends[&"2001:db8:1::1".parse().unwrap()];
         assert_eq!((b.check.interval, b.check.rise, b.check.fall), (Duration::from_millis(500), 1, 2));
+        assert_eq!(b.check.expect, (200, 299));
+        let bad_expect = GOOD.replace("\"200-299\"", "\"2xx\"");
+        assert!(parse(&bad_expect).unwrap_err().contains("expected status '2xx'"));
     }
 
     #[test]

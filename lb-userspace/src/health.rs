@@ -35,12 +35,26 @@ pub struct CheckSpec {
     pub rise: u32,
     /// Failures in a row that take an up backend down.
     pub fall: u32,
+    /// HTTP statuses that count as healthy (inclusive).
+    pub expect: (u16, u16),
 }
 
 pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(2);
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(1);
 pub const DEFAULT_RISE: u32 = 2;
 pub const DEFAULT_FALL: u32 = 3;
+/// Healthy HTTP statuses unless set: success and redirection (RFC 9110 15).
+pub const DEFAULT_EXPECT: (u16, u16) = (200, 399);
+
+/// Parses `200-299` or `204` into an inclusive range.
+pub fn parse_status_range(text: &str) -> Result<(u16, u16), String> {
+    let (lo, hi) = text.split_once('-').unwrap_or((text, text));
+    let parse = |s: &str| s.trim().parse::<u16>().ok().filter(|c| (100..=599).contains(c));
+    match (parse(lo), parse(hi)) {
+        (Some(lo), Some(hi)) if lo <= hi => Ok((lo, hi)),
+        _ => Err(format!("expected status '{text}' is not a status or range within 100-599, like 200-299")),
+    }
+}
 
 impl Default for CheckSpec {
     fn default() -> Self {
@@ -50,6 +64,7 @@ impl Default for CheckSpec {
             timeout: DEFAULT_TIMEOUT,
             rise: DEFAULT_RISE,
             fall: DEFAULT_FALL,
+            expect: DEFAULT_EXPECT,
         }
     }
 }
@@ -109,7 +124,7 @@ pub async fn probe(addr: IpAddr, spec: &CheckSpec) -> Result<(), String> {
         match &spec.probe {
             Probe::None => Ok(()),
             Probe::Tcp { port } => TcpStream::connect((addr, *port)).await.map(|_| ()).map_err(|e| e.to_string()),
-            Probe::Http { host, port, path } => http_get(addr, *port, host, path).await,
+            Probe::Http { host, port, path } => http_get(addr, *port, host, path, spec.expect).await,
         }
     };
     match tokio::time::timeout(spec.timeout, work).await {
@@ -118,8 +133,8 @@ pub async fn probe(addr: IpAddr, spec: &CheckSpec) -> Result<(), String> {
     }
 }
 
-/// Minimal HTTP/1.1 GET: healthy on a 2xx or 3xx status (RFC 9110 15).
-async fn http_get(addr: IpAddr, port: u16, host: &str, path: &str) -> Result<(), String> {
+/// Minimal HTTP/1.1 GET: healthy when the status is within `expect`.
+async fn http_get(addr: IpAddr, port: u16, host: &str, path: &str, expect: (u16, u16)) -> Result<(), String> {
     let mut stream = TcpStream::connect((addr, port)).await.map_err(|e| e.to_string())?;
     let request =
         format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: lbctl-health\r\nConnection: close\r\n\r\n");
@@ -139,7 +154,7 @@ async fn http_get(addr: IpAddr, port: u16, host: &str, path: &str) -> Result<(),
         .and_then(|r| r.get(2..5))
         .and_then(|s| s.parse().ok())
         .ok_or_else(|| format!("not an HTTP response: {:?}", line.lines().next().unwrap_or("")))?;
-    if (200..400).contains(&status) {
+    if (expect.0..=expect.1).contains(&status) {
         Ok(())
     } else {
         Err(format!("HTTP status {status}"))
@@ -213,6 +228,15 @@ mod tests {
     }
 
     #[test]
+    fn status_ranges() {
+        assert_eq!(parse_status_range("200-299"), Ok((200, 299)));
+        assert_eq!(parse_status_range("204"), Ok((204, 204)));
+        assert!(parse_status_range("299-200").is_err());
+        assert!(parse_status_range("2xx").is_err());
+        assert!(parse_status_range("600").is_err());
+    }
+
+    #[test]
     fn rise_and_fall_need_streaks() {
         let spec = CheckSpec { rise: 2, fall: 3, ..CheckSpec::default() };
         let mut t = Tracker::new(true);
@@ -247,6 +271,8 @@ mod tests {
             CheckSpec { probe: Probe::Http { host: "x".into(), port, path: "/".into() }, ..CheckSpec::default() };
         assert_eq!(probe(localhost, &http).await, Ok(()));
         assert_eq!(probe(localhost, &http).await, Err("HTTP status 503".into()));
+        let expect_503 = CheckSpec { expect: (503, 503), ..http.clone() };
+        assert_eq!(probe(localhost, &expect_503).await, Ok(()));
         let closed = {
             let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             l.local_addr().unwrap().port()

@@ -203,6 +203,9 @@ enum BackendCommand {
         /// Failures in a row to take it down.
         #[arg(long)]
         fall: Option<u32>,
+        /// HTTP checks: statuses that mean healthy (default 200-399).
+        #[arg(long)]
+        expect_status: Option<String>,
     },
     /// Remove a backend: its flows move to others.
     Del { vip: String, address: String },
@@ -405,7 +408,7 @@ async fn backend(command: BackendCommand, client: &ClientOpts) -> Result<()> {
     let mut api = BackendsClient::new(connect(client).await?);
     let one = |b: tonic::Response<pb::Backend>| vec![b.into_inner()];
     let rows = match command {
-        BackendCommand::Add { vip, address, weight, check, interval, timeout, rise, fall } => {
+        BackendCommand::Add { vip, address, weight, check, interval, timeout, rise, fall, expect_status } => {
             let ms = |t: Option<String>| -> Result<u64> {
                 match t {
                     None => Ok(0),
@@ -420,6 +423,7 @@ async fn backend(command: BackendCommand, client: &ClientOpts) -> Result<()> {
                 timeout_ms: ms(timeout)?,
                 rise: rise.unwrap_or(0),
                 fall: fall.unwrap_or(0),
+                expect_status: expect_status.unwrap_or_default(),
             };
             one(api
                 .add_backend(pb::AddBackendRequest { vip, address, weight: Some(weight), health: Some(health) })
