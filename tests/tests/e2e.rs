@@ -58,16 +58,21 @@ const HTTP6: &str = "[2001:db8:f::10]:80/tcp";
 const ECHO6: &str = "[2001:db8:f::10]:9000/tcp";
 const UDP6: &str = "[2001:db8:f::10]:9000/udp";
 
+/// Every lab backend on `vip`, on both LB hosts, with `extra` args.
+fn add_backends(lab: &Lab, vip: &str, extra: &[&str]) {
+    for j in 1..=BACKENDS {
+        let addr = if vip.starts_with('[') { backend_v6(j) } else { backend_v4(j) };
+        let mut args = vec!["backend", "add", vip, &addr];
+        args.extend_from_slice(extra);
+        all(lab, &args);
+    }
+}
+
 /// Every backend on every VIP, on both LB hosts, with `extra` backend args.
 fn serve_everything(lab: &Lab, extra: &[&str]) {
     for vip in [HTTP4, ECHO4, UDP4, HTTP6, ECHO6, UDP6] {
         all(lab, &["vip", "add", vip]);
-        for j in 1..=BACKENDS {
-            let addr = if vip.starts_with('[') { backend_v6(j) } else { backend_v4(j) };
-            let mut args = vec!["backend", "add", vip, &addr];
-            args.extend_from_slice(extra);
-            all(lab, &args);
-        }
+        add_backends(lab, vip, extra);
     }
 }
 
@@ -304,27 +309,11 @@ fn a_dead_backend_leaves_within_interval_times_fall_and_returns_after_rise() {
     let s = lab();
     let lab = &s.lab;
     all(lab, &["vip", "add", ECHO4]);
-    for j in 1..=BACKENDS {
-        all(
-            lab,
-            &[
-                "backend",
-                "add",
-                ECHO4,
-                &backend_v4(j),
-                "--check",
-                "http://lab:80/",
-                "--interval",
-                "400ms",
-                "--timeout",
-                "200ms",
-                "--rise",
-                "2",
-                "--fall",
-                "2",
-            ],
-        );
-    }
+    add_backends(
+        lab,
+        ECHO4,
+        &["--check", "http://lab:80/", "--interval", "400ms", "--timeout", "200ms", "--rise", "2", "--fall", "2"],
+    );
     // A connection on a backend that stays alive.
     let (port, keeper) = (46000..46100)
         .map(|p| (p, explained(lab, 1, &sock(&client_v4(1), p).to_string(), ECHO4)))
@@ -413,9 +402,7 @@ fn a_flow_moved_between_lb_hosts_by_the_router_keeps_its_backend() {
     let s = lab();
     let lab = &s.lab;
     all(lab, &["vip", "add", ECHO4]);
-    for j in 1..=BACKENDS {
-        all(lab, &["backend", "add", ECHO4, &backend_v4(j)]);
-    }
+    add_backends(lab, ECHO4, &[]);
     for p in 0..200u16 {
         let client = sock(&client_v4((p % 4) as usize), 50000 + p).to_string();
         assert_eq!(explained(lab, 1, &client, ECHO4), explained(lab, 2, &client, ECHO4), "{client}");
@@ -545,25 +532,7 @@ fn all_backends_down_fails_open_and_says_so() {
     let s = lab();
     let lab = &s.lab;
     all(lab, &["vip", "add", HTTP4]);
-    for j in 1..=BACKENDS {
-        all(
-            lab,
-            &[
-                "backend",
-                "add",
-                HTTP4,
-                &backend_v4(j),
-                "--check",
-                "tcp:80",
-                "--interval",
-                "300ms",
-                "--timeout",
-                "200ms",
-                "--fall",
-                "1",
-            ],
-        );
-    }
+    add_backends(lab, HTTP4, &["--check", "tcp:80", "--interval", "300ms", "--timeout", "200ms", "--fall", "1"]);
     // Keep the echo servers: only nginx (the checked port) goes away.
     for j in 1..=BACKENDS {
         ns(&backend_ns(j), &["sh", "-c", &format!("kill $(cat {DIR}/be{j}/nginx.pid)")]).unwrap();
@@ -588,9 +557,7 @@ fn the_next_hop_mac_follows_the_neighbour_table() {
     let s = lab();
     let lab = &s.lab;
     all(lab, &["vip", "add", HTTP4]);
-    for j in 1..=BACKENDS {
-        all(lab, &["backend", "add", HTTP4, &backend_v4(j)]);
-    }
+    add_backends(lab, HTTP4, &[]);
     let mac_of = |i: usize| {
         ok(lab, i, &["status"])
             .lines()

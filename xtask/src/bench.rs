@@ -36,16 +36,8 @@ pub fn bench(root: &Path, quick: bool, json: Option<&Path>) -> Result<()> {
         }
         Ok("done".into())
     })?;
-    step("build lbctl (release), then data plane, control plane and lab benchmarks", || {
-        run(Command::new("cargo").current_dir(root).args([
-            "build",
-            "-q",
-            "--release",
-            "-p",
-            "lb-userspace",
-            "--bin",
-            "lbctl",
-        ]))?;
+    crate::build_lbctl(root)?;
+    step("data plane, control plane and lab benchmarks", || {
         let partial = root.join("target/bench-partial.json");
         let mut cmd = Command::new("cargo");
         cmd.current_dir(root).args(["bench", "-q", "-p", "lb-tests", "--bench", "bench", "--", "--json"]).arg(&partial);
