@@ -63,7 +63,7 @@ fn print_table(r: &BTreeMap<String, f64>) {
     let floor_tx = get("dataplane.floor_tx_ns");
     let undo = get("dataplane.floor_restore_ns") - floor_tx;
     println!();
-    println!("{:<34} {:>10} {:>10} {:>10}  {}", "per packet (ns)", "median", "min", "max", "vs floor");
+    println!("{:<34} {:>10} {:>10} {:>10}  vs floor", "per packet (ns)", "median", "min", "max");
     for (key, floor, forwards) in [
         ("dataplane.floor_pass_ns", floor_pass, false),
         ("dataplane.floor_tx_ns", floor_tx, false),
