@@ -311,8 +311,9 @@ impl Controller {
         let task = tokio::spawn(async move {
             loop {
                 tokio::time::sleep(spec.interval + health::jitter(spec.interval)).await;
+                let started = Instant::now();
                 let result = health::probe(addr, &spec).await;
-                ctrl.record_check(&vip, addr, &spec, result);
+                ctrl.record_check(&vip, addr, &spec, result, started.elapsed().as_secs_f64());
             }
         });
         if let Some(old) = self.tasks.lock().unwrap().insert((vip, addr), task) {
@@ -320,10 +321,11 @@ impl Controller {
         }
     }
 
-    fn record_check(&self, vip: &VipAddr, addr: IpAddr, spec: &CheckSpec, result: Result<(), String>) {
+    fn record_check(&self, vip: &VipAddr, addr: IpAddr, spec: &CheckSpec, result: Result<(), String>, seconds: f64) {
         let mut guard = self.lock();
         let st = &mut *guard;
         let Some(checked) = st.checks.get_mut(&(*vip, addr)) else { return };
+        checked.tracker.latency.observe(seconds);
         let Some(healthy) = checked.tracker.record(spec, &result) else { return };
         let cause = result.err().unwrap_or_else(|| format!("{} checks passed", spec.rise));
         match st.services.set_health(&mut st.dp, vip, addr, healthy) {

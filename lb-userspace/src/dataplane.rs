@@ -1,7 +1,7 @@
 //! The loaded XDP objects and typed access to every map they own. Nothing
 //! here decides anything: `services.rs` says what to write, this writes it.
 
-use std::{net::IpAddr, path::PathBuf};
+use std::{mem::size_of, net::IpAddr, path::PathBuf};
 
 use aya::{
     maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuValues},
@@ -163,6 +163,24 @@ impl Dataplane {
 
     pub fn conn(&mut self, flow: &FlowKey) -> Result<Option<ConnValue>, DataplaneError> {
         optional(self.hash::<FlowKey, ConnValue>(map_names::CONNS)?.get(flow, 0), map_names::CONNS)
+    }
+
+    /// Entries in the conn table now, and its capacity.
+    pub fn conn_count(&mut self) -> Result<(u64, u32), DataplaneError> {
+        let Map::LruHashMap(data) = self.map(map_names::CONNS)? else {
+            return Err(DataplaneError::MissingMap(map_names::CONNS));
+        };
+        let capacity = data.info().map(|i| i.max_entries()).unwrap_or(0);
+        let count = sys::count_entries(data.fd(), size_of::<FlowKey>(), size_of::<ConnValue>()).map_err(|source| {
+            DataplaneError::Map {
+                name: map_names::CONNS,
+                source: MapError::SyscallError(aya::sys::SyscallError {
+                    call: "BPF_MAP_LOOKUP_BATCH",
+                    io_error: source,
+                }),
+            }
+        })?;
+        Ok((count, capacity))
     }
 
     /// Fills the conn table in one system call per batch (benchmarks).

@@ -336,6 +336,17 @@ expect_status = "200-299"
     }
 
     #[test]
+    fn the_shipped_example_files_parse() {
+        for (name, text) in [
+            ("examples/lab.toml", include_str!("../../examples/lab.toml")),
+            ("packaging/etc/lbctl/lbctl.toml", include_str!("../../packaging/etc/lbctl/lbctl.toml")),
+        ] {
+            let d = parse(text).unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert_eq!(d.len(), 2, "{name}");
+        }
+    }
+
+    #[test]
     fn plan_removes_first_and_recreates_changed_vips() {
         let now = parse(GOOD).unwrap();
         let mut want = now.clone();

@@ -161,6 +161,30 @@ async fn http_get(addr: IpAddr, port: u16, host: &str, path: &str, expect: (u16,
     }
 }
 
+/// Upper bounds of the probe-latency histogram buckets, in seconds.
+pub const LATENCY_BUCKETS: [f64; 8] = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 0.5, 2.0];
+
+/// Probe latencies, as a Prometheus histogram wants them.
+#[derive(Clone, Debug, Default)]
+pub struct Histogram {
+    /// Observations at or below each bound of [`LATENCY_BUCKETS`] (cumulative).
+    pub buckets: [u64; LATENCY_BUCKETS.len()],
+    pub sum: f64,
+    pub count: u64,
+}
+
+impl Histogram {
+    pub fn observe(&mut self, seconds: f64) {
+        for (bound, n) in LATENCY_BUCKETS.iter().zip(&mut self.buckets) {
+            if seconds <= *bound {
+                *n += 1;
+            }
+        }
+        self.sum += seconds;
+        self.count += 1;
+    }
+}
+
 /// Rise/fall bookkeeping of one backend.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Tracker {
@@ -169,6 +193,9 @@ pub struct Tracker {
     pub checks: u64,
     pub failures: u64,
     pub last_error: String,
+    /// Not saved: it starts again with the process, as counters do.
+    #[serde(skip)]
+    pub latency: Histogram,
 }
 
 impl Tracker {
@@ -225,6 +252,17 @@ mod tests {
             Ok(Probe::Http { host: "www.example".into(), port: 80, path: "/".into() })
         );
         assert!(Probe::parse("udp:53", 80).unwrap_err().contains("udp:53"));
+    }
+
+    #[test]
+    fn histogram_buckets_are_cumulative() {
+        let mut h = Histogram::default();
+        for s in [0.0005, 0.003, 0.003, 1.0, 5.0] {
+            h.observe(s);
+        }
+        assert_eq!(h.buckets, [1, 1, 3, 3, 3, 3, 3, 4]);
+        assert_eq!(h.count, 5);
+        assert!((h.sum - 6.0065).abs() < 1e-9);
     }
 
     #[test]

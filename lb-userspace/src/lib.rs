@@ -9,6 +9,7 @@ pub mod decap_cmd;
 pub mod desired;
 pub mod health;
 pub mod maglev;
+pub mod metrics;
 pub mod netlink;
 pub mod object;
 pub mod rings;

@@ -93,6 +93,10 @@ enum Command {
         #[command(subcommand)]
         command: DecapCommand,
     },
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions { shell: clap_complete::Shell },
+    /// Print the man page (roff): lbctl manpage > /usr/share/man/man1/lbctl.1
+    Manpage,
 }
 
 #[derive(clap::Args)]
@@ -134,6 +138,16 @@ struct UpArgs {
     /// Log format.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
+    /// Serve Prometheus metrics at http://ADDR:PORT/metrics ("off": none).
+    #[arg(long, default_value = "127.0.0.1:9100", value_parser = parse_metrics)]
+    metrics: Option<std::net::SocketAddr>,
+}
+
+fn parse_metrics(text: &str) -> Result<Option<std::net::SocketAddr>, String> {
+    if text == "off" {
+        return Ok(None);
+    }
+    text.parse().map(Some).map_err(|_| format!("'{text}' is not ADDR:PORT (or off)"))
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -322,6 +336,19 @@ async fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut <Cli as clap::CommandFactory>::command(),
+                "lbctl",
+                &mut std::io::stdout(),
+            );
+            Ok(())
+        }
+        Command::Manpage => {
+            clap_mangen::Man::new(<Cli as clap::CommandFactory>::command()).render(&mut std::io::stdout())?;
+            Ok(())
+        }
         Command::Decap { command } => match command {
             DecapCommand::Up { iface, addresses, xdp_mode, pin_dir } => {
                 let addrs = decap_cmd::up(&iface, &addresses, xdp_mode, &pin_dir).await?;
@@ -369,6 +396,7 @@ async fn run_up(args: UpArgs, socket: PathBuf) -> Result<()> {
         keep: args.keep,
         pin_root: args.pin_dir,
         state_dir: args.state_dir,
+        metrics: args.metrics,
     })
     .await
 }

@@ -281,6 +281,9 @@ pub struct Services {
     free_backend_ids: VecDeque<u32>,
     ring_space: RingSpace,
     next_cookie: u32,
+    /// Rings built and made live since start, and the time that took.
+    pub ring_swaps: u64,
+    pub ring_swap_seconds: f64,
 }
 
 impl Services {
@@ -293,6 +296,8 @@ impl Services {
             free_backend_ids: (0..MAX_BACKENDS).collect(),
             ring_space: RingSpace::new(dp.ring_capacity()),
             next_cookie: 1,
+            ring_swaps: 0,
+            ring_swap_seconds: 0.0,
         };
         dp.set_config(&services.config()?)?;
         Ok(services)
@@ -330,6 +335,8 @@ impl Services {
             free_backend_ids: snapshot.free_backend_ids,
             ring_space: snapshot.ring_space,
             next_cookie: snapshot.next_cookie,
+            ring_swaps: 0,
+            ring_swap_seconds: 0.0,
         }
     }
 
@@ -498,6 +505,7 @@ impl Services {
         vip: &VipAddr,
         backends: BTreeMap<IpAddr, BackendState>,
     ) -> Result<(), ServiceError> {
+        let started = std::time::Instant::now();
         let state = self.vips.get_mut(vip).ok_or(ServiceError::NoSuchVip(*vip))?;
         let (ring, fail_open) = plan_ring(&backends, state.spec.ring_size);
         if ring == state.ring {
@@ -517,9 +525,14 @@ impl Services {
         if !ring.is_empty() {
             state.live_half = idle;
         }
+        let in_ring = backends.values().filter(|b| b.wanted() && (b.healthy || fail_open)).count();
         state.ring = ring;
         state.backends = backends;
         state.fail_open = fail_open;
+        let took = started.elapsed().as_secs_f64();
+        self.ring_swaps += 1;
+        self.ring_swap_seconds += took;
+        tracing::info!(%vip, in_ring, fail_open, took_ms = took * 1000.0, "ring swapped");
         Ok(())
     }
 

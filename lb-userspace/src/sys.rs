@@ -58,3 +58,46 @@ pub fn update_batch<K, V>(map: impl AsFd, keys: &[K], values: &[V]) -> std::io::
     }
     Ok(())
 }
+
+const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+
+/// Counts the entries of a hash map by reading it in batches
+/// (BPF_MAP_LOOKUP_BATCH, Linux 5.6); a 1M-entry table takes a few hundred
+/// system calls instead of a million BPF_MAP_GET_NEXT_KEY calls.
+pub fn count_entries(map: impl AsFd, key_size: usize, value_size: usize) -> std::io::Result<u64> {
+    const BATCH: usize = 8192;
+    let mut keys = vec![0u8; BATCH * key_size];
+    let mut values = vec![0u8; BATCH * value_size];
+    // For hash maps the batch token is a bucket index (a u32).
+    let mut token_in = 0u64;
+    let mut token_out = 0u64;
+    let mut first = true;
+    let mut total = 0u64;
+    loop {
+        let mut attr = BatchAttr {
+            in_batch: if first { 0 } else { &token_in as *const u64 as u64 },
+            out_batch: &mut token_out as *mut u64 as u64,
+            keys: keys.as_mut_ptr() as u64,
+            values: values.as_mut_ptr() as u64,
+            count: BATCH as u32,
+            map_fd: map.as_fd().as_raw_fd() as u32,
+            ..BatchAttr::default()
+        };
+        let ret = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_LOOKUP_BATCH,
+                &mut attr as *mut BatchAttr,
+                std::mem::size_of::<BatchAttr>() as u32,
+            )
+        };
+        total += attr.count as u64;
+        if ret < 0 {
+            let e = std::io::Error::last_os_error();
+            // ENOENT: the walk is over (the last batch still counts).
+            return if e.raw_os_error() == Some(libc::ENOENT) { Ok(total) } else { Err(e) };
+        }
+        token_in = token_out;
+        first = false;
+    }
+}

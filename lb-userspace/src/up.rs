@@ -46,6 +46,8 @@ pub struct UpOptions {
     pub pin_root: PathBuf,
     /// Directory of the state file `IFACE.json`.
     pub state_dir: PathBuf,
+    /// Where to serve Prometheus metrics, if anywhere.
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 pub async fn run(opts: UpOptions) -> Result<()> {
@@ -132,6 +134,12 @@ pub async fn run(opts: UpOptions) -> Result<()> {
     }
     // Save once so that a restart adopts even an unchanged balancer.
     ctrl.save_now();
+    if let Some(addr) = opts.metrics {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot serve metrics on {addr} (--metrics ADDR:PORT or off)"))?;
+        tokio::spawn(crate::metrics::serve(listener, Arc::clone(&ctrl)));
+    }
     ctrl.start_checks();
     if !ctrl.info.fixed_next_hop {
         tokio::spawn(refresh_next_hop(Arc::clone(&ctrl), nl));
