@@ -139,8 +139,8 @@ struct UpArgs {
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
     /// Serve Prometheus metrics at http://ADDR:PORT/metrics ("off": none).
-    #[arg(long, default_value = "127.0.0.1:9100", value_parser = parse_metrics)]
-    metrics: Option<std::net::SocketAddr>,
+    #[arg(long, default_value = "127.0.0.1:9100")]
+    metrics: String,
 }
 
 fn parse_metrics(text: &str) -> Result<Option<std::net::SocketAddr>, String> {
@@ -396,7 +396,7 @@ async fn run_up(args: UpArgs, socket: PathBuf) -> Result<()> {
         keep: args.keep,
         pin_root: args.pin_dir,
         state_dir: args.state_dir,
-        metrics: args.metrics,
+        metrics: parse_metrics(&args.metrics).map_err(anyhow::Error::msg)?,
     })
     .await
 }
@@ -592,4 +592,28 @@ fn print_table(headers: &[&str], rows: impl Iterator<Item = Vec<String>>) {
 fn print_json(value: &impl Serialize) -> Result<()> {
     println!("{}", serde_json::to_string_pretty(value)?);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn up_options_parse() {
+        let cli =
+            Cli::try_parse_from(["lbctl", "up", "eth0", "--metrics", "off", "--encap-src", "192.0.2.0/24"]).unwrap();
+        let Command::Up(args) = cli.command else { panic!("not up") };
+        assert_eq!(parse_metrics(&args.metrics), Ok(None));
+        assert!(matches!(args.encap_src[0], IpPrefix::V4(_, 24)));
+        assert!(parse_metrics("127.0.0.1:9100").unwrap().is_some());
+        assert!(parse_metrics("localhost").is_err());
+        assert!(parse_prefix("192.0.2.0/33").is_err());
+        assert!(Cli::try_parse_from(["lbctl", "up", "eth0", "--next-hop-mac", "02:00"]).is_err());
+    }
 }

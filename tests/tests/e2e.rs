@@ -271,7 +271,7 @@ fn a_long_connection_survives_adds_drains_weights_and_another_backend_dying() {
                 ECHO4,
                 &backend_v4(j),
                 "--check",
-                "tcp:9000",
+                "http://lab:80/",
                 "--interval",
                 "300ms",
                 "--timeout",
@@ -298,6 +298,10 @@ fn a_long_connection_survives_adds_drains_weights_and_another_backend_dying() {
         step();
         assert_eq!(echo(&mut stream, name), mine, "after '{name}' the connection stays on {mine}");
     }
+    let list = ok(lab, 1, &["backend", "list", ECHO4]);
+    let line = |j: usize| list.lines().find(|l| l.contains(&format!("{} ", backend_v4(j)))).unwrap().to_string();
+    assert!(line(other).contains(" down "), "the killed backend is down:\n{list}");
+    assert!(line(mine[2..].parse().unwrap()).contains(" up "), "ours passes its checks:\n{list}");
     // And our own backend is drained: still ours.
     let own_addr = backend_v4(mine[2..].parse().unwrap());
     all(lab, &["backend", "drain", ECHO4, &own_addr]);
@@ -612,4 +616,54 @@ fn a_forced_xdp_mode_that_fails_is_a_clear_error_and_generic_works() {
     lab.start_lb(1, &["--xdp-mode", "generic"]).unwrap();
     assert!(ok(lab, 1, &["status"]).contains("xdp mode       generic"));
     assert!(ip_link(&lb_ns(1)).contains("xdpgeneric"));
+}
+
+/// The value of one sample in a Prometheus text page.
+fn sample(page: &str, name_and_labels: &str) -> f64 {
+    page.lines()
+        .find_map(|l| l.strip_prefix(name_and_labels).and_then(|rest| rest.strip_prefix(' ')))
+        .unwrap_or_else(|| panic!("no {name_and_labels} in\n{page}"))
+        .parse()
+        .unwrap()
+}
+
+#[test]
+fn metrics_count_exactly_the_traffic_sent_and_agree_with_lbctl_stats() {
+    let s = lab();
+    let lab = &s.lab;
+    all(lab, &["vip", "add", UDP4]);
+    add_backends(lab, UDP4, &["--check", "http://lab:80/", "--interval", "200ms", "--timeout", "100ms"]);
+    // All traffic through lb1, so its counters see every packet.
+    ns(ROUTER_NS, &["ip", "route", "replace", "203.0.113.0/24", "via", "198.51.100.2"]).unwrap();
+    let scrape = || ns(&lb_ns(1), &["curl", "-sS", "--max-time", "3", "http://127.0.0.1:9100/metrics"]).unwrap();
+    let vip = format!("{{vip=\"{UDP4}\"}}");
+    let before = scrape();
+    let sent = 150;
+    for n in 0..sent {
+        udp(sock(&client_v4(n % 4), 30000 + n as u16), sock(VIP4, ECHO_PORT));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let after = scrape();
+    let delta = |name: &str| sample(&after, name) - sample(&before, name);
+    assert_eq!(delta(&format!("lb_vip_packets_total{vip}")), sent as f64, "one inbound packet per exchange (DSR)");
+    assert_eq!(delta(&format!("lb_vip_new_flows_total{vip}")), sent as f64, "each source port a new flow");
+    assert_eq!(delta(&format!("lb_vip_bytes_total{vip}")), (sent * (20 + 8 + 4)) as f64, "IP length of each ping");
+    let backend_sum: f64 = (1..=BACKENDS)
+        .map(|j| delta(&format!("lb_backend_packets_total{{vip=\"{UDP4}\",backend=\"{}\"}}", backend_v4(j))))
+        .sum();
+    assert_eq!(backend_sum, sent as f64);
+    assert!(delta("lb_packets_total{outcome=\"forwarded\"}") >= sent as f64);
+    assert!(sample(&after, "lb_conn_table_entries") >= sent as f64);
+    assert_eq!(sample(&after, "lb_conn_table_capacity"), 262144.0);
+    for j in 1..=BACKENDS {
+        let labels = format!("{{vip=\"{UDP4}\",backend=\"{}\"}}", backend_v4(j));
+        assert_eq!(sample(&after, &format!("lb_backend_up{labels}")), 1.0);
+        assert!(sample(&after, &format!("lb_health_check_duration_seconds_count{labels}")) > 0.0);
+    }
+    assert!(sample(&after, "lb_ring_swaps_total") >= 3.0);
+    assert!(after.contains("lb_build_info{version=\""));
+    // lbctl stats reads the same maps.
+    let stats = ok(lab, 1, &["-o", "json", "stats"]);
+    let packets = stats.split("\"packets\": ").nth(1).unwrap().split(|c: char| !c.is_ascii_digit()).next().unwrap();
+    assert_eq!(packets.parse::<f64>().unwrap(), sample(&scrape(), &format!("lb_vip_packets_total{vip}")));
 }
