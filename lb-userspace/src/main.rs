@@ -266,7 +266,18 @@ fn error_text(e: &anyhow::Error) -> String {
     if let Some(status) = e.downcast_ref::<tonic::Status>() {
         return status.message().to_string();
     }
-    e.chain().map(|c| c.to_string()).collect::<Vec<_>>().join(": ")
+    // Libraries often repeat their source in their own message: keep each
+    // cause only if the text so far does not already say it.
+    let mut text = String::new();
+    for cause in e.chain().map(|c| c.to_string()) {
+        if !text.contains(&cause) {
+            if !text.is_empty() {
+                text.push_str(": ");
+            }
+            text.push_str(&cause);
+        }
+    }
+    text
 }
 
 async fn run(cli: Cli) -> Result<()> {

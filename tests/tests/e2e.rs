@@ -667,3 +667,30 @@ fn metrics_count_exactly_the_traffic_sent_and_agree_with_lbctl_stats() {
     let packets = stats.split("\"packets\": ").nth(1).unwrap().split(|c: char| !c.is_ascii_digit()).next().unwrap();
     assert_eq!(packets.parse::<f64>().unwrap(), sample(&scrape(), &format!("lb_vip_packets_total{vip}")));
 }
+
+#[test]
+fn the_controller_runs_with_only_cap_bpf_net_admin_and_perfmon() {
+    let s = lab();
+    let lab = &s.lab;
+    lab.stop_lb(1, libc::SIGTERM).unwrap();
+    // What packaging/lbctl@.service grants: root's uid, three capabilities.
+    let caps = "-all,+bpf,+net_admin,+perfmon";
+    let socket = Lab::socket(1);
+    let mut child = Command::new("nsenter")
+        .arg(format!("--net=/var/run/netns/{}", lb_ns(1)))
+        .args(["setpriv", &format!("--bounding-set={caps}"), &format!("--inh-caps={caps}")])
+        .arg(&lab.lbctl)
+        .args(["--socket", &socket, "up", &lb_iface(1), "--state-dir", &format!("{DIR}/state"), "--metrics", "off"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let up = wait_for(Duration::from_secs(10), || std::path::Path::new(&socket).exists());
+    let status = lab.lbctl(1, &["status"]);
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let exit = child.wait().unwrap();
+    up.expect("lbctl up started with the reduced capability set");
+    assert!(status.status.success());
+    assert!(String::from_utf8_lossy(&status.stdout).contains("xdp mode       native"));
+    assert!(exit.success(), "clean exit: {exit:?}");
+}
