@@ -151,6 +151,9 @@ pub fn vip_filter_slot(addr: &[u32; 4]) -> u32 {
 /// costs one lookup.
 pub const CONFIG_F_PORT0_V4: u32 = 1;
 pub const CONFIG_F_PORT0_V6: u32 = 2;
+/// Config flag: log every packet decision through aya-log (debugging only;
+/// `lbctl debug on|off` flips it without reloading the program).
+pub const CONFIG_F_DEBUG: u32 = 4;
 
 /// The balancer's settings: one entry of an array map.
 #[repr(C)]

@@ -32,10 +32,11 @@ use aya_ebpf::{
 };
 use lb_common::{
     flow_hash, source_hash, stat, vip_filter_slot, Backend, BackendStats, Config, ConnValue, FlowKey, GlobalStats,
-    VipKey, VipMeta, VipStats, AF_INET, CONFIG_F_PORT0_V4, CONFIG_F_PORT0_V6, DEFAULT_CONN_TABLE_SIZE,
+    VipKey, VipMeta, VipStats, AF_INET, CONFIG_F_DEBUG, CONFIG_F_PORT0_V4, CONFIG_F_PORT0_V6, DEFAULT_CONN_TABLE_SIZE,
     DEFAULT_RING_CAPACITY, MAX_BACKENDS, MAX_VIPS, VIP_FILTER_SLOTS, VIP_F_HASH_SRC_ONLY,
 };
 
+use aya_log_ebpf::info;
 use encap::{encapsulate, overhead, Inner};
 use parse::{parse, Packet, Parsed};
 
@@ -73,6 +74,10 @@ pub fn lb_balancer(ctx: XdpContext) -> u32 {
     let (action, outcome) = balance(&ctx, stats);
     if let Some(counter) = stats.get_mut(outcome) {
         *counter += 1;
+    }
+    if CONFIG.get(0).is_some_and(|c| c.flags & CONFIG_F_DEBUG != 0) {
+        // Outcome numbers are lb_common::stat (6 forwarded, 0 not_for_us...).
+        info!(&ctx, "lb decision: outcome {} action {} len {}", outcome, action, ctx.data_end() - ctx.data());
     }
     action
 }

@@ -324,6 +324,12 @@ impl StatusService for Api {
             encap_src_v4: format!("{}/{}", settings.encap_src_v4.0, settings.encap_src_v4.1),
             encap_src_v6: format!("{}/{}", settings.encap_src_v6.0, settings.encap_src_v6.1),
             mtu: settings.mtu,
+            debug: settings.debug,
         }))
+    }
+
+    async fn set_debug(&self, req: Request<pb::DebugRequest>) -> Result<Response<pb::StatusReply>, Status> {
+        self.0.set_debug(req.into_inner().on)?;
+        self.get_status(Request::new(pb::Empty {})).await
     }
 }

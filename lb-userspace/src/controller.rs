@@ -365,6 +365,17 @@ impl Controller {
         Ok(true)
     }
 
+    /// Turns the data plane's decision logging on or off.
+    pub fn set_debug(&self, on: bool) -> Result<(), ApiError> {
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        let settings = Settings { debug: on, ..*st.services.settings() };
+        st.services.set_settings(&mut st.dp, settings)?;
+        info!(on, "data-plane decision logging switched");
+        self.save(st);
+        Ok(())
+    }
+
     pub fn settings(&self) -> Settings {
         *self.lock().services.settings()
     }

@@ -86,6 +86,11 @@ impl Dataplane {
         xdp(&mut self.ebpf, program_names::BALANCER)
     }
 
+    /// The reader of the program's aya-log records (decision logs).
+    pub fn logger(&mut self) -> Result<aya_log::EbpfLogger<&'static dyn log::Log>, aya_log::Error> {
+        aya_log::EbpfLogger::init(&mut self.ebpf)
+    }
+
     pub fn ring_capacity(&self) -> u32 {
         self.ring_capacity
     }

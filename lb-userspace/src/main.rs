@@ -93,6 +93,11 @@ enum Command {
         #[command(subcommand)]
         command: DecapCommand,
     },
+    /// Log every packet decision of the data plane (on) or stop (off), without reloading it.
+    Debug {
+        #[arg(value_parser = ["on", "off"])]
+        state: String,
+    },
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completions { shell: clap_complete::Shell },
     /// Print the man page (roff): lbctl manpage > /usr/share/man/man1/lbctl.1
@@ -320,6 +325,7 @@ async fn run(cli: Cli) -> Result<()> {
                 ("VIPs", s.vips.to_string()),
                 ("backends", s.backends.to_string()),
                 ("failing open", fail_open),
+                ("debug logging", if s.debug { "on" } else { "off" }.to_string()),
                 ("uptime", format!("{} s", s.uptime_seconds)),
                 ("version", s.version.clone()),
             ] {
@@ -345,6 +351,12 @@ async fn run(cli: Cli) -> Result<()> {
                     r.backend, r.slot, r.hash
                 ),
             }
+            Ok(())
+        }
+        Command::Debug { state } => {
+            let on = state == "on";
+            StatusClient::new(connect(&client).await?).set_debug(pb::DebugRequest { on }).await?;
+            println!("data-plane decision logging {state} (in the controller's log)");
             Ok(())
         }
         Command::Completions { shell } => {

@@ -140,6 +140,9 @@ pub struct Settings {
     pub encap_src_v6: (Ipv6Addr, u8),
     /// Largest outer packet (from the IP header on) towards backends.
     pub mtu: u32,
+    /// Log every packet decision through aya-log (`lbctl debug on`).
+    #[serde(default)]
+    pub debug: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -591,7 +594,7 @@ impl Services {
 
     fn config(&self) -> Result<Config, ServiceError> {
         let s = &self.settings;
-        let mut flags = 0;
+        let mut flags = if s.debug { lb_common::CONFIG_F_DEBUG } else { 0 };
         for vip in self.vips.keys().filter(|v| v.port == 0) {
             flags |= if vip.addr.is_ipv4() { CONFIG_F_PORT0_V4 } else { CONFIG_F_PORT0_V6 };
         }

@@ -94,6 +94,7 @@ pub async fn run(opts: UpOptions) -> Result<()> {
         encap_src_v4: opts.encap_src_v4.unwrap_or_else(|| default_source_v4(&addrs)),
         encap_src_v6: opts.encap_src_v6.unwrap_or_else(|| default_source_v6(&addrs)),
         mtu: opts.mtu,
+        debug: false,
     };
     let (services, checks) = match saved {
         Some(saved) => {
@@ -116,6 +117,14 @@ pub async fn run(opts: UpOptions) -> Result<()> {
         None => attach(&mut dp, &opts.iface, opts.mode, &link_pin)?,
     };
     info!(interface = %opts.iface, mode = %xdp_mode, adopted, "balancer attached");
+    // Decision logs (`lbctl debug on`) arrive through aya-log's ring buffer
+    // and go out through the log crate into tracing.
+    match dp.logger() {
+        Ok(logger) => {
+            tokio::spawn(forward_logs(logger));
+        }
+        Err(e) => warn!(error = %e, "no data-plane decision logs: `lbctl debug on` will log nothing"),
+    }
 
     let info = RunInfo {
         interface: opts.iface.clone(),
@@ -292,5 +301,19 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = term.recv() => info!("SIGTERM: stopping"),
         _ = int.recv() => info!("SIGINT: stopping"),
+    }
+}
+
+async fn forward_logs(logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
+    // SAFETY: the logger owns its ring-buffer fd for its whole life and
+    // always returns that same fd.
+    let registered = unsafe { tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE) };
+    let Ok(mut fd) = registered else {
+        return;
+    };
+    loop {
+        let Ok(mut guard) = fd.readable_mut().await else { return };
+        guard.get_inner_mut().flush();
+        guard.clear_ready();
     }
 }

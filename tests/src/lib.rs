@@ -142,6 +142,7 @@ pub fn test_settings() -> Settings {
         encap_src_v4: ("192.0.2.1".parse().unwrap(), 32),
         encap_src_v6: ("2001:db8:ffff::1".parse().unwrap(), 128),
         mtu: 1500,
+        debug: false,
     }
 }
 

@@ -694,3 +694,29 @@ fn the_controller_runs_with_only_cap_bpf_net_admin_and_perfmon() {
     assert!(String::from_utf8_lossy(&status.stdout).contains("xdp mode       native"));
     assert!(exit.success(), "clean exit: {exit:?}");
 }
+
+#[test]
+fn the_debug_switch_logs_packet_decisions_only_while_on() {
+    let s = lab();
+    let lab = &s.lab;
+    all(lab, &["vip", "add", UDP4]);
+    add_backends(lab, UDP4, &[]);
+    ns(ROUTER_NS, &["ip", "route", "replace", "203.0.113.0/24", "via", "198.51.100.2"]).unwrap();
+    let decisions = || {
+        let log = std::fs::read_to_string(format!("{DIR}/lb1.log")).unwrap();
+        log.lines().filter(|l| l.contains("lb decision: outcome 6 action 3")).count()
+    };
+    udp(sock(&client_v4(0), 33000), sock(VIP4, ECHO_PORT));
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(decisions(), 0, "off by default");
+    ok(lab, 1, &["debug", "on"]);
+    assert!(ok(lab, 1, &["status"]).contains("debug logging  on"));
+    for n in 0..3 {
+        udp(sock(&client_v4(0), 33001 + n), sock(VIP4, ECHO_PORT));
+    }
+    wait_for(Duration::from_secs(3), || decisions() == 3).expect("three forwarded decisions logged");
+    ok(lab, 1, &["debug", "off"]);
+    udp(sock(&client_v4(0), 33010), sock(VIP4, ECHO_PORT));
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(decisions(), 3, "nothing more once off");
+}
