@@ -325,15 +325,18 @@ impl Lab {
         ns(&backend_ns(j), &["nginx", "-c", &format!("{dir}/nginx.conf")])?;
         fs::write(format!("{DIR}/echo.py"), ECHO_SERVER)?;
         let log = fs::File::create(format!("{dir}/echo.log"))?;
+        let ready = format!("{dir}/echo.ready");
+        let _ = fs::remove_file(&ready);
         let child = Command::new("ip")
             .args(["netns", "exec", &backend_ns(j), "/usr/bin/python3", &format!("{DIR}/echo.py"), &format!("be{j}")])
-            .args([VIP4, VIP6])
+            .args([ready.as_str(), VIP4, VIP6])
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
             .spawn()?;
         fs::write(format!("{dir}/echo.pid"), child.id().to_string())?;
-        Ok(())
+        wait_for(Duration::from_secs(10), || Path::new(&ready).exists())
+            .with_context(|| format!("the echo server of be{j} did not start; see {dir}/echo.log"))
     }
 
     /// Stops nginx and the echo server of backend `j` (a dead backend).
@@ -475,8 +478,8 @@ pub fn print_step(line: &str) {
 /// Echo server of every backend: each TCP line comes back as
 /// "NAME LINE"; each UDP datagram as "NAME DATAGRAM".
 const ECHO_SERVER: &str = r#"
-import socket, sys, threading
-name, addrs = sys.argv[1], sys.argv[2:]
+import os, socket, sys, threading
+name, ready, addrs = sys.argv[1], sys.argv[2], sys.argv[3:]
 PORT = 9000
 
 def serve_tcp(conn):
@@ -484,25 +487,26 @@ def serve_tcp(conn):
         for line in lines:
             conn.sendall(name.encode() + b" " + line)
 
-def tcp(addr):
-    fam = socket.AF_INET6 if ":" in addr else socket.AF_INET
-    s = socket.socket(fam, socket.SOCK_STREAM)
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.bind((addr, PORT)); s.listen(128)
+def tcp(s):
     while True:
         c, _ = s.accept()
         threading.Thread(target=serve_tcp, args=(c,), daemon=True).start()
 
-def udp(addr):
-    fam = socket.AF_INET6 if ":" in addr else socket.AF_INET
-    s = socket.socket(fam, socket.SOCK_DGRAM)
-    s.bind((addr, PORT))
+def udp(s):
     while True:
         data, peer = s.recvfrom(65535)
         s.sendto(name.encode() + b" " + data, peer)
 
+# Bind everything first, then say so: the lab waits for the ready file.
 for a in addrs:
-    threading.Thread(target=tcp, args=(a,), daemon=True).start()
-    threading.Thread(target=udp, args=(a,), daemon=True).start()
+    fam = socket.AF_INET6 if ":" in a else socket.AF_INET
+    t = socket.socket(fam, socket.SOCK_STREAM)
+    t.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    t.bind((a, PORT)); t.listen(128)
+    u = socket.socket(fam, socket.SOCK_DGRAM)
+    u.bind((a, PORT))
+    threading.Thread(target=tcp, args=(t,), daemon=True).start()
+    threading.Thread(target=udp, args=(u,), daemon=True).start()
+open(ready, "w").close()
 threading.Event().wait()
 "#;
