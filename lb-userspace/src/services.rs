@@ -440,7 +440,7 @@ impl Services {
         dp.set_backend(id, &Backend { addr: words, cookie, family, _pad: [0; 3] })?;
         let mut backends = state.backends.clone();
         backends.insert(spec.addr, BackendState { id, cookie, weight: spec.weight, drained: false, healthy: true });
-        if let Err(e) = self.swap_ring(dp, vip, backends) {
+        if let Err(e) = self.swap_ring(dp, vip, backends, "backend added") {
             // The entry is not in any ring: clearing it undoes the add.
             let _ = dp.set_backend(id, &Backend::default());
             return Err(e);
@@ -453,17 +453,17 @@ impl Services {
     pub fn remove_backend(&mut self, dp: &mut Dataplane, vip: &VipAddr, addr: IpAddr) -> Result<(), ServiceError> {
         let mut backends = self.vip(vip)?.backends.clone();
         let removed = backends.remove(&addr).ok_or(ServiceError::NoSuchBackend(*vip, addr))?;
-        self.swap_ring(dp, vip, backends)?;
+        self.swap_ring(dp, vip, backends, "backend removed")?;
         self.release_backend(dp, removed.id)
     }
 
     /// Drained: existing flows stay, new flows go elsewhere.
     pub fn drain_backend(&mut self, dp: &mut Dataplane, vip: &VipAddr, addr: IpAddr) -> Result<(), ServiceError> {
-        self.change_backend(dp, vip, addr, |b| b.drained = true)
+        self.change_backend(dp, vip, addr, "backend drained", |b| b.drained = true)
     }
 
     pub fn undrain_backend(&mut self, dp: &mut Dataplane, vip: &VipAddr, addr: IpAddr) -> Result<(), ServiceError> {
-        self.change_backend(dp, vip, addr, |b| b.drained = false)
+        self.change_backend(dp, vip, addr, "backend undrained", |b| b.drained = false)
     }
 
     /// Health checks changed their verdict on a backend.
@@ -474,7 +474,8 @@ impl Services {
         addr: IpAddr,
         healthy: bool,
     ) -> Result<(), ServiceError> {
-        self.change_backend(dp, vip, addr, |b| b.healthy = healthy)
+        let cause = if healthy { "backend up" } else { "backend down" };
+        self.change_backend(dp, vip, addr, cause, |b| b.healthy = healthy)
     }
 
     pub fn set_weight(
@@ -485,7 +486,7 @@ impl Services {
         weight: u32,
     ) -> Result<(), ServiceError> {
         check_weight(weight)?;
-        self.change_backend(dp, vip, addr, |b| b.weight = weight)
+        self.change_backend(dp, vip, addr, "weight changed", |b| b.weight = weight)
     }
 
     fn change_backend(
@@ -493,11 +494,12 @@ impl Services {
         dp: &mut Dataplane,
         vip: &VipAddr,
         addr: IpAddr,
+        cause: &str,
         change: impl FnOnce(&mut BackendState),
     ) -> Result<(), ServiceError> {
         let mut backends = self.vip(vip)?.backends.clone();
         change(backends.get_mut(&addr).ok_or(ServiceError::NoSuchBackend(*vip, addr))?);
-        self.swap_ring(dp, vip, backends)
+        self.swap_ring(dp, vip, backends, cause)
     }
 
     /// Builds the ring for `backends`, writes it to the idle half and makes
@@ -507,6 +509,7 @@ impl Services {
         dp: &mut Dataplane,
         vip: &VipAddr,
         backends: BTreeMap<IpAddr, BackendState>,
+        cause: &str,
     ) -> Result<(), ServiceError> {
         let started = std::time::Instant::now();
         let state = self.vips.get_mut(vip).ok_or(ServiceError::NoSuchVip(*vip))?;
@@ -535,7 +538,7 @@ impl Services {
         let took = started.elapsed().as_secs_f64();
         self.ring_swaps += 1;
         self.ring_swap_seconds += took;
-        tracing::info!(%vip, in_ring, fail_open, took_ms = took * 1000.0, "ring swapped");
+        tracing::info!(%vip, cause, in_ring, fail_open, took_ms = took * 1000.0, "ring swapped");
         Ok(())
     }
 
