@@ -1,0 +1,197 @@
+//! Randomized robustness tests (a bounded slice runs in CI; set
+//! LB_FUZZ_ITERATIONS for a longer run). Packets: valid frames for VIPs and
+//! non-VIPs, mutated byte by byte, cut and grown, through the real program
+//! with BPF_PROG_TEST_RUN. The config parser and the API's validation get
+//! mutated text. Deterministic seeds: a failure names the case to replay.
+
+use lb_common::stat;
+use lb_tests::*;
+use lb_userspace::{desired, HashMode};
+
+fn iterations(default: usize) -> usize {
+    std::env::var("LB_FUZZ_ITERATIONS").ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+/// Valid frames of every kind the program distinguishes.
+fn templates() -> Vec<Vec<u8>> {
+    let mut arp = eth([0xff; 6], ROUTER_MAC, ETH_P_ARP);
+    arp.extend_from_slice(&[0, 1, 8, 0, 6, 4, 0, 1]);
+    arp.extend_from_slice(&[0u8; 20]);
+    let mut options = eth(LB_MAC, ROUTER_MAC, ETH_P_IP);
+    options.extend(ipv4("192.0.2.55".parse().unwrap(), "203.0.113.10".parse().unwrap(), 6, &[1, 1, 1, 1], 20));
+    options.extend(tcp(40000, 80, ACK));
+    vec![
+        tcp_frame("192.0.2.55", 40000, "203.0.113.10", 80, SYN),
+        tcp_frame("192.0.2.55", 40001, "203.0.113.10", 80, ACK),
+        tcp_frame("192.0.2.55", 40000, "203.0.113.10", 8080, SYN),
+        udp_frame("192.0.2.55", 5353, "203.0.113.10", 53, b"query"),
+        tcp_frame("2001:db8:c::55", 40000, "2001:db8::10", 443, SYN),
+        udp_frame("2001:db8:c::55", 40000, "2001:db8::10", 53, b"q"),
+        tcp_frame("192.0.2.55", 40000, "203.0.113.99", 80, SYN),
+        frame("192.0.2.55".parse().unwrap(), "203.0.113.10".parse().unwrap(), 1, &[8, 0, 0, 0, 0, 1, 0, 1]),
+        arp,
+        options,
+    ]
+}
+
+fn mutate(rng: &mut XorShift, base: &[u8]) -> Vec<u8> {
+    let mut f = base.to_vec();
+    let r = rng.next_u64();
+    for _ in 0..(r % 4) {
+        // Flip bytes, biased towards the headers where decisions are made.
+        let span = if rng.next_u64() % 4 == 0 { f.len() } else { f.len().min(64) };
+        let i = (rng.next_u64() as usize) % span;
+        f[i] = rng.next_u64() as u8;
+    }
+    match (r >> 8) % 6 {
+        0 => f.truncate(14 + (rng.next_u64() as usize) % f.len().saturating_sub(13).max(1)),
+        1 => f.extend((0..rng.next_u64() % 64).map(|_| rng.next_u64() as u8)),
+        _ => {}
+    }
+    if f.len() < 14 {
+        f.resize(14, 0); // the kernel refuses shorter XDP test input
+    }
+    f
+}
+
+/// What a forwarded frame must look like: our Ethernet header, a sound outer
+/// header to a real backend, the input byte for byte inside.
+fn check_encapsulated(input: &[u8], out: &[u8], backends: &[std::net::IpAddr]) -> Result<(), String> {
+    if out[..6] != NEXT_HOP_MAC || out[6..12] != input[..6] {
+        return Err("Ethernet header not towards the next hop".into());
+    }
+    let inner_len = match u16::from_be_bytes([input[12], input[13]]) {
+        ETH_P_IP => u16::from_be_bytes([input[16], input[17]]) as usize,
+        ETH_P_IPV6 => 40 + u16::from_be_bytes([input[18], input[19]]) as usize,
+        other => return Err(format!("forwarded a frame of ethertype {other:#06x}")),
+    };
+    let outer_len = match u16::from_be_bytes([out[12], out[13]]) {
+        ETH_P_IP => {
+            let h = &out[14..34];
+            if h[0] != 0x45 || checksum(h) != 0 || u16::from_be_bytes([h[2], h[3]]) as usize != inner_len + 20 {
+                return Err(format!("bad outer IPv4 header {h:02x?}"));
+            }
+            20
+        }
+        ETH_P_IPV6 => {
+            let h = &out[14..54];
+            if h[0] >> 4 != 6 || u16::from_be_bytes([h[4], h[5]]) as usize != inner_len || h[7] != 64 {
+                return Err(format!("bad outer IPv6 header {h:02x?}"));
+            }
+            40
+        }
+        other => return Err(format!("outer ethertype {other:#06x}")),
+    };
+    if !backends.contains(&outer_dst(out)) {
+        return Err(format!("sent to {}, not a backend", outer_dst(out)));
+    }
+    if out[14 + outer_len..] != input[14..] {
+        return Err("inner packet changed".into());
+    }
+    Ok(())
+}
+
+#[test]
+fn random_and_mutated_packets_never_misbehave() {
+    let mut h = Harness::new();
+    let vips = [
+        ("203.0.113.10:80/tcp", HashMode::FiveTuple),
+        ("203.0.113.10:53/udp", HashMode::SourceIp),
+        ("[2001:db8::10]:0/tcp", HashMode::FiveTuple),
+        ("[2001:db8::10]:53/udp", HashMode::FiveTuple),
+    ];
+    let mut backends = Vec::new();
+    for (v, hash) in vips {
+        let vip = h.vip(v, hash);
+        for i in 1..=3 {
+            let b = if v.starts_with('[') { format!("2001:db8:1::{i}") } else { format!("198.51.100.{i}") };
+            h.backend(&vip, &b, 1);
+            backends.push(b.parse().unwrap());
+        }
+    }
+    let vip_ports = |input: &[u8]| -> bool {
+        // Whether the (unmutated parts of the) frame still address a VIP:
+        // only such frames may be forwarded.
+        let (dst, proto, l4): (std::net::IpAddr, u8, usize) = match u16::from_be_bytes([input[12], input[13]]) {
+            ETH_P_IP if input.len() >= 34 => (
+                std::net::IpAddr::from(<[u8; 4]>::try_from(&input[30..34]).unwrap()),
+                input[23],
+                14 + ((input[14] & 0x0f) as usize) * 4,
+            ),
+            ETH_P_IPV6 if input.len() >= 54 => {
+                (std::net::IpAddr::from(<[u8; 16]>::try_from(&input[38..54]).unwrap()), input[20], 54)
+            }
+            _ => return false,
+        };
+        if input.len() < l4 + 4 {
+            return false;
+        }
+        let port = u16::from_be_bytes([input[l4 + 2], input[l4 + 3]]);
+        match (dst.to_string().as_str(), proto) {
+            ("203.0.113.10", 6) => port == 80,
+            ("203.0.113.10", 17) => port == 53,
+            ("2001:db8::10", 6) => true,
+            ("2001:db8::10", 17) => port == 53,
+            _ => false,
+        }
+    };
+    let templates = templates();
+    let n = iterations(30_000);
+    let mut rng = XorShift(0xf022_1234_5678_9abc);
+    let mut forwarded = 0;
+    for case in 0..n {
+        let input = mutate(&mut rng, &templates[case % templates.len()]);
+        let (action, out) = h.run(&input);
+        match action {
+            XDP_TX => {
+                assert!(vip_ports(&input), "case {case}: forwarded a frame not for a VIP: {input:02x?}");
+                if let Err(e) = check_encapsulated(&input, &out, &backends) {
+                    panic!("case {case}: {e}\ninput {input:02x?}\noutput {out:02x?}");
+                }
+                forwarded += 1;
+            }
+            XDP_PASS | XDP_DROP => assert_eq!(out, input, "case {case}: a passed or dropped frame was changed"),
+            other => panic!("case {case}: action {other}"),
+        }
+    }
+    let g = h.dp.global_stats().unwrap();
+    assert_eq!(g[..stat::OUTCOMES].iter().sum::<u64>(), n as u64, "one outcome per packet");
+    assert_eq!(g[stat::FORWARDED], forwarded);
+    println!("fuzz: {n} packets, {forwarded} forwarded, outcomes {:?}", &g[..stat::OUTCOMES]);
+}
+
+#[test]
+fn mutated_config_files_and_api_input_are_refused_cleanly() {
+    let base = include_str!("../../packaging/etc/lbctl/lbctl.toml");
+    let n = iterations(20_000);
+    let mut rng = XorShift(0x70a1_c0f1_9000_0001);
+    let (mut ok, mut refused) = (0, 0);
+    for case in 0..n {
+        let mut text: Vec<u8> = base.as_bytes().to_vec();
+        for _ in 0..1 + rng.next_u64() % 4 {
+            let i = (rng.next_u64() as usize) % text.len();
+            match rng.next_u64() % 3 {
+                0 => text[i] = b"0123456789.:/[]\"=#\n abcxyz-"[(rng.next_u64() % 27) as usize],
+                1 => {
+                    text.remove(i);
+                }
+                _ => text.insert(i, rng.next_u64() as u8 % 128),
+            }
+        }
+        let text = String::from_utf8_lossy(&text);
+        // Must not panic; errors must say where.
+        match desired::parse(&text) {
+            Ok(_) => ok += 1,
+            Err(e) => {
+                assert!(e.contains("line") || e.contains("TOML parse error"), "case {case}: {e}");
+                refused += 1;
+            }
+        }
+        let words: Vec<&str> = text.split_whitespace().collect();
+        let word = words.get((rng.next_u64() as usize) % words.len().max(1)).copied().unwrap_or("");
+        let _ = desired::vip_spec(word.trim_matches('"'), "5tuple", (rng.next_u64() % 70_000) as u32);
+        let _ = lb_userspace::health::Probe::parse(word.trim_matches('"'), (rng.next_u64() % 3) as u16);
+    }
+    println!("config fuzz: {n} files, {ok} accepted, {refused} refused with a located error");
+    assert!(refused > 0 && ok > 0);
+}
