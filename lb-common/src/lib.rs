@@ -23,6 +23,7 @@ pub mod map_names {
     pub const BACKEND_STATS: &str = "BACKEND_STATS";
     pub const DECAP_ADDRS: &str = "DECAP_ADDRS";
     pub const VIP_FILTER: &str = "VIP_FILTER";
+    pub const FLOOD: &str = "FLOOD";
     /// The balancer's maps: what a controller pins and a restart adopts.
     pub const BALANCER_MAPS: [&str; 9] =
         [VIPS, VIP_FILTER, BACKENDS, RINGS, CONNS, CONFIG, GLOBAL_STATS, VIP_STATS, BACKEND_STATS];
@@ -171,6 +172,20 @@ pub struct Config {
     /// Outer IPv6 source: the hash fills the last word under its host mask.
     pub encap_src_v6: [u32; 4],
     pub encap_src_v6_host_mask: u32,
+    /// SYN-flood guard: new flows per second per CPU that are remembered in
+    /// the conn table (above it they are balanced but not remembered, so a
+    /// flood cannot evict established flows); 0 = no limit.
+    pub new_flow_limit: u32,
+}
+
+/// The guard's per-CPU token bucket (a per-CPU array of one entry).
+/// `credit` counts nanoseconds x limit: a new flow costs 10^9, a nanosecond
+/// earns `limit`, and it holds at most one second's worth (the burst).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FloodBucket {
+    pub credit: u64,
+    pub last_ns: u64,
 }
 
 /// Global counters: one per-CPU array entry of [`GlobalStats`], indexed by
@@ -196,7 +211,10 @@ pub mod stat {
     pub const CONN_HIT: usize = 7;
     /// VIP packets that picked a backend from the ring (new or re-picked flow).
     pub const CONN_MISS: usize = 8;
-    pub const COUNT: usize = 9;
+    /// New flows balanced but not remembered: the SYN-flood guard was over
+    /// its rate (not an outcome).
+    pub const CONN_UNTRACKED: usize = 9;
+    pub const COUNT: usize = 10;
     pub const NAMES: [&str; COUNT] = [
         "not_for_us",
         "malformed",
@@ -207,6 +225,7 @@ pub mod stat {
         "forwarded",
         "conn_hit",
         "conn_miss",
+        "conn_untracked",
     ];
 }
 
@@ -273,4 +292,5 @@ mod pod {
     unsafe impl aya::Pod for VipStats {}
     unsafe impl aya::Pod for BackendStats {}
     unsafe impl aya::Pod for DecapAddr {}
+    unsafe impl aya::Pod for FloodBucket {}
 }

@@ -14,7 +14,8 @@
 //! 5. check the MTU, encapsulate towards the backend, XDP_TX.
 //!
 //! Helper calls per packet: established, 2 (conn-table lookup,
-//! adjust_head); new flow, 3 (VIP lookup, conn-table update, adjust_head);
+//! adjust_head); new flow, 3 (VIP lookup, conn-table update, adjust_head;
+//! a 4th, the clock, when the SYN-flood guard has a limit);
 //! non-VIP, none unless its address collides in the filter. Array lookups
 //! (filter, config, ring, backend, stats) are inlined by the kernel.
 #![no_std]
@@ -26,14 +27,15 @@ mod parse;
 
 use aya_ebpf::{
     bindings::xdp_action::{XDP_DROP, XDP_PASS, XDP_TX},
+    helpers::bpf_ktime_get_ns,
     macros::{map, xdp},
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
     programs::XdpContext,
 };
 use lb_common::{
-    flow_hash, source_hash, stat, vip_filter_slot, Backend, BackendStats, Config, ConnValue, FlowKey, GlobalStats,
-    VipKey, VipMeta, VipStats, AF_INET, CONFIG_F_DEBUG, CONFIG_F_PORT0_V4, CONFIG_F_PORT0_V6, DEFAULT_CONN_TABLE_SIZE,
-    DEFAULT_RING_CAPACITY, MAX_BACKENDS, MAX_VIPS, VIP_FILTER_SLOTS, VIP_F_HASH_SRC_ONLY,
+    flow_hash, source_hash, stat, vip_filter_slot, Backend, BackendStats, Config, ConnValue, FloodBucket, FlowKey,
+    GlobalStats, VipKey, VipMeta, VipStats, AF_INET, CONFIG_F_DEBUG, CONFIG_F_PORT0_V4, CONFIG_F_PORT0_V6,
+    DEFAULT_CONN_TABLE_SIZE, DEFAULT_RING_CAPACITY, MAX_BACKENDS, MAX_VIPS, VIP_FILTER_SLOTS, VIP_F_HASH_SRC_ONLY,
 };
 
 use aya_log_ebpf::info;
@@ -60,6 +62,9 @@ static CONNS: LruHashMap<FlowKey, ConnValue> =
 static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
 #[map]
 static GLOBAL_STATS: PerCpuArray<GlobalStats> = PerCpuArray::with_max_entries(1, 0);
+/// The SYN-flood guard's token bucket, per CPU.
+#[map]
+static FLOOD: PerCpuArray<FloodBucket> = PerCpuArray::with_max_entries(1, 0);
 #[map]
 static VIP_STATS: PerCpuArray<VipStats> = PerCpuArray::with_max_entries(MAX_VIPS, 0);
 #[map]
@@ -117,6 +122,13 @@ fn balance(ctx: &XdpContext, stats: &mut [u64; stat::COUNT]) -> (u32, usize) {
                 return (XDP_DROP, stat::NO_BACKEND);
             };
             count_vip(vip.vip_id, &pkt, 1);
+            if may_track(cfg.new_flow_limit) {
+                // A full table evicts its least recently used entry; an error
+                // only means the flow is re-picked next time, to the same backend.
+                let _ = CONNS.insert(&pkt.flow, &picked.2, 0);
+            } else {
+                stats[stat::CONN_UNTRACKED] += 1;
+            }
             picked
         }
     };
@@ -186,8 +198,8 @@ fn lookup_conn(pkt: &Packet) -> Option<(u32, Backend, ConnValue)> {
     Some((conn.backend_id, *backend, conn))
 }
 
-/// Maglev: the ring slot of the flow's hash names the backend; the choice is
-/// remembered in the conn table with what later packets need.
+/// Maglev: the ring slot of the flow's hash names the backend. Returns it
+/// with the conn-table entry that would remember the choice.
 #[inline(always)]
 fn pick_from_ring(vip: &VipMeta, pkt: &Packet) -> Option<(u32, Backend, ConnValue)> {
     if vip.ring_size == 0 {
@@ -205,10 +217,34 @@ fn pick_from_ring(vip: &VipMeta, pkt: &Packet) -> Option<(u32, Backend, ConnValu
         return None;
     }
     let conn = ConnValue { backend_id, cookie: backend.cookie, vip_id: vip.vip_id, hash };
-    // A full table evicts its least recently used entry; an error here only
-    // means the flow is re-picked next time, to the same backend.
-    let _ = CONNS.insert(f, &conn, 0);
     Some((backend_id, backend, conn))
+}
+
+/// The SYN-flood guard: whether this CPU may remember one more new flow.
+/// Costs one helper call (the clock), and only when a limit is set.
+#[inline(always)]
+fn may_track(limit: u32) -> bool {
+    if limit == 0 {
+        return true;
+    }
+    let Some(bucket) = FLOOD.get_ptr_mut(0) else {
+        return true;
+    };
+    let bucket = unsafe { &mut *bucket };
+    let now = unsafe { bpf_ktime_get_ns() };
+    let full = limit as u64 * 1_000_000_000;
+    // More than a second of idle time fills the bucket anyway; capping it
+    // keeps the product within 64 bits (limit <= 10^9).
+    let earned = now.wrapping_sub(bucket.last_ns).min(1_000_000_000) * limit as u64;
+    let credit = bucket.credit.saturating_add(earned).min(full);
+    bucket.last_ns = now;
+    if credit >= 1_000_000_000 {
+        bucket.credit = credit - 1_000_000_000;
+        true
+    } else {
+        bucket.credit = credit;
+        false
+    }
 }
 
 #[cfg(not(test))]

@@ -143,6 +143,11 @@ struct UpArgs {
     /// Log format.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
+    /// SYN-flood guard: new flows per second per CPU remembered in the conn
+    /// table; beyond it new flows are balanced but not remembered, so a flood
+    /// cannot evict established flows. 0 = no limit.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=1_000_000_000))]
+    new_flow_limit: u32,
     /// Serve Prometheus metrics at http://ADDR:PORT/metrics ("off": none).
     #[arg(long, default_value = "127.0.0.1:9100")]
     metrics: String,
@@ -420,6 +425,7 @@ async fn run_up(args: UpArgs, socket: PathBuf) -> Result<()> {
         pin_root: args.pin_dir,
         state_dir: args.state_dir,
         metrics: parse_metrics(&args.metrics).map_err(anyhow::Error::msg)?,
+        new_flow_limit: args.new_flow_limit,
     })
     .await
 }

@@ -68,6 +68,13 @@ pub fn render(ctrl: &Controller) -> Result<String, crate::controller::ApiError> 
     family(&mut out, "lb_conn_lookups_total", "counter", "VIP packets by conn-table result (hit: known flow).");
     let _ = writeln!(out, "lb_conn_lookups_total{{result=\"hit\"}} {}", global[stat::CONN_HIT]);
     let _ = writeln!(out, "lb_conn_lookups_total{{result=\"miss\"}} {}", global[stat::CONN_MISS]);
+    family(
+        &mut out,
+        "lb_new_flows_untracked_total",
+        "counter",
+        "New flows not remembered: SYN-flood guard over its rate.",
+    );
+    let _ = writeln!(out, "lb_new_flows_untracked_total {}", global[stat::CONN_UNTRACKED]);
 
     let (entries, capacity) = st.dp.conn_count()?;
     family(&mut out, "lb_conn_table_entries", "gauge", "Flows in the conn table.");

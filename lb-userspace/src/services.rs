@@ -143,6 +143,10 @@ pub struct Settings {
     /// Log every packet decision through aya-log (`lbctl debug on`).
     #[serde(default)]
     pub debug: bool,
+    /// SYN-flood guard: new flows per second per CPU remembered in the conn
+    /// table; 0 = no limit.
+    #[serde(default)]
+    pub new_flow_limit: u32,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -624,6 +628,7 @@ impl Services {
             encap_src_v4_host_mask: wire(v4_host),
             encap_src_v6: v6_words,
             encap_src_v6_host_mask: wire(v6_host),
+            new_flow_limit: s.new_flow_limit,
         })
     }
 }

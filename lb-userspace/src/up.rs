@@ -48,6 +48,8 @@ pub struct UpOptions {
     pub state_dir: PathBuf,
     /// Where to serve Prometheus metrics, if anywhere.
     pub metrics: Option<std::net::SocketAddr>,
+    /// SYN-flood guard (new flows remembered per second per CPU; 0 = off).
+    pub new_flow_limit: u32,
 }
 
 pub async fn run(opts: UpOptions) -> Result<()> {
@@ -95,6 +97,7 @@ pub async fn run(opts: UpOptions) -> Result<()> {
         encap_src_v6: opts.encap_src_v6.unwrap_or_else(|| default_source_v6(&addrs)),
         mtu: opts.mtu,
         debug: false,
+        new_flow_limit: opts.new_flow_limit,
     };
     let (services, checks) = match saved {
         Some(saved) => {

@@ -143,6 +143,7 @@ pub fn test_settings() -> Settings {
         encap_src_v6: ("2001:db8:ffff::1".parse().unwrap(), 128),
         mtu: 1500,
         debug: false,
+        new_flow_limit: 0,
     }
 }
 

@@ -533,3 +533,72 @@ fn removing_a_vip_stops_its_established_flows_and_clears_the_filter_last() {
     assert_eq!(h.run(&tls_ack), (XDP_PASS, tls_ack.clone()));
     assert_eq!(h.stat(stat::CONN_HIT), hits, "filtered out before the conn table");
 }
+
+/// Runs `f` on a thread pinned to CPU 0: BPF_PROG_TEST_RUN runs the program
+/// on the calling CPU, and the conn table's LRU lists are per CPU.
+fn on_cpu0<T: Send>(f: impl FnOnce() -> T + Send) -> T {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            unsafe {
+                let mut set: libc::cpu_set_t = std::mem::zeroed();
+                libc::CPU_SET(0, &mut set);
+                assert_eq!(libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set), 0);
+            }
+            f()
+        })
+        .join()
+        .unwrap()
+    })
+}
+
+/// A flood of `n` new flows from distinct sources, then whether the flow
+/// of `established` is still in the conn table.
+fn flood_keeps(h: &mut Harness, established: &[u8], n: u32) -> bool {
+    h.forward(established);
+    for i in 0..n {
+        let src = format!("10.{}.{}.{}", (i >> 16) as u8, (i >> 8) as u8, i as u8);
+        h.run(&tcp_frame(&src, 1024 + (i % 50000) as u16, VIP, 80, SYN));
+    }
+    h.dp.conn(&flow_of(established)).unwrap().is_some()
+}
+
+#[test]
+fn a_syn_flood_larger_than_the_conn_table_does_not_move_an_established_flow() {
+    let opts = || lb_userspace::LoadOptions {
+        conn_table_size: 4096,
+        ring_capacity: 8 * 65537,
+        bench_restore: false,
+        pin_dir: None,
+    };
+    let established = tcp_frame(CLIENT, 40000, VIP, 80, SYN);
+    let flood = 20_000;
+    on_cpu0(|| {
+        // Without the guard the flood evicts the flow (the contrast).
+        let mut h = Harness::with(opts());
+        let vip = h.vip("203.0.113.10:80/tcp", HashMode::FiveTuple);
+        h.backend(&vip, "198.51.100.1", 1);
+        assert!(!flood_keeps(&mut h, &established, flood), "an unguarded flood evicts the flow");
+
+        // With the guard: 100 new flows/s per CPU are remembered, the rest
+        // are balanced but not remembered.
+        let mut h = Harness::with(opts());
+        let mut settings = test_settings();
+        settings.new_flow_limit = 100;
+        h.services.set_settings(&mut h.dp, settings).unwrap();
+        let vip = h.vip("203.0.113.10:80/tcp", HashMode::FiveTuple);
+        h.backend(&vip, "198.51.100.1", 1);
+        let started = std::time::Instant::now();
+        assert!(flood_keeps(&mut h, &established, flood), "the guarded flood left the flow in place");
+        let secs = started.elapsed().as_secs_f64();
+        let untracked = h.stat(stat::CONN_UNTRACKED);
+        let remembered = flood as u64 + 1 - untracked;
+        println!("flood: {flood} SYNs in {secs:.2} s, {remembered} remembered, {untracked} balanced untracked");
+        // At most the burst (one second's worth) plus the rate over the run.
+        assert!(remembered as f64 <= 100.0 + 100.0 * secs + 1.0, "{remembered} remembered in {secs} s");
+        assert_eq!(h.stat(stat::FORWARDED), flood as u64 + 1, "every flood packet was still balanced");
+        // The flow stays on its backend when the ring changes.
+        h.services.set_weight(&mut h.dp, &vip, "198.51.100.1".parse().unwrap(), 0).unwrap();
+        h.backend(&vip, "198.51.100.2", 1);
+        assert_eq!(h.forward(&tcp_frame(CLIENT, 40000, VIP, 80, ACK)).to_string(), "198.51.100.1");
+    });
+}
