@@ -39,7 +39,7 @@ fn mutate(rng: &mut XorShift, base: &[u8]) -> Vec<u8> {
     let r = rng.next_u64();
     for _ in 0..(r % 4) {
         // Flip bytes, biased towards the headers where decisions are made.
-        let span = if rng.next_u64() % 4 == 0 { f.len() } else { f.len().min(64) };
+        let span = if rng.next_u64().is_multiple_of(4) { f.len() } else { f.len().min(64) };
         let i = (rng.next_u64() as usize) % span;
         f[i] = rng.next_u64() as u8;
     }
