@@ -55,6 +55,7 @@ pub const IPPROTO_IPIP: u8 = 4;
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
 pub const IPPROTO_IPV6: u8 = 41;
+pub const IPPROTO_ICMPV6: u8 = 58;
 
 /// Sizes of the headers the balancer adds.
 pub const ETH_HLEN: usize = 14;
@@ -73,6 +74,14 @@ pub struct VipKey {
     pub proto: u8,
     /// [`AF_INET`] or [`AF_INET6`]: keeps 2001:db8:: apart from 32.1.13.184.
     pub family: u8,
+}
+
+/// The VIP-map key that marks an address some VIP has (protocol ICMP or
+/// ICMPv6, port 0), so that echo requests to it are answered. Its value has
+/// ring size 0 and a stats index past the VIPs'.
+pub fn address_mark(addr: [u32; 4], family: u8) -> VipKey {
+    let proto = if family == AF_INET6 { IPPROTO_ICMPV6 } else { IPPROTO_ICMP };
+    VipKey { addr, port: 0, proto, family }
 }
 
 /// VIP flag: hash on the source address only (session affinity).
@@ -206,15 +215,17 @@ pub mod stat {
     pub const ENCAP_FAILED: usize = 5;
     /// Encapsulated and sent back out (XDP_TX).
     pub const FORWARDED: usize = 6;
-    pub const OUTCOMES: usize = 7;
+    /// ICMP/ICMPv6 echo requests to a VIP address, answered (XDP_TX).
+    pub const ECHO_REPLIED: usize = 7;
+    pub const OUTCOMES: usize = 8;
     /// VIP packets whose conn-table entry was found and still valid.
-    pub const CONN_HIT: usize = 7;
+    pub const CONN_HIT: usize = 8;
     /// VIP packets that picked a backend from the ring (new or re-picked flow).
-    pub const CONN_MISS: usize = 8;
+    pub const CONN_MISS: usize = 9;
     /// New flows balanced but not remembered: the SYN-flood guard was over
     /// its rate (not an outcome).
-    pub const CONN_UNTRACKED: usize = 9;
-    pub const COUNT: usize = 10;
+    pub const CONN_UNTRACKED: usize = 10;
+    pub const COUNT: usize = 11;
     pub const NAMES: [&str; COUNT] = [
         "not_for_us",
         "malformed",
@@ -223,6 +234,7 @@ pub mod stat {
         "too_big",
         "encap_failed",
         "forwarded",
+        "echo_replied",
         "conn_hit",
         "conn_miss",
         "conn_untracked",

@@ -3,7 +3,8 @@
 //! back out of the NIC it came from (XDP_TX). Read top to bottom, this file
 //! is the packet path:
 //!
-//! 1. parse Ethernet / IPv4 / IPv6 / TCP / UDP (anything else: XDP_PASS);
+//! 1. parse Ethernet / IPv4 / IPv6 / TCP / UDP (anything else: XDP_PASS;
+//!    echo requests to a VIP address are answered with XDP_TX);
 //! 2. VIP-address filter: an inlined array lookup sends most non-VIP
 //!    packets on with no helper call at all;
 //! 3. conn table: an existing flow keeps its backend, and its entry carries
@@ -23,6 +24,7 @@
 
 mod encap;
 mod headers;
+mod icmp;
 mod parse;
 
 use aya_ebpf::{
@@ -33,8 +35,8 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
-    flow_hash, source_hash, stat, vip_filter_slot, Backend, BackendStats, Config, ConnValue, FloodBucket, FlowKey,
-    GlobalStats, VipKey, VipMeta, VipStats, AF_INET, CONFIG_F_DEBUG, CONFIG_F_PORT0_V4, CONFIG_F_PORT0_V6,
+    address_mark, flow_hash, source_hash, stat, vip_filter_slot, Backend, BackendStats, Config, ConnValue, FloodBucket,
+    FlowKey, GlobalStats, VipKey, VipMeta, VipStats, AF_INET, CONFIG_F_DEBUG, CONFIG_F_PORT0_V4, CONFIG_F_PORT0_V6,
     DEFAULT_CONN_TABLE_SIZE, DEFAULT_RING_CAPACITY, MAX_BACKENDS, MAX_VIPS, VIP_FILTER_SLOTS, VIP_F_HASH_SRC_ONLY,
 };
 
@@ -45,8 +47,9 @@ use parse::{parse, Packet, Parsed};
 /// BPF_F_NO_COMMON_LRU: one LRU list per CPU, no shared lock on insert.
 const BPF_F_NO_COMMON_LRU: u32 = 1 << 1;
 
+/// VIPs, and one address mark per VIP address (`address_mark`).
 #[map]
-static VIPS: HashMap<VipKey, VipMeta> = HashMap::with_max_entries(MAX_VIPS, 0);
+static VIPS: HashMap<VipKey, VipMeta> = HashMap::with_max_entries(2 * MAX_VIPS, 0);
 /// 1 where some VIP address hashes to the slot (`vip_filter_slot`).
 #[map]
 static VIP_FILTER: Array<u8> = Array::with_max_entries(VIP_FILTER_SLOTS, 0);
@@ -96,6 +99,7 @@ fn balance(ctx: &XdpContext, stats: &mut [u64; stat::COUNT]) -> (u32, usize) {
         Parsed::NotForUs => return (XDP_PASS, stat::NOT_FOR_US),
         Parsed::Malformed => return (XDP_PASS, stat::MALFORMED),
         Parsed::Fragment => return (XDP_PASS, stat::FRAGMENT),
+        Parsed::Echo(echo) => return answer_echo(ctx, &echo),
     };
 
     // 2. The filter: no VIP has this address.
@@ -150,6 +154,21 @@ fn balance(ctx: &XdpContext, stats: &mut [u64; stat::COUNT]) -> (u32, usize) {
     #[cfg(feature = "bench-restore")]
     encap::restore(ctx, &backend, inner.family, pkt.syn);
     (XDP_TX, stat::FORWARDED)
+}
+
+/// An echo request to a VIP address is answered here, not by a backend:
+/// the address belongs to the LB tier (RFC 792, RFC 4443).
+#[inline(always)]
+fn answer_echo(ctx: &XdpContext, echo: &parse::Echo) -> (u32, usize) {
+    if VIP_FILTER.get(vip_filter_slot(&echo.dst)).copied() != Some(1)
+        || unsafe { VIPS.get(&address_mark(echo.dst, echo.family)) }.is_none()
+    {
+        return (XDP_PASS, stat::NOT_FOR_US);
+    }
+    match icmp::reply(ctx, echo) {
+        Some(()) => (XDP_TX, stat::ECHO_REPLIED),
+        None => (XDP_PASS, stat::MALFORMED),
+    }
 }
 
 /// Per-VIP packets, bytes and new flows.

@@ -5,7 +5,7 @@
 use aya_ebpf::programs::XdpContext;
 
 use crate::headers::{ptr_at, EthHdr, Ipv4Hdr, Ipv6Hdr, ETH_P_IP, ETH_P_IPV6};
-use lb_common::{FlowKey, AF_INET, AF_INET6, ETH_HLEN, IPPROTO_TCP, IPPROTO_UDP};
+use lb_common::{FlowKey, AF_INET, AF_INET6, ETH_HLEN, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP};
 
 /// IPv6 Fragment extension header (RFC 8200, section 4.5).
 const IPPROTO_FRAGMENT: u8 = 44;
@@ -40,6 +40,29 @@ pub enum Parsed {
     Malformed,
     Fragment,
     Flow(Packet),
+    /// An ICMP or ICMPv6 echo request: answered if it is for a VIP address.
+    Echo(Echo),
+}
+
+pub struct Echo {
+    pub dst: [u32; 4],
+    pub family: u8,
+    /// Offset of the ICMP header in the frame.
+    pub icmp_offset: usize,
+}
+
+/// ICMP echo request types (RFC 792, RFC 4443).
+const ICMP_ECHO_REQUEST: u8 = 8;
+const ICMPV6_ECHO_REQUEST: u8 = 128;
+
+/// An echo request if the 8-byte ICMP header is there and says so.
+#[inline(always)]
+fn echo(ctx: &XdpContext, dst: [u32; 4], family: u8, icmp_offset: usize, request_type: u8) -> Parsed {
+    match ptr_at::<[u8; 8]>(ctx, icmp_offset) {
+        Some(icmp) if unsafe { (*icmp)[0] } == request_type => Parsed::Echo(Echo { dst, family, icmp_offset }),
+        Some(_) => Parsed::NotForUs,
+        None => Parsed::Malformed,
+    }
 }
 
 #[inline(always)]
@@ -70,10 +93,14 @@ fn parse_ipv4(ctx: &XdpContext) -> Parsed {
     if ip.ver_ihl >> 4 != 4 || header_len < 20 || ip_len < header_len as u32 || ip_len > available {
         return Parsed::Malformed;
     }
+    let fragment = ip.frag_off & IPV4_FRAG_MASK != 0;
+    if ip.proto == IPPROTO_ICMP && !fragment {
+        return echo(ctx, [ip.daddr, 0, 0, 0], AF_INET, ETH_HLEN + header_len, ICMP_ECHO_REQUEST);
+    }
     if ip.proto != IPPROTO_TCP && ip.proto != IPPROTO_UDP {
         return Parsed::NotForUs;
     }
-    if ip.frag_off & IPV4_FRAG_MASK != 0 {
+    if fragment {
         return Parsed::Fragment;
     }
     let mut flow = FlowKey {
@@ -104,6 +131,9 @@ fn parse_ipv6(ctx: &XdpContext) -> Parsed {
     }
     if ip.next_hdr == IPPROTO_FRAGMENT {
         return Parsed::Fragment;
+    }
+    if ip.next_hdr == IPPROTO_ICMPV6 {
+        return echo(ctx, ip.daddr, AF_INET6, ETH_HLEN + 40, ICMPV6_ECHO_REQUEST);
     }
     // Other extension headers are not walked: such packets go to the kernel.
     if ip.next_hdr != IPPROTO_TCP && ip.next_hdr != IPPROTO_UDP {

@@ -399,6 +399,7 @@ impl Services {
         let written = dp
             .reset_vip_stats(vip_id)
             .and_then(|()| dp.set_vip(&spec.vip.key(), &state.meta(0, 0)))
+            .and_then(|()| dp.set_vip(&address_mark(&spec.vip), &ADDRESS_MARK))
             .and_then(|()| dp.set_vip_filter(filter_slot(&spec.vip), 1));
         if let Err(e) = written {
             self.ring_space.free(extent);
@@ -416,6 +417,9 @@ impl Services {
         dp.remove_vip(&vip.key())?;
         let state = self.vips.remove(vip).expect("checked above");
         // Other VIPs may share the address (other ports) or the slot.
+        if !self.vips.keys().any(|v| v.addr == vip.addr) {
+            dp.remove_vip(&address_mark(vip))?;
+        }
         let slot = filter_slot(vip);
         if !self.vips.keys().any(|v| filter_slot(v) == slot) {
             dp.set_vip_filter(slot, 0)?;
@@ -631,6 +635,14 @@ impl Services {
             new_flow_limit: s.new_flow_limit,
         })
     }
+}
+
+/// The value of an address mark: no ring, a stats index past the VIPs'.
+const ADDRESS_MARK: VipMeta = VipMeta { vip_id: MAX_VIPS, flags: 0, ring_offset: 0, ring_size: 0 };
+
+fn address_mark(vip: &VipAddr) -> VipKey {
+    let (addr, family) = addr::words(vip.addr);
+    lb_common::address_mark(addr, family)
 }
 
 fn filter_slot(vip: &VipAddr) -> u32 {

@@ -175,13 +175,17 @@ fn packets_not_for_a_vip_pass_untouched() {
     let mut arp = eth([0xff; 6], ROUTER_MAC, ETH_P_ARP);
     arp.extend_from_slice(&[0, 1, 8, 0, 6, 4, 0, 1]);
     arp.extend_from_slice(&[0u8; 20]);
-    let icmp_to_vip = frame(CLIENT.parse().unwrap(), VIP.parse().unwrap(), 1, &[8, 0, 0, 0, 0, 1, 0, 1]);
+    // ICMP timestamp request (type 13) to the VIP; echo to a non-VIP address.
+    let icmp_to_vip = frame(CLIENT.parse().unwrap(), VIP.parse().unwrap(), 1, &[13, 0, 0, 0, 0, 1, 0, 1]);
+    let echo_elsewhere =
+        frame(CLIENT.parse().unwrap(), "203.0.113.11".parse().unwrap(), 1, &[8, 0, 0xf7, 0xfd, 0, 1, 0, 1]);
     let cases = [
         arp,
         tcp_frame(CLIENT, 40000, "203.0.113.11", 80, SYN), // other address
         tcp_frame(CLIENT, 40000, VIP, 81, SYN),            // other port
         udp_frame(CLIENT, 40000, VIP, 80, b"x"),           // other protocol
-        icmp_to_vip,                                       // ICMP (answered in a later version)
+        icmp_to_vip,                                       // ICMP, not an echo request
+        echo_elsewhere,                                    // echo request, not a VIP address
         tcp_frame(CLIENT6, 40000, VIP6, 80, SYN),          // IPv6, no such VIP
     ];
     for (i, input) in cases.iter().enumerate() {
@@ -601,4 +605,61 @@ fn a_syn_flood_larger_than_the_conn_table_does_not_move_an_established_flow() {
         h.backend(&vip, "198.51.100.2", 1);
         assert_eq!(h.forward(&tcp_frame(CLIENT, 40000, VIP, 80, ACK)).to_string(), "198.51.100.1");
     });
+}
+
+#[test]
+fn echo_requests_to_a_vip_address_are_answered_in_place() {
+    let mut h = one_backend_v4();
+    // RFC 792 echo request, id 1, seq 1; checksum 0xf7fd by hand.
+    let request = frame(CLIENT.parse().unwrap(), VIP.parse().unwrap(), 1, &[8, 0, 0xf7, 0xfd, 0, 1, 0, 1]);
+    let (action, out) = h.run(&request);
+    assert_eq!(action, XDP_TX);
+    #[rustfmt::skip]
+    let expected: [u8; 42] = [
+        // Back to the router, from the LB.
+        0x02, 0, 0, 0, 0, 0x03,  0x02, 0, 0, 0, 0, 0x01,  0x08, 0x00,
+        // IPv4: total 28, ID 0x1234, DF, TTL 64, ICMP, checksum 0x2a6b (by
+        // hand; swapping the addresses keeps it), VIP -> client.
+        0x45, 0x00, 0x00, 0x1c,  0x12, 0x34, 0x40, 0x00,
+        0x40, 0x01, 0x2a, 0x6b,  203, 0, 113, 10,  192, 0, 2, 55,
+        // Echo reply: type 0, checksum 0xfffd, id 1, seq 1.
+        0x00, 0x00, 0xff, 0xfd,  0x00, 0x01, 0x00, 0x01,
+    ];
+    assert_eq!(out, expected.to_vec());
+    assert_eq!(checksum(&out[14..34]), 0);
+    assert_eq!(checksum(&out[34..]), 0);
+
+    // IPv6 (RFC 4443): type 129, addresses swapped, hop limit 64, and the
+    // checksum over the pseudo-header still verifies.
+    let v6 = h.vip("[2001:db8::10]:443/tcp", HashMode::FiveTuple);
+    h.backend(&v6, "2001:db8:1::20", 1);
+    let (src, dst): (std::net::Ipv6Addr, std::net::Ipv6Addr) = (CLIENT6.parse().unwrap(), VIP6.parse().unwrap());
+    let mut icmp6 = vec![128, 0, 0, 0, 0, 7, 0, 9, b'p', b'i', b'n', b'g'];
+    let c = icmpv6_checksum(&src, &dst, &icmp6);
+    icmp6[2..4].copy_from_slice(&c.to_be_bytes());
+    let request6 = frame(src.into(), dst.into(), 58, &icmp6);
+    let (action, out) = h.run(&request6);
+    assert_eq!(action, XDP_TX);
+    assert_eq!(&out[..12], &[ROUTER_MAC, LB_MAC].concat()[..]);
+    assert_eq!(out[21], 64, "hop limit");
+    assert_eq!(&out[22..38], &dst.octets(), "from the VIP");
+    assert_eq!(&out[38..54], &src.octets(), "to the client");
+    assert_eq!(out[54], 129);
+    assert_eq!(&out[58..], &icmp6[4..], "id, sequence and data unchanged");
+    assert_eq!(icmpv6_checksum(&dst, &src, &out[54..]), 0, "checksum verifies");
+    assert_eq!(h.stat(stat::ECHO_REPLIED), 2);
+    // Once the address has no VIP, echo requests go to the kernel.
+    h.services.remove_vip(&mut h.dp, &"203.0.113.10:80/tcp".parse().unwrap()).unwrap();
+    assert_eq!(h.run(&request), (XDP_PASS, request.clone()));
+}
+
+/// RFC 4443 2.3 / RFC 8200 8.1: checksum over the pseudo-header and message.
+fn icmpv6_checksum(src: &std::net::Ipv6Addr, dst: &std::net::Ipv6Addr, msg: &[u8]) -> u16 {
+    let mut data = Vec::new();
+    data.extend_from_slice(&src.octets());
+    data.extend_from_slice(&dst.octets());
+    data.extend_from_slice(&(msg.len() as u32).to_be_bytes());
+    data.extend_from_slice(&[0, 0, 0, 58]);
+    data.extend_from_slice(msg);
+    checksum(&data)
 }

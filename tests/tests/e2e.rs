@@ -720,3 +720,28 @@ fn the_debug_switch_logs_packet_decisions_only_while_on() {
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(decisions(), 3, "nothing more once off");
 }
+
+#[test]
+fn pings_to_a_vip_are_answered_by_the_lb_hosts() {
+    let s = lab();
+    let lab = &s.lab;
+    all(lab, &["vip", "add", HTTP4]);
+    all(lab, &["vip", "add", HTTP6]);
+    ns(CLIENT_NS, &["ping", "-c", "3", "-i", "0.2", "-W", "2", VIP4]).expect("ping the IPv4 VIP");
+    ns(CLIENT_NS, &["ping", "-6", "-c", "3", "-i", "0.2", "-W", "2", VIP6]).expect("ping the IPv6 VIP");
+    let replied: u64 = (1..=LBS)
+        .map(|i| {
+            let stats = ok(lab, i, &["stats"]);
+            stats
+                .lines()
+                .find(|l| l.starts_with("echo_replied"))
+                .unwrap()
+                .split_whitespace()
+                .nth(1)
+                .unwrap()
+                .parse::<u64>()
+                .unwrap()
+        })
+        .sum();
+    assert_eq!(replied, 6, "the LB hosts answered, no backend was involved");
+}

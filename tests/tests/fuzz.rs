@@ -28,7 +28,8 @@ fn templates() -> Vec<Vec<u8>> {
         tcp_frame("2001:db8:c::55", 40000, "2001:db8::10", 443, SYN),
         udp_frame("2001:db8:c::55", 40000, "2001:db8::10", 53, b"q"),
         tcp_frame("192.0.2.55", 40000, "203.0.113.99", 80, SYN),
-        frame("192.0.2.55".parse().unwrap(), "203.0.113.10".parse().unwrap(), 1, &[8, 0, 0, 0, 0, 1, 0, 1]),
+        frame("192.0.2.55".parse().unwrap(), "203.0.113.10".parse().unwrap(), 1, &[8, 0, 0xf7, 0xfd, 0, 1, 0, 1]),
+        frame("2001:db8:c::55".parse().unwrap(), "2001:db8::10".parse().unwrap(), 58, &[128, 0, 0, 0, 0, 1, 0, 1]),
         arp,
         options,
     ]
@@ -91,6 +92,38 @@ fn check_encapsulated(input: &[u8], out: &[u8], backends: &[std::net::IpAddr]) -
     Ok(())
 }
 
+/// A frame sent back unencapsulated must be an echo reply from a VIP
+/// address to the request's sender.
+fn check_echo_reply(input: &[u8], out: &[u8]) -> Result<(), String> {
+    if out[..6] != input[6..12] || out[6..12] != input[..6] {
+        return Err("MACs not swapped".into());
+    }
+    let (src, dst, reply_type, vip) = match u16::from_be_bytes([input[12], input[13]]) {
+        ETH_P_IP if input[23] == 1 => (26..30, 30..34, 0u8, "203.0.113.10".parse::<std::net::IpAddr>().unwrap()),
+        ETH_P_IPV6 if input[20] == 58 => (22..38, 38..54, 129u8, "2001:db8::10".parse().unwrap()),
+        _ => return Err("sent back a frame that is not an ICMP echo".into()),
+    };
+    let dst_addr: std::net::IpAddr = if dst.len() == 4 {
+        <[u8; 4]>::try_from(&input[dst.clone()]).unwrap().into()
+    } else {
+        <[u8; 16]>::try_from(&input[dst.clone()]).unwrap().into()
+    };
+    if dst_addr != vip {
+        return Err(format!("answered an echo to {dst_addr}, not a VIP address"));
+    }
+    if out[src.clone()] != input[dst.clone()] || out[dst] != input[src] {
+        return Err("addresses not swapped".into());
+    }
+    let icmp = if reply_type == 0 { 14 + ((input[14] & 0x0f) as usize) * 4 } else { 54 };
+    if out[icmp] != reply_type {
+        return Err(format!("reply type {}", out[icmp]));
+    }
+    if reply_type == 0 && checksum(&out[14..icmp]) != 0 && checksum(&input[14..icmp]) == 0 {
+        return Err("a valid IPv4 header checksum was broken".into());
+    }
+    Ok(())
+}
+
 #[test]
 fn random_and_mutated_packets_never_misbehave() {
     let mut h = Harness::new();
@@ -138,11 +171,17 @@ fn random_and_mutated_packets_never_misbehave() {
     let templates = templates();
     let n = iterations(30_000);
     let mut rng = XorShift(0xf022_1234_5678_9abc);
-    let mut forwarded = 0;
+    let (mut forwarded, mut echoed) = (0, 0);
     for case in 0..n {
         let input = mutate(&mut rng, &templates[case % templates.len()]);
         let (action, out) = h.run(&input);
         match action {
+            XDP_TX if out.len() == input.len() => {
+                if let Err(e) = check_echo_reply(&input, &out) {
+                    panic!("case {case}: {e}\ninput {input:02x?}\noutput {out:02x?}");
+                }
+                echoed += 1;
+            }
             XDP_TX => {
                 assert!(vip_ports(&input), "case {case}: forwarded a frame not for a VIP: {input:02x?}");
                 if let Err(e) = check_encapsulated(&input, &out, &backends) {
@@ -157,7 +196,8 @@ fn random_and_mutated_packets_never_misbehave() {
     let g = h.dp.global_stats().unwrap();
     assert_eq!(g[..stat::OUTCOMES].iter().sum::<u64>(), n as u64, "one outcome per packet");
     assert_eq!(g[stat::FORWARDED], forwarded);
-    println!("fuzz: {n} packets, {forwarded} forwarded, outcomes {:?}", &g[..stat::OUTCOMES]);
+    assert_eq!(g[stat::ECHO_REPLIED], echoed);
+    println!("fuzz: {n} packets, {forwarded} forwarded, {echoed} echo replies, outcomes {:?}", &g[..stat::OUTCOMES]);
 }
 
 #[test]
