@@ -84,6 +84,13 @@ pub fn address_mark(addr: [u32; 4], family: u8) -> VipKey {
     VipKey { addr, port: 0, proto, family }
 }
 
+/// The VIP-map key under which the VIP that takes the fragments of an
+/// address and protocol is found (fragments after the first have no ports).
+/// The family's top bit keeps it apart from a port-0 VIP's key.
+pub fn fragment_key(addr: [u32; 4], proto: u8, family: u8) -> VipKey {
+    VipKey { addr, port: 0, proto, family: family | 0x80 }
+}
+
 /// VIP flag: hash on the source address only (session affinity).
 pub const VIP_F_HASH_SRC_ONLY: u32 = 1;
 
@@ -205,7 +212,7 @@ pub mod stat {
     pub const NOT_FOR_US: usize = 0;
     /// Truncated or invalid headers: passed to the kernel, which drops them.
     pub const MALFORMED: usize = 1;
-    /// IP fragments of TCP/UDP: passed.
+    /// IP fragments not for a VIP (or of another protocol): passed.
     pub const FRAGMENT: usize = 2;
     /// VIP without any usable backend: dropped.
     pub const NO_BACKEND: usize = 3;
@@ -225,7 +232,10 @@ pub mod stat {
     /// New flows balanced but not remembered: the SYN-flood guard was over
     /// its rate (not an outcome).
     pub const CONN_UNTRACKED: usize = 10;
-    pub const COUNT: usize = 11;
+    /// Fragments of VIP datagrams, balanced on addresses and protocol and
+    /// forwarded (also counted as `FORWARDED`).
+    pub const FRAGMENT_FORWARDED: usize = 11;
+    pub const COUNT: usize = 12;
     pub const NAMES: [&str; COUNT] = [
         "not_for_us",
         "malformed",
@@ -238,6 +248,7 @@ pub mod stat {
         "conn_hit",
         "conn_miss",
         "conn_untracked",
+        "fragment_forwarded",
     ];
 }
 

@@ -35,9 +35,10 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
-    address_mark, flow_hash, source_hash, stat, vip_filter_slot, Backend, BackendStats, Config, ConnValue, FloodBucket,
-    FlowKey, GlobalStats, VipKey, VipMeta, VipStats, AF_INET, CONFIG_F_DEBUG, CONFIG_F_PORT0_V4, CONFIG_F_PORT0_V6,
-    DEFAULT_CONN_TABLE_SIZE, DEFAULT_RING_CAPACITY, MAX_BACKENDS, MAX_VIPS, VIP_FILTER_SLOTS, VIP_F_HASH_SRC_ONLY,
+    address_mark, flow_hash, fragment_key, source_hash, stat, vip_filter_slot, Backend, BackendStats, Config,
+    ConnValue, FloodBucket, FlowKey, GlobalStats, VipKey, VipMeta, VipStats, AF_INET, CONFIG_F_DEBUG,
+    CONFIG_F_PORT0_V4, CONFIG_F_PORT0_V6, DEFAULT_CONN_TABLE_SIZE, DEFAULT_RING_CAPACITY, MAX_BACKENDS, MAX_VIPS,
+    VIP_FILTER_SLOTS, VIP_F_HASH_SRC_ONLY,
 };
 
 use aya_log_ebpf::info;
@@ -47,9 +48,10 @@ use parse::{parse, Packet, Parsed};
 /// BPF_F_NO_COMMON_LRU: one LRU list per CPU, no shared lock on insert.
 const BPF_F_NO_COMMON_LRU: u32 = 1 << 1;
 
-/// VIPs, and one address mark per VIP address (`address_mark`).
+/// VIPs, one address mark per VIP address (`address_mark`) and one
+/// fragment entry per address and protocol (`fragment_key`).
 #[map]
-static VIPS: HashMap<VipKey, VipMeta> = HashMap::with_max_entries(2 * MAX_VIPS, 0);
+static VIPS: HashMap<VipKey, VipMeta> = HashMap::with_max_entries(3 * MAX_VIPS, 0);
 /// 1 where some VIP address hashes to the slot (`vip_filter_slot`).
 #[map]
 static VIP_FILTER: Array<u8> = Array::with_max_entries(VIP_FILTER_SLOTS, 0);
@@ -94,39 +96,46 @@ pub fn lb_balancer(ctx: XdpContext) -> u32 {
 #[inline(always)]
 fn balance(ctx: &XdpContext, stats: &mut [u64; stat::COUNT]) -> (u32, usize) {
     // 1. Parse.
-    let pkt = match parse(ctx) {
-        Parsed::Flow(pkt) => pkt,
+    let (pkt, fragment) = match parse(ctx) {
+        Parsed::Flow(pkt) => (pkt, false),
+        Parsed::Fragment(pkt) => (pkt, true),
         Parsed::NotForUs => return (XDP_PASS, stat::NOT_FOR_US),
         Parsed::Malformed => return (XDP_PASS, stat::MALFORMED),
-        Parsed::Fragment => return (XDP_PASS, stat::FRAGMENT),
+        Parsed::OtherFragment => return (XDP_PASS, stat::FRAGMENT),
         Parsed::Echo(echo) => return answer_echo(ctx, &echo),
     };
 
     // 2. The filter: no VIP has this address.
+    let not_for_us = if fragment { stat::FRAGMENT } else { stat::NOT_FOR_US };
     if VIP_FILTER.get(vip_filter_slot(&pkt.flow.dst)).copied() != Some(1) {
-        return (XDP_PASS, stat::NOT_FOR_US);
+        return (XDP_PASS, not_for_us);
     }
     let Some(cfg) = CONFIG.get(0) else {
         return (XDP_PASS, stat::NOT_FOR_US);
     };
 
     // 3. An established flow, or 4. a new one: VIP, then its ring.
-    let (backend_id, backend, conn) = match lookup_conn(&pkt) {
+    // Fragments skip the conn table: stateless, by addresses and protocol.
+    let known = if fragment { None } else { lookup_conn(&pkt) };
+    let (backend_id, backend, conn) = match known {
         Some(found) => {
             stats[stat::CONN_HIT] += 1;
             found
         }
         None => {
-            let Some(vip) = lookup_vip(cfg, &pkt.flow) else {
-                return (XDP_PASS, stat::NOT_FOR_US);
+            let vip = if fragment { lookup_fragment_vip(&pkt.flow) } else { lookup_vip(cfg, &pkt.flow) };
+            let Some(vip) = vip else {
+                return (XDP_PASS, not_for_us);
             };
             stats[stat::CONN_MISS] += 1;
             let Some(picked) = pick_from_ring(&vip, &pkt) else {
                 count_vip(vip.vip_id, &pkt, 0);
                 return (XDP_DROP, stat::NO_BACKEND);
             };
-            count_vip(vip.vip_id, &pkt, 1);
-            if may_track(cfg.new_flow_limit) {
+            count_vip(vip.vip_id, &pkt, !fragment as u64);
+            if fragment {
+                stats[stat::FRAGMENT_FORWARDED] += 1;
+            } else if may_track(cfg.new_flow_limit) {
                 // A full table evicts its least recently used entry; an error
                 // only means the flow is re-picked next time, to the same backend.
                 let _ = CONNS.insert(&pkt.flow, &picked.2, 0);
@@ -198,6 +207,13 @@ fn lookup_vip(cfg: &Config, flow: &FlowKey) -> Option<VipMeta> {
     }
     key.port = 0;
     unsafe { VIPS.get(&key) }.copied()
+}
+
+/// The VIP that takes fragments for this address and protocol (userspace
+/// names one per pair: the port-0 VIP, else the lowest port).
+#[inline(always)]
+fn lookup_fragment_vip(flow: &FlowKey) -> Option<VipMeta> {
+    unsafe { VIPS.get(&fragment_key(flow.dst, flow.proto, flow.family)) }.copied()
 }
 
 /// The flow's remembered backend, if it still exists. A SYN starts a new

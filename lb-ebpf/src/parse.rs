@@ -38,7 +38,11 @@ pub enum Parsed {
     /// Not IP, or an IP protocol the balancer does not serve.
     NotForUs,
     Malformed,
-    Fragment,
+    /// A fragment of a TCP or UDP datagram: ports unknown (zero in the
+    /// flow), so it is balanced on addresses and protocol (RFC 791, 8200).
+    Fragment(Packet),
+    /// A fragment of another protocol.
+    OtherFragment,
     Flow(Packet),
     /// An ICMP or ICMPv6 echo request: answered if it is for a VIP address.
     Echo(Echo),
@@ -98,10 +102,7 @@ fn parse_ipv4(ctx: &XdpContext) -> Parsed {
         return echo(ctx, [ip.daddr, 0, 0, 0], AF_INET, ETH_HLEN + header_len, ICMP_ECHO_REQUEST);
     }
     if ip.proto != IPPROTO_TCP && ip.proto != IPPROTO_UDP {
-        return Parsed::NotForUs;
-    }
-    if fragment {
-        return Parsed::Fragment;
+        return if fragment { Parsed::OtherFragment } else { Parsed::NotForUs };
     }
     let mut flow = FlowKey {
         src: [ip.saddr, 0, 0, 0],
@@ -111,6 +112,11 @@ fn parse_ipv4(ctx: &XdpContext) -> Parsed {
         ..FlowKey::default()
     };
     let tos = ip.tos;
+    if fragment {
+        // Even the first fragment, which has the ports: all fragments of a
+        // datagram must hash alike to meet at one backend.
+        return Parsed::Fragment(Packet { flow, ip_len, tos, syn: false });
+    }
     let Some(syn) = parse_ports(ctx, ETH_HLEN + header_len, &mut flow, ip_len - header_len as u32) else {
         return Parsed::Malformed;
     };
@@ -130,7 +136,17 @@ fn parse_ipv6(ctx: &XdpContext) -> Parsed {
         return Parsed::Malformed;
     }
     if ip.next_hdr == IPPROTO_FRAGMENT {
-        return Parsed::Fragment;
+        // RFC 8200 4.5: the fragment header's first byte names the upper
+        // protocol of the reassembled datagram.
+        let Some(frag) = ptr_at::<[u8; 8]>(ctx, ETH_HLEN + 40) else {
+            return Parsed::Malformed;
+        };
+        let proto = unsafe { (*frag)[0] };
+        if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
+            return Parsed::OtherFragment;
+        }
+        let flow = FlowKey { src: ip.saddr, dst: ip.daddr, proto, family: AF_INET6, ..FlowKey::default() };
+        return Parsed::Fragment(Packet { flow, ip_len: payload_len + 40, tos: (first >> 20) as u8, syn: false });
     }
     if ip.next_hdr == IPPROTO_ICMPV6 {
         return echo(ctx, ip.daddr, AF_INET6, ETH_HLEN + 40, ICMPV6_ECHO_REQUEST);

@@ -226,6 +226,11 @@ impl VipState {
         &self.ring
     }
 
+    /// The VIP-map value packets see now.
+    fn live_meta(&self) -> VipMeta {
+        self.meta(self.live_half, if self.ring.is_empty() { 0 } else { self.spec.ring_size })
+    }
+
     /// Whether a backend is in the ring now.
     pub fn in_ring(&self, backend: &BackendState) -> bool {
         backend.wanted() && (backend.healthy || self.fail_open)
@@ -407,6 +412,7 @@ impl Services {
         }
         self.free_vip_ids.pop_front();
         self.vips.insert(spec.vip, state);
+        self.sync_fragment_entry(dp, &spec.vip)?;
         self.write_port0_flags(dp)
     }
 
@@ -416,6 +422,7 @@ impl Services {
         }
         dp.remove_vip(&vip.key())?;
         let state = self.vips.remove(vip).expect("checked above");
+        self.sync_fragment_entry(dp, vip)?;
         // Other VIPs may share the address (other ports) or the slot.
         if !self.vips.keys().any(|v| v.addr == vip.addr) {
             dp.remove_vip(&address_mark(vip))?;
@@ -547,6 +554,24 @@ impl Services {
         self.ring_swaps += 1;
         self.ring_swap_seconds += took;
         tracing::info!(%vip, cause, in_ring, fail_open, took_ms = took * 1000.0, "ring swapped");
+        self.sync_fragment_entry(dp, vip)
+    }
+
+    /// Fragments after the first carry no ports, so one VIP per address and
+    /// protocol takes them all: the port-0 VIP, else the lowest port. Its
+    /// live VIP-map value is copied under the fragment key.
+    fn sync_fragment_entry(&self, dp: &mut Dataplane, vip: &VipAddr) -> Result<(), ServiceError> {
+        let (words, family) = addr::words(vip.addr);
+        let key = lb_common::fragment_key(words, vip.proto.number(), family);
+        let chosen = self
+            .vips
+            .values()
+            .filter(|v| v.spec.vip.addr == vip.addr && v.spec.vip.proto == vip.proto)
+            .min_by_key(|v| v.spec.vip.port);
+        match chosen {
+            Some(v) => dp.set_vip(&key, &v.live_meta())?,
+            None => dp.remove_vip(&key)?,
+        }
         Ok(())
     }
 

@@ -261,19 +261,88 @@ fn ipv4_options_are_skipped_and_carried_unchanged() {
     assert_eq!(h.run(&wrong_port).0, XDP_PASS);
 }
 
+/// One IPv4 fragment (RFC 791): `offset` in 8-byte units, `more` = MF.
+fn fragment4(src: &str, id: u16, offset: u16, more: bool, payload: &[u8]) -> Vec<u8> {
+    let mut f = eth(LB_MAC, ROUTER_MAC, ETH_P_IP);
+    let mut ip = ipv4(src.parse().unwrap(), VIP.parse().unwrap(), 17, &[], payload.len());
+    ip[4..6].copy_from_slice(&id.to_be_bytes());
+    ip[6..8].copy_from_slice(&((offset & 0x1fff) | if more { 0x2000 } else { 0 }).to_be_bytes());
+    ip[10..12].copy_from_slice(&[0, 0]);
+    let c = checksum(&ip);
+    ip[10..12].copy_from_slice(&c.to_be_bytes());
+    f.extend(ip);
+    f.extend_from_slice(payload);
+    f
+}
+
+/// One IPv6 fragment (RFC 8200 4.5) of a UDP datagram.
+fn fragment6(src: &str, id: u32, offset: u16, more: bool, payload: &[u8]) -> Vec<u8> {
+    let mut f = eth(LB_MAC, ROUTER_MAC, ETH_P_IPV6);
+    f.extend(ipv6(src.parse().unwrap(), VIP6.parse().unwrap(), 44, 8 + payload.len()));
+    f.extend_from_slice(&[17, 0]);
+    f.extend_from_slice(&((offset << 3) | more as u16).to_be_bytes());
+    f.extend_from_slice(&id.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
 #[test]
-fn fragments_are_passed_and_counted() {
-    let mut h = one_backend_v4();
-    let mut frag = tcp_frame(CLIENT, 40000, VIP, 80, SYN);
-    frag[20] = 0x20; // MF set, offset 0 (RFC 791)
-    frag[21] = 0x00;
-    let mut frag6 = eth(LB_MAC, ROUTER_MAC, ETH_P_IPV6);
-    frag6.extend(ipv6(CLIENT6.parse().unwrap(), VIP6.parse().unwrap(), 44, 8));
-    frag6.extend_from_slice(&[6, 0, 0, 1, 0, 0, 0, 1]); // RFC 8200 fragment header, M=1
-    for input in [&frag, &frag6] {
+fn all_fragments_of_a_datagram_reach_one_backend_and_others_pass() {
+    let mut h = Harness::new();
+    let v4 = h.vip("203.0.113.10:53/udp", HashMode::FiveTuple);
+    let v6 = h.vip("[2001:db8::10]:53/udp", HashMode::FiveTuple);
+    for i in 1..=5 {
+        h.backend(&v4, &format!("198.51.100.{i}"), 1);
+        h.backend(&v6, &format!("2001:db8:1::{i}"), 1);
+    }
+    let mut seen = std::collections::HashSet::new();
+    for n in 0..20u16 {
+        let src = format!("192.0.2.{}", 10 + n);
+        // A UDP datagram in three pieces (1400 + 400 + 136 bytes, so that
+        // each fits the 1500 MTU once encapsulated); the later ones carry
+        // payload bytes where the first has ports.
+        let first = [udp(5353 + n, 53, &[]).as_slice(), &[0xaa; 1392]].concat();
+        let middle = vec![n as u8; 400];
+        let last = vec![0x55; 136];
+        let backends: Vec<_> = [
+            fragment4(&src, 0x1000 + n, 0, true, &first),
+            fragment4(&src, 0x1000 + n, 175, true, &middle),
+            fragment4(&src, 0x1000 + n, 225, false, &last),
+        ]
+        .iter()
+        .map(|f| h.forward(f))
+        .collect();
+        assert!(backends.iter().all(|b| *b == backends[0]), "datagram {n}: {backends:?}");
+        seen.insert(backends[0]);
+        let src6 = format!("2001:db8:c::{:x}", 10 + n);
+        let first6 = [udp(5353 + n, 53, &[]).as_slice(), &[0xaa; 1000]].concat();
+        let b6: Vec<_> =
+            [fragment6(&src6, 7 + n as u32, 0, true, &first6), fragment6(&src6, 7 + n as u32, 126, false, &[1; 64])]
+                .iter()
+                .map(|f| h.forward(f))
+                .collect();
+        assert_eq!(b6[0], b6[1], "IPv6 datagram {n}");
+    }
+    assert!(seen.len() > 1, "datagrams from 20 sources spread over the backends");
+    assert_eq!(h.stat(stat::FRAGMENT_FORWARDED), 20 * 5);
+    // Not a VIP address, or not TCP/UDP: passed and counted.
+    let mut elsewhere = fragment4("192.0.2.10", 1, 0, true, &[0; 16]);
+    elsewhere[30..34].copy_from_slice(&[203, 0, 113, 99]);
+    elsewhere[24..26].copy_from_slice(&[0, 0]);
+    let c = checksum(&elsewhere[14..34]);
+    elsewhere[24..26].copy_from_slice(&c.to_be_bytes());
+    let mut icmp_fragment = frame(CLIENT.parse().unwrap(), VIP.parse().unwrap(), 1, &[8, 0, 0, 0, 0, 1, 0, 1]);
+    icmp_fragment[20] = 0x20; // MF
+    for input in [&elsewhere, &icmp_fragment] {
         assert_eq!(h.run(input), (XDP_PASS, input.clone()));
     }
     assert_eq!(h.stat(stat::FRAGMENT), 2);
+    // Fragments follow the lowest-port VIP of the address and protocol.
+    let low = h.vip("203.0.113.10:7/udp", HashMode::FiveTuple);
+    h.backend(&low, "198.51.100.77", 1);
+    assert_eq!(h.forward(&fragment4("192.0.2.10", 9, 100, false, &[0; 8])).to_string(), "198.51.100.77");
+    h.services.remove_vip(&mut h.dp, &low).unwrap();
+    assert_ne!(h.forward(&fragment4("192.0.2.10", 9, 100, false, &[0; 8])).to_string(), "198.51.100.77");
 }
 
 #[test]

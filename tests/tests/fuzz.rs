@@ -145,17 +145,29 @@ fn random_and_mutated_packets_never_misbehave() {
     let vip_ports = |input: &[u8]| -> bool {
         // Whether the (unmutated parts of the) frame still address a VIP:
         // only such frames may be forwarded.
-        let (dst, proto, l4): (std::net::IpAddr, u8, usize) = match u16::from_be_bytes([input[12], input[13]]) {
-            ETH_P_IP if input.len() >= 34 => (
-                std::net::IpAddr::from(<[u8; 4]>::try_from(&input[30..34]).unwrap()),
-                input[23],
-                14 + ((input[14] & 0x0f) as usize) * 4,
-            ),
-            ETH_P_IPV6 if input.len() >= 54 => {
-                (std::net::IpAddr::from(<[u8; 16]>::try_from(&input[38..54]).unwrap()), input[20], 54)
-            }
-            _ => return false,
-        };
+        let (dst, proto, l4, fragment): (std::net::IpAddr, u8, usize, bool) =
+            match u16::from_be_bytes([input[12], input[13]]) {
+                ETH_P_IP if input.len() >= 34 => (
+                    std::net::IpAddr::from(<[u8; 4]>::try_from(&input[30..34]).unwrap()),
+                    input[23],
+                    14 + ((input[14] & 0x0f) as usize) * 4,
+                    u16::from_be_bytes([input[20], input[21]]) & 0x3fff != 0,
+                ),
+                ETH_P_IPV6 if input.len() >= 62 && input[20] == 44 => {
+                    (std::net::IpAddr::from(<[u8; 16]>::try_from(&input[38..54]).unwrap()), input[54], 62, true)
+                }
+                ETH_P_IPV6 if input.len() >= 54 => {
+                    (std::net::IpAddr::from(<[u8; 16]>::try_from(&input[38..54]).unwrap()), input[20], 54, false)
+                }
+                _ => return false,
+            };
+        if fragment {
+            // Balanced on addresses and protocol: any VIP of the pair.
+            return matches!(
+                (dst.to_string().as_str(), proto),
+                ("203.0.113.10", 6) | ("203.0.113.10", 17) | ("2001:db8::10", 6) | ("2001:db8::10", 17)
+            );
+        }
         if input.len() < l4 + 4 {
             return false;
         }

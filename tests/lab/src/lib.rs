@@ -186,8 +186,11 @@ impl Lab {
             ip(&n, &format!("addr add {}/64 dev {dev} nodad", backend_v6(j)))?;
             ip(&n, &format!("addr add {VIP4}/32 dev lo"))?;
             ip(&n, &format!("addr add {VIP6}/128 dev lo nodad"))?;
-            ip(&n, &format!("route add default via 198.51.100.{}", 16 * j + 1))?;
-            ip(&n, &format!("-6 route add default via 2001:db8:b{j}::1"))?;
+            // Replies leave straight for the client (DSR); its link has MTU
+            // 1400, and an ICMPv6 "packet too big" about them would go to
+            // the VIP, that is to the LB hosts: size them right from the start.
+            ip(&n, &format!("route add default via 198.51.100.{} mtu 1400", 16 * j + 1))?;
+            ip(&n, &format!("-6 route add default via 2001:db8:b{j}::1 mtu 1400"))?;
             // Packets for the VIP arrive on the backend link; replies leave
             // from the VIP by the default route (DSR).
             sysctl(&n, &["net.ipv4.conf.all.rp_filter=0", "net.ipv4.conf.default.rp_filter=0"])?;
