@@ -235,7 +235,10 @@ pub mod stat {
     /// Fragments of VIP datagrams, balanced on addresses and protocol and
     /// forwarded (also counted as `FORWARDED`).
     pub const FRAGMENT_FORWARDED: usize = 11;
-    pub const COUNT: usize = 12;
+    /// ICMP "fragmentation needed" / ICMPv6 "packet too big" about a VIP
+    /// flow, sent on to the backend that owns the flow (also `FORWARDED`).
+    pub const ICMP_ERROR_FORWARDED: usize = 12;
+    pub const COUNT: usize = 13;
     pub const NAMES: [&str; COUNT] = [
         "not_for_us",
         "malformed",
@@ -249,6 +252,7 @@ pub mod stat {
         "conn_miss",
         "conn_untracked",
         "fragment_forwarded",
+        "icmp_error_forwarded",
     ];
 }
 

@@ -96,9 +96,11 @@ pub fn lb_balancer(ctx: XdpContext) -> u32 {
 #[inline(always)]
 fn balance(ctx: &XdpContext, stats: &mut [u64; stat::COUNT]) -> (u32, usize) {
     // 1. Parse.
-    let (pkt, fragment) = match parse(ctx) {
-        Parsed::Flow(pkt) => (pkt, false),
-        Parsed::Fragment(pkt) => (pkt, true),
+    // Fragments and ICMP errors are balanced but never remembered.
+    let (pkt, fragment, icmp_error) = match parse(ctx) {
+        Parsed::Flow(pkt) => (pkt, false, false),
+        Parsed::Fragment(pkt) => (pkt, true, false),
+        Parsed::IcmpError(pkt) => (pkt, false, true),
         Parsed::NotForUs => return (XDP_PASS, stat::NOT_FOR_US),
         Parsed::Malformed => return (XDP_PASS, stat::MALFORMED),
         Parsed::OtherFragment => return (XDP_PASS, stat::FRAGMENT),
@@ -132,15 +134,16 @@ fn balance(ctx: &XdpContext, stats: &mut [u64; stat::COUNT]) -> (u32, usize) {
                 count_vip(vip.vip_id, &pkt, 0);
                 return (XDP_DROP, stat::NO_BACKEND);
             };
-            count_vip(vip.vip_id, &pkt, !fragment as u64);
-            if fragment {
-                stats[stat::FRAGMENT_FORWARDED] += 1;
-            } else if may_track(cfg.new_flow_limit) {
-                // A full table evicts its least recently used entry; an error
-                // only means the flow is re-picked next time, to the same backend.
-                let _ = CONNS.insert(&pkt.flow, &picked.2, 0);
-            } else {
-                stats[stat::CONN_UNTRACKED] += 1;
+            let new_flow = !(fragment || icmp_error);
+            count_vip(vip.vip_id, &pkt, new_flow as u64);
+            if new_flow {
+                if may_track(cfg.new_flow_limit) {
+                    // A full table evicts its least recently used entry; an error
+                    // only means the flow is re-picked next time, to the same backend.
+                    let _ = CONNS.insert(&pkt.flow, &picked.2, 0);
+                } else {
+                    stats[stat::CONN_UNTRACKED] += 1;
+                }
             }
             picked
         }
@@ -159,6 +162,11 @@ fn balance(ctx: &XdpContext, stats: &mut [u64; stat::COUNT]) -> (u32, usize) {
             (*s).packets += 1;
             (*s).bytes += pkt.ip_len as u64;
         }
+    }
+    if fragment {
+        stats[stat::FRAGMENT_FORWARDED] += 1;
+    } else if icmp_error {
+        stats[stat::ICMP_ERROR_FORWARDED] += 1;
     }
     #[cfg(feature = "bench-restore")]
     encap::restore(ctx, &backend, inner.family, pkt.syn);

@@ -46,6 +46,9 @@ pub enum Parsed {
     Flow(Packet),
     /// An ICMP or ICMPv6 echo request: answered if it is for a VIP address.
     Echo(Echo),
+    /// A path-MTU error about a VIP flow: the packet goes whole to the
+    /// backend that owns the quoted flow (given here as the client sends it).
+    IcmpError(Packet),
 }
 
 pub struct Echo {
@@ -59,14 +62,59 @@ pub struct Echo {
 const ICMP_ECHO_REQUEST: u8 = 8;
 const ICMPV6_ECHO_REQUEST: u8 = 128;
 
-/// An echo request if the 8-byte ICMP header is there and says so.
+/// ICMP errors that path-MTU discovery depends on: "fragmentation needed"
+/// (RFC 792 type 3 code 4, RFC 1191) and "packet too big" (RFC 4443 type 2).
+const ICMP_DEST_UNREACH: u8 = 3;
+const ICMP_FRAG_NEEDED: u8 = 4;
+const ICMPV6_PACKET_TOO_BIG: u8 = 2;
+
+/// An ICMP message to this host: an echo request, a path-MTU error about a
+/// TCP/UDP flow (returned as the flow it quotes, reversed: the flow as the
+/// client sends it, so it finds the backend that owns it), or other.
 #[inline(always)]
-fn echo(ctx: &XdpContext, dst: [u32; 4], family: u8, icmp_offset: usize, request_type: u8) -> Parsed {
-    match ptr_at::<[u8; 8]>(ctx, icmp_offset) {
-        Some(icmp) if unsafe { (*icmp)[0] } == request_type => Parsed::Echo(Echo { dst, family, icmp_offset }),
-        Some(_) => Parsed::NotForUs,
-        None => Parsed::Malformed,
+fn icmp(ctx: &XdpContext, dst: [u32; 4], family: u8, icmp_offset: usize, ip_len: u32, tos: u8) -> Parsed {
+    let Some(header) = ptr_at::<[u8; 8]>(ctx, icmp_offset) else {
+        return Parsed::Malformed;
+    };
+    let (kind, code) = unsafe { ((*header)[0], (*header)[1]) };
+    let (echo_request, mtu_error) = if family == AF_INET6 {
+        (kind == ICMPV6_ECHO_REQUEST, kind == ICMPV6_PACKET_TOO_BIG)
+    } else {
+        (kind == ICMP_ECHO_REQUEST, kind == ICMP_DEST_UNREACH && code == ICMP_FRAG_NEEDED)
+    };
+    if echo_request {
+        return Parsed::Echo(Echo { dst, family, icmp_offset });
     }
+    if !mtu_error {
+        return Parsed::NotForUs;
+    }
+    match quoted_flow(ctx, family, icmp_offset + 8) {
+        Some(flow) => Parsed::IcmpError(Packet { flow, ip_len, tos, syn: false }),
+        None => Parsed::NotForUs,
+    }
+}
+
+/// The flow of the packet an ICMP error quotes (sent by a backend from the
+/// VIP), reversed. `None` if it is not TCP/UDP or is cut short.
+#[inline(always)]
+fn quoted_flow(ctx: &XdpContext, family: u8, offset: usize) -> Option<FlowKey> {
+    let (src, dst, proto, ports_offset) = if family == AF_INET6 {
+        let ip = unsafe { &*ptr_at::<Ipv6Hdr>(ctx, offset)? };
+        (ip.saddr, ip.daddr, ip.next_hdr, offset + 40)
+    } else {
+        let ip = unsafe { &*ptr_at::<Ipv4Hdr>(ctx, offset)? };
+        let header_len = ((ip.ver_ihl & 0x0f) as usize) * 4;
+        if header_len < 20 {
+            return None;
+        }
+        ([ip.saddr, 0, 0, 0], [ip.daddr, 0, 0, 0], ip.proto, offset + header_len)
+    };
+    if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
+        return None;
+    }
+    let ports = ptr_at::<Ports>(ctx, ports_offset)?;
+    let (src_port, dst_port) = unsafe { ((*ports).src, (*ports).dst) };
+    Some(FlowKey { src: dst, dst: src, src_port: dst_port, dst_port: src_port, proto, family, _pad: [0; 2] })
 }
 
 #[inline(always)]
@@ -99,7 +147,7 @@ fn parse_ipv4(ctx: &XdpContext) -> Parsed {
     }
     let fragment = ip.frag_off & IPV4_FRAG_MASK != 0;
     if ip.proto == IPPROTO_ICMP && !fragment {
-        return echo(ctx, [ip.daddr, 0, 0, 0], AF_INET, ETH_HLEN + header_len, ICMP_ECHO_REQUEST);
+        return icmp(ctx, [ip.daddr, 0, 0, 0], AF_INET, ETH_HLEN + header_len, ip_len, ip.tos);
     }
     if ip.proto != IPPROTO_TCP && ip.proto != IPPROTO_UDP {
         return if fragment { Parsed::OtherFragment } else { Parsed::NotForUs };
@@ -149,7 +197,7 @@ fn parse_ipv6(ctx: &XdpContext) -> Parsed {
         return Parsed::Fragment(Packet { flow, ip_len: payload_len + 40, tos: (first >> 20) as u8, syn: false });
     }
     if ip.next_hdr == IPPROTO_ICMPV6 {
-        return echo(ctx, ip.daddr, AF_INET6, ETH_HLEN + 40, ICMPV6_ECHO_REQUEST);
+        return icmp(ctx, ip.daddr, AF_INET6, ETH_HLEN + 40, payload_len + 40, (first >> 20) as u8);
     }
     // Other extension headers are not walked: such packets go to the kernel.
     if ip.next_hdr != IPPROTO_TCP && ip.next_hdr != IPPROTO_UDP {

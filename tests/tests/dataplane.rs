@@ -732,3 +732,51 @@ fn icmpv6_checksum(src: &std::net::Ipv6Addr, dst: &std::net::Ipv6Addr, msg: &[u8
     data.extend_from_slice(msg);
     checksum(&data)
 }
+
+#[test]
+fn path_mtu_errors_about_a_vip_flow_reach_the_backend_that_owns_it() {
+    let mut h = Harness::new();
+    let vip = h.vip("203.0.113.10:80/tcp", HashMode::FiveTuple);
+    let vip6 = h.vip("[2001:db8::10]:80/tcp", HashMode::FiveTuple);
+    for i in 1..=5 {
+        h.backend(&vip, &format!("198.51.100.{i}"), 1);
+        h.backend(&vip6, &format!("2001:db8:1::{i}"), 1);
+    }
+    for port in 41000..41010u16 {
+        let owner = h.forward(&tcp_frame(CLIENT, port, VIP, 80, SYN));
+        // A router on the way back could not forward the backend's reply
+        // (VIP:80 -> client): RFC 1191 "fragmentation needed", next-hop MTU
+        // 1400, quoting the reply's IP header and first 8 bytes.
+        let mut quoted = ipv4(VIP.parse().unwrap(), CLIENT.parse().unwrap(), 6, &[], 1460);
+        quoted.extend_from_slice(&tcp(80, port, ACK)[..8]);
+        let mut icmp = vec![3, 4, 0, 0, 0, 0, 0x05, 0x78];
+        icmp.extend_from_slice(&quoted);
+        let c = checksum(&icmp);
+        icmp[2..4].copy_from_slice(&c.to_be_bytes());
+        let error = frame("198.51.100.254".parse().unwrap(), VIP.parse().unwrap(), 1, &icmp);
+        let (action, out) = h.run(&error);
+        assert_eq!(action, XDP_TX);
+        assert_eq!(outer_dst(&out), owner, "port {port}: the owner gets it");
+        assert_eq!(&out[34..], &error[14..], "the ICMP packet goes whole");
+
+        let owner6 = h.forward(&tcp_frame(CLIENT6, port, VIP6, 80, SYN));
+        let mut quoted6 = ipv6(VIP6.parse().unwrap(), CLIENT6.parse().unwrap(), 6, 1440);
+        quoted6.extend_from_slice(&tcp(80, port, ACK)[..8]);
+        let mut ptb = vec![2, 0, 0, 0, 0, 0, 0x05, 0x78];
+        ptb.extend_from_slice(&quoted6);
+        let error6 = frame("2001:db8:a1::1".parse().unwrap(), VIP6.parse().unwrap(), 58, &ptb);
+        assert_eq!(h.forward(&error6), owner6, "RFC 4443 packet too big, port {port}");
+    }
+    assert_eq!(h.stat(stat::ICMP_ERROR_FORWARDED), 20);
+    // About a flow that is no VIP's (another source port on the VIP address,
+    // a TCP port with no VIP): passed to the kernel.
+    let mut quoted = ipv4(VIP.parse().unwrap(), CLIENT.parse().unwrap(), 6, &[], 1460);
+    quoted.extend_from_slice(&tcp(81, 5000, ACK)[..8]);
+    let stray = frame(
+        "198.51.100.254".parse().unwrap(),
+        VIP.parse().unwrap(),
+        1,
+        &[&[3u8, 4, 0, 0, 0, 0, 5, 0x78][..], &quoted].concat(),
+    );
+    assert_eq!(h.run(&stray), (XDP_PASS, stray.clone()));
+}

@@ -17,6 +17,14 @@ fn templates() -> Vec<Vec<u8>> {
     let mut arp = eth([0xff; 6], ROUTER_MAC, ETH_P_ARP);
     arp.extend_from_slice(&[0, 1, 8, 0, 6, 4, 0, 1]);
     arp.extend_from_slice(&[0u8; 20]);
+    let mut quoted = ipv4("203.0.113.10".parse().unwrap(), "192.0.2.55".parse().unwrap(), 6, &[], 1460);
+    quoted.extend_from_slice(&tcp(80, 40000, ACK)[..8]);
+    let mtu_error = frame(
+        "198.51.100.254".parse().unwrap(),
+        "203.0.113.10".parse().unwrap(),
+        1,
+        &[&[3u8, 4, 0, 0, 0, 0, 5, 0x78][..], &quoted].concat(),
+    );
     let mut options = eth(LB_MAC, ROUTER_MAC, ETH_P_IP);
     options.extend(ipv4("192.0.2.55".parse().unwrap(), "203.0.113.10".parse().unwrap(), 6, &[1, 1, 1, 1], 20));
     options.extend(tcp(40000, 80, ACK));
@@ -32,6 +40,7 @@ fn templates() -> Vec<Vec<u8>> {
         frame("2001:db8:c::55".parse().unwrap(), "2001:db8::10".parse().unwrap(), 58, &[128, 0, 0, 0, 0, 1, 0, 1]),
         arp,
         options,
+        mtu_error,
     ]
 }
 
@@ -161,6 +170,38 @@ fn random_and_mutated_packets_never_misbehave() {
                 }
                 _ => return false,
             };
+        if proto == 1 || proto == 58 {
+            // A path-MTU error goes on only if it quotes a VIP flow: the
+            // quoted packet left from a VIP address and port.
+            let (quoted_src, quoted_proto, quoted_l4): (std::net::IpAddr, u8, usize) = if proto == 1 {
+                let q = l4 + 8;
+                if input.len() < q + 20 {
+                    return false;
+                }
+                (
+                    <[u8; 4]>::try_from(&input[q + 12..q + 16]).unwrap().into(),
+                    input[q + 9],
+                    q + ((input[q] & 0x0f) as usize) * 4,
+                )
+            } else {
+                let q = l4 + 8;
+                if input.len() < q + 40 {
+                    return false;
+                }
+                (<[u8; 16]>::try_from(&input[q + 8..q + 24]).unwrap().into(), input[q + 6], q + 40)
+            };
+            if input.len() < quoted_l4 + 2 {
+                return false;
+            }
+            let port = u16::from_be_bytes([input[quoted_l4], input[quoted_l4 + 1]]);
+            return match (quoted_src.to_string().as_str(), quoted_proto) {
+                ("203.0.113.10", 6) => port == 80,
+                ("203.0.113.10", 17) => port == 53,
+                ("2001:db8::10", 6) => true,
+                ("2001:db8::10", 17) => port == 53,
+                _ => false,
+            };
+        }
         if fragment {
             // Balanced on addresses and protocol: any VIP of the pair.
             return matches!(
