@@ -793,3 +793,90 @@ fn fragmented_udp_datagrams_are_reassembled_on_one_backend() {
         .sum();
     assert!(forwarded >= 4 * 3, "every fragment went through an LB host: {forwarded}");
 }
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status.lines().find(|l| l.starts_with("VmRSS:")).unwrap().split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+#[test]
+fn hostile_api_input_is_refused_and_the_controller_stays_bounded_and_responsive() {
+    use lb_userspace::api::pb::{self, backends_client::BackendsClient, vips_client::VipsClient};
+    let s = lab();
+    let lab = &s.lab;
+    let pid: u32 = std::fs::read_to_string(format!("{DIR}/lb1.pid")).unwrap().trim().parse().unwrap();
+    let socket = Lab::socket(1);
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let path = socket.clone();
+        let channel = tonic::transport::Endpoint::try_from("http://lbctl.invalid")
+            .unwrap()
+            .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+                let path = path.clone();
+                async move {
+                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tokio::net::UnixStream::connect(path).await?))
+                }
+            }))
+            .await
+            .unwrap();
+        let mut vips = VipsClient::new(channel.clone());
+        let rss_before = rss_kib(pid);
+
+        // Ten thousand VIPs: the table holds 1024; the rest are refused
+        // with a clear status, and nothing half-made stays behind.
+        let mut refused = 0;
+        for n in 0..10_000u32 {
+            let vip = format!("203.0.113.{}:{}/udp", n % 250 + 1, 1000 + n / 250);
+            match vips.add_vip(pb::AddVipRequest { vip, hash: String::new(), ring_size: 251 }).await {
+                Ok(_) => {}
+                Err(status) => {
+                    assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+                    assert!(status.message().contains("VIP slots are in use"), "{}", status.message());
+                    refused += 1;
+                }
+            }
+        }
+        let listed = vips.list_vips(pb::Empty {}).await.unwrap().into_inner().vips.len();
+        assert_eq!((listed, refused), (1024, 10_000 - 1024));
+        // A ring size that is too large or not prime.
+        for (ring, needle) in [(2_000_003, "larger than the maximum"), (65536, "not a prime")] {
+            let err = vips
+                .add_vip(pb::AddVipRequest { vip: "203.0.113.251:1/tcp".into(), hash: String::new(), ring_size: ring })
+                .await
+                .unwrap_err();
+            assert_eq!(err.code(), tonic::Code::InvalidArgument);
+            assert!(err.message().contains(needle), "{}", err.message());
+        }
+        // A request over the 4 MiB message limit is refused whole.
+        let huge = "# padding\n".repeat(600_000);
+        let err = vips.apply(pb::ApplyRequest { toml: huge, dry_run: false }).await.unwrap_err();
+        assert!(matches!(err.code(), tonic::Code::ResourceExhausted | tonic::Code::OutOfRange), "{err:?}");
+        assert_eq!(vips.list_vips(pb::Empty {}).await.unwrap().into_inner().vips.len(), 1024, "nothing changed");
+        let rss_after = rss_kib(pid);
+        println!("controller RSS: {rss_before} KiB before, {rss_after} KiB after 10,000 VIP requests");
+        assert!(rss_after < rss_before + 200 * 1024, "memory stays bounded");
+
+        // Backends flapping every 100 ms while a client keeps asking.
+        let mut backends = BackendsClient::new(channel);
+        for j in 1..=2 {
+            backends
+                .add_backend(pb::AddBackendRequest {
+                    vip: "203.0.113.1:1000/udp".into(),
+                    address: backend_v4(j),
+                    weight: Some(1),
+                    health: None,
+                })
+                .await
+                .unwrap();
+        }
+        for round in 0..30 {
+            let weight = (round % 2) as u32;
+            backends
+                .set_weight(pb::SetWeightRequest { vip: "203.0.113.1:1000/udp".into(), address: backend_v4(1), weight })
+                .await
+                .unwrap();
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    assert!(ok(lab, 1, &["status"]).contains("VIPs           1024"), "responsive after all that");
+}
