@@ -216,7 +216,8 @@ pub mod stat {
     pub const FRAGMENT: usize = 2;
     /// VIP without any usable backend: dropped.
     pub const NO_BACKEND: usize = 3;
-    /// Too large for the MTU once encapsulated: passed to the kernel.
+    /// Too large for the MTU once encapsulated: answered with an ICMP
+    /// "too big" when it may not be fragmented, else passed to the kernel.
     pub const TOO_BIG: usize = 4;
     /// The kernel refused to grow the packet (no headroom): passed.
     pub const ENCAP_FAILED: usize = 5;
@@ -238,7 +239,10 @@ pub mod stat {
     /// ICMP "fragmentation needed" / ICMPv6 "packet too big" about a VIP
     /// flow, sent on to the backend that owns the flow (also `FORWARDED`).
     pub const ICMP_ERROR_FORWARDED: usize = 12;
-    pub const COUNT: usize = 13;
+    /// `TOO_BIG` packets answered with ICMP "fragmentation needed" /
+    /// ICMPv6 "packet too big" (XDP_TX) instead of passed.
+    pub const TOO_BIG_ANSWERED: usize = 13;
+    pub const COUNT: usize = 14;
     pub const NAMES: [&str; COUNT] = [
         "not_for_us",
         "malformed",
@@ -253,6 +257,7 @@ pub mod stat {
         "conn_untracked",
         "fragment_forwarded",
         "icmp_error_forwarded",
+        "too_big_answered",
     ];
 }
 

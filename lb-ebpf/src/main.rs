@@ -151,6 +151,16 @@ fn balance(ctx: &XdpContext, stats: &mut [u64; stat::COUNT]) -> (u32, usize) {
     // 5. MTU, encapsulation, out.
     let cfg = *cfg;
     if pkt.ip_len + overhead(&backend) > cfg.mtu {
+        // Tell the client the size that fits (path-MTU discovery); packets
+        // that may be fragmented, fragments and ICMP go to the kernel.
+        if pkt.dont_fragment {
+            let fits = cfg.mtu - overhead(&backend);
+            let mtu = if pkt.flow.family == AF_INET { fits } else { fits.max(1280) };
+            if icmp::too_big(ctx, pkt.flow.family, pkt.ip_len, mtu).is_some() {
+                stats[stat::TOO_BIG_ANSWERED] += 1;
+                return (XDP_TX, stat::TOO_BIG);
+            }
+        }
         return (XDP_PASS, stat::TOO_BIG);
     }
     let inner = Inner { family: pkt.flow.family, ip_len: pkt.ip_len, tos: pkt.tos, hash: conn.hash };

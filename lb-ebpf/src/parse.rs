@@ -9,8 +9,9 @@ use lb_common::{FlowKey, AF_INET, AF_INET6, ETH_HLEN, IPPROTO_ICMP, IPPROTO_ICMP
 
 /// IPv6 Fragment extension header (RFC 8200, section 4.5).
 const IPPROTO_FRAGMENT: u8 = 44;
-/// IPv4 MF flag and fragment offset bits (RFC 791), in wire order.
+/// IPv4 MF flag and fragment offset bits, and DF (RFC 791), in wire order.
 const IPV4_FRAG_MASK: u16 = 0x3fffu16.to_be();
+const IPV4_DF: u16 = 0x4000u16.to_be();
 /// TCP flags byte (RFC 9293): SYN and ACK bits.
 const TCP_SYN: u8 = 0x02;
 const TCP_ACK: u8 = 0x10;
@@ -32,6 +33,8 @@ pub struct Packet {
     pub tos: u8,
     /// A TCP SYN without ACK: the first packet of a connection.
     pub syn: bool,
+    /// May not be fragmented: IPv4 with DF (RFC 791), and all IPv6.
+    pub dont_fragment: bool,
 }
 
 pub enum Parsed {
@@ -89,7 +92,7 @@ fn icmp(ctx: &XdpContext, dst: [u32; 4], family: u8, icmp_offset: usize, ip_len:
         return Parsed::NotForUs;
     }
     match quoted_flow(ctx, family, icmp_offset + 8) {
-        Some(flow) => Parsed::IcmpError(Packet { flow, ip_len, tos, syn: false }),
+        Some(flow) => Parsed::IcmpError(Packet { flow, ip_len, tos, syn: false, dont_fragment: false }),
         None => Parsed::NotForUs,
     }
 }
@@ -163,12 +166,13 @@ fn parse_ipv4(ctx: &XdpContext) -> Parsed {
     if fragment {
         // Even the first fragment, which has the ports: all fragments of a
         // datagram must hash alike to meet at one backend.
-        return Parsed::Fragment(Packet { flow, ip_len, tos, syn: false });
+        return Parsed::Fragment(Packet { flow, ip_len, tos, syn: false, dont_fragment: false });
     }
     let Some(syn) = parse_ports(ctx, ETH_HLEN + header_len, &mut flow, ip_len - header_len as u32) else {
         return Parsed::Malformed;
     };
-    Parsed::Flow(Packet { flow, ip_len, tos, syn })
+    let dont_fragment = ip.frag_off & IPV4_DF != 0;
+    Parsed::Flow(Packet { flow, ip_len, tos, syn, dont_fragment })
 }
 
 #[inline(always)]
@@ -194,7 +198,8 @@ fn parse_ipv6(ctx: &XdpContext) -> Parsed {
             return Parsed::OtherFragment;
         }
         let flow = FlowKey { src: ip.saddr, dst: ip.daddr, proto, family: AF_INET6, ..FlowKey::default() };
-        return Parsed::Fragment(Packet { flow, ip_len: payload_len + 40, tos: (first >> 20) as u8, syn: false });
+        let tos = (first >> 20) as u8;
+        return Parsed::Fragment(Packet { flow, ip_len: payload_len + 40, tos, syn: false, dont_fragment: false });
     }
     if ip.next_hdr == IPPROTO_ICMPV6 {
         return icmp(ctx, ip.daddr, AF_INET6, ETH_HLEN + 40, payload_len + 40, (first >> 20) as u8);
@@ -208,7 +213,7 @@ fn parse_ipv6(ctx: &XdpContext) -> Parsed {
     let Some(syn) = parse_ports(ctx, ETH_HLEN + 40, &mut flow, payload_len) else {
         return Parsed::Malformed;
     };
-    Parsed::Flow(Packet { flow, ip_len: payload_len + 40, tos, syn })
+    Parsed::Flow(Packet { flow, ip_len: payload_len + 40, tos, syn, dont_fragment: true })
 }
 
 /// Reads the ports into `flow` and tells whether it is a TCP SYN. `None`

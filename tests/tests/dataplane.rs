@@ -346,18 +346,61 @@ fn all_fragments_of_a_datagram_reach_one_backend_and_others_pass() {
 }
 
 #[test]
-fn too_big_once_encapsulated_is_passed_and_counted() {
+fn too_big_once_encapsulated_is_answered_with_icmp_or_passed() {
     let mut h = one_backend_v4();
-    // 1480 bytes of IP fit a 1500 MTU with 20 bytes of outer header; 1481 do not.
-    let fits = frame(CLIENT.parse().unwrap(), VIP.parse().unwrap(), 17, &udp(1, 80, &[0; 0]));
-    assert_eq!(h.run(&fits).0, XDP_PASS, "UDP to a TCP VIP");
+    // 1480 bytes of IP fit a 1500 MTU with 20 bytes of outer header.
     let payload = vec![0u8; 1480 - 40];
-    let input = frame(CLIENT.parse().unwrap(), VIP.parse().unwrap(), 6, &[tcp(40000, 80, ACK), payload].concat());
-    assert_eq!(h.run(&input).0, XDP_TX);
+    let fits = frame(CLIENT.parse().unwrap(), VIP.parse().unwrap(), 6, &[tcp(40000, 80, ACK), payload].concat());
+    assert_eq!(h.run(&fits).0, XDP_TX);
+    // 1481 with DF (the builder sets it): RFC 1191 "fragmentation needed".
     let payload = vec![0u8; 1481 - 40];
-    let input = frame(CLIENT.parse().unwrap(), VIP.parse().unwrap(), 6, &[tcp(40000, 80, ACK), payload].concat());
-    assert_eq!(h.run(&input), (XDP_PASS, input.clone()));
-    assert_eq!(h.stat(stat::TOO_BIG), 1);
+    let big = frame(CLIENT.parse().unwrap(), VIP.parse().unwrap(), 6, &[tcp(40000, 80, ACK), payload].concat());
+    let (action, out) = h.run(&big);
+    assert_eq!(action, XDP_TX);
+    #[rustfmt::skip]
+    let expected_head: [u8; 42] = [
+        // Back to the router, from the LB.
+        0x02, 0, 0, 0, 0, 0x03,  0x02, 0, 0, 0, 0, 0x01,  0x08, 0x00,
+        // IPv4: total 56 = 20 + 8 + 28, ID 0, no flags, TTL 64, ICMP,
+        // checksum 0x7c83 (by hand), from the VIP to the client.
+        0x45, 0x00, 0x00, 0x38,  0x00, 0x00, 0x00, 0x00,
+        0x40, 0x01, 0x7c, 0x83,  203, 0, 113, 10,  192, 0, 2, 55,
+        // Type 3 code 4, checksum (checked below), next-hop MTU 1480.
+        0x03, 0x04, 0x00, 0x00,  0x00, 0x00, 0x05, 0xc8,
+    ];
+    let mut head = out[..42].to_vec();
+    head[36] = 0;
+    head[37] = 0;
+    assert_eq!(head, expected_head.to_vec());
+    assert_eq!(&out[42..70], &big[14..42], "quotes the IP header and 8 bytes");
+    assert_eq!(out.len(), 70);
+    assert_eq!(checksum(&out[34..70]), 0, "ICMP checksum verifies");
+    // Without DF the kernel may fragment it: passed.
+    let mut no_df = big.clone();
+    no_df[20] = 0;
+    no_df[24..26].copy_from_slice(&[0, 0]);
+    let c = checksum(&no_df[14..34]);
+    no_df[24..26].copy_from_slice(&c.to_be_bytes());
+    assert_eq!(h.run(&no_df), (XDP_PASS, no_df.clone()));
+
+    // IPv6 (RFC 4443 packet too big), MTU 1500 - 40.
+    let v6 = h.vip("[2001:db8::10]:80/tcp", HashMode::FiveTuple);
+    h.backend(&v6, "2001:db8:1::20", 1);
+    let payload = vec![0u8; 1461 - 60];
+    let big6 = frame(CLIENT6.parse().unwrap(), VIP6.parse().unwrap(), 6, &[tcp(40000, 80, ACK), payload].concat());
+    let (action, out) = h.run(&big6);
+    assert_eq!(action, XDP_TX);
+    assert_eq!(&out[12..14], &[0x86, 0xdd]);
+    assert_eq!(&out[18..22], &[0, 56, 58, 64], "payload 8 + 48, ICMPv6, hop limit 64");
+    assert_eq!(&out[22..38], &VIP6.parse::<std::net::Ipv6Addr>().unwrap().octets());
+    assert_eq!(&out[38..54], &CLIENT6.parse::<std::net::Ipv6Addr>().unwrap().octets());
+    assert_eq!(&out[54..56], &[2, 0]);
+    assert_eq!(&out[58..62], &1460u32.to_be_bytes(), "MTU");
+    assert_eq!(&out[62..110], &big6[14..62], "quotes the IPv6 header and 8 bytes");
+    let (vip6, client6) = (VIP6.parse().unwrap(), CLIENT6.parse().unwrap());
+    assert_eq!(icmpv6_checksum(&vip6, &client6, &out[54..110]), 0, "checksum verifies");
+    assert_eq!(h.stat(stat::TOO_BIG), 3);
+    assert_eq!(h.stat(stat::TOO_BIG_ANSWERED), 2);
 }
 
 #[test]
