@@ -43,6 +43,50 @@ impl From<ApiError> for Status {
 #[derive(Clone)]
 pub struct Api(pub Arc<Controller>);
 
+/// Files of the optional TCP listener, which only speaks mutual TLS.
+#[derive(Clone, Debug)]
+pub struct TlsFiles {
+    pub cert: std::path::PathBuf,
+    pub key: std::path::PathBuf,
+    /// Clients must present a certificate signed by this CA.
+    pub client_ca: std::path::PathBuf,
+}
+
+fn read(path: &Path) -> anyhow::Result<Vec<u8>> {
+    std::fs::read(path).map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))
+}
+
+/// The server side of mutual TLS: clients without a valid certificate are
+/// refused in the handshake, before any call.
+pub fn server_tls(files: &TlsFiles) -> anyhow::Result<tonic::transport::ServerTlsConfig> {
+    use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+    Ok(ServerTlsConfig::new()
+        .identity(Identity::from_pem(read(&files.cert)?, read(&files.key)?))
+        .client_ca_root(Certificate::from_pem(read(&files.client_ca)?))
+        .client_auth_optional(false))
+}
+
+/// Serves the API over TCP with mutual TLS until `shutdown` completes.
+pub async fn serve_tcp(
+    ctrl: Arc<Controller>,
+    listener: tokio::net::TcpListener,
+    tls: tonic::transport::ServerTlsConfig,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let api = Api(ctrl);
+    tonic::transport::Server::builder()
+        .tls_config(tls)?
+        .add_service(VipsServer::new(api.clone()))
+        .add_service(BackendsServer::new(api.clone()))
+        .add_service(HealthServer::new(api.clone()))
+        .add_service(StatsServer::new(api.clone()))
+        .add_service(StatusServer::new(api))
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await?;
+    Ok(())
+}
+
 /// Serves the API on `socket` (mode 0600) until `shutdown` completes.
 pub async fn serve(
     ctrl: Arc<Controller>,

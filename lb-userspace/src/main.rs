@@ -39,6 +39,20 @@ struct ClientOpts {
     /// The controller's API socket.
     #[arg(long, global = true, default_value = DEFAULT_SOCKET)]
     socket: PathBuf,
+    /// Reach the controller over TCP instead (https://HOST:PORT, mutual
+    /// TLS): needs --tls-cert, --tls-key (this client's) and --tls-ca.
+    #[arg(long, global = true)]
+    server: Option<String>,
+    /// PEM certificate: the client's with --server, the server's with `up --listen`.
+    #[arg(long, global = true)]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, global = true)]
+    tls_key: Option<PathBuf>,
+    /// PEM CA: the one that signed the server's certificate (client side),
+    /// or the clients' (`up --listen`).
+    #[arg(long, global = true)]
+    tls_ca: Option<PathBuf>,
     /// Output format.
     #[arg(short = 'o', long, global = true, value_enum, default_value_t = Format::Table)]
     output: Format,
@@ -143,6 +157,11 @@ struct UpArgs {
     /// Log format.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
+    /// Also serve the API on TCP at ADDR:PORT, with mutual TLS only (needs
+    /// --tls-cert, --tls-key and --tls-ca; clients without a certificate
+    /// signed by that CA are refused).
+    #[arg(long)]
+    listen: Option<std::net::SocketAddr>,
     /// SYN-flood guard: new flows per second per CPU remembered in the conn
     /// table; beyond it new flows are balanced but not remembered, so a flood
     /// cannot evict established flows. 0 = no limit.
@@ -293,7 +312,19 @@ fn error_text(e: &anyhow::Error) -> String {
 async fn run(cli: Cli) -> Result<()> {
     let client = cli.client;
     match cli.command {
-        Command::Up(args) => run_up(args, client.socket).await,
+        Command::Up(args) => {
+            let tcp_api = match args.listen {
+                None => None,
+                Some(addr) => match (&client.tls_cert, &client.tls_key, &client.tls_ca) {
+                    (Some(cert), Some(key), Some(ca)) => Some((
+                        addr,
+                        lb_userspace::api::TlsFiles { cert: cert.clone(), key: key.clone(), client_ca: ca.clone() },
+                    )),
+                    _ => bail!("--listen needs --tls-cert, --tls-key and --tls-ca: the TCP API speaks mutual TLS only"),
+                },
+            };
+            run_up(args, client.socket, tcp_api).await
+        }
         Command::Vip { command } => vip(command, &client).await,
         Command::Backend { command } => backend(command, &client).await,
         Command::Apply { file, dry_run } => {
@@ -393,7 +424,11 @@ async fn run(cli: Cli) -> Result<()> {
     }
 }
 
-async fn run_up(args: UpArgs, socket: PathBuf) -> Result<()> {
+async fn run_up(
+    args: UpArgs,
+    socket: PathBuf,
+    tcp_api: Option<(std::net::SocketAddr, lb_userspace::api::TlsFiles)>,
+) -> Result<()> {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
     match args.log_format {
         LogFormat::Text => tracing_subscriber::fmt().with_env_filter(filter).init(),
@@ -426,11 +461,15 @@ async fn run_up(args: UpArgs, socket: PathBuf) -> Result<()> {
         state_dir: args.state_dir,
         metrics: parse_metrics(&args.metrics).map_err(anyhow::Error::msg)?,
         new_flow_limit: args.new_flow_limit,
+        tcp_api,
     })
     .await
 }
 
 async fn connect(opts: &ClientOpts) -> Result<Channel> {
+    if let Some(server) = &opts.server {
+        return connect_tls(server, opts).await;
+    }
     let path = opts.socket.clone();
     if !path.exists() {
         bail!("no controller socket at {}: is `lbctl up` running? (--socket PATH)", path.display());
@@ -442,6 +481,27 @@ async fn connect(opts: &ClientOpts) -> Result<Channel> {
         }))
         .await
         .with_context(|| format!("cannot connect to {}", opts.socket.display()))?;
+    Ok(channel)
+}
+
+/// The controller's TCP listener, with this client's certificate.
+async fn connect_tls(server: &str, opts: &ClientOpts) -> Result<Channel> {
+    use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+    let (Some(cert), Some(key), Some(ca)) = (&opts.tls_cert, &opts.tls_key, &opts.tls_ca) else {
+        bail!("--server needs --tls-cert, --tls-key and --tls-ca (the API speaks mutual TLS only)");
+    };
+    let read = |p: &PathBuf| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
+    let uri: Uri = server.parse().with_context(|| format!("--server '{server}' is not https://HOST:PORT"))?;
+    let host = uri.host().context("--server has no host")?.trim_matches(|c| c == '[' || c == ']').to_string();
+    let tls = ClientTlsConfig::new()
+        .domain_name(host)
+        .ca_certificate(Certificate::from_pem(read(ca)?))
+        .identity(Identity::from_pem(read(cert)?, read(key)?));
+    let channel = Endpoint::from(uri)
+        .tls_config(tls)?
+        .connect()
+        .await
+        .with_context(|| format!("cannot connect to {server} (TLS)"))?;
     Ok(channel)
 }
 

@@ -50,6 +50,8 @@ pub struct UpOptions {
     pub metrics: Option<std::net::SocketAddr>,
     /// SYN-flood guard (new flows remembered per second per CPU; 0 = off).
     pub new_flow_limit: u32,
+    /// An API listener on TCP, mutual TLS only.
+    pub tcp_api: Option<(std::net::SocketAddr, api::TlsFiles)>,
 }
 
 pub async fn run(opts: UpOptions) -> Result<()> {
@@ -157,8 +159,25 @@ pub async fn run(opts: UpOptions) -> Result<()> {
         tokio::spawn(refresh_next_hop(Arc::clone(&ctrl), nl));
     }
 
+    // One signal stops every listener.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = stop_tx.send(true);
+    });
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+    };
+    if let Some((addr, files)) = &opts.tcp_api {
+        let tls = api::server_tls(files)?;
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr} for the API"))?;
+        info!(%addr, "serving the API over TCP, mutual TLS only");
+        tokio::spawn(api::serve_tcp(Arc::clone(&ctrl), listener, tls, stopped(stop_rx.clone())));
+    }
     info!(socket = %opts.socket.display(), "serving the API");
-    let served = api::serve(Arc::clone(&ctrl), &opts.socket, shutdown_signal()).await;
+    let served = api::serve(Arc::clone(&ctrl), &opts.socket, stopped(stop_rx)).await;
     ctrl.stop_checks();
     let _ = std::fs::remove_file(&opts.socket);
     if opts.keep {

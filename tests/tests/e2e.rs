@@ -880,3 +880,67 @@ fn hostile_api_input_is_refused_and_the_controller_stays_bounded_and_responsive(
     });
     assert!(ok(lab, 1, &["status"]).contains("VIPs           1024"), "responsive after all that");
 }
+
+/// A CA that signs a server certificate for 127.0.0.1 and a client
+/// certificate, written as PEM files under `dir`; returns (ca, cert, key)
+/// paths for the server and the client.
+fn make_pki(dir: &str, name: &str) -> [String; 5] {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+    std::fs::create_dir_all(dir).unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
+    let write = |file: &str, text: String| {
+        let path = format!("{dir}/{name}-{file}");
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    let server_key = KeyPair::generate().unwrap();
+    let server = CertificateParams::new(vec!["127.0.0.1".to_string()]).unwrap().signed_by(&server_key, &ca).unwrap();
+    let client_key = KeyPair::generate().unwrap();
+    let client = CertificateParams::new(vec!["lbctl-client".to_string()]).unwrap().signed_by(&client_key, &ca).unwrap();
+    [
+        write("ca.pem", ca.pem()),
+        write("server.pem", server.pem()),
+        write("server.key", server_key.serialize_pem()),
+        write("client.pem", client.pem()),
+        write("client.key", client_key.serialize_pem()),
+    ]
+}
+
+#[test]
+fn the_tcp_api_takes_only_clients_with_a_certificate_from_its_ca() {
+    let s = lab();
+    let lab = &s.lab;
+    let dir = format!("{DIR}/pki");
+    let [ca, server_cert, server_key, client_cert, client_key] = make_pki(&dir, "good");
+    let [_, _, _, rogue_cert, rogue_key] = make_pki(&dir, "rogue");
+    lab.stop_lb(1, libc::SIGTERM).unwrap();
+    lab.start_lb(
+        1,
+        &["--listen", "127.0.0.1:9443", "--tls-cert", &server_cert, "--tls-key", &server_key, "--tls-ca", &ca],
+    )
+    .unwrap();
+    let over_tcp = |cert: &str, key: &str, args: &[&str]| {
+        let mut full =
+            vec!["--server", "https://127.0.0.1:9443", "--tls-cert", cert, "--tls-key", key, "--tls-ca", &ca];
+        full.extend_from_slice(args);
+        lab.lbctl_in(&lb_ns(1), &full)
+    };
+    // A client with a certificate from the CA: served.
+    over_tcp(&client_cert, &client_key, &["vip", "add", ECHO4]).expect("a good client is served");
+    // One from another CA, and one with no certificate at all: refused in
+    // the handshake, with an error that says so, and nothing changes.
+    let err = over_tcp(&rogue_cert, &rogue_key, &["vip", "add", UDP4]).unwrap_err().to_string();
+    assert!(err.contains("cannot connect to https://127.0.0.1:9443") || err.contains("transport"), "{err}");
+    let no_cert = lab.lbctl_in(&lb_ns(1), &["--server", "https://127.0.0.1:9443", "--tls-ca", &ca, "vip", "add", UDP4]);
+    assert!(no_cert.unwrap_err().to_string().contains("needs --tls-cert"));
+    // And a raw TLS client without a certificate (not lbctl) is refused too.
+    let raw = ns(&lb_ns(1), &["curl", "-sS", "--max-time", "3", "--cacert", &ca, "https://127.0.0.1:9443/"]);
+    assert!(raw.is_err(), "a TLS client without a certificate got through: {raw:?}");
+    let list = ok(lab, 1, &["vip", "list"]);
+    assert!(list.contains(ECHO4) && !list.contains(UDP4), "{list}");
+    // --listen without the TLS files is refused at start.
+    let out = Command::new(&lab.lbctl).args(["up", "lo", "--listen", "127.0.0.1:9444"]).output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("mutual TLS only"));
+}
