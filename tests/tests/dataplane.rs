@@ -823,3 +823,68 @@ fn path_mtu_errors_about_a_vip_flow_reach_the_backend_that_owns_it() {
     );
     assert_eq!(h.run(&stray), (XDP_PASS, stray.clone()));
 }
+
+#[test]
+fn packets_during_ring_swaps_see_the_old_ring_or_the_new_one() {
+    use aya::programs::{TestRun, TestRunOptions, Xdp};
+    let mut h = Harness::new();
+    let vip = h.vip("203.0.113.10:80/tcp", HashMode::FiveTuple);
+    for i in 1..=4 {
+        h.backend(&vip, &format!("198.51.100.{i}"), 1);
+    }
+    let flows: Vec<Vec<u8>> = (0..64).map(|p| tcp_frame(CLIENT, 20000 + p, VIP, 80, SYN)).collect();
+    // Two states one change apart: backend 4 removed, and added again
+    // (a new id and cookie each time, the same address).
+    let four = "198.51.100.4".parse::<std::net::IpAddr>().unwrap();
+    let set_four = |h: &mut Harness, present: u32| {
+        if present == 1 {
+            h.services.add_backend(&mut h.dp, &vip, lb_userspace::BackendSpec { addr: four, weight: 1 }).unwrap();
+        } else {
+            h.services.remove_backend(&mut h.dp, &vip, four).unwrap();
+        }
+    };
+    set_four(&mut h, 0);
+    let ring_a: Vec<_> = flows.iter().map(|f| h.forward(f)).collect();
+    set_four(&mut h, 1);
+    let ring_b: Vec<_> = flows.iter().map(|f| h.forward(f)).collect();
+    assert_ne!(ring_a, ring_b, "the two rings differ for some of these flows");
+
+    // A second handle on the same loaded program, for a reader thread.
+    let pin = format!("/sys/fs/bpf/lb-swap-test-{}", std::process::id());
+    h.dp.program().pin(&pin).unwrap();
+    let reader = Xdp::from_pin(&pin, aya_obj::programs::XdpAttachType::Interface).unwrap();
+    std::fs::remove_file(&pin).unwrap();
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let checked = std::thread::scope(|s| {
+        let worker = s.spawn(|| {
+            let mut n = 0u64;
+            let mut out = vec![0u8; 256];
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                for (k, f) in flows.iter().enumerate() {
+                    let r = reader
+                        .test_run(TestRunOptions {
+                            data_in: Some(f),
+                            data_out: Some(&mut out),
+                            ..TestRunOptions::default()
+                        })
+                        .unwrap();
+                    assert_eq!(r.return_value, XDP_TX, "flow {k} was not forwarded");
+                    let got = outer_dst(&out[..r.data_size_out as usize]);
+                    assert!(got == ring_a[k] || got == ring_b[k], "flow {k} went to {got}: neither ring's choice");
+                    n += 1;
+                }
+            }
+            n
+        });
+        // Swap back and forth while the reader runs: each swap rewrites a
+        // whole ring half (65537 slots), flips the VIP entry, and (on
+        // removal) only then clears the backend's entry.
+        for round in 0..80 {
+            set_four(&mut h, round % 2);
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        worker.join().unwrap()
+    });
+    println!("{checked} packets during 80 ring swaps, each forwarded by the old ring or the new one");
+    assert!(checked > 0);
+}
