@@ -106,7 +106,7 @@ pub fn too_big(ctx: &XdpContext, family: u8, ip_len: u32, mtu: u32) -> Option<()
         (*eth).proto = if family == AF_INET6 { ETH_P_IPV6 } else { ETH_P_IP };
     }
     let quoted = ETH_HLEN + head;
-    if family == AF_INET6 {
+    let (icmp, check) = if family == AF_INET6 {
         let q = unsafe { &*ptr_at::<Ipv6Hdr>(ctx, quoted)? };
         let (client, vip) = (q.saddr, q.daddr);
         let ip = ptr_at::<Ipv6Hdr>(ctx, ETH_HLEN)?;
@@ -141,12 +141,7 @@ pub fn too_big(ctx: &XdpContext, family: u8, ip_len: u32, mtu: u32) -> Option<()
         for w in unsafe { &*msg } {
             sum += *w as u32;
         }
-        let check = fold(sum);
-        let bytes = check.to_ne_bytes();
-        unsafe {
-            (*icmp)[2] = bytes[0];
-            (*icmp)[3] = bytes[1];
-        }
+        (icmp, fold(sum))
     } else {
         let q = unsafe { &*ptr_at::<Ipv4Hdr>(ctx, quoted)? };
         let (client, vip, tos) = (q.saddr, q.daddr, q.tos);
@@ -172,12 +167,12 @@ pub fn too_big(ctx: &XdpContext, family: u8, ip_len: u32, mtu: u32) -> Option<()
         for w in unsafe { &*msg } {
             sum += *w as u32;
         }
-        let check = fold(sum);
-        let bytes = check.to_ne_bytes();
-        unsafe {
-            (*icmp)[2] = bytes[0];
-            (*icmp)[3] = bytes[1];
-        }
+        (icmp, fold(sum))
+    };
+    let bytes = check.to_ne_bytes();
+    unsafe {
+        (*icmp)[2] = bytes[0];
+        (*icmp)[3] = bytes[1];
     }
     Some(())
 }

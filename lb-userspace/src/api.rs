@@ -74,17 +74,19 @@ pub async fn serve_tcp(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-    let api = Api(ctrl);
-    tonic::transport::Server::builder()
-        .tls_config(tls)?
+    let mut server = tonic::transport::Server::builder().tls_config(tls)?;
+    routes(&mut server, Api(ctrl)).serve_with_incoming_shutdown(incoming, shutdown).await?;
+    Ok(())
+}
+
+/// Every service of the contract, on one server.
+fn routes(server: &mut tonic::transport::Server, api: Api) -> tonic::transport::server::Router {
+    server
         .add_service(VipsServer::new(api.clone()))
         .add_service(BackendsServer::new(api.clone()))
         .add_service(HealthServer::new(api.clone()))
         .add_service(StatsServer::new(api.clone()))
         .add_service(StatusServer::new(api))
-        .serve_with_incoming_shutdown(incoming, shutdown)
-        .await?;
-    Ok(())
 }
 
 /// Serves the API on `socket` (mode 0600) until `shutdown` completes.
@@ -112,13 +114,7 @@ pub async fn serve(
         },
         Err(_) => true,
     });
-    let api = Api(ctrl);
-    tonic::transport::Server::builder()
-        .add_service(VipsServer::new(api.clone()))
-        .add_service(BackendsServer::new(api.clone()))
-        .add_service(HealthServer::new(api.clone()))
-        .add_service(StatsServer::new(api.clone()))
-        .add_service(StatusServer::new(api))
+    routes(&mut tonic::transport::Server::builder(), Api(ctrl))
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await?;
     Ok(())

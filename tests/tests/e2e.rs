@@ -191,6 +191,13 @@ fn explained(lab: &Lab, i: usize, client: &str, vip: &str) -> String {
     format!("be{j}")
 }
 
+/// A global counter of LB host `i`, from `lbctl stats`.
+fn counter(lab: &Lab, i: usize, name: &str) -> u64 {
+    let stats = ok(lab, i, &["stats"]);
+    let line = stats.lines().find(|l| l.split_whitespace().next() == Some(name)).unwrap_or_else(|| panic!("no {name}"));
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
 fn sock(addr: &str, port: u16) -> SocketAddr {
     let ip: std::net::IpAddr = addr.parse().unwrap();
     SocketAddr::new(ip, port)
@@ -420,19 +427,7 @@ fn a_flow_moved_between_lb_hosts_by_the_router_keeps_its_backend() {
     let mine = echo(&mut stream, "via lb1");
     pin(2);
     assert_eq!(echo(&mut stream, "via lb2"), mine);
-    let forwarded = |i: usize| {
-        let stats = ok(lab, i, &["stats"]);
-        stats
-            .lines()
-            .find(|l| l.starts_with("forwarded"))
-            .unwrap()
-            .split_whitespace()
-            .nth(1)
-            .unwrap()
-            .parse::<u64>()
-            .unwrap()
-    };
-    assert!(forwarded(1) > 0 && forwarded(2) > 0, "both LB hosts carried the flow");
+    assert!(counter(lab, 1, "forwarded") > 0 && counter(lab, 2, "forwarded") > 0, "both LB hosts carried the flow");
 }
 
 #[test]
@@ -729,20 +724,7 @@ fn pings_to_a_vip_are_answered_by_the_lb_hosts() {
     all(lab, &["vip", "add", HTTP6]);
     ns(CLIENT_NS, &["ping", "-c", "3", "-i", "0.2", "-W", "2", VIP4]).expect("ping the IPv4 VIP");
     ns(CLIENT_NS, &["ping", "-6", "-c", "3", "-i", "0.2", "-W", "2", VIP6]).expect("ping the IPv6 VIP");
-    let replied: u64 = (1..=LBS)
-        .map(|i| {
-            let stats = ok(lab, i, &["stats"]);
-            stats
-                .lines()
-                .find(|l| l.starts_with("echo_replied"))
-                .unwrap()
-                .split_whitespace()
-                .nth(1)
-                .unwrap()
-                .parse::<u64>()
-                .unwrap()
-        })
-        .sum();
+    let replied: u64 = (1..=LBS).map(|i| counter(lab, i, "echo_replied")).sum();
     assert_eq!(replied, 6, "the LB hosts answered, no backend was involved");
 }
 
@@ -777,20 +759,7 @@ fn fragmented_udp_datagrams_are_reassembled_on_one_backend() {
         assert!(buf.starts_with(b"be") && buf[3] == b' ', "{:?}", &buf[..8]);
         assert_eq!(&buf[4..], &data[..], "the backend saw the whole datagram");
     }
-    let forwarded: u64 = (1..=LBS)
-        .map(|i| {
-            let stats = ok(lab, i, &["stats"]);
-            stats
-                .lines()
-                .find(|l| l.starts_with("fragment_forwarded"))
-                .unwrap()
-                .split_whitespace()
-                .nth(1)
-                .unwrap()
-                .parse::<u64>()
-                .unwrap()
-        })
-        .sum();
+    let forwarded: u64 = (1..=LBS).map(|i| counter(lab, i, "fragment_forwarded")).sum();
     assert!(forwarded >= 4 * 3, "every fragment went through an LB host: {forwarded}");
 }
 
