@@ -20,6 +20,16 @@ struct BatchAttr {
     flags: u64,
 }
 
+/// bpf(2) with a batch command; the kernel updates `attr.count`.
+fn batch_call(cmd: libc::c_long, attr: &mut BatchAttr) -> std::io::Result<()> {
+    let ret =
+        unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *mut BatchAttr, std::mem::size_of::<BatchAttr>() as u32) };
+    if ret < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Writes `values[i]` at index `first + i` of an array map of `u32`.
 pub fn array_update_batch(map: impl AsFd, first: u32, values: &[u32]) -> std::io::Result<()> {
     let keys: Vec<u32> = (first..first + values.len() as u32).collect();
@@ -40,17 +50,7 @@ pub fn update_batch<K, V>(map: impl AsFd, keys: &[K], values: &[V]) -> std::io::
             map_fd: map.as_fd().as_raw_fd() as u32,
             ..BatchAttr::default()
         };
-        let ret = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_MAP_UPDATE_BATCH,
-                &mut attr as *mut BatchAttr,
-                std::mem::size_of::<BatchAttr>() as u32,
-            )
-        };
-        if ret < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
+        batch_call(BPF_MAP_UPDATE_BATCH, &mut attr)?;
         if attr.count == 0 {
             return Err(std::io::Error::other("BPF_MAP_UPDATE_BATCH wrote nothing"));
         }
@@ -83,17 +83,9 @@ pub fn count_entries(map: impl AsFd, key_size: usize, value_size: usize) -> std:
             map_fd: map.as_fd().as_raw_fd() as u32,
             ..BatchAttr::default()
         };
-        let ret = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_MAP_LOOKUP_BATCH,
-                &mut attr as *mut BatchAttr,
-                std::mem::size_of::<BatchAttr>() as u32,
-            )
-        };
+        let result = batch_call(BPF_MAP_LOOKUP_BATCH, &mut attr);
         total += attr.count as u64;
-        if ret < 0 {
-            let e = std::io::Error::last_os_error();
+        if let Err(e) = result {
             // ENOENT: the walk is over (the last batch still counts).
             return if e.raw_os_error() == Some(libc::ENOENT) { Ok(total) } else { Err(e) };
         }
