@@ -4,12 +4,12 @@
 use std::{net::IpAddr, path::Path};
 
 use anyhow::{bail, Context, Result};
-use aya::programs::links::{FdLink, PinnedLink};
+use aya::programs::links::PinnedLink;
 
 use crate::{
     dataplane::Decap,
     netlink::{self, Netlink},
-    up::{ensure_bpffs, remove_pins, replace_pinned, ModeChoice},
+    up::{attach_pinned, ensure_bpffs, remove_pins, ModeChoice},
 };
 
 /// Attaches (or atomically replaces) the decap program on `iface`.
@@ -32,35 +32,12 @@ pub async fn up(iface: &str, addresses: &[IpAddr], mode: ModeChoice, pin_root: &
         decap.add_address(*a)?;
     }
     let dir = pin_root.join(iface);
-    let link_pin = dir.join("link");
-    if link_pin.exists() {
-        if replace_pinned(decap.program(), &link_pin).is_ok() {
-            return Ok(addrs);
-        }
-        // Severed (its interface was deleted): attach anew below.
-        let _ = std::fs::remove_file(&link_pin);
-    }
     std::fs::create_dir_all(&dir)?;
-    let modes: &[aya::programs::XdpMode] = match mode {
-        ModeChoice::Auto => &[aya::programs::XdpMode::Driver, aya::programs::XdpMode::Skb],
-        ModeChoice::Native => &[aya::programs::XdpMode::Driver],
-        ModeChoice::Generic => &[aya::programs::XdpMode::Skb],
-        ModeChoice::Offload => &[aya::programs::XdpMode::Hardware],
-    };
-    let mut last_error = None;
-    for m in modes {
-        match decap.program().attach(iface, *m) {
-            Ok(id) => {
-                let link = decap.program().take_link(id)?;
-                FdLink::try_from(link)?.pin(&link_pin).context("pinning the decap link")?;
-                return Ok(addrs);
-            }
-            Err(e) => last_error = Some(e),
-        }
+    if let Err(e) = attach_pinned(decap.program(), iface, mode, &dir.join("link")) {
+        remove_pins(&dir);
+        return Err(e);
     }
-    remove_pins(&dir);
-    Err(last_error.map(anyhow::Error::from).unwrap_or_else(|| anyhow::anyhow!("no mode")))
-        .with_context(|| format!("cannot attach the decap program to {iface}"))
+    Ok(addrs)
 }
 
 /// Detaches the decap program from `iface`.

@@ -9,7 +9,7 @@ use std::{
 };
 
 use anyhow::{bail, Context, Result};
-use aya::programs::{links::FdLink, links::PinnedLink, xdp::XdpLink, XdpMode};
+use aya::programs::{links::FdLink, links::PinnedLink, xdp::XdpLink, Xdp, XdpMode};
 use tracing::{info, warn};
 
 use crate::{
@@ -110,17 +110,9 @@ pub async fn run(opts: UpOptions) -> Result<()> {
         None => (Services::new(&mut dp, settings)?, Default::default()),
     };
 
-    let xdp_mode = match adopted.then(|| replace_pinned(dp.program(), &link_pin)) {
-        Some(Ok(())) => "adopted".to_string(),
-        Some(Err(e)) => {
-            // The interface went away since (the link is severed): keep the
-            // maps and the restored state, attach afresh.
-            warn!(error = %error_chain(e.as_ref()), "the pinned link is unusable; attaching anew");
-            let _ = std::fs::remove_file(&link_pin);
-            attach(&mut dp, &opts.iface, opts.mode, &link_pin)?
-        }
-        None => attach(&mut dp, &opts.iface, opts.mode, &link_pin)?,
-    };
+    // Without a saved state the pins were removed above, so this attaches
+    // afresh; with one it replaces the running program behind its link.
+    let xdp_mode = attach_pinned(dp.program(), &opts.iface, opts.mode, &link_pin)?;
     info!(interface = %opts.iface, mode = %xdp_mode, adopted, "balancer attached");
     // Decision logs (`lbctl debug on`) arrive through aya-log's ring buffer
     // and go out through the log crate into tracing.
@@ -192,16 +184,28 @@ pub async fn run(opts: UpOptions) -> Result<()> {
 }
 
 /// Atomically replaces the program behind a pinned XDP link with `program`.
-pub fn replace_pinned(program: &mut aya::programs::Xdp, link_pin: &Path) -> Result<()> {
+fn replace_pinned(program: &mut Xdp, link_pin: &Path) -> Result<()> {
     let link = PinnedLink::from_pin(link_pin).context("opening the pinned XDP link")?;
     let link = XdpLink::try_from(FdLink::from(link)).context("the pinned link is not an XDP link")?;
     program.attach_to_link(link).context("replacing the running program")?;
     Ok(())
 }
 
-/// Attaches in the chosen mode (auto: native, then generic) and pins the
-/// link so that it outlives this process. Returns the mode used.
-fn attach(dp: &mut Dataplane, iface: &str, choice: ModeChoice, link_pin: &Path) -> Result<String> {
+/// Puts `program` on `iface` behind a link pinned at `link_pin`, so that it
+/// outlives this process. If that link is still alive, the program behind it
+/// is replaced atomically ("adopted"); a severed one (its interface went
+/// away) is dropped. Otherwise it attaches in the chosen mode (auto: native,
+/// then generic). Returns the mode.
+pub fn attach_pinned(program: &mut Xdp, iface: &str, choice: ModeChoice, link_pin: &Path) -> Result<String> {
+    if link_pin.exists() {
+        match replace_pinned(program, link_pin) {
+            Ok(()) => return Ok("adopted".into()),
+            Err(e) => {
+                warn!(error = %error_chain(e.as_ref()), "the pinned link is unusable; attaching anew");
+                let _ = std::fs::remove_file(link_pin);
+            }
+        }
+    }
     let candidates: &[(XdpMode, &str)] = match choice {
         ModeChoice::Auto => &[(XdpMode::Driver, "native"), (XdpMode::Skb, "generic")],
         ModeChoice::Native => &[(XdpMode::Driver, "native")],
@@ -210,9 +214,9 @@ fn attach(dp: &mut Dataplane, iface: &str, choice: ModeChoice, link_pin: &Path) 
     };
     let mut errors = Vec::new();
     for (mode, name) in candidates {
-        match dp.program().attach(iface, *mode) {
+        match program.attach(iface, *mode) {
             Ok(id) => {
-                let link = dp.program().take_link(id)?;
+                let link = program.take_link(id)?;
                 let fd = FdLink::try_from(link).context("the kernel gave no bpf_link to pin")?;
                 fd.pin(link_pin).context("pinning the XDP link")?;
                 return Ok(name.to_string());
