@@ -311,7 +311,7 @@ impl Services {
             ring_swaps: 0,
             ring_swap_seconds: 0.0,
         };
-        dp.set_config(&services.config()?)?;
+        services.write_config(dp)?;
         Ok(services)
     }
 
@@ -358,18 +358,11 @@ impl Services {
 
     pub fn set_settings(&mut self, dp: &mut Dataplane, settings: Settings) -> Result<(), ServiceError> {
         let old = std::mem::replace(&mut self.settings, settings);
-        let config = self.config();
-        match config.map(|c| dp.set_config(&c)) {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => {
-                self.settings = old;
-                Err(e.into())
-            }
-            Err(e) => {
-                self.settings = old;
-                Err(e)
-            }
+        let written = self.write_config(dp);
+        if written.is_err() {
+            self.settings = old;
         }
+        written
     }
 
     pub fn vips(&self) -> impl Iterator<Item = &VipState> {
@@ -413,7 +406,7 @@ impl Services {
         self.free_vip_ids.pop_front();
         self.vips.insert(spec.vip, state);
         self.sync_fragment_entry(dp, &spec.vip)?;
-        self.write_port0_flags(dp)
+        self.write_config(dp)
     }
 
     pub fn remove_vip(&mut self, dp: &mut Dataplane, vip: &VipAddr) -> Result<(), ServiceError> {
@@ -436,7 +429,7 @@ impl Services {
         }
         self.ring_space.free(state.extent);
         self.free_vip_ids.push_back(state.id);
-        self.write_port0_flags(dp)
+        self.write_config(dp)
     }
 
     pub fn add_backend(&mut self, dp: &mut Dataplane, vip: &VipAddr, spec: BackendSpec) -> Result<(), ServiceError> {
@@ -623,7 +616,9 @@ impl Services {
         self.vips.get(&VipAddr { addr, port, proto }).or_else(|| self.vips.get(&VipAddr { addr, port: 0, proto }))
     }
 
-    fn write_port0_flags(&mut self, dp: &mut Dataplane) -> Result<(), ServiceError> {
+    /// Writes the config entry: the settings and the port-0 flags, which
+    /// follow the VIP set.
+    fn write_config(&self, dp: &mut Dataplane) -> Result<(), ServiceError> {
         dp.set_config(&self.config()?)?;
         Ok(())
     }
