@@ -7,6 +7,7 @@
 #![no_main]
 
 mod headers;
+mod object;
 
 use aya_ebpf::{
     bindings::xdp_action::XDP_PASS,
@@ -74,13 +75,3 @@ fn accepted(next_header: u8, key: &DecapAddr) -> Option<u16> {
     unsafe { DECAP_ADDRS.get(key) }?;
     Some(inner)
 }
-
-#[cfg(not(test))]
-#[panic_handler]
-fn panic(_info: &core::panic::PanicInfo) -> ! {
-    loop {}
-}
-
-#[unsafe(link_section = "license")]
-#[unsafe(no_mangle)]
-static LICENSE: [u8; 4] = *b"GPL\0";

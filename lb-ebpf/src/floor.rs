@@ -6,6 +6,7 @@
 
 #[allow(dead_code)] // the floors use only the Ethernet header
 mod headers;
+mod object;
 
 use aya_ebpf::{
     bindings::xdp_action::{XDP_PASS, XDP_TX},
@@ -52,13 +53,3 @@ fn swap_macs(ctx: &XdpContext) {
         }
     }
 }
-
-#[cfg(not(test))]
-#[panic_handler]
-fn panic(_info: &core::panic::PanicInfo) -> ! {
-    loop {}
-}
-
-#[unsafe(link_section = "license")]
-#[unsafe(no_mangle)]
-static LICENSE: [u8; 4] = *b"GPL\0";

@@ -25,6 +25,7 @@
 mod encap;
 mod headers;
 mod icmp;
+mod object;
 mod parse;
 
 use aya_ebpf::{
@@ -149,7 +150,6 @@ fn balance(ctx: &XdpContext, stats: &mut [u64; stat::COUNT]) -> (u32, usize) {
         }
     };
     // 5. MTU, encapsulation, out.
-    let cfg = *cfg;
     if pkt.ip_len + overhead(&backend) > cfg.mtu {
         // Tell the client the size that fits (path-MTU discovery); packets
         // that may be fragmented, fragments and ICMP go to the kernel.
@@ -164,7 +164,7 @@ fn balance(ctx: &XdpContext, stats: &mut [u64; stat::COUNT]) -> (u32, usize) {
         return (XDP_PASS, stat::TOO_BIG);
     }
     let inner = Inner { family: pkt.flow.family, ip_len: pkt.ip_len, tos: pkt.tos, hash: conn.hash };
-    if encapsulate(ctx, &cfg, &backend, &inner).is_err() {
+    if encapsulate(ctx, cfg, &backend, &inner).is_err() {
         return (XDP_PASS, stat::ENCAP_FAILED);
     }
     if let Some(s) = BACKEND_STATS.get_ptr_mut(backend_id) {
@@ -299,13 +299,3 @@ fn may_track(limit: u32) -> bool {
         false
     }
 }
-
-#[cfg(not(test))]
-#[panic_handler]
-fn panic(_info: &core::panic::PanicInfo) -> ! {
-    loop {}
-}
-
-#[unsafe(link_section = "license")]
-#[unsafe(no_mangle)]
-static LICENSE: [u8; 4] = *b"GPL\0";
