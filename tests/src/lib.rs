@@ -166,7 +166,7 @@ impl Harness {
 
     pub fn with(opts: LoadOptions) -> Self {
         assert!(
-            unsafe { libc_geteuid() } == 0,
+            unsafe { libc::geteuid() } == 0,
             "packet tests load XDP programs: run them as root (cargo xtask test does)"
         );
         let mut dp = Dataplane::load(opts).expect("the balancer object loads and verifies");
@@ -214,11 +214,6 @@ impl Default for Harness {
     fn default() -> Self {
         Self::new()
     }
-}
-
-extern "C" {
-    #[link_name = "geteuid"]
-    fn libc_geteuid() -> u32;
 }
 
 /// A small deterministic generator, so a failing random test can be rerun.
