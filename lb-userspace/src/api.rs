@@ -154,10 +154,10 @@ impl Api {
             .map(|(addr, b)| {
                 let stats = st.dp.backend_stats(b.id).unwrap_or_default();
                 let check = st.checks.get(&(*vip, *addr));
-                let health = match check {
-                    None => "unchecked",
-                    Some(c) if c.tracker.healthy => "up",
-                    Some(_) => "down",
+                let (health, reason) = match check {
+                    None => ("unchecked", ""),
+                    Some(c) if c.tracker.healthy => ("up", ""),
+                    Some(c) => ("down", c.tracker.last_error.as_str()),
                 };
                 pb::Backend {
                     vip: vip.to_string(),
@@ -169,6 +169,7 @@ impl Api {
                     packets: stats.packets,
                     bytes: stats.bytes,
                     in_ring: state.in_ring(b),
+                    reason: reason.to_string(),
                 }
             })
             .collect())
@@ -237,6 +238,8 @@ impl Backends for Api {
                 rise: (h.rise > 0).then_some(h.rise),
                 fall: (h.fall > 0).then_some(h.fall),
                 expect_status: (!h.expect_status.is_empty()).then_some(h.expect_status.as_str()),
+                ca_pem: (!h.check_ca_pem.is_empty()).then_some(h.check_ca_pem.as_str()),
+                insecure: h.check_insecure,
             },
         )
         .map_err(Status::invalid_argument)?;

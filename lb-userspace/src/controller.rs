@@ -309,10 +309,16 @@ impl Controller {
     fn spawn_check(self: &Arc<Self>, vip: VipAddr, addr: IpAddr, spec: CheckSpec) {
         let ctrl = Arc::clone(self);
         let task = tokio::spawn(async move {
+            // Specs are validated before they get here; a prober that cannot
+            // be made still fails every probe with the reason.
+            let prober = health::Prober::new(&spec);
             loop {
                 tokio::time::sleep(spec.interval + health::jitter(spec.interval)).await;
                 let started = Instant::now();
-                let result = health::probe(addr, &spec).await;
+                let result = match &prober {
+                    Ok(prober) => prober.probe(addr).await,
+                    Err(e) => Err(e.clone()),
+                };
                 ctrl.record_check(&vip, addr, &spec, result, started.elapsed().as_secs_f64());
             }
         });

@@ -12,12 +12,14 @@
 //! address = "198.51.100.1"
 //! weight = 1                    # 0..=10000; optional, default 1
 //! drained = false               # optional
-//! check = "tcp:80"              # none | tcp[:PORT] | http://HOST:PORT/PATH
+//! check = "tcp:80"              # none | tcp[:PORT] | http(s)://HOST:PORT/PATH
 //! interval = "2s"               # optional check timing
 //! timeout = "1s"
 //! rise = 2
 //! fall = 3
 //! expect_status = "200-399"     # HTTP checks: healthy statuses
+//! check_ca = "/etc/lbctl/backend-ca.pem"  # https checks: CA file (default: system CAs)
+//! check_insecure = false        # https checks: take any certificate
 //! ```
 
 use std::{collections::BTreeMap, net::IpAddr, time::Duration};
@@ -60,6 +62,9 @@ struct BackendEntry {
     rise: Option<u32>,
     fall: Option<u32>,
     expect_status: Option<Spanned<String>>,
+    check_ca: Option<Spanned<String>>,
+    #[serde(default)]
+    check_insecure: bool,
 }
 
 /// A backend as the operator wants it.
@@ -95,6 +100,15 @@ pub fn parse(text: &str) -> Result<Desired, String> {
         let mut backends = BTreeMap::new();
         for b in entry.backend {
             let line = at(b.address.span());
+            // The CA file is read here, so that the plan, the state file and
+            // every LB host carry the certificates themselves.
+            let ca_pem = match &b.check_ca {
+                None => None,
+                Some(path) => Some(
+                    std::fs::read_to_string(path.get_ref())
+                        .map_err(|e| format!("{}: cannot read check_ca {}: {e}", at(path.span()), path.get_ref()))?,
+                ),
+            };
             let addr: IpAddr =
                 parse_backend_addr(&spec.vip, b.address.get_ref()).map_err(|e| format!("{line}: {e}"))?;
             let weight = b.weight.as_ref().map(|w| *w.get_ref()).unwrap_or(1);
@@ -110,6 +124,8 @@ pub fn parse(text: &str) -> Result<Desired, String> {
                     rise: b.rise,
                     fall: b.fall,
                     expect_status: b.expect_status.as_ref().map(|e| e.get_ref().as_str()),
+                    ca_pem: ca_pem.as_deref(),
+                    insecure: b.check_insecure,
                 },
             )
             .map_err(|e| format!("{line}: {e}"))?;
@@ -165,11 +181,15 @@ pub struct CheckText<'a> {
     pub rise: Option<u32>,
     pub fall: Option<u32>,
     pub expect_status: Option<&'a str>,
+    /// https checks: PEM CA certificates to trust instead of the system's.
+    pub ca_pem: Option<&'a str>,
+    /// https checks: take any certificate.
+    pub insecure: bool,
 }
 
 /// A health check from its text parts; `None` parts take the defaults.
 pub fn check_spec(vip: &VipAddr, text: &CheckText) -> Result<CheckSpec, String> {
-    let CheckText { check, interval, timeout, rise, fall, expect_status } = *text;
+    let CheckText { check, interval, timeout, rise, fall, expect_status, ca_pem, insecure } = *text;
     let check = if check.is_empty() { "none" } else { check };
     let duration = |text: Option<&str>, default: Duration, what: &str| -> Result<Duration, String> {
         match text {
@@ -184,7 +204,7 @@ pub fn check_spec(vip: &VipAddr, text: &CheckText) -> Result<CheckSpec, String> 
         }
     };
     let spec = CheckSpec {
-        probe: Probe::parse(check, vip.port)?,
+        probe: Probe::parse(check, vip.port)?.with_trust(ca_pem, insecure)?,
         interval: duration(interval, health::DEFAULT_INTERVAL, "interval")?,
         timeout: duration(timeout, health::DEFAULT_TIMEOUT, "timeout")?,
         rise: rise.unwrap_or(health::DEFAULT_RISE),

@@ -1,14 +1,30 @@
-//! Health checks: TCP connect or HTTP GET against a backend, every interval
-//! (with up to 10% jitter so checks of many backends do not line up), with
-//! rise/fall counts so one lost probe does not move flows.
+//! Health checks: TCP connect, or HTTP(S) GET with hyper (and rustls for
+//! TLS), against a backend, every interval (with up to 10% jitter so checks
+//! of many backends do not line up), with rise/fall counts so one lost
+//! probe does not move flows.
 
-use std::{net::IpAddr, time::Duration};
+use std::{
+    net::IpAddr,
+    sync::{Arc, OnceLock},
+    time::Duration,
+};
 
+use bytes::Bytes;
+use http_body_util::Empty;
+use hyper::header::{CONNECTION, HOST, USER_AGENT};
+use hyper_util::rt::TokioIo;
+use rustls::{
+    client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
+    crypto::CryptoProvider,
+    pki_types::{pem::PemObject, CertificateDer, ServerName, UnixTime},
+    DigitallySignedStruct, RootCertStore,
+};
 use serde::{Deserialize, Serialize};
 use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
+    io::{AsyncRead, AsyncWrite},
     net::TcpStream,
 };
+use tokio_rustls::TlsConnector;
 
 /// What to probe.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -18,12 +34,26 @@ pub enum Probe {
     Tcp {
         port: u16,
     },
-    /// HTTP/1.1 GET; healthy if the status is in `expect`.
+    /// HTTP/1.1 GET (over TLS when `tls` is set); healthy if the status is
+    /// in `expect`. Redirects are not followed: a 3xx is judged by `expect`.
     Http {
         host: String,
         port: u16,
         path: String,
+        #[serde(default)]
+        tls: Option<Trust>,
     },
+}
+
+/// Which server certificates an HTTPS check accepts.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Trust {
+    /// Signed by a CA of the system's store (/etc/ssl/certs), for HOST.
+    System,
+    /// Signed by one of these CAs (PEM), for HOST.
+    Ca(String),
+    /// Any certificate: for self-signed backends, by explicit choice.
+    Insecure,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -70,7 +100,8 @@ impl Default for CheckSpec {
 }
 
 impl Probe {
-    /// Parses `none`, `tcp`, `tcp:PORT` or `http://HOST:PORT/PATH`.
+    /// Parses `none`, `tcp`, `tcp:PORT`, `http://HOST:PORT/PATH` or
+    /// `https://HOST:PORT/PATH` (system roots; see [`Probe::with_trust`]).
     /// `default_port` (the VIP's port) is used by a bare `tcp`.
     pub fn parse(text: &str, default_port: u16) -> Result<Probe, String> {
         let text = text.trim();
@@ -87,7 +118,12 @@ impl Probe {
             let port = port.parse::<u16>().ok().filter(|p| *p != 0);
             return port.map(|port| Probe::Tcp { port }).ok_or_else(|| format!("check '{text}': port is not 1-65535"));
         }
-        if let Some(rest) = text.strip_prefix("http://") {
+        let (rest, tls, default) = match (text.strip_prefix("http://"), text.strip_prefix("https://")) {
+            (Some(rest), _) => (Some(rest), None, 80),
+            (_, Some(rest)) => (Some(rest), Some(Trust::System), 443),
+            _ => (None, None, 0),
+        };
+        if let Some(rest) = rest {
             let (authority, path) = match rest.find('/') {
                 Some(i) => (&rest[..i], &rest[i..]),
                 None => (rest, "/"),
@@ -97,15 +133,51 @@ impl Probe {
                     let port = p.parse::<u16>().map_err(|_| format!("check '{text}': bad port '{p}'"))?;
                     (h.to_string(), port)
                 }
-                _ => (authority.to_string(), 80),
+                _ => (authority.to_string(), default),
             };
             if host.is_empty() {
                 return Err(format!("check '{text}': no host"));
             }
-            return Ok(Probe::Http { host, port, path: path.to_string() });
+            if tls.is_some() {
+                ServerName::try_from(host.trim_matches(|c| c == '[' || c == ']'))
+                    .map_err(|_| format!("check '{text}': '{host}' is not a host name or address for TLS"))?;
+            }
+            return Ok(Probe::Http { host, port, path: path.to_string(), tls });
         }
-        Err(format!("check '{text}' is not none, tcp[:PORT] or http://HOST:PORT/PATH"))
+        Err(format!("check '{text}' is not none, tcp[:PORT], http://HOST:PORT/PATH or https://HOST:PORT/PATH"))
     }
+
+    /// An HTTPS probe that trusts `ca_pem` (PEM CA certificates) or, with
+    /// `insecure`, any certificate. Both are refused on other probes.
+    pub fn with_trust(self, ca_pem: Option<&str>, insecure: bool) -> Result<Probe, String> {
+        if ca_pem.is_none() && !insecure {
+            return Ok(self);
+        }
+        let Probe::Http { host, port, path, tls: Some(_) } = self else {
+            return Err("a check CA or an insecure check applies to https:// checks only".into());
+        };
+        let trust = match (ca_pem, insecure) {
+            (Some(_), true) => return Err("give a check CA or choose an insecure check, not both".into()),
+            (Some(pem), false) => {
+                let roots = parse_ca(pem)?;
+                if roots.is_empty() {
+                    return Err("the check CA holds no PEM certificate".into());
+                }
+                Trust::Ca(pem.to_string())
+            }
+            (None, _) => Trust::Insecure,
+        };
+        Ok(Probe::Http { host, port, path, tls: Some(trust) })
+    }
+}
+
+fn parse_ca(pem: &str) -> Result<RootCertStore, String> {
+    let mut roots = RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(pem.as_bytes()) {
+        let cert = cert.map_err(|e| format!("the check CA is not PEM: {e}"))?;
+        roots.add(cert).map_err(|e| format!("the check CA holds a bad certificate: {e}"))?;
+    }
+    Ok(roots)
 }
 
 impl std::fmt::Display for Probe {
@@ -113,51 +185,171 @@ impl std::fmt::Display for Probe {
         match self {
             Probe::None => write!(f, "none"),
             Probe::Tcp { port } => write!(f, "tcp:{port}"),
-            Probe::Http { host, port, path } => write!(f, "http://{host}:{port}{path}"),
+            Probe::Http { host, port, path, tls: None } => write!(f, "http://{host}:{port}{path}"),
+            Probe::Http { host, port, path, tls: Some(trust) } => {
+                write!(f, "https://{host}:{port}{path}")?;
+                match trust {
+                    Trust::System => Ok(()),
+                    Trust::Ca(_) => write!(f, " (own CA)"),
+                    Trust::Insecure => write!(f, " (insecure)"),
+                }
+            }
         }
     }
 }
 
-/// One probe of `addr`. `Err` says why it failed.
-pub async fn probe(addr: IpAddr, spec: &CheckSpec) -> Result<(), String> {
-    let work = async {
-        match &spec.probe {
-            Probe::None => Ok(()),
-            Probe::Tcp { port } => TcpStream::connect((addr, *port)).await.map(|_| ()).map_err(|e| e.to_string()),
-            Probe::Http { host, port, path } => http_get(addr, *port, host, path, spec.expect).await,
+/// Probes one backend with one check; made once per check, so that TLS
+/// roots are loaded and parsed once, not on every probe.
+pub struct Prober {
+    spec: CheckSpec,
+    tls: Option<TlsConnector>,
+}
+
+impl Prober {
+    pub fn new(spec: &CheckSpec) -> Result<Prober, String> {
+        let tls = match &spec.probe {
+            Probe::Http { tls: Some(trust), .. } => Some(TlsConnector::from(Arc::new(tls_config(trust)?))),
+            _ => None,
+        };
+        Ok(Prober { spec: spec.clone(), tls })
+    }
+
+    /// One probe of `addr`. `Err` says why it failed.
+    pub async fn probe(&self, addr: IpAddr) -> Result<(), String> {
+        let spec = &self.spec;
+        let work = async {
+            match &spec.probe {
+                Probe::None => Ok(()),
+                Probe::Tcp { port } => TcpStream::connect((addr, *port)).await.map(|_| ()).map_err(|e| e.to_string()),
+                Probe::Http { host, port, path, .. } => {
+                    let tcp = TcpStream::connect((addr, *port)).await.map_err(|e| e.to_string())?;
+                    let authority = if [80, 443].contains(port) { host.clone() } else { format!("{host}:{port}") };
+                    match &self.tls {
+                        None => http_get(tcp, &authority, path, spec.expect).await,
+                        Some(connector) => {
+                            let name = ServerName::try_from(host.trim_matches(|c| c == '[' || c == ']').to_string())
+                                .map_err(|e| e.to_string())?;
+                            let tls = connector.connect(name, tcp).await.map_err(|e| format!("TLS: {e}"))?;
+                            http_get(tls, &authority, path, spec.expect).await
+                        }
+                    }
+                }
+            }
+        };
+        match tokio::time::timeout(spec.timeout, work).await {
+            Ok(result) => result,
+            Err(_) => Err(format!("timed out after {:?}", spec.timeout)),
         }
+    }
+}
+
+/// One HTTP/1.1 GET on `io`: healthy when the response's status is within
+/// `expect`. The body is not read; the connection closes when this returns.
+async fn http_get<S>(io: S, authority: &str, path: &str, expect: (u16, u16)) -> Result<(), String>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(TokioIo::new(io)).await.map_err(|e| e.to_string())?;
+    let request = hyper::Request::get(path)
+        .header(HOST, authority)
+        .header(USER_AGENT, "lbctl-health")
+        .header(CONNECTION, "close")
+        .body(Empty::<Bytes>::new())
+        .map_err(|e| format!("bad request for {path}: {e}"))?;
+    // The connection is driven here, not spawned, so that the probe's
+    // timeout ends it; it may finish first and still have the response.
+    let send = sender.send_request(request);
+    tokio::pin!(send);
+    let response = tokio::select! {
+        response = &mut send => response,
+        ended = connection => match ended {
+            Ok(()) => send.await,
+            Err(e) => return Err(format!("HTTP: {e}")),
+        },
     };
-    match tokio::time::timeout(spec.timeout, work).await {
-        Ok(result) => result,
-        Err(_) => Err(format!("timed out after {:?}", spec.timeout)),
-    }
-}
-
-/// Minimal HTTP/1.1 GET: healthy when the status is within `expect`.
-async fn http_get(addr: IpAddr, port: u16, host: &str, path: &str, expect: (u16, u16)) -> Result<(), String> {
-    let mut stream = TcpStream::connect((addr, port)).await.map_err(|e| e.to_string())?;
-    let request =
-        format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: lbctl-health\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.map_err(|e| e.to_string())?;
-    let mut head = [0u8; 64];
-    let mut got = 0;
-    while got < 12 {
-        let n = stream.read(&mut head[got..]).await.map_err(|e| e.to_string())?;
-        if n == 0 {
-            break;
-        }
-        got += n;
-    }
-    let line = String::from_utf8_lossy(&head[..got]);
-    let status: u16 = line
-        .strip_prefix("HTTP/1.")
-        .and_then(|r| r.get(2..5))
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| format!("not an HTTP response: {:?}", line.lines().next().unwrap_or("")))?;
+    let response = response.map_err(|e| format!("HTTP: no response: {e}"))?;
+    let status = response.status().as_u16();
     if (expect.0..=expect.1).contains(&status) {
         Ok(())
     } else {
         Err(format!("HTTP status {status}"))
+    }
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// The system's CA store, read once per process.
+fn system_roots() -> Result<Arc<RootCertStore>, String> {
+    static ROOTS: OnceLock<Result<Arc<RootCertStore>, String>> = OnceLock::new();
+    ROOTS
+        .get_or_init(|| {
+            let found = rustls_native_certs::load_native_certs();
+            let mut roots = RootCertStore::empty();
+            let (added, _) = roots.add_parsable_certificates(found.certs);
+            if added == 0 {
+                let why = found.errors.first().map(|e| e.to_string()).unwrap_or_else(|| "none found".into());
+                return Err(format!("no system CA certificates ({why}): give the check a CA"));
+            }
+            Ok(Arc::new(roots))
+        })
+        .clone()
+}
+
+fn tls_config(trust: &Trust) -> Result<rustls::ClientConfig, String> {
+    let builder = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?;
+    let config = match trust {
+        Trust::System => builder.with_root_certificates(system_roots()?).with_no_client_auth(),
+        Trust::Ca(pem) => builder.with_root_certificates(parse_ca(pem)?).with_no_client_auth(),
+        Trust::Insecure => builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(AnyCertificate(provider())))
+            .with_no_client_auth(),
+    };
+    Ok(config)
+}
+
+/// `--check-insecure`: any certificate is taken, but the handshake's
+/// signatures are still checked, so the connection is TLS all the same.
+#[derive(Debug)]
+struct AnyCertificate(Arc<CryptoProvider>);
+
+impl ServerCertVerifier for AnyCertificate {
+    fn verify_server_cert(
+        &self,
+        _: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        _: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
     }
 }
 
@@ -245,11 +437,11 @@ mod tests {
         assert!(Probe::parse("tcp:0", 80).is_err());
         assert_eq!(
             Probe::parse("http://www.example:8080/healthz", 80),
-            Ok(Probe::Http { host: "www.example".into(), port: 8080, path: "/healthz".into() })
+            Ok(Probe::Http { host: "www.example".into(), port: 8080, path: "/healthz".into(), tls: None })
         );
         assert_eq!(
             Probe::parse("http://www.example", 80),
-            Ok(Probe::Http { host: "www.example".into(), port: 80, path: "/".into() })
+            Ok(Probe::Http { host: "www.example".into(), port: 80, path: "/".into(), tls: None })
         );
         assert!(Probe::parse("udp:53", 80).unwrap_err().contains("udp:53"));
     }
@@ -292,6 +484,7 @@ mod tests {
 
     #[tokio::test]
     async fn tcp_and_http_probes_against_local_servers() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         tokio::spawn(async move {
@@ -305,8 +498,14 @@ mod tests {
             }
         });
         let localhost: IpAddr = "127.0.0.1".parse().unwrap();
-        let http =
-            CheckSpec { probe: Probe::Http { host: "x".into(), port, path: "/".into() }, ..CheckSpec::default() };
+        let http = CheckSpec {
+            probe: Probe::Http { host: "x".into(), port, path: "/".into(), tls: None },
+            ..CheckSpec::default()
+        };
+        let probe = |addr: IpAddr, spec: &CheckSpec| {
+            let prober = Prober::new(spec).unwrap();
+            async move { prober.probe(addr).await }
+        };
         assert_eq!(probe(localhost, &http).await, Ok(()));
         assert_eq!(probe(localhost, &http).await, Err("HTTP status 503".into()));
         let expect_503 = CheckSpec { expect: (503, 503), ..http.clone() };
@@ -317,5 +516,65 @@ mod tests {
         };
         let tcp = CheckSpec { probe: Probe::Tcp { port: closed }, ..CheckSpec::default() };
         assert!(probe(localhost, &tcp).await.unwrap_err().contains("refused"));
+    }
+
+    /// A CA named `ca_name` and a certificate it signs for `name`:
+    /// (CA PEM, cert DER, key DER).
+    fn pki(ca_name: &str, name: &str) -> (String, CertificateDer<'static>, rustls::pki_types::PrivateKeyDer<'static>) {
+        use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.distinguished_name.push(DnType::CommonName, ca_name);
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
+        let key = KeyPair::generate().unwrap();
+        let cert = CertificateParams::new(vec![name.to_string()]).unwrap().signed_by(&key, &ca).unwrap();
+        let key_der = rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der()).unwrap();
+        (ca.pem(), cert.der().clone(), key_der)
+    }
+
+    #[tokio::test]
+    async fn https_probes_check_the_certificate_send_sni_and_do_not_follow_redirects() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (ca, cert, key) = pki("backends' CA", "backend.example");
+        let (other_ca, _, _) = pki("another CA", "backend.example");
+        let config = rustls::ServerConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![cert], key)
+            .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (sni_tx, mut sni_rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let Ok(mut tls) = acceptor.accept(tcp).await else { continue };
+                let _ = sni_tx.send(tls.get_ref().1.server_name().map(str::to_string));
+                let mut buf = [0u8; 1024];
+                let _ = tls.read(&mut buf).await;
+                let reply = "HTTP/1.1 302 Found\r\nLocation: https://elsewhere.example/\r\nContent-Length: 0\r\n\r\n";
+                let _ = tls.write_all(reply.as_bytes()).await;
+                let _ = tls.shutdown().await;
+            }
+        });
+        let localhost: IpAddr = "127.0.0.1".parse().unwrap();
+        let check = |ca_pem: Option<&str>, insecure: bool, expect: (u16, u16)| {
+            let url = format!("https://backend.example:{port}/health");
+            let probe = Probe::parse(&url, 443).unwrap().with_trust(ca_pem, insecure).unwrap();
+            let prober = Prober::new(&CheckSpec { probe, expect, ..CheckSpec::default() }).unwrap();
+            async move { prober.probe(localhost).await }
+        };
+        assert_eq!(check(Some(&ca), false, DEFAULT_EXPECT).await, Ok(()), "trusted CA, 302 within 200-399");
+        assert_eq!(sni_rx.recv().await.unwrap().as_deref(), Some("backend.example"), "SNI is the check's host");
+        assert_eq!(check(Some(&ca), false, (200, 299)).await, Err("HTTP status 302".into()), "not followed");
+        let wrong = check(Some(&other_ca), false, DEFAULT_EXPECT).await.unwrap_err();
+        assert!(wrong.starts_with("TLS: ") && wrong.contains("UnknownIssuer"), "{wrong}");
+        assert_eq!(check(None, true, DEFAULT_EXPECT).await, Ok(()), "insecure takes a certificate of any CA");
+        // Trust options only make sense for https, and not both at once.
+        assert!(Probe::parse("http://x/", 80).unwrap().with_trust(None, true).is_err());
+        assert!(Probe::parse("https://x/", 80).unwrap().with_trust(Some(&ca), true).is_err());
+        assert!(Probe::parse("https://x/", 80).unwrap().with_trust(Some("not pem"), false).is_err());
+        assert_eq!(Probe::parse("https://x/", 80).unwrap().to_string(), "https://x:443/");
     }
 }

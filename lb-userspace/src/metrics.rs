@@ -1,157 +1,382 @@
-//! Prometheus text exposition (format 0.0.4) at `/metrics`, served by
-//! `lbctl up --metrics ADDR:PORT`. Counters are read from the data plane's
+//! Prometheus metrics at `/metrics`, served by `lbctl up --metrics ADDR:PORT`
+//! over hyper. The exposition is written by the Prometheus project's client
+//! (`prometheus-client`): OpenMetrics 1.0 when the scraper asks for it,
+//! else the text format 0.0.4. Counters are read from the data plane's
 //! per-CPU maps at scrape time and summed over CPUs.
+//!
+//! The server must never be the reason the controller runs out of file
+//! descriptors (its health checks and API need them too): it holds at most
+//! [`MAX_CONNECTIONS`] connections, closing the one open the longest to
+//! make room; a client has [`HEADER_READ_TIMEOUT`] to send its request
+//! headers; an accept error is logged and retried, never fatal.
 
-use std::{fmt::Write as _, sync::Arc};
+use std::{collections::VecDeque, convert::Infallible, sync::Arc, time::Duration};
 
-use lb_common::stat;
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::TcpListener,
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{
+    body::Incoming,
+    header::{ACCEPT, ALLOW, CONTENT_TYPE},
+    service::service_fn,
+    Method, Request, Response, StatusCode,
 };
-use tracing::{info, warn};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use lb_common::stat;
+use prometheus_client::{
+    collector::Collector,
+    encoding::{prometheus_text, text, DescriptorEncoder, EncodeMetric, NoLabelSet},
+    metrics::{counter::ConstCounter, gauge::ConstGauge, MetricType},
+    registry::Registry,
+};
+use tokio::{net::TcpListener, sync::Semaphore, task::AbortHandle};
+use tracing::{debug, info, warn};
 
-use crate::{controller::Controller, health::LATENCY_BUCKETS};
+use crate::{
+    controller::{ApiError, Controller},
+    health::LATENCY_BUCKETS,
+};
+
+/// Connections served at once; a scrape takes one for milliseconds.
+pub const MAX_CONNECTIONS: usize = 64;
+/// Time a client has to send a complete request head (and, on a kept-alive
+/// connection, the next one): idle and byte-a-second clients are closed.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// Pause after a failed accept (EMFILE, ENFILE, ENOBUFS): the condition
+/// usually passes once other connections close.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 /// Serves `/metrics` on `listener` until the task is dropped.
-pub async fn serve(listener: TcpListener, ctrl: Arc<Controller>) -> std::io::Result<()> {
+pub async fn serve(listener: TcpListener, ctrl: Arc<Controller>) {
     if let Ok(addr) = listener.local_addr() {
         info!(%addr, "serving Prometheus metrics at /metrics");
     }
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    // Open connections, oldest first (the accept loop alone touches it).
+    let mut open: VecDeque<AbortHandle> = VecDeque::new();
+    let mut accept_errors = 0u64;
     loop {
-        let (mut stream, _) = listener.accept().await?;
-        let ctrl = Arc::clone(&ctrl);
-        tokio::spawn(async move {
-            let mut request = [0u8; 1024];
-            let n = stream.read(&mut request).await.unwrap_or(0);
-            let line = String::from_utf8_lossy(&request[..n]);
-            let (status, body) = if line.starts_with("GET /metrics") {
-                match render(&ctrl) {
-                    Ok(body) => ("200 OK", body),
-                    Err(e) => {
-                        warn!(error = %e, "cannot render metrics");
-                        ("500 Internal Server Error", format!("{e}\n"))
-                    }
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                accept_errors += 1;
+                // One line per burst, not one per failed accept.
+                if accept_errors.is_power_of_two() {
+                    warn!(error = %e, count = accept_errors, "metrics: cannot accept a connection; retrying");
                 }
-            } else {
-                ("404 Not Found", "try /metrics\n".to_string())
-            };
-            let head = format!(
-                "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                body.len()
-            );
-            let _ = stream.write_all(head.as_bytes()).await;
-            let _ = stream.write_all(body.as_bytes()).await;
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
+                continue;
+            }
+        };
+        open.retain(|h| !h.is_finished());
+        let permit = match Arc::clone(&slots).try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(_) => {
+                // Full: the oldest connection is the likeliest idle one.
+                if let Some(oldest) = open.pop_front() {
+                    oldest.abort();
+                }
+                Arc::clone(&slots).acquire_owned().await.expect("the semaphore is never closed")
+            }
+        };
+        let ctrl = Arc::clone(&ctrl);
+        let service = service_fn(move |req| {
+            let ctrl = Arc::clone(&ctrl);
+            async move { Ok::<_, Infallible>(respond(&ctrl, &req)) }
         });
+        let connection = hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(HEADER_READ_TIMEOUT)
+            .keep_alive(true)
+            .serve_connection(TokioIo::new(stream), service);
+        let task = tokio::spawn(async move {
+            let _slot = permit;
+            if let Err(e) = connection.await {
+                debug!(error = %e, "metrics connection ended");
+            }
+        });
+        open.push_back(task.abort_handle());
     }
 }
 
-/// Label values are escaped as the text format asks (`\`, `"`, newline).
-fn label(value: &str) -> String {
-    value.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+fn respond(ctrl: &Controller, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    let reply = |status: StatusCode, content_type: &str, body: String| {
+        Response::builder()
+            .status(status)
+            .header(CONTENT_TYPE, content_type)
+            .body(Full::new(Bytes::from(body)))
+            .expect("a valid response")
+    };
+    if req.uri().path() != "/metrics" {
+        return reply(StatusCode::NOT_FOUND, "text/plain", "try /metrics\n".into());
+    }
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        let mut r = reply(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "GET or HEAD\n".into());
+        r.headers_mut().insert(ALLOW, "GET, HEAD".parse().expect("a valid header"));
+        return r;
+    }
+    let accept = req.headers().get(ACCEPT).and_then(|v| v.to_str().ok()).unwrap_or("");
+    let format = Format::negotiate(accept);
+    match render(ctrl, format) {
+        // HEAD: hyper sends the headers (length included) without the body.
+        Ok(body) => reply(StatusCode::OK, format.content_type(), body),
+        Err(e) => {
+            warn!(error = %e, "cannot render metrics");
+            reply(StatusCode::INTERNAL_SERVER_ERROR, "text/plain", format!("{e}\n"))
+        }
+    }
 }
 
-fn family(out: &mut String, name: &str, kind: &str, help: &str) {
-    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+/// The two text expositions a scraper may ask for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    /// Prometheus text format 0.0.4: what any scraper reads.
+    Text004,
+    /// OpenMetrics 1.0 text: sent when the Accept header asks for it.
+    OpenMetrics,
 }
 
-pub fn render(ctrl: &Controller) -> Result<String, crate::controller::ApiError> {
+impl Format {
+    /// OpenMetrics if the Accept header lists it with a non-zero quality
+    /// (RFC 9110 12.5.1), otherwise the 0.0.4 text format.
+    pub fn negotiate(accept: &str) -> Format {
+        let wants_openmetrics = accept.split(',').any(|range| {
+            let mut parts = range.split(';').map(str::trim);
+            let media = parts.next().unwrap_or("");
+            let refused = parts.any(|p| p.strip_prefix("q=").and_then(|q| q.parse::<f32>().ok()) == Some(0.0));
+            media.eq_ignore_ascii_case("application/openmetrics-text") && !refused
+        });
+        if wants_openmetrics {
+            Format::OpenMetrics
+        } else {
+            Format::Text004
+        }
+    }
+
+    pub fn content_type(self) -> &'static str {
+        match self {
+            Format::Text004 => prometheus_text::CONTENT_TYPE,
+            Format::OpenMetrics => OPENMETRICS,
+        }
+    }
+}
+
+/// The exposition of everything the controller knows, in `format`.
+pub fn render(ctrl: &Controller, format: Format) -> Result<String, ApiError> {
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(snapshot(ctrl)?));
     let mut out = String::new();
+    let written = match format {
+        Format::Text004 => prometheus_text::encode(&mut out, &registry),
+        Format::OpenMetrics => text::encode(&mut out, &registry),
+    };
+    written.expect("writing to a String cannot fail");
+    Ok(out)
+}
+
+type Labels = Vec<(&'static str, String)>;
+
+#[derive(Debug)]
+enum Value {
+    Counter(u64),
+    Seconds(f64),
+    Gauge(i64),
+    /// Sum, count, and per-bucket counts (not cumulative) by upper bound.
+    Histogram(f64, u64, Vec<(f64, u64)>),
+}
+
+/// One metric family: name (counters without `_total`, which the encoder
+/// adds), help, type and its samples.
+#[derive(Debug)]
+struct Family {
+    name: &'static str,
+    help: &'static str,
+    kind: MetricType,
+    samples: Vec<(Labels, Value)>,
+}
+
+/// The values of one scrape, read under the controller's lock and encoded
+/// after it is released.
+#[derive(Debug)]
+struct Snapshot(Vec<Family>);
+
+fn counter(name: &'static str, help: &'static str) -> Family {
+    Family { name, help, kind: MetricType::Counter, samples: Vec::new() }
+}
+
+fn gauge(name: &'static str, help: &'static str) -> Family {
+    Family { name, help, kind: MetricType::Gauge, samples: Vec::new() }
+}
+
+fn snapshot(ctrl: &Controller) -> Result<Snapshot, ApiError> {
     let mut guard = ctrl.lock();
     let st = &mut *guard;
     let global = st.dp.global_stats()?;
 
-    family(&mut out, "lb_packets_total", "counter", "Packets seen by the XDP program, by outcome.");
+    let mut packets = counter("lb_packets", "Packets seen by the XDP program, by outcome.");
     for (i, name) in stat::NAMES.iter().enumerate().take(stat::OUTCOMES) {
-        let _ = writeln!(out, "lb_packets_total{{outcome=\"{name}\"}} {}", global[i]);
+        packets.samples.push((vec![("outcome", name.to_string())], Value::Counter(global[i])));
     }
-    family(&mut out, "lb_conn_lookups_total", "counter", "VIP packets by conn-table result (hit: known flow).");
-    let _ = writeln!(out, "lb_conn_lookups_total{{result=\"hit\"}} {}", global[stat::CONN_HIT]);
-    let _ = writeln!(out, "lb_conn_lookups_total{{result=\"miss\"}} {}", global[stat::CONN_MISS]);
-    family(
-        &mut out,
-        "lb_new_flows_untracked_total",
-        "counter",
-        "New flows not remembered: SYN-flood guard over its rate.",
-    );
-    let _ = writeln!(out, "lb_new_flows_untracked_total {}", global[stat::CONN_UNTRACKED]);
-
+    let mut lookups = counter("lb_conn_lookups", "VIP packets by conn-table result (hit: known flow).");
+    lookups.samples.push((vec![("result", "hit".into())], Value::Counter(global[stat::CONN_HIT])));
+    lookups.samples.push((vec![("result", "miss".into())], Value::Counter(global[stat::CONN_MISS])));
+    let mut untracked = counter("lb_new_flows_untracked", "New flows not remembered: SYN-flood guard over its rate.");
+    untracked.samples.push((vec![], Value::Counter(global[stat::CONN_UNTRACKED])));
     let (entries, capacity) = st.dp.conn_count()?;
-    family(&mut out, "lb_conn_table_entries", "gauge", "Flows in the conn table.");
-    let _ = writeln!(out, "lb_conn_table_entries {entries}");
-    family(&mut out, "lb_conn_table_capacity", "gauge", "Conn-table size (LRU: full tables evict).");
-    let _ = writeln!(out, "lb_conn_table_capacity {capacity}");
+    let mut conn_entries = gauge("lb_conn_table_entries", "Flows in the conn table.");
+    conn_entries.samples.push((vec![], Value::Gauge(entries as i64)));
+    let mut conn_capacity = gauge("lb_conn_table_capacity", "Conn-table size (LRU: full tables evict).");
+    conn_capacity.samples.push((vec![], Value::Gauge(capacity as i64)));
 
+    let mut vip_packets = counter("lb_vip_packets", "Packets for a VIP.");
+    let mut vip_bytes = counter("lb_vip_bytes", "Bytes (IP packet length) for a VIP.");
+    let mut vip_new_flows = counter("lb_vip_new_flows", "Flows balanced by the VIP's Maglev ring.");
+    let mut vip_fail_open =
+        gauge("lb_vip_fail_open", "1 when every backend is down and the VIP serves with all of them.");
+    let mut be_packets = counter("lb_backend_packets", "Packets forwarded to a backend.");
+    let mut be_bytes = counter("lb_backend_bytes", "Bytes (inner IP length) forwarded to a backend.");
+    let mut be_up = gauge("lb_backend_up", "Health-check verdict: 1 up (or unchecked), 0 down.");
+    let mut be_in_ring = gauge("lb_backend_in_ring", "1 when the backend takes new flows.");
     let vips: Vec<_> = st.services.vips().cloned().collect();
-    let mut vip_lines = [String::new(), String::new(), String::new(), String::new()];
-    let mut backend_lines = [String::new(), String::new(), String::new(), String::new()];
     for v in &vips {
-        let name = label(&v.spec.vip.to_string());
+        let vip = vec![("vip", v.spec.vip.to_string())];
         let s = st.dp.vip_stats(v.id)?;
-        let _ = writeln!(vip_lines[0], "lb_vip_packets_total{{vip=\"{name}\"}} {}", s.packets);
-        let _ = writeln!(vip_lines[1], "lb_vip_bytes_total{{vip=\"{name}\"}} {}", s.bytes);
-        let _ = writeln!(vip_lines[2], "lb_vip_new_flows_total{{vip=\"{name}\"}} {}", s.new_flows);
-        let _ = writeln!(vip_lines[3], "lb_vip_fail_open{{vip=\"{name}\"}} {}", v.fail_open as u8);
+        vip_packets.samples.push((vip.clone(), Value::Counter(s.packets)));
+        vip_bytes.samples.push((vip.clone(), Value::Counter(s.bytes)));
+        vip_new_flows.samples.push((vip.clone(), Value::Counter(s.new_flows)));
+        vip_fail_open.samples.push((vip, Value::Gauge(v.fail_open as i64)));
         for (addr, b) in &v.backends {
-            let labels = format!("vip=\"{name}\",backend=\"{addr}\"");
+            let labels = vec![("vip", v.spec.vip.to_string()), ("backend", addr.to_string())];
             let s = st.dp.backend_stats(b.id)?;
-            let checked = st.checks.get(&(v.spec.vip, *addr));
-            let up = checked.map(|c| c.tracker.healthy).unwrap_or(true);
-            let _ = writeln!(backend_lines[0], "lb_backend_packets_total{{{labels}}} {}", s.packets);
-            let _ = writeln!(backend_lines[1], "lb_backend_bytes_total{{{labels}}} {}", s.bytes);
-            let _ = writeln!(backend_lines[2], "lb_backend_up{{{labels}}} {}", up as u8);
-            let _ = writeln!(backend_lines[3], "lb_backend_in_ring{{{labels}}} {}", v.in_ring(b) as u8);
+            let up = st.checks.get(&(v.spec.vip, *addr)).map(|c| c.tracker.healthy).unwrap_or(true);
+            be_packets.samples.push((labels.clone(), Value::Counter(s.packets)));
+            be_bytes.samples.push((labels.clone(), Value::Counter(s.bytes)));
+            be_up.samples.push((labels.clone(), Value::Gauge(up as i64)));
+            be_in_ring.samples.push((labels, Value::Gauge(v.in_ring(b) as i64)));
         }
     }
-    let vip_families = [
-        ("lb_vip_packets_total", "counter", "Packets for a VIP."),
-        ("lb_vip_bytes_total", "counter", "Bytes (IP packet length) for a VIP."),
-        ("lb_vip_new_flows_total", "counter", "Flows balanced by the VIP's Maglev ring."),
-        ("lb_vip_fail_open", "gauge", "1 when every backend is down and the VIP serves with all of them."),
-    ];
-    for ((name, kind, help), lines) in vip_families.iter().zip(&vip_lines) {
-        family(&mut out, name, kind, help);
-        out.push_str(lines);
-    }
-    let backend_families = [
-        ("lb_backend_packets_total", "counter", "Packets forwarded to a backend."),
-        ("lb_backend_bytes_total", "counter", "Bytes (inner IP length) forwarded to a backend."),
-        ("lb_backend_up", "gauge", "Health-check verdict: 1 up (or unchecked), 0 down."),
-        ("lb_backend_in_ring", "gauge", "1 when the backend takes new flows."),
-    ];
-    for ((name, kind, help), lines) in backend_families.iter().zip(&backend_lines) {
-        family(&mut out, name, kind, help);
-        out.push_str(lines);
-    }
 
-    family(&mut out, "lb_health_check_duration_seconds", "histogram", "Health-check probe latency.");
+    let mut latency = Family {
+        name: "lb_health_check_duration_seconds",
+        help: "Health-check probe latency.",
+        kind: MetricType::Histogram,
+        samples: Vec::new(),
+    };
+    let mut failures = counter("lb_health_check_failures", "Failed health-check probes.");
     for ((vip, addr), c) in &st.checks {
-        let labels = format!("vip=\"{}\",backend=\"{addr}\"", label(&vip.to_string()));
+        let labels = vec![("vip", vip.to_string()), ("backend", addr.to_string())];
         let h = &c.tracker.latency;
-        for (bound, n) in LATENCY_BUCKETS.iter().zip(h.buckets) {
-            let _ = writeln!(out, "lb_health_check_duration_seconds_bucket{{{labels},le=\"{bound}\"}} {n}");
-        }
-        let _ = writeln!(out, "lb_health_check_duration_seconds_bucket{{{labels},le=\"+Inf\"}} {}", h.count);
-        let _ = writeln!(out, "lb_health_check_duration_seconds_sum{{{labels}}} {}", h.sum);
-        let _ = writeln!(out, "lb_health_check_duration_seconds_count{{{labels}}} {}", h.count);
-    }
-    family(&mut out, "lb_health_check_failures_total", "counter", "Failed health-check probes.");
-    for ((vip, addr), c) in &st.checks {
-        let labels = format!("vip=\"{}\",backend=\"{addr}\"", label(&vip.to_string()));
-        let _ = writeln!(out, "lb_health_check_failures_total{{{labels}}} {}", c.tracker.failures);
+        // The encoder adds up per-bucket counts; ours are cumulative.
+        let mut below = 0;
+        let mut buckets: Vec<(f64, u64)> = LATENCY_BUCKETS
+            .iter()
+            .zip(h.buckets)
+            .map(|(bound, cumulative)| (*bound, cumulative - std::mem::replace(&mut below, cumulative)))
+            .collect();
+        buckets.push((f64::INFINITY, h.count - below));
+        latency.samples.push((labels.clone(), Value::Histogram(h.sum, h.count, buckets)));
+        failures.samples.push((labels, Value::Counter(c.tracker.failures)));
     }
 
-    family(&mut out, "lb_ring_swaps_total", "counter", "Maglev rings built and made live.");
-    let _ = writeln!(out, "lb_ring_swaps_total {}", st.services.ring_swaps);
-    family(&mut out, "lb_ring_swap_duration_seconds_total", "counter", "Time spent building and swapping rings.");
-    let _ = writeln!(out, "lb_ring_swap_duration_seconds_total {}", st.services.ring_swap_seconds);
-    family(&mut out, "lb_build_info", "gauge", "The controller's version and interface.");
-    let _ = writeln!(
-        out,
-        "lb_build_info{{version=\"{}\",interface=\"{}\",xdp_mode=\"{}\"}} 1",
-        env!("CARGO_PKG_VERSION"),
-        label(&ctrl.info.interface),
-        label(&ctrl.info.xdp_mode)
-    );
-    Ok(out)
+    let mut swaps = counter("lb_ring_swaps", "Maglev rings built and made live.");
+    swaps.samples.push((vec![], Value::Counter(st.services.ring_swaps)));
+    let mut swap_time = counter("lb_ring_swap_duration_seconds", "Time spent building and swapping rings.");
+    swap_time.samples.push((vec![], Value::Seconds(st.services.ring_swap_seconds)));
+    let mut build = gauge("lb_build_info", "The controller's version and interface.");
+    build.samples.push((
+        vec![
+            ("version", env!("CARGO_PKG_VERSION").to_string()),
+            ("interface", ctrl.info.interface.clone()),
+            ("xdp_mode", ctrl.info.xdp_mode.clone()),
+        ],
+        Value::Gauge(1),
+    ));
+    Ok(Snapshot(vec![
+        packets,
+        lookups,
+        untracked,
+        conn_entries,
+        conn_capacity,
+        vip_packets,
+        vip_bytes,
+        vip_new_flows,
+        vip_fail_open,
+        be_packets,
+        be_bytes,
+        be_up,
+        be_in_ring,
+        latency,
+        failures,
+        swaps,
+        swap_time,
+        build,
+    ]))
+}
+
+impl Collector for Snapshot {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        for f in &self.0 {
+            let mut metric = encoder.encode_descriptor(f.name, f.help, None, f.kind)?;
+            for (labels, value) in &f.samples {
+                let sample = metric.encode_family(labels)?;
+                match value {
+                    Value::Counter(n) => ConstCounter::new(*n).encode(sample)?,
+                    Value::Seconds(s) => ConstCounter::new(*s).encode(sample)?,
+                    Value::Gauge(n) => ConstGauge::new(*n).encode(sample)?,
+                    Value::Histogram(sum, count, buckets) => {
+                        let mut sample = sample;
+                        sample.encode_histogram::<NoLabelSet>(*sum, *count, buckets, None)?
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn openmetrics_only_when_asked_for() {
+        // What Prometheus 2.x sends.
+        let prometheus = "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;\
+                          q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1";
+        assert_eq!(Format::negotiate(prometheus), Format::OpenMetrics);
+        assert_eq!(Format::negotiate(""), Format::Text004);
+        assert_eq!(Format::negotiate("*/*"), Format::Text004);
+        assert_eq!(Format::negotiate("text/plain; version=0.0.4"), Format::Text004);
+        assert_eq!(Format::negotiate("application/openmetrics-text; q=0, text/plain"), Format::Text004);
+        assert_eq!(Format::negotiate("Application/OpenMetrics-Text"), Format::OpenMetrics);
+    }
+
+    #[test]
+    fn families_encode_in_both_formats() {
+        let mut swaps = counter("lb_ring_swaps", "Rings.");
+        swaps.samples.push((vec![], Value::Counter(3)));
+        let mut latency =
+            Family { kind: MetricType::Histogram, ..counter("lb_health_check_duration_seconds", "Latency.") };
+        let buckets = vec![(0.001, 1), (0.01, 2), (f64::INFINITY, 1)];
+        latency.samples.push((vec![("backend", "198.51.100.18".into())], Value::Histogram(0.5, 4, buckets)));
+        let mut registry = Registry::default();
+        registry.register_collector(Box::new(Snapshot(vec![swaps, latency])));
+        let mut old = String::new();
+        prometheus_text::encode(&mut old, &registry).unwrap();
+        assert_eq!(
+            old,
+            "# HELP lb_ring_swaps_total Rings.\n# TYPE lb_ring_swaps_total counter\nlb_ring_swaps_total 3\n\
+             # HELP lb_health_check_duration_seconds Latency.\n# TYPE lb_health_check_duration_seconds histogram\n\
+             lb_health_check_duration_seconds_bucket{backend=\"198.51.100.18\",le=\"0.001\"} 1\n\
+             lb_health_check_duration_seconds_bucket{backend=\"198.51.100.18\",le=\"0.01\"} 3\n\
+             lb_health_check_duration_seconds_bucket{backend=\"198.51.100.18\",le=\"+Inf\"} 4\n\
+             lb_health_check_duration_seconds_sum{backend=\"198.51.100.18\"} 0.5\n\
+             lb_health_check_duration_seconds_count{backend=\"198.51.100.18\"} 4\n"
+        );
+        let mut open = String::new();
+        text::encode(&mut open, &registry).unwrap();
+        assert!(open.starts_with("# HELP lb_ring_swaps Rings.\n# TYPE lb_ring_swaps counter\nlb_ring_swaps_total 3\n"));
+        assert!(open.ends_with("# EOF\n"), "{open}");
+    }
 }

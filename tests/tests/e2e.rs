@@ -127,7 +127,7 @@ fn bind_and_connect(fd: std::os::fd::OwnedFd, src: SocketAddr, dst: SocketAddr) 
         return Err(std::io::Error::last_os_error());
     }
     let stream = TcpStream::from(fd);
-    stream.set_read_timeout(Some(Duration::from_secs(3)))?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
     Ok(stream)
 }
 
@@ -173,7 +173,7 @@ fn echo(stream: &mut TcpStream, line: &str) -> String {
 fn udp(src: SocketAddr, dst: SocketAddr) -> (String, SocketAddr) {
     in_ns(CLIENT_NS, move || {
         let s = UdpSocket::bind(src).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         s.send_to(b"ping", dst).unwrap();
         let mut buf = [0u8; 256];
         let (n, from) = s.recv_from(&mut buf).unwrap_or_else(|e| panic!("no UDP reply {src} -> {dst}: {e}"));
@@ -196,6 +196,15 @@ fn counter(lab: &Lab, i: usize, name: &str) -> u64 {
     let stats = ok(lab, i, &["stats"]);
     let line = stats.lines().find(|l| l.split_whitespace().next() == Some(name)).unwrap_or_else(|| panic!("no {name}"));
     line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// The health column of lab backend `j` of `vip` on LB host `i`, from
+/// `lbctl -o json backend list`.
+fn backend_health(lab: &Lab, i: usize, vip: &str, j: usize) -> String {
+    let list: serde_json::Value = serde_json::from_str(&ok(lab, i, &["-o", "json", "backend", "list", vip])).unwrap();
+    let want = if vip.starts_with('[') { backend_v6(j) } else { backend_v4(j) };
+    let row = list.as_array().unwrap().iter().find(|b| b["address"] == want.as_str()).expect("the backend is listed");
+    row["health"].as_str().unwrap().to_string()
 }
 
 fn sock(addr: &str, port: u16) -> SocketAddr {
@@ -280,9 +289,9 @@ fn a_long_connection_survives_adds_drains_weights_and_another_backend_dying() {
                 "--check",
                 "http://lab:80/",
                 "--interval",
-                "300ms",
+                "500ms",
                 "--timeout",
-                "200ms",
+                "500ms",
                 "--fall",
                 "2",
             ],
@@ -299,16 +308,19 @@ fn a_long_connection_survives_adds_drains_weights_and_another_backend_dying() {
         ("add be3 again", Box::new(|| all(lab, &["backend", "add", ECHO4, &backend_v4(3)]))),
         ("drain the other", Box::new(move || all(lab, &["backend", "drain", ECHO4, &backend_v4(other)]))),
         ("kill the other", Box::new(move || lab.stop_servers(other).unwrap())),
-        ("wait for its health check", Box::new(|| std::thread::sleep(Duration::from_millis(1200)))),
+        (
+            "its health check",
+            Box::new(move || {
+                wait_for(PATIENCE, || (1..=LBS).all(|i| backend_health(lab, i, ECHO4, other) == "down"))
+                    .expect("the killed backend is marked down on both LB hosts")
+            }),
+        ),
     ];
     for (name, step) in steps {
         step();
         assert_eq!(echo(&mut stream, name), mine, "after '{name}' the connection stays on {mine}");
     }
-    let list = ok(lab, 1, &["backend", "list", ECHO4]);
-    let line = |j: usize| list.lines().find(|l| l.contains(&format!("{} ", backend_v4(j)))).unwrap().to_string();
-    assert!(line(other).contains(" down "), "the killed backend is down:\n{list}");
-    assert!(line(mine[2..].parse().unwrap()).contains(" up "), "ours passes its checks:\n{list}");
+    assert_eq!(backend_health(lab, 1, ECHO4, mine[2..].parse().unwrap()), "up", "ours passes its checks");
     // And our own backend is drained: still ours.
     let own_addr = backend_v4(mine[2..].parse().unwrap());
     all(lab, &["backend", "drain", ECHO4, &own_addr]);
@@ -316,14 +328,14 @@ fn a_long_connection_survives_adds_drains_weights_and_another_backend_dying() {
 }
 
 #[test]
-fn a_dead_backend_leaves_within_interval_times_fall_and_returns_after_rise() {
+fn a_dead_backend_leaves_after_fall_failed_checks_and_returns_after_rise() {
     let s = lab();
     let lab = &s.lab;
     all(lab, &["vip", "add", ECHO4]);
     add_backends(
         lab,
         ECHO4,
-        &["--check", "http://lab:80/", "--interval", "400ms", "--timeout", "200ms", "--rise", "2", "--fall", "2"],
+        &["--check", "http://lab:80/", "--interval", "500ms", "--timeout", "500ms", "--rise", "2", "--fall", "2"],
     );
     // A connection on a backend that stays alive.
     let (port, keeper) = (46000..46100)
@@ -335,16 +347,16 @@ fn a_dead_backend_leaves_within_interval_times_fall_and_returns_after_rise() {
 
     lab.stop_servers(2).unwrap();
     let killed = Instant::now();
-    // interval x fall = 800 ms, plus jitter (10%) and the probe timeout.
-    let limit = Duration::from_millis(400 * 2 + 80 + 200 + 700);
-    wait_for(limit, || {
-        (1..=LBS).all(|i| {
-            let list = ok(lab, i, &["backend", "list", ECHO4]);
-            list.lines().any(|l| l.contains(&backend_v4(2)) && l.contains("down"))
-        })
-    })
-    .expect("be2 marked down on both LB hosts");
-    println!("be2 out of the ring {:?} after it died", killed.elapsed());
+    wait_for(PATIENCE, || (1..=LBS).all(|i| backend_health(lab, i, ECHO4, 2) == "down"))
+        .expect("be2 marked down on both LB hosts");
+    // interval x fall = 800 ms, plus jitter and probe time: printed, not
+    // asserted (a loaded machine is slower; the verdict is what counts).
+    println!("be2 out of the ring {:?} after it died (interval 500 ms x fall 2)", killed.elapsed());
+    for i in 1..=LBS {
+        let log = std::fs::read_to_string(format!("{DIR}/lb{i}.log")).unwrap();
+        let line = log.lines().find(|l| l.contains("backend is down") && l.contains(&backend_v4(2))).unwrap();
+        assert!(line.contains("refused"), "the log gives the failed check's reason: {line}");
+    }
     for n in 0..40u16 {
         let mut c = connect(sock(&client_v4((n % 4) as usize), 47000 + n), sock(VIP4, ECHO_PORT));
         assert_ne!(echo(&mut c, "new"), "be2");
@@ -352,12 +364,8 @@ fn a_dead_backend_leaves_within_interval_times_fall_and_returns_after_rise() {
     assert_eq!(echo(&mut kept, "during"), keeper, "other backends' connections are untouched");
 
     lab.start_servers(2).unwrap();
-    wait_for(Duration::from_secs(4), || {
-        (1..=LBS).all(|i| {
-            ok(lab, i, &["backend", "list", ECHO4]).lines().any(|l| l.contains(&backend_v4(2)) && l.contains(" up "))
-        })
-    })
-    .expect("be2 back up after rise checks");
+    wait_for(PATIENCE, || (1..=LBS).all(|i| backend_health(lab, i, ECHO4, 2) == "up"))
+        .expect("be2 back up after rise checks");
     let back = (48000..48200u16).any(|p| {
         let mut c = connect(sock(&client_v4(2), p), sock(VIP4, ECHO_PORT));
         echo(&mut c, "again") == "be2"
@@ -376,20 +384,37 @@ fn sigkill_of_the_controllers_keeps_a_streaming_connection_and_restart_restores_
     let before = ok(lab, 1, &["backend", "list", ECHO4]);
     let mut stream = connect(sock(&client_v4(0), 49000), sock(VIP4, ECHO_PORT));
     let mine = echo(&mut stream, "0");
-    let streamer = std::thread::spawn(move || {
-        for n in 1..=60 {
-            assert_eq!(echo(&mut stream, &n.to_string()), mine, "line {n}");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    });
-    std::thread::sleep(Duration::from_millis(300));
+    // The connection streams lines until told to stop; the kill and the
+    // restart happen while it does, however slow the machine is.
+    let lines = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let streamer = {
+        let (lines, stop) = (lines.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut n = 1;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                assert_eq!(echo(&mut stream, &n.to_string()), mine, "line {n}");
+                lines.store(n, std::sync::atomic::Ordering::SeqCst);
+                n += 1;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        })
+    };
+    let streamed = || lines.load(std::sync::atomic::Ordering::SeqCst);
+    let more_lines = |n: usize| {
+        let from = streamed();
+        wait_for(PATIENCE, || streamed() >= from + n || streamer.is_finished()).unwrap();
+    };
+    more_lines(5);
     for i in 1..=LBS {
         lab.stop_lb(i, libc::SIGKILL).unwrap();
     }
-    std::thread::sleep(Duration::from_millis(500));
+    more_lines(5);
     for i in 1..=LBS {
         lab.start_lb(i, &[]).unwrap();
     }
+    more_lines(5);
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
     streamer.join().expect("the connection streamed through the kill and restart");
     for i in 1..=LBS {
         let status = ok(lab, i, &["status"]);
@@ -522,7 +547,7 @@ fn the_api_socket_refuses_other_users() {
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("ermission denied") || err.contains("cannot connect"), "{err}");
+    assert!(err.contains("permission denied on the controller socket"), "{err}");
     assert!(!ok(lab, 1, &["vip", "list"]).contains("203.0.113.10"), "nothing was added");
 }
 
@@ -531,12 +556,12 @@ fn all_backends_down_fails_open_and_says_so() {
     let s = lab();
     let lab = &s.lab;
     all(lab, &["vip", "add", HTTP4]);
-    add_backends(lab, HTTP4, &["--check", "tcp:80", "--interval", "300ms", "--timeout", "200ms", "--fall", "1"]);
+    add_backends(lab, HTTP4, &["--check", "tcp:80", "--interval", "300ms", "--timeout", "300ms", "--fall", "1"]);
     // Keep the echo servers: only nginx (the checked port) goes away.
     for j in 1..=BACKENDS {
         ns(&backend_ns(j), &["sh", "-c", &format!("kill $(cat {DIR}/be{j}/nginx.pid)")]).unwrap();
     }
-    wait_for(Duration::from_secs(5), || (1..=LBS).all(|i| ok(lab, i, &["vip", "list"]).contains("3 (FAIL OPEN)")))
+    wait_for(PATIENCE, || (1..=LBS).all(|i| ok(lab, i, &["vip", "list"]).contains("3 (FAIL OPEN)")))
         .expect("the VIP fails open with all three backends in its ring");
     for i in 1..=LBS {
         let status = ok(lab, i, &["status"]);
@@ -576,7 +601,7 @@ fn the_next_hop_mac_follows_the_neighbour_table() {
     // entry is refreshed (flushed here to make it immediate).
     ns(ROUTER_NS, &["ip", "link", "set", "rt-lb1", "address", "02:00:5e:00:53:01"]).unwrap();
     ns(&lb_ns(1), &["ip", "neigh", "flush", "dev", &lb_iface(1)]).unwrap();
-    wait_for(Duration::from_secs(5), || mac_of(1) == "02:00:5e:00:53:01").expect("new next-hop MAC picked up");
+    wait_for(PATIENCE, || mac_of(1) == "02:00:5e:00:53:01").expect("new next-hop MAC picked up");
     ns(ROUTER_NS, &["ip", "route", "replace", "203.0.113.0/24", "via", "198.51.100.2"]).unwrap();
     for c in 0..4 {
         assert!(lab.curl(&client_v4(c), "http://203.0.113.10/").unwrap().starts_with("be"));
@@ -613,6 +638,15 @@ fn a_forced_xdp_mode_that_fails_is_a_clear_error_and_generic_works() {
     assert!(ip_link(&lb_ns(1)).contains("xdpgeneric"));
 }
 
+/// `curl ARGS http://<metrics of LB host i>/metrics` from inside LB host `i`.
+fn scrape(i: usize, args: &[&str]) -> String {
+    let url = format!("http://{}/metrics", Lab::metrics_addr(i));
+    let mut full = vec!["curl", "-sS", "--max-time", "10"];
+    full.extend_from_slice(args);
+    full.push(&url);
+    ns(&lb_ns(i), &full).unwrap()
+}
+
 /// The value of one sample in a Prometheus text page.
 fn sample(page: &str, name_and_labels: &str) -> f64 {
     page.lines()
@@ -627,17 +661,27 @@ fn metrics_count_exactly_the_traffic_sent_and_agree_with_lbctl_stats() {
     let s = lab();
     let lab = &s.lab;
     all(lab, &["vip", "add", UDP4]);
-    add_backends(lab, UDP4, &["--check", "http://lab:80/", "--interval", "200ms", "--timeout", "100ms"]);
+    add_backends(lab, UDP4, &["--check", "http://lab:80/", "--interval", "500ms", "--timeout", "500ms"]);
     // All traffic through lb1, so its counters see every packet.
     ns(ROUTER_NS, &["ip", "route", "replace", "203.0.113.0/24", "via", "198.51.100.2"]).unwrap();
-    let scrape = || ns(&lb_ns(1), &["curl", "-sS", "--max-time", "3", "http://127.0.0.1:9100/metrics"]).unwrap();
+    let scrape = || scrape(1, &[]);
     let vip = format!("{{vip=\"{UDP4}\"}}");
     let before = scrape();
     let sent = 150;
     for n in 0..sent {
         udp(sock(&client_v4(n % 4), 30000 + n as u16), sock(VIP4, ECHO_PORT));
     }
-    std::thread::sleep(Duration::from_millis(500));
+    // Every exchange was answered, so every packet was counted; wait only
+    // for each backend's first health probe to be on record.
+    wait_for(PATIENCE, || {
+        let page = scrape();
+        (1..=BACKENDS).all(|j| {
+            let labels = format!("{{vip=\"{UDP4}\",backend=\"{}\"}}", backend_v4(j));
+            page.contains(&format!("lb_health_check_duration_seconds_count{labels}"))
+                && sample(&page, &format!("lb_health_check_duration_seconds_count{labels}")) > 0.0
+        })
+    })
+    .expect("every backend probed");
     let after = scrape();
     let delta = |name: &str| sample(&after, name) - sample(&before, name);
     assert_eq!(delta(&format!("lb_vip_packets_total{vip}")), sent as f64, "one inbound packet per exchange (DSR)");
@@ -680,7 +724,7 @@ fn the_controller_runs_with_only_cap_bpf_net_admin_and_perfmon() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    let up = wait_for(Duration::from_secs(10), || std::path::Path::new(&socket).exists());
+    let up = wait_for(PATIENCE, || std::path::Path::new(&socket).exists());
     let status = lab.lbctl(1, &["status"]);
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let exit = child.wait().unwrap();
@@ -709,7 +753,7 @@ fn the_debug_switch_logs_packet_decisions_only_while_on() {
     for n in 0..3 {
         udp(sock(&client_v4(0), 33001 + n), sock(VIP4, ECHO_PORT));
     }
-    wait_for(Duration::from_secs(3), || decisions() == 3).expect("three forwarded decisions logged");
+    wait_for(PATIENCE, || decisions() == 3).expect("three forwarded decisions logged");
     ok(lab, 1, &["debug", "off"]);
     udp(sock(&client_v4(0), 33010), sock(VIP4, ECHO_PORT));
     std::thread::sleep(Duration::from_millis(300));
@@ -745,7 +789,7 @@ fn fragmented_udp_datagrams_are_reassembled_on_one_backend() {
         let (src, dst) = (sock(&src, 34000 + n as u16), sock(vip, ECHO_PORT));
         let reply = in_ns(CLIENT_NS, move || {
             let s = UdpSocket::bind(src).unwrap();
-            s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
             s.send_to(&data, dst).unwrap();
             let mut buf = vec![0u8; 8192];
             let (len, from) =
@@ -901,7 +945,27 @@ fn the_tcp_api_takes_only_clients_with_a_certificate_from_its_ca() {
     // One from another CA, and one with no certificate at all: refused in
     // the handshake, with an error that says so, and nothing changes.
     let err = over_tcp(&rogue_cert, &rogue_key, &["vip", "add", UDP4]).unwrap_err().to_string();
-    assert!(err.contains("cannot connect to https://127.0.0.1:9443") || err.contains("transport"), "{err}");
+    assert!(err.contains("the server at https://127.0.0.1:9443 refused this client's certificate"), "{err}");
+    // A client that does not trust the server's CA refuses the server.
+    let [rogue_ca, ..] = make_pki(&dir, "rogue2");
+    let distrust = lab.lbctl_in(
+        &lb_ns(1),
+        &[
+            "--server",
+            "https://127.0.0.1:9443",
+            "--tls-cert",
+            &client_cert,
+            "--tls-key",
+            &client_key,
+            "--tls-ca",
+            &rogue_ca,
+            "vip",
+            "add",
+            UDP4,
+        ],
+    );
+    let err = distrust.unwrap_err().to_string();
+    assert!(err.contains("this client refused the certificate of the server at https://127.0.0.1:9443"), "{err}");
     let no_cert = lab.lbctl_in(&lb_ns(1), &["--server", "https://127.0.0.1:9443", "--tls-ca", &ca, "vip", "add", UDP4]);
     assert!(no_cert.unwrap_err().to_string().contains("needs --tls-cert"));
     // And a raw TLS client without a certificate (not lbctl) is refused too.
@@ -912,4 +976,245 @@ fn the_tcp_api_takes_only_clients_with_a_certificate_from_its_ca() {
     // --listen without the TLS files is refused at start.
     let out = Command::new(&lab.lbctl).args(["up", "lo", "--listen", "127.0.0.1:9444"]).output().unwrap();
     assert!(String::from_utf8_lossy(&out.stderr).contains("mutual TLS only"));
+}
+
+#[test]
+fn https_health_checks_verify_the_backend_certificate_and_say_why_not() {
+    let s = lab();
+    let lab = &s.lab;
+    all(lab, &["vip", "add", HTTP4]);
+    let [wrong_ca, ..] = make_pki(&format!("{DIR}/pki"), "wrong");
+    let url = format!("https://{BACKEND_TLS_NAME}:443/");
+    let timing = ["--interval", "300ms", "--timeout", "300ms", "--fall", "2"];
+    let add = |j: usize, trust: &[&str]| {
+        let addr = backend_v4(j);
+        let mut args = vec!["backend", "add", HTTP4, &addr, "--check", &url];
+        args.extend_from_slice(trust);
+        args.extend_from_slice(&timing);
+        all(lab, &args);
+    };
+    add(1, &["--check-ca", BACKEND_CA]);
+    add(2, &["--check-ca", &wrong_ca]);
+    add(3, &["--check-insecure"]);
+    // Wrong CA: down, with the TLS reason in `backend list`.
+    wait_for(PATIENCE, || (1..=LBS).all(|i| backend_health(lab, i, HTTP4, 2) == "down"))
+        .expect("the backend whose certificate the check cannot verify goes down");
+    let table = ok(lab, 1, &["backend", "list", HTTP4]);
+    let row = table.lines().find(|l| l.contains(&backend_v4(2))).unwrap();
+    assert!(row.contains("TLS: invalid peer certificate: UnknownIssuer"), "{table}");
+    // Trusted CA and --check-insecure: up, after probes that really ran.
+    let probes = |page: &str, j: usize, what: &str| {
+        let labels = format!("{{vip=\"{HTTP4}\",backend=\"{}\"}}", backend_v4(j));
+        sample(page, &format!("lb_health_check_{what}{labels}"))
+    };
+    wait_for(PATIENCE, || {
+        let page = scrape(1, &[]);
+        [1, 3].iter().all(|&j| probes(&page, j, "duration_seconds_count") >= 3.0)
+    })
+    .expect("three probes of be1 and be3");
+    let page = scrape(1, &[]);
+    for j in [1, 3] {
+        assert_eq!(backend_health(lab, 1, HTTP4, j), "up", "be{j}");
+        assert_eq!(probes(&page, j, "failures_total"), 0.0, "be{j}'s HTTPS probes all passed");
+    }
+    assert!(probes(&page, 2, "failures_total") >= 2.0);
+}
+
+#[test]
+fn metrics_speak_both_formats_head_and_keep_alive_and_pass_promtool() {
+    let s = lab();
+    let lab = &s.lab;
+    serve_everything(lab, &["--check", "http://lab:80/", "--interval", "500ms", "--timeout", "500ms"]);
+    for c in 0..4 {
+        lab.curl(&client_v4(c), "http://203.0.113.10/").unwrap();
+    }
+    wait_for(PATIENCE, || scrape(1, &[]).contains("lb_health_check_duration_seconds_count{")).unwrap();
+    // The text format 0.0.4 by default, lint-free by Prometheus's own tool.
+    let page = scrape(1, &[]);
+    let mut promtool = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool (cargo xtask setup installs prometheus)");
+    promtool.stdin.take().unwrap().write_all(page.as_bytes()).unwrap();
+    let checked = promtool.wait_with_output().unwrap();
+    assert!(
+        checked.status.success(),
+        "promtool check metrics: {}{}",
+        String::from_utf8_lossy(&checked.stdout),
+        String::from_utf8_lossy(&checked.stderr)
+    );
+    assert!(page.contains("# TYPE lb_vip_packets_total counter") && !page.contains("# EOF"), "{page}");
+    // Headers: content type by Accept; HEAD has the length but no body.
+    let head = |accept: &str| scrape(1, &["-sS", "-I", "-H", &format!("Accept: {accept}")]);
+    let text_head = head("text/plain;version=0.0.4;q=0.5,*/*;q=0.1");
+    assert!(text_head.contains("content-type: text/plain; version=0.0.4"), "{text_head}");
+    assert!(text_head.contains("content-length: "), "{text_head}");
+    let om_head = head("application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5");
+    assert!(om_head.contains("content-type: application/openmetrics-text; version=1.0.0"), "{om_head}");
+    let om = scrape(1, &["-H", "Accept: application/openmetrics-text"]);
+    assert!(om.contains("# TYPE lb_vip_packets counter") && om.ends_with("# EOF\n"), "{om}");
+    // Keep-alive: the second scrape reuses the first one's connection.
+    let url = format!("http://{}/metrics", Lab::metrics_addr(1));
+    let connects =
+        ns(&lb_ns(1), &["curl", "-sS", "-o", "/dev/null", "-o", "/dev/null", "-w", "%{num_connects} ", &url, &url])
+            .unwrap();
+    assert_eq!(connects.split_whitespace().collect::<Vec<_>>(), ["1", "0"], "{connects}");
+    // Other paths and methods.
+    let status = |args: &[&str]| scrape(1, &[&["-o", "/dev/null", "-w", "%{http_code}"], args].concat());
+    assert_eq!(status(&["-X", "POST"]), "405");
+    let other = format!("http://{}/other", Lab::metrics_addr(1));
+    assert_eq!(ns(&lb_ns(1), &["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", &other]).unwrap(), "404");
+}
+
+/// Open file descriptors of a process.
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count()
+}
+
+#[test]
+fn idle_and_slow_metrics_clients_cannot_exhaust_the_controller_at_1024_open_files() {
+    let s = lab();
+    let lab = &s.lab;
+    all(lab, &["vip", "add", ECHO4]);
+    add_backends(lab, ECHO4, &["--check", "http://lab:80/", "--interval", "300ms", "--timeout", "300ms"]);
+    // The controller under systemd's default soft limit.
+    let pid: u32 = std::fs::read_to_string(format!("{DIR}/lb1.pid")).unwrap().trim().parse().unwrap();
+    sh("prlimit", &["--pid", &pid.to_string(), "--nofile=1024:"]).unwrap();
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    assert!(limits.lines().any(|l| l.starts_with("Max open files") && l.contains(" 1024 ")), "{limits}");
+    // This test process needs room for its own 1,500 sockets.
+    let raised = libc::rlimit { rlim_cur: 4096, rlim_max: 4096.max(unsafe { hard_nofile() }) };
+    assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) }, 0);
+    let (fds_before, rss_before) = (open_fds(pid), rss_kib(pid));
+    let probes = |page: &str| -> f64 {
+        (1..=BACKENDS)
+            .map(|j| {
+                let labels = format!("{{vip=\"{ECHO4}\",backend=\"{}\"}}", backend_v4(j));
+                sample(page, &format!("lb_health_check_duration_seconds_count{labels}"))
+            })
+            .sum()
+    };
+    let addr: SocketAddr = Lab::metrics_addr(1).parse().unwrap();
+    // 1,500 connections that never send, and one that sends a byte a second.
+    let idle = in_ns(&lb_ns(1), move || {
+        (0..1500).filter_map(|_| TcpStream::connect_timeout(&addr, Duration::from_secs(10)).ok()).collect::<Vec<_>>()
+    })
+    .unwrap();
+    assert_eq!(idle.len(), 1500, "every idle connection was made");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let slow = {
+        let stop = stop.clone();
+        let mut conn = in_ns(&lb_ns(1), move || TcpStream::connect(addr).unwrap()).unwrap();
+        std::thread::spawn(move || {
+            for byte in b"GET /metrics HTTP/1.1\r\nHost: x\r\n".iter().cycle() {
+                if stop.load(std::sync::atomic::Ordering::SeqCst) || conn.write_all(&[*byte]).is_err() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_secs(1));
+            }
+        })
+    };
+    // During: scrapes answer, checks go on, the API answers, the fds stay
+    // within the connection cap (each connection task holds one).
+    let first = probes(&scrape(1, &[]));
+    let mut most_fds = 0;
+    for _ in 0..3 {
+        let page = scrape(1, &[]);
+        assert!(page.contains("lb_build_info"), "a scrape during the flood");
+        assert!(ok(lab, 1, &["status"]).contains("VIPs           1"), "the API answers");
+        most_fds = most_fds.max(open_fds(pid));
+    }
+    wait_for(PATIENCE, || probes(&scrape(1, &[])) >= first + 6.0).expect("health checks go on during the flood");
+    println!("controller fds: {fds_before} before, at most {most_fds} during 1,500 idle connections");
+    assert!(most_fds <= fds_before + lb_userspace::metrics::MAX_CONNECTIONS + 8, "{most_fds} fds");
+    assert!(rss_kib(pid) < rss_before + 64 * 1024, "memory stays bounded");
+    // After: everything closed, scrapes still answer.
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    drop(idle);
+    slow.join().unwrap();
+    assert!(scrape(1, &[]).contains("lb_build_info"), "a scrape after the flood");
+    let health = ok(lab, 1, &["-o", "json", "backend", "list", ECHO4]);
+    assert_eq!(health.matches("\"health\": \"up\"").count(), BACKENDS, "{health}");
+}
+
+unsafe fn hard_nofile() -> libc::rlim_t {
+    let mut now: libc::rlimit = std::mem::zeroed();
+    libc::getrlimit(libc::RLIMIT_NOFILE, &mut now);
+    now.rlim_max
+}
+
+/// Every `expr` of the shipped Grafana dashboard.
+fn dashboard_queries() -> Vec<String> {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../packaging/grafana-dashboard.json");
+    let dashboard: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    fn walk(v: &serde_json::Value, out: &mut Vec<String>) {
+        match v {
+            serde_json::Value::Object(map) => {
+                if let Some(serde_json::Value::String(expr)) = map.get("expr") {
+                    out.push(expr.clone());
+                }
+                map.values().for_each(|v| walk(v, out));
+            }
+            serde_json::Value::Array(items) => items.iter().for_each(|v| walk(v, out)),
+            _ => {}
+        }
+    }
+    let mut out = Vec::new();
+    walk(&dashboard, &mut out);
+    out
+}
+
+#[test]
+fn a_real_prometheus_scrapes_both_lb_hosts_and_every_dashboard_query_returns_data() {
+    let s = lab();
+    let lab = &s.lab;
+    serve_everything(lab, &["--check", "http://lab:80/", "--interval", "500ms", "--timeout", "500ms"]);
+    let url = lab.start_prometheus().unwrap();
+    let query = |q: &str| -> serde_json::Value {
+        let out = ns(
+            CLIENT_NS,
+            &[
+                "curl",
+                "-sS",
+                "--max-time",
+                "10",
+                &format!("{url}/api/v1/query"),
+                "--data-urlencode",
+                &format!("query={q}"),
+            ],
+        )
+        .unwrap();
+        let reply: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(reply["status"], "success", "{q}: {out}");
+        reply["data"]["result"].clone()
+    };
+    // Traffic through both LB hosts while Prometheus scrapes them.
+    let queries: Vec<String> = dashboard_queries().iter().map(|q| q.replace("$instance", ".*")).collect();
+    assert!(queries.len() >= 10, "{queries:?}");
+    let mut n = 0u16;
+    let mut answered = false;
+    let started = Instant::now();
+    while started.elapsed() < PATIENCE && !answered {
+        for c in 0..4 {
+            lab.curl(&client_v4(c), "http://203.0.113.10/").unwrap();
+            udp(sock(&client_v4(c), 36000 + n), sock(VIP4, ECHO_PORT));
+            n += 1;
+        }
+        let targets = query("up == 1");
+        answered = targets.as_array().unwrap().len() == LBS
+            && queries.iter().all(|q| !query(q).as_array().unwrap().is_empty())
+            && !query("rate(lb_vip_packets_total[1m]) > 0").as_array().unwrap().is_empty();
+    }
+    for q in &queries {
+        let result = query(q);
+        assert!(!result.as_array().unwrap().is_empty(), "dashboard query returned no data: {q}");
+    }
+    // The rates reflect the traffic sent, from both LB hosts.
+    let rates = query("sum by (instance) (rate(lb_vip_packets_total[1m])) > 0");
+    assert_eq!(rates.as_array().unwrap().len(), LBS, "both LB hosts carried traffic: {rates}");
+    let per_vip = query(&queries[0]);
+    assert!(per_vip.to_string().contains(HTTP4), "{per_vip}");
 }

@@ -59,7 +59,11 @@ enum Cmd {
 #[derive(Subcommand)]
 enum LabCmd {
     /// Build lbctl and bring the lab up (it stays up until `lab down`).
-    Up,
+    Up {
+        /// Also run Prometheus in the router, scraping both LB hosts.
+        #[arg(long)]
+        with_prometheus: bool,
+    },
     /// Remove every namespace, process and pin of the lab.
     Down,
     /// What of the lab is running.
@@ -83,10 +87,18 @@ fn main() -> Result<()> {
             demo::demo(&root, &lbctl)
         }
         Cmd::Lab { command } => match command {
-            LabCmd::Up => {
+            LabCmd::Up { with_prometheus } => {
                 let lbctl = build_lbctl(&root)?;
                 step("lab up", || {
-                    lb_lab::Lab::up(&lbctl, &mut lb_lab::print_step)?.keep();
+                    let lab = lb_lab::Lab::up(&lbctl, &mut lb_lab::print_step)?;
+                    if with_prometheus {
+                        let url = lab.start_prometheus()?;
+                        println!(
+                            "    Prometheus at {url}, scraping lb1 and lb2 every second: \
+                             `ip netns exec lbl-client curl '{url}/api/v1/query?query=up'`"
+                        );
+                    }
+                    lab.keep();
                     Ok("up: try `ip netns exec lbl-client curl http://203.0.113.10/`".into())
                 })?;
                 print!("{}", lb_lab::Lab::status()?);

@@ -11,8 +11,20 @@ use anyhow::{bail, Context, Result};
 use crate::{capture, run, step};
 
 /// Debian packages the tests and the lab use.
-const APT_PACKAGES: &[&str] =
-    &["iproute2", "ethtool", "procps", "util-linux", "curl", "nginx", "python3", "iputils-ping", "wrk", "haproxy"];
+const APT_PACKAGES: &[&str] = &[
+    "iproute2",
+    "ethtool",
+    "procps",
+    "util-linux",
+    "curl",
+    "nginx",
+    "python3",
+    "iputils-ping",
+    "wrk",
+    "haproxy",
+    "openssl",
+    "prometheus",
+];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
 pub fn setup(root: &Path) -> Result<()> {

@@ -58,6 +58,8 @@ pub fn backend_ns(j: usize) -> String {
     format!("{PREFIX}be{j}")
 }
 pub const CLIENT_NS: &str = "lbl-client";
+/// Where the lab's Prometheus listens (the router's client-side address).
+pub const PROMETHEUS_ADDR: &str = "192.0.2.1:9090";
 pub const ROUTER_NS: &str = "lbl-router";
 
 /// Runs a command; fails with its stderr if it fails.
@@ -122,6 +124,8 @@ impl Lab {
         lab.build_network()?;
         log("decap on backends and router, VIPs on the backends' lo");
         lab.start_decap()?;
+        log("a CA and a certificate for the backends' HTTPS health port");
+        make_backend_certificate()?;
         log("nginx and echo servers on the backends");
         for j in 1..=BACKENDS {
             lab.start_servers(j)?;
@@ -258,6 +262,7 @@ impl Lab {
             .args(if extra.contains(&"--xdp-mode") { &[][..] } else { &["--xdp-mode", "native"][..] })
             .args(["--state-dir", &format!("{DIR}/state")])
             .args(["--encap-src", &format!("198.51.100.{}/32", 4 * i - 2)])
+            .args(if extra.contains(&"--metrics") { vec![] } else { vec!["--metrics".into(), Lab::metrics_addr(i)] })
             .args(extra)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
@@ -266,9 +271,47 @@ impl Lab {
             .context("starting lbctl up")?;
         let pid = child.id();
         fs::write(format!("{DIR}/lb{i}.pid"), pid.to_string())?;
-        wait_for(Duration::from_secs(10), || Path::new(&socket).exists())
+        wait_for(PATIENCE, || Path::new(&socket).exists())
             .with_context(|| format!("lbctl up on lb{i} did not open its socket; see {DIR}/lb{i}.log"))?;
         Ok(pid)
+    }
+
+    /// Where LB host `i` serves `/metrics`: its own link address, so that
+    /// the lab's Prometheus (in the router) can scrape both LB hosts.
+    pub fn metrics_addr(i: usize) -> String {
+        format!("198.51.100.{}:9100", 4 * i - 2)
+    }
+
+    /// Starts Prometheus in the router namespace, scraping both LB hosts
+    /// every second; returns its URL (reachable from the lab's namespaces).
+    pub fn start_prometheus(&self) -> Result<String> {
+        let dir = format!("{DIR}/prometheus");
+        fs::create_dir_all(format!("{dir}/data"))?;
+        let targets: Vec<String> = (1..=LBS).map(|i| format!("'{}'", Lab::metrics_addr(i))).collect();
+        fs::write(
+            format!("{dir}/prometheus.yml"),
+            format!(
+                "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n  - job_name: lbctl\n    \
+                 static_configs:\n      - targets: [{}]\n",
+                targets.join(", ")
+            ),
+        )?;
+        let log = fs::File::create(format!("{dir}/prometheus.log"))?;
+        let child = Command::new("ip")
+            .args(["netns", "exec", ROUTER_NS, "prometheus"])
+            .arg(format!("--config.file={dir}/prometheus.yml"))
+            .arg(format!("--storage.tsdb.path={dir}/data"))
+            .arg(format!("--web.listen-address={PROMETHEUS_ADDR}"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting prometheus (apt package prometheus; cargo xtask setup installs it)")?;
+        fs::write(format!("{dir}/prometheus.pid"), child.id().to_string())?;
+        let url = format!("http://{PROMETHEUS_ADDR}");
+        wait_for(PATIENCE, || ns(ROUTER_NS, &["curl", "-sf", "--max-time", "2", &format!("{url}/-/ready")]).is_ok())
+            .with_context(|| format!("Prometheus did not get ready; see {dir}/prometheus.log"))?;
+        Ok(url)
     }
 
     /// Sends `signal` to LB host `i`'s controller and waits for it to exit.
@@ -280,7 +323,7 @@ impl Lab {
         // Our own child: reap it. (After `lab up` in another process, it is
         // not our child; then just wait for it to vanish.)
         let start = Instant::now();
-        while start.elapsed() < Duration::from_secs(10) {
+        while start.elapsed() < PATIENCE {
             let r = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
             if r == pid || (r < 0 && !running(pid)) {
                 let _ = fs::remove_file(&pid_file);
@@ -320,6 +363,8 @@ impl Lab {
              server {{\n    listen {VIP4}:80;\n    listen [{VIP6}]:80;\n    \
              location / {{ default_type text/plain; return 200 \"be{j}\\n\"; }}\n  }}\n  \
              server {{\n    listen {b4}:80;\n    listen [{b6}]:80;\n    \
+             listen {b4}:443 ssl;\n    listen [{b6}]:443 ssl;\n    \
+             ssl_certificate {DIR}/tls/backend.pem;\n    ssl_certificate_key {DIR}/tls/backend.key;\n    \
              location / {{ default_type text/plain; return 200 \"be{j} health\\n\"; }}\n  }}\n}}\n",
             b4 = backend_v4(j),
             b6 = backend_v6(j),
@@ -338,7 +383,7 @@ impl Lab {
             .stderr(log)
             .spawn()?;
         fs::write(format!("{dir}/echo.pid"), child.id().to_string())?;
-        wait_for(Duration::from_secs(10), || Path::new(&ready).exists())
+        wait_for(PATIENCE, || Path::new(&ready).exists())
             .with_context(|| format!("the echo server of be{j} did not start; see {dir}/echo.log"))
     }
 
@@ -348,8 +393,7 @@ impl Lab {
         for pid_file in [format!("{dir}/nginx.pid"), format!("{dir}/echo.pid")] {
             kill_pid_file(&pid_file, libc::SIGTERM);
         }
-        wait_for(Duration::from_secs(5), || !Path::new(&format!("{dir}/nginx.pid")).exists())
-            .context("nginx did not stop")
+        wait_for(PATIENCE, || !Path::new(&format!("{dir}/nginx.pid")).exists()).context("nginx did not stop")
     }
 
     /// Removes every namespace, process and pin the lab made. Idempotent.
@@ -357,6 +401,7 @@ impl Lab {
         for i in 1..=LBS {
             kill_pid_file(&format!("{DIR}/lb{i}.pid"), libc::SIGKILL);
         }
+        kill_pid_file(&format!("{DIR}/prometheus/prometheus.pid"), libc::SIGTERM);
         for j in 1..=BACKENDS {
             kill_pid_file(&format!("{DIR}/be{j}/nginx.pid"), libc::SIGTERM);
             kill_pid_file(&format!("{DIR}/be{j}/echo.pid"), libc::SIGKILL);
@@ -398,6 +443,9 @@ impl Lab {
                 links.lines().map(|l| l.split_whitespace().next().unwrap_or("")).collect::<Vec<_>>().join(" ")
             ));
         }
+        if pid_alive(&format!("{DIR}/prometheus/prometheus.pid")) {
+            out.push_str(&format!("prometheus: running at http://{PROMETHEUS_ADDR} (in {ROUTER_NS})\n"));
+        }
         for i in 1..=LBS {
             let alive = pid_alive(&format!("{DIR}/lb{i}.pid"));
             out.push_str(&format!(
@@ -417,11 +465,73 @@ impl Lab {
 
 impl Drop for Lab {
     fn drop(&mut self) {
+        if thread::panicking() {
+            save_logs();
+        }
         if !self.keep {
             if let Err(e) = Lab::down() {
                 eprintln!("lab teardown failed: {e:#}");
             }
         }
+    }
+}
+
+/// The CA that signs the backends' HTTPS certificate (for `--check-ca`).
+pub const BACKEND_CA: &str = "/run/lb-lab/tls/ca.pem";
+/// The name in the backends' certificate: `--check https://lab:443/`.
+pub const BACKEND_TLS_NAME: &str = "lab";
+
+/// A CA and a certificate it signs for [`BACKEND_TLS_NAME`], which nginx
+/// serves on every backend's port 443 (the HTTPS health-check target).
+fn make_backend_certificate() -> Result<()> {
+    let dir = format!("{DIR}/tls");
+    fs::create_dir_all(&dir)?;
+    fs::write(
+        format!("{dir}/backend.ext"),
+        format!(
+            "subjectAltName=DNS:{BACKEND_TLS_NAME}\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature\n\
+             extendedKeyUsage=serverAuth\n"
+        ),
+    )?;
+    let key = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"];
+    let at = |f: &str| format!("{dir}/{f}");
+    let mut ca = vec!["req", "-x509", "-days", "30", "-subj", "/CN=lb-lab backends CA"];
+    ca.extend(key);
+    let (ca_key, ca_pem) = (at("ca.key"), at("ca.pem"));
+    ca.extend(["-keyout", &ca_key, "-out", &ca_pem]);
+    sh("openssl", &ca)?;
+    let mut csr = vec!["req", "-subj", "/CN=lb-lab backend"];
+    csr.extend(key);
+    let (be_key, be_csr, be_pem, ext) = (at("backend.key"), at("backend.csr"), at("backend.pem"), at("backend.ext"));
+    csr.extend(["-keyout", &be_key, "-out", &be_csr]);
+    sh("openssl", &csr)?;
+    sh(
+        "openssl",
+        &["x509", "-req", "-days", "30", "-in", &be_csr, "-CA", &ca_pem, "-CAkey", &ca_key, "-CAcreateserial"]
+            .into_iter()
+            .chain(["-extfile", &ext, "-out", &be_pem])
+            .collect::<Vec<_>>(),
+    )?;
+    Ok(())
+}
+
+/// A failed test's lab logs outlive the lab: copied to a directory under
+/// /tmp that is named on stderr.
+fn save_logs() {
+    let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_millis();
+    let keep = format!("/tmp/lb-lab-failed-{stamp}");
+    let mut copied = 0;
+    for dir in [DIR.to_string()].into_iter().chain((1..=BACKENDS).map(|j| format!("{DIR}/be{j}"))) {
+        for entry in fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if path.extension().is_some_and(|e| e == "log") && fs::create_dir_all(&keep).is_ok() {
+                let name = path.strip_prefix(DIR).unwrap_or(&path).to_string_lossy().replace('/', "-");
+                copied += fs::copy(&path, format!("{keep}/{name}")).is_ok() as usize;
+            }
+        }
+    }
+    if copied > 0 {
+        eprintln!("lab logs of the failed test kept in {keep}");
     }
 }
 
@@ -450,7 +560,7 @@ fn kill_pid_file(pid_file: &str, signal: i32) {
     if let Some(pid) = fs::read_to_string(pid_file).ok().and_then(|p| p.trim().parse::<i32>().ok()) {
         unsafe { libc::kill(pid, signal) };
         let start = Instant::now();
-        while start.elapsed() < Duration::from_secs(5) {
+        while start.elapsed() < PATIENCE {
             unsafe { libc::waitpid(pid, std::ptr::null_mut(), libc::WNOHANG) };
             if !running(pid) {
                 break;
@@ -461,6 +571,12 @@ fn kill_pid_file(pid_file: &str, signal: i32) {
     let _ = fs::remove_file(pid_file);
 }
 
+/// How long a wait for a condition may last before it counts as failed:
+/// far beyond what any step takes, so a loaded 2-core machine never fails a
+/// test by being slow. Tests print the time a wait really took.
+pub const PATIENCE: Duration = Duration::from_secs(30);
+
+/// Polls `ok` until it holds; fails after `limit`.
 pub fn wait_for(limit: Duration, mut ok: impl FnMut() -> bool) -> Result<()> {
     let start = Instant::now();
     while start.elapsed() < limit {

@@ -1,0 +1,84 @@
+//! Tables and JSON for the client subcommands.
+
+use anyhow::Result;
+use lb_userspace::api::pb;
+use serde::Serialize;
+
+use super::Format;
+
+pub fn print_vips(vips: &[pb::Vip], format: Format) -> Result<()> {
+    if format == Format::Json {
+        return print_json(&vips);
+    }
+    print_table(
+        &["vip", "hash", "ring", "backends", "in ring", "packets", "bytes", "new flows"],
+        vips.iter().map(|v| {
+            let in_ring =
+                if v.fail_open { format!("{} (FAIL OPEN)", v.active_backends) } else { v.active_backends.to_string() };
+            vec![
+                v.vip.clone(),
+                v.hash.clone(),
+                v.ring_size.to_string(),
+                v.backends.to_string(),
+                in_ring,
+                v.packets.to_string(),
+                v.bytes.to_string(),
+                v.new_flows.to_string(),
+            ]
+        }),
+    );
+    Ok(())
+}
+
+pub fn print_backends(backends: &[pb::Backend], format: Format) -> Result<()> {
+    if format == Format::Json {
+        return print_json(&backends);
+    }
+    print_table(
+        &["vip", "backend", "weight", "state", "health", "check", "packets", "bytes", "reason"],
+        backends.iter().map(|b| {
+            let state = if b.drained {
+                "drained"
+            } else if b.in_ring {
+                "active"
+            } else {
+                "out of ring"
+            };
+            vec![
+                b.vip.clone(),
+                b.address.clone(),
+                b.weight.to_string(),
+                state.into(),
+                b.health.clone(),
+                b.check.clone(),
+                b.packets.to_string(),
+                b.bytes.to_string(),
+                b.reason.clone(),
+            ]
+        }),
+    );
+    Ok(())
+}
+
+pub fn print_table(headers: &[&str], rows: impl Iterator<Item = Vec<String>>) {
+    let rows: Vec<Vec<String>> = rows.collect();
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.len());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let text: Vec<String> = cells.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        println!("{}", text.join("  ").trim_end());
+    };
+    line(headers.iter().map(|h| h.to_uppercase()).collect());
+    for row in rows {
+        line(row);
+    }
+}
+
+pub fn print_json(value: &impl Serialize) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}

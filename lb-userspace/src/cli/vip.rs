@@ -1,0 +1,40 @@
+//! `lbctl vip add|del|list`.
+
+use anyhow::Result;
+use lb_userspace::api::pb::{self, vips_client::VipsClient};
+
+use super::{client::connect, output::print_vips, ClientOpts};
+
+#[derive(clap::Subcommand)]
+pub enum VipCommand {
+    /// Add a VIP: ADDR:PORT/PROTO (IPv6 as [2001:db8::10]:80/tcp; port 0 = every port).
+    Add {
+        vip: String,
+        /// Flow hash: 5tuple, or src-ip for session affinity.
+        #[arg(long, default_value = "5tuple")]
+        hash: String,
+        /// Maglev ring size (a prime).
+        #[arg(long, default_value_t = lb_common::DEFAULT_RING_SIZE)]
+        ring_size: u32,
+    },
+    /// Delete a VIP and its backends.
+    Del { vip: String },
+    /// List VIPs with their counters.
+    List,
+}
+
+pub async fn run(command: VipCommand, client: &ClientOpts) -> Result<()> {
+    let mut api = VipsClient::new(connect(client).await?);
+    match command {
+        VipCommand::Add { vip, hash, ring_size } => {
+            let v = api.add_vip(pb::AddVipRequest { vip, hash, ring_size }).await?.into_inner();
+            print_vips(&[v], client.output)
+        }
+        VipCommand::Del { vip } => {
+            api.delete_vip(pb::VipRef { vip: vip.clone() }).await?;
+            println!("deleted {vip}");
+            Ok(())
+        }
+        VipCommand::List => print_vips(&api.list_vips(pb::Empty {}).await?.into_inner().vips, client.output),
+    }
+}
