@@ -22,6 +22,8 @@ pub mod map_names {
     pub const VIP_STATS: &str = "VIP_STATS";
     pub const BACKEND_STATS: &str = "BACKEND_STATS";
     pub const DECAP_ADDRS: &str = "DECAP_ADDRS";
+    pub const DECAP_CONFIG: &str = "DECAP_CONFIG";
+    pub const DECAP_STATS: &str = "DECAP_STATS";
     pub const VIP_FILTER: &str = "VIP_FILTER";
     pub const FLOOD: &str = "FLOOD";
     /// The balancer's maps: what a controller pins and a restart adopts.
@@ -40,9 +42,10 @@ pub const MAX_VIPS: u32 = 1024;
 pub const MAX_BACKENDS: u32 = 8192;
 /// Default Maglev ring size: a prime, as Maglev needs (paper, section 3.4).
 pub const DEFAULT_RING_SIZE: u32 = 65537;
-/// Default number of ring slots in the shared ring array (enough for 32 VIPs
-/// at the default size, each double-buffered). Userspace may raise it.
-pub const DEFAULT_RING_CAPACITY: u32 = 2 * 32 * DEFAULT_RING_SIZE;
+/// Default number of ring slots in the shared ring array: enough for 32
+/// VIPs at the default size, each with three rings (live, previous, and the
+/// next one being written). Userspace may raise it.
+pub const DEFAULT_RING_CAPACITY: u32 = 3 * 32 * DEFAULT_RING_SIZE;
 /// Default conn-table entries. Userspace may change it at load.
 pub const DEFAULT_CONN_TABLE_SIZE: u32 = 262_144;
 /// Default MTU of the path to backends (outer packet, without Ethernet).
@@ -61,6 +64,19 @@ pub const IPPROTO_ICMPV6: u8 = 58;
 pub const ETH_HLEN: usize = 14;
 pub const IPV4_HLEN: usize = 20;
 pub const IPV6_HLEN: usize = 40;
+pub const UDP_HLEN: usize = 8;
+/// GUE variant 0 base header (draft-ietf-intarea-gue section 3.1).
+pub const GUE_HLEN: usize = 4;
+/// Default UDP port of GUE packets towards backends.
+pub const DEFAULT_GUE_PORT: u16 = 6080;
+
+/// GUE private data of this project (counted by Hlen, flags zero, so a
+/// stock receiver skips it): one word `[GUE_ALTERNATE_KIND, family, 0, 0]`,
+/// then the alternate backend's address (4 or 16 bytes).
+pub const GUE_ALTERNATE_KIND: u8 = 1;
+/// Bytes of that private data for an IPv4 / IPv6 alternate.
+pub const GUE_ALTERNATE_V4_LEN: usize = 8;
+pub const GUE_ALTERNATE_V6_LEN: usize = 20;
 
 /// Key of the VIP map: destination address, port and protocol of a packet.
 /// A VIP with port 0 catches every port of its address and protocol.
@@ -93,6 +109,14 @@ pub fn fragment_key(addr: [u32; 4], proto: u8, family: u8) -> VipKey {
 
 /// VIP flag: hash on the source address only (session affinity).
 pub const VIP_F_HASH_SRC_ONLY: u32 = 1;
+/// VIP flag: encapsulate in GUE (UDP) instead of IP-in-IP; non-SYN TCP
+/// packets carry the previous ring's backend as the alternate hop.
+pub const VIP_F_GUE: u32 = 2;
+/// VIP flag: packets never read or write the conn table; every one is
+/// balanced by the live ring (and, for GUE TCP, carries the alternate).
+pub const VIP_F_STATELESS: u32 = 4;
+/// VIP flag: `prev_ring_offset` names the previous ring.
+pub const VIP_F_HAS_PREV: u32 = 8;
 
 /// Value of the VIP map. Replaced whole by one map update, which the kernel
 /// makes atomic for hash maps: that is how a ring swap becomes visible.
@@ -106,6 +130,9 @@ pub struct VipMeta {
     pub ring_offset: u32,
     /// Number of slots (a prime); 0 means the VIP has no usable backend.
     pub ring_size: u32,
+    /// First slot of the previous ring (same size), when [`VIP_F_HAS_PREV`]:
+    /// where a GUE packet's alternate hop comes from.
+    pub prev_ring_offset: u32,
 }
 
 /// One backend, indexed by backend id in the backends array.
@@ -146,15 +173,27 @@ pub struct ConnValue {
     /// The backend's cookie when the entry was made.
     pub cookie: u32,
     /// The VIP the flow was balanced for (its stats index).
-    pub vip_id: u32,
+    pub vip_id: u16,
+    /// [`CONN_F_GUE`]: how the flow is encapsulated.
+    pub flags: u8,
+    pub _pad: u8,
     /// The flow hash: outer source bits and IPv6 flow label.
     pub hash: u32,
 }
 
-/// Slots of the VIP-address filter: an array of `u8`, 1 where some VIP's
-/// address hashes to the slot. Most packets on an edge NIC are not for a
+/// Conn-table flag: the flow's VIP encapsulates in GUE.
+pub const CONN_F_GUE: u8 = 1;
+
+/// Slots of the VIP-address filter: an array of `u8`, [`FILTER_VIP`] where
+/// some VIP's address hashes to the slot (and [`FILTER_STATELESS`] if one of
+/// them is stateless). Most packets on an edge NIC are not for a
 /// VIP; this inlined array lookup sends them on without any helper call.
 pub const VIP_FILTER_SLOTS: u32 = 1 << 16;
+
+pub const FILTER_VIP: u8 = 1;
+/// Some VIP of an address in this slot is stateless: the VIP is looked up
+/// before the conn table, so that its packets never touch the table.
+pub const FILTER_STATELESS: u8 = 2;
 
 /// The filter slot of a destination address (raw words). Multiplicative
 /// hashing; collisions only cost the colliding packets a full lookup.
@@ -178,7 +217,8 @@ pub const CONFIG_F_DEBUG: u32 = 4;
 pub struct Config {
     /// Destination MAC of every encapsulated packet (the next hop).
     pub next_hop_mac: [u8; 6],
-    pub _pad: [u8; 2],
+    /// UDP destination port of GUE packets, network order.
+    pub gue_port: u16,
     pub flags: u32,
     /// Largest outer packet (IP header and up) the path to backends carries.
     pub mtu: u32,
@@ -242,7 +282,9 @@ pub mod stat {
     /// `TOO_BIG` packets answered with ICMP "fragmentation needed" /
     /// ICMPv6 "packet too big" (XDP_TX) instead of passed.
     pub const TOO_BIG_ANSWERED: usize = 13;
-    pub const COUNT: usize = 14;
+    /// GUE packets sent with an alternate hop (the previous ring's backend).
+    pub const GUE_ALTERNATE: usize = 14;
+    pub const COUNT: usize = 15;
     pub const NAMES: [&str; COUNT] = [
         "not_for_us",
         "malformed",
@@ -258,6 +300,7 @@ pub mod stat {
         "fragment_forwarded",
         "icmp_error_forwarded",
         "too_big_answered",
+        "gue_alternate",
     ];
 }
 
@@ -294,6 +337,34 @@ pub struct DecapAddr {
     pub _pad: [u8; 3],
 }
 
+/// The decap program's settings (an array of one entry).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DecapConfig {
+    /// UDP destination port of GUE packets, network order; 0: no GUE.
+    pub gue_port: u16,
+    pub _pad: [u8; 2],
+}
+
+/// The decap program's counters: one per-CPU array entry of [`DecapStats`].
+pub mod decap_stat {
+    /// IP-in-IP or GUE packets for this host, stripped and passed up.
+    pub const DECAPSULATED: usize = 0;
+    /// GUE packets with an alternate that a local socket owned: passed up.
+    pub const ALTERNATE_UNUSED: usize = 1;
+    /// GUE packets with an alternate that no local socket owned: sent on to
+    /// the alternate (the second chance), its private data removed.
+    pub const REDIRECTED: usize = 2;
+    pub const COUNT: usize = 3;
+    pub const NAMES: [&str; COUNT] = ["decapsulated", "alternate_unused", "redirected"];
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DecapStats {
+    pub counters: [u64; decap_stat::COUNT],
+}
+
 /// Raw words of an IPv4 address as the program reads them from the packet.
 pub fn addr_words_v4(octets: [u8; 4]) -> [u32; 4] {
     [u32::from_ne_bytes(octets), 0, 0, 0]
@@ -324,5 +395,7 @@ mod pod {
     unsafe impl aya::Pod for VipStats {}
     unsafe impl aya::Pod for BackendStats {}
     unsafe impl aya::Pod for DecapAddr {}
+    unsafe impl aya::Pod for DecapConfig {}
+    unsafe impl aya::Pod for DecapStats {}
     unsafe impl aya::Pod for FloodBucket {}
 }

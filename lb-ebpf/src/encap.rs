@@ -1,12 +1,25 @@
-//! IP-in-IP encapsulation (RFC 2003 for IPv4 outer, RFC 2473 for IPv6
-//! outer): grow the packet at the front by one IP header, write a new
-//! Ethernet header towards the next hop and the outer IP header towards the
-//! backend. The inner packet is left byte for byte as it arrived.
+//! Encapsulation: IP-in-IP (RFC 2003 for IPv4 outer, RFC 2473 for IPv6
+//! outer), or GUE variant 0 (draft-ietf-intarea-gue) in UDP with the
+//! alternate hop in its private data. Grow the packet at the front, write
+//! a new Ethernet header towards the next hop and the outer headers towards
+//! the backend. The inner packet is left byte for byte as it arrived.
 
 use aya_ebpf::{helpers::bpf_xdp_adjust_head, programs::XdpContext};
-use lb_common::{Backend, Config, AF_INET, AF_INET6, ETH_HLEN, IPPROTO_IPIP, IPPROTO_IPV6, IPV4_HLEN, IPV6_HLEN};
+use lb_common::{
+    Backend, Config, AF_INET, AF_INET6, ETH_HLEN, GUE_ALTERNATE_KIND, GUE_ALTERNATE_V4_LEN, GUE_ALTERNATE_V6_LEN,
+    GUE_HLEN, IPPROTO_IPIP, IPPROTO_IPV6, IPPROTO_UDP, IPV4_HLEN, IPV6_HLEN, UDP_HLEN,
+};
 
-use crate::headers::{ptr_at, EthHdr, Ipv4Hdr, Ipv6Hdr, ETH_P_IP, ETH_P_IPV6};
+use crate::headers::{ipv4_checksum, ptr_at, EthHdr, Ipv4Hdr, Ipv6Hdr, UdpHdr, ETH_P_IP, ETH_P_IPV6};
+
+/// How a packet is carried to its backend.
+#[derive(Clone, Copy)]
+pub enum Tunnel {
+    Ipip,
+    /// GUE, naming another backend (same family as the destination) that a
+    /// backend without a socket for the packet passes it to.
+    Gue { alternate: Option<[u32; 4]> },
+}
 
 /// Outer hop limit / TTL.
 const OUTER_TTL: u8 = 64;
@@ -14,14 +27,19 @@ const OUTER_TTL: u8 = 64;
 /// not be reassembled by the backends' XDP decap, so it must not happen.
 const IPV4_DF: u16 = 0x4000u16.to_be();
 
-/// Bytes the outer header adds for this backend.
+/// Bytes the outer headers add for this backend.
 #[inline(always)]
-pub fn overhead(backend: &Backend) -> u32 {
-    if backend.family == AF_INET6 {
-        IPV6_HLEN as u32
-    } else {
-        IPV4_HLEN as u32
-    }
+pub fn overhead(backend: &Backend, tunnel: Tunnel) -> u32 {
+    let v6 = backend.family == AF_INET6;
+    let ip = if v6 { IPV6_HLEN } else { IPV4_HLEN };
+    let gue = match tunnel {
+        Tunnel::Ipip => 0,
+        Tunnel::Gue { alternate: None } => UDP_HLEN + GUE_HLEN,
+        Tunnel::Gue { alternate: Some(_) } => {
+            UDP_HLEN + GUE_HLEN + if v6 { GUE_ALTERNATE_V6_LEN } else { GUE_ALTERNATE_V4_LEN }
+        }
+    };
+    (ip + gue) as u32
 }
 
 /// What the outer header needs to know about the inner packet.
@@ -35,13 +53,19 @@ pub struct Inner {
 /// Encapsulates the packet towards `backend`. `Err` if the kernel refused to
 /// grow the packet; the packet is then unchanged.
 #[inline(always)]
-pub fn encapsulate(ctx: &XdpContext, cfg: &Config, backend: &Backend, inner: &Inner) -> Result<(), ()> {
+pub fn encapsulate(
+    ctx: &XdpContext,
+    cfg: &Config,
+    backend: &Backend,
+    inner: &Inner,
+    tunnel: Tunnel,
+) -> Result<(), ()> {
     // Our own MAC is the destination of the frame we received; read it
     // before the headers move.
     let eth = ptr_at::<EthHdr>(ctx, 0).ok_or(())?;
     let own_mac = unsafe { (*eth).dst };
 
-    let outer_len = overhead(backend) as usize;
+    let outer_len = overhead(backend, tunnel) as usize;
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(outer_len as i32)) } != 0 {
         return Err(());
     }
@@ -52,7 +76,12 @@ pub fn encapsulate(ctx: &XdpContext, cfg: &Config, backend: &Backend, inner: &In
         (*eth).src = own_mac;
         (*eth).proto = outer_proto;
     }
-    let next_header = if inner.family == AF_INET { IPPROTO_IPIP } else { IPPROTO_IPV6 };
+    let inner_proto = if inner.family == AF_INET { IPPROTO_IPIP } else { IPPROTO_IPV6 };
+    let gue = matches!(tunnel, Tunnel::Gue { .. });
+    let next_header = if gue { IPPROTO_UDP } else { inner_proto };
+    // Everything after the outer IP header: the inner packet, and for GUE
+    // the UDP and GUE headers and the alternate.
+    let ip_payload = inner.ip_len + outer_len as u32 - if backend.family == AF_INET6 { 40 } else { 20 };
     if backend.family == AF_INET6 {
         let ip = ptr_at::<Ipv6Hdr>(ctx, ETH_HLEN).ok_or(())?;
         // The flow label carries the flow hash so that routers on the way to
@@ -63,7 +92,7 @@ pub fn encapsulate(ctx: &XdpContext, cfg: &Config, backend: &Backend, inner: &In
         unsafe {
             *ip = Ipv6Hdr {
                 ver_tc_flow: first.to_be(),
-                payload_len: (inner.ip_len as u16).to_be(),
+                payload_len: (ip_payload as u16).to_be(),
                 next_hdr: next_header,
                 hop_limit: OUTER_TTL,
                 saddr,
@@ -75,7 +104,7 @@ pub fn encapsulate(ctx: &XdpContext, cfg: &Config, backend: &Backend, inner: &In
         let mut hdr = Ipv4Hdr {
             ver_ihl: 0x45,
             tos: inner.tos,
-            tot_len: ((inner.ip_len + IPV4_HLEN as u32) as u16).to_be(),
+            tot_len: ((ip_payload + IPV4_HLEN as u32) as u16).to_be(),
             id: 0,
             frag_off: IPV4_DF,
             ttl: OUTER_TTL,
@@ -87,20 +116,55 @@ pub fn encapsulate(ctx: &XdpContext, cfg: &Config, backend: &Backend, inner: &In
         hdr.check = ipv4_checksum(&hdr);
         unsafe { *ip = hdr };
     }
+    if let Tunnel::Gue { alternate } = tunnel {
+        write_gue(ctx, cfg, backend, inner, inner_proto, ip_payload, alternate)?;
+    }
     Ok(())
 }
 
-/// RFC 1071 checksum of a 20-byte IPv4 header whose `check` field is 0.
+/// The UDP and GUE headers and the alternate, after the outer IP header.
+/// UDP checksum 0: optional over IPv4 (RFC 768), and allowed over IPv6 for
+/// tunnels whose payload carries its own checksums (RFC 6935, 6936); see
+/// the README for the reasons.
 #[inline(always)]
-pub fn ipv4_checksum(hdr: &Ipv4Hdr) -> u16 {
-    let words = unsafe { &*(hdr as *const Ipv4Hdr as *const [u16; 10]) };
-    let mut sum = 0u32;
-    for w in words {
-        sum += *w as u32;
+fn write_gue(
+    ctx: &XdpContext,
+    cfg: &Config,
+    backend: &Backend,
+    inner: &Inner,
+    inner_proto: u8,
+    udp_len: u32,
+    alternate: Option<[u32; 4]>,
+) -> Result<(), ()> {
+    let v6 = backend.family == AF_INET6;
+    let at = ETH_HLEN + if v6 { IPV6_HLEN } else { IPV4_HLEN };
+    let udp = ptr_at::<UdpHdr>(ctx, at).ok_or(())?;
+    // Source port from the flow hash, in the ephemeral range (RFC 6335), so
+    // backends' NICs spread flows over their queues (RFC 8086 section 3.2).
+    let src_port = 0xc000 | (inner.hash & 0x3fff) as u16;
+    unsafe {
+        *udp = UdpHdr { src: src_port.to_be(), dst: cfg.gue_port, len: (udp_len as u16).to_be(), check: 0 };
     }
-    sum = (sum & 0xffff) + (sum >> 16);
-    sum = (sum & 0xffff) + (sum >> 16);
-    !(sum as u16)
+    // Ver 0, C 0, Hlen in words of private data; Proto; Flags 0.
+    let private_words = match alternate {
+        None => 0,
+        Some(_) if v6 => GUE_ALTERNATE_V6_LEN / 4,
+        Some(_) => GUE_ALTERNATE_V4_LEN / 4,
+    };
+    let gue = ptr_at::<[u8; GUE_HLEN]>(ctx, at + UDP_HLEN).ok_or(())?;
+    unsafe { *gue = [private_words as u8, inner_proto, 0, 0] };
+    let Some(alt) = alternate else { return Ok(()) };
+    let private = at + UDP_HLEN + GUE_HLEN;
+    if v6 {
+        let p = ptr_at::<[u32; 5]>(ctx, private).ok_or(())?;
+        let head = u32::from_ne_bytes([GUE_ALTERNATE_KIND, AF_INET6, 0, 0]);
+        unsafe { *p = [head, alt[0], alt[1], alt[2], alt[3]] };
+    } else {
+        let p = ptr_at::<[u32; 2]>(ctx, private).ok_or(())?;
+        let head = u32::from_ne_bytes([GUE_ALTERNATE_KIND, AF_INET, 0, 0]);
+        unsafe { *p = [head, alt[0]] };
+    }
+    Ok(())
 }
 
 /// Undo of [`encapsulate`] for the bench-only build: BPF_PROG_TEST_RUN
@@ -110,8 +174,8 @@ pub fn ipv4_checksum(hdr: &Ipv4Hdr) -> u16 {
 /// (The router's MAC is not restored: the parser does not read it.)
 #[cfg(feature = "bench-restore")]
 #[inline(always)]
-pub fn restore(ctx: &XdpContext, backend: &Backend, inner_family: u8, syn: bool) {
-    let outer_len = overhead(backend) as usize;
+pub fn restore(ctx: &XdpContext, backend: &Backend, tunnel: Tunnel, inner_family: u8, syn: bool) {
+    let outer_len = overhead(backend, tunnel) as usize;
     let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else { return };
     let own_mac = unsafe { (*eth).src };
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, outer_len as i32) } != 0 {

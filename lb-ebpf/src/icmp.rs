@@ -10,8 +10,7 @@ use aya_ebpf::{
 use lb_common::{AF_INET6, ETH_HLEN, IPV4_HLEN, IPV6_HLEN};
 
 use crate::{
-    encap::ipv4_checksum,
-    headers::{ptr_at, EthHdr, Ipv4Hdr, Ipv6Hdr, ETH_P_IP, ETH_P_IPV6},
+    headers::{ipv4_checksum, ptr_at, EthHdr, Ipv4Hdr, Ipv6Hdr, ETH_P_IP, ETH_P_IPV6},
     parse::Echo,
 };
 

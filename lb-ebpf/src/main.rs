@@ -6,17 +6,23 @@
 //! 1. parse Ethernet / IPv4 / IPv6 / TCP / UDP (anything else: XDP_PASS;
 //!    echo requests to a VIP address are answered with XDP_TX);
 //! 2. VIP-address filter: an inlined array lookup sends most non-VIP
-//!    packets on with no helper call at all;
+//!    packets on with no helper call at all; where a stateless VIP has the
+//!    address, the VIP is looked up now, and its packets skip step 3;
 //! 3. conn table: an existing flow keeps its backend, and its entry carries
-//!    what the packet needs (VIP id, hash), so no VIP lookup (a SYN skips
-//!    this step and picks afresh);
+//!    what the packet needs (VIP id, hash, tunnel), so no VIP lookup (a SYN
+//!    skips this step and picks afresh);
 //! 4. otherwise look up the VIP by (address, port, protocol), then port 0,
-//!    and let its Maglev ring pick; the flow is remembered;
-//! 5. check the MTU, encapsulate towards the backend, XDP_TX.
+//!    and let its Maglev ring pick; for a GUE VIP, a TCP packet that is not
+//!    a SYN also names the previous ring's backend as the alternate hop (and
+//!    is not remembered: its connection may live on that one); other new
+//!    flows are remembered, unless the VIP is stateless;
+//! 5. check the MTU, encapsulate (IP-in-IP or GUE) towards the backend,
+//!    XDP_TX.
 //!
 //! Helper calls per packet: established, 2 (conn-table lookup,
 //! adjust_head); new flow, 3 (VIP lookup, conn-table update, adjust_head;
-//! a 4th, the clock, when the SYN-flood guard has a limit);
+//! a 4th, the clock, when the SYN-flood guard has a limit); stateless VIP,
+//! 2 (VIP lookup, adjust_head) for every packet;
 //! non-VIP, none unless its address collides in the filter. Array lookups
 //! (filter, config, ring, backend, stats) are inlined by the kernel.
 #![no_std]
@@ -38,12 +44,13 @@ use aya_ebpf::{
 use lb_common::{
     address_mark, flow_hash, fragment_key, source_hash, stat, vip_filter_slot, Backend, BackendStats, Config,
     ConnValue, FloodBucket, FlowKey, GlobalStats, VipKey, VipMeta, VipStats, AF_INET, CONFIG_F_DEBUG,
-    CONFIG_F_PORT0_V4, CONFIG_F_PORT0_V6, DEFAULT_CONN_TABLE_SIZE, DEFAULT_RING_CAPACITY, MAX_BACKENDS, MAX_VIPS,
-    VIP_FILTER_SLOTS, VIP_F_HASH_SRC_ONLY,
+    CONFIG_F_PORT0_V4, CONFIG_F_PORT0_V6, CONN_F_GUE, DEFAULT_CONN_TABLE_SIZE, DEFAULT_RING_CAPACITY, FILTER_STATELESS,
+    FILTER_VIP, IPPROTO_TCP, MAX_BACKENDS, MAX_VIPS, VIP_FILTER_SLOTS, VIP_F_GUE, VIP_F_HASH_SRC_ONLY, VIP_F_HAS_PREV,
+    VIP_F_STATELESS,
 };
 
 use aya_log_ebpf::info;
-use encap::{encapsulate, overhead, Inner};
+use encap::{encapsulate, overhead, Inner, Tunnel};
 use parse::{parse, Packet, Parsed};
 
 /// BPF_F_NO_COMMON_LRU: one LRU list per CPU, no shared lock on insert.
@@ -108,53 +115,90 @@ fn balance(ctx: &XdpContext, stats: &mut [u64; stat::COUNT]) -> (u32, usize) {
         Parsed::Echo(echo) => return answer_echo(ctx, &echo),
     };
 
-    // 2. The filter: no VIP has this address.
+    // 2. The filter: no VIP has this address. Where a stateless VIP has
+    // it, the VIP comes first: its packets must not touch the conn table.
     let not_for_us = if fragment { stat::FRAGMENT } else { stat::NOT_FOR_US };
-    if VIP_FILTER.get(vip_filter_slot(&pkt.flow.dst)).copied() != Some(1) {
+    let filter = VIP_FILTER.get(vip_filter_slot(&pkt.flow.dst)).copied().unwrap_or(0);
+    if filter & FILTER_VIP == 0 {
         return (XDP_PASS, not_for_us);
     }
     let Some(cfg) = CONFIG.get(0) else {
         return (XDP_PASS, stat::NOT_FOR_US);
     };
+    // (A zeroed VIP and a flag, not an Option: the verifier refuses reads
+    // of the uninitialised payload the compiler may emit for `None`.)
+    let mut early = VipMeta::default();
+    let looked_up = filter & FILTER_STATELESS != 0 && !fragment;
+    if looked_up {
+        match lookup_vip(cfg, &pkt.flow) {
+            Some(vip) => early = vip,
+            None => return (XDP_PASS, not_for_us),
+        }
+    }
+    let stateless = early.flags & VIP_F_STATELESS != 0;
 
     // 3. An established flow, or 4. a new one: VIP, then its ring.
     // Fragments skip the conn table: stateless, by addresses and protocol.
-    let known = if fragment { None } else { lookup_conn(&pkt) };
-    let (backend_id, backend, conn) = match known {
-        Some(found) => {
+    let known = if fragment || stateless { None } else { lookup_conn(&pkt) };
+    let (backend_id, backend, conn, tunnel) = match known {
+        Some((id, backend, conn)) => {
             stats[stat::CONN_HIT] += 1;
-            found
+            // The remembered backend owns the flow: no alternate needed.
+            let tunnel = if conn.flags & CONN_F_GUE != 0 { Tunnel::Gue { alternate: None } } else { Tunnel::Ipip };
+            (id, backend, conn, tunnel)
         }
         None => {
-            let vip = if fragment { lookup_fragment_vip(&pkt.flow) } else { lookup_vip(cfg, &pkt.flow) };
-            let Some(vip) = vip else {
-                return (XDP_PASS, not_for_us);
+            let vip = if looked_up {
+                early
+            } else {
+                let found = if fragment { lookup_fragment_vip(&pkt.flow) } else { lookup_vip(cfg, &pkt.flow) };
+                match found {
+                    Some(vip) => vip,
+                    None => return (XDP_PASS, not_for_us),
+                }
             };
             stats[stat::CONN_MISS] += 1;
-            let Some(picked) = pick_from_ring(&vip, &pkt) else {
+            let Some((id, backend, conn)) = pick_from_ring(&vip, &pkt) else {
                 count_vip(vip.vip_id, &pkt, 0);
                 return (XDP_DROP, stat::NO_BACKEND);
             };
             let new_flow = !(fragment || icmp_error);
             count_vip(vip.vip_id, &pkt, new_flow as u64);
-            if new_flow {
+            // A TCP packet of a GUE VIP that is not a SYN may belong to a
+            // connection made under the previous ring: name its backend.
+            let midstream = pkt.flow.proto == IPPROTO_TCP && !pkt.syn && new_flow;
+            let tunnel = if vip.flags & VIP_F_GUE == 0 {
+                Tunnel::Ipip
+            } else if midstream {
+                let alternate = previous_owner(&vip, &backend, id, conn.hash);
+                if alternate.is_some() {
+                    stats[stat::GUE_ALTERNATE] += 1;
+                }
+                Tunnel::Gue { alternate }
+            } else {
+                Tunnel::Gue { alternate: None }
+            };
+            // Remember new flows, but not a GUE connection met midstream
+            // (its owner may be the alternate), nor any of a stateless VIP.
+            let gue_midstream = midstream && vip.flags & VIP_F_GUE != 0;
+            if new_flow && !stateless && !gue_midstream {
                 if may_track(cfg.new_flow_limit) {
                     // A full table evicts its least recently used entry; an error
                     // only means the flow is re-picked next time, to the same backend.
-                    let _ = CONNS.insert(&pkt.flow, &picked.2, 0);
+                    let _ = CONNS.insert(&pkt.flow, &conn, 0);
                 } else {
                     stats[stat::CONN_UNTRACKED] += 1;
                 }
             }
-            picked
+            (id, backend, conn, tunnel)
         }
     };
     // 5. MTU, encapsulation, out.
-    if pkt.ip_len + overhead(&backend) > cfg.mtu {
+    if pkt.ip_len + overhead(&backend, tunnel) > cfg.mtu {
         // Tell the client the size that fits (path-MTU discovery); packets
         // that may be fragmented, fragments and ICMP go to the kernel.
         if pkt.dont_fragment {
-            let fits = cfg.mtu - overhead(&backend);
+            let fits = cfg.mtu - overhead(&backend, tunnel);
             let mtu = if pkt.flow.family == AF_INET { fits } else { fits.max(1280) };
             if icmp::too_big(ctx, pkt.flow.family, pkt.ip_len, mtu).is_some() {
                 stats[stat::TOO_BIG_ANSWERED] += 1;
@@ -164,7 +208,7 @@ fn balance(ctx: &XdpContext, stats: &mut [u64; stat::COUNT]) -> (u32, usize) {
         return (XDP_PASS, stat::TOO_BIG);
     }
     let inner = Inner { family: pkt.flow.family, ip_len: pkt.ip_len, tos: pkt.tos, hash: conn.hash };
-    if encapsulate(ctx, cfg, &backend, &inner).is_err() {
+    if encapsulate(ctx, cfg, &backend, &inner, tunnel).is_err() {
         return (XDP_PASS, stat::ENCAP_FAILED);
     }
     if let Some(s) = BACKEND_STATS.get_ptr_mut(backend_id) {
@@ -179,7 +223,7 @@ fn balance(ctx: &XdpContext, stats: &mut [u64; stat::COUNT]) -> (u32, usize) {
         stats[stat::ICMP_ERROR_FORWARDED] += 1;
     }
     #[cfg(feature = "bench-restore")]
-    encap::restore(ctx, &backend, inner.family, pkt.syn);
+    encap::restore(ctx, &backend, tunnel, inner.family, pkt.syn);
     (XDP_TX, stat::FORWARDED)
 }
 
@@ -187,7 +231,7 @@ fn balance(ctx: &XdpContext, stats: &mut [u64; stat::COUNT]) -> (u32, usize) {
 /// the address belongs to the LB tier (RFC 792, RFC 4443).
 #[inline(always)]
 fn answer_echo(ctx: &XdpContext, echo: &parse::Echo) -> (u32, usize) {
-    if VIP_FILTER.get(vip_filter_slot(&echo.dst)).copied() != Some(1)
+    if VIP_FILTER.get(vip_filter_slot(&echo.dst)).is_none_or(|f| f & FILTER_VIP == 0)
         || unsafe { VIPS.get(&address_mark(echo.dst, echo.family)) }.is_none()
     {
         return (XDP_PASS, stat::NOT_FOR_US);
@@ -247,7 +291,7 @@ fn lookup_conn(pkt: &Packet) -> Option<(u32, Backend, ConnValue)> {
     if backend.cookie == 0 || backend.cookie != conn.cookie {
         return None;
     }
-    count_vip(conn.vip_id, pkt, 0);
+    count_vip(conn.vip_id as u32, pkt, 0);
     Some((conn.backend_id, *backend, conn))
 }
 
@@ -269,8 +313,28 @@ fn pick_from_ring(vip: &VipMeta, pkt: &Packet) -> Option<(u32, Backend, ConnValu
     if backend.cookie == 0 {
         return None;
     }
-    let conn = ConnValue { backend_id, cookie: backend.cookie, vip_id: vip.vip_id, hash };
+    let flags = if vip.flags & VIP_F_GUE != 0 { CONN_F_GUE } else { 0 };
+    let conn = ConnValue { backend_id, cookie: backend.cookie, vip_id: vip.vip_id as u16, flags, _pad: 0, hash };
     Some((backend_id, backend, conn))
+}
+
+/// The alternate hop: the backend the previous ring gives this hash, if it
+/// differs from the chosen one, still exists, and has its address family
+/// (the outer header is built for the chosen one's).
+#[inline(always)]
+fn previous_owner(vip: &VipMeta, chosen: &Backend, chosen_id: u32, hash: u32) -> Option<[u32; 4]> {
+    if vip.flags & VIP_F_HAS_PREV == 0 {
+        return None;
+    }
+    let id = *RINGS.get(vip.prev_ring_offset + hash % vip.ring_size)?;
+    if id == chosen_id {
+        return None;
+    }
+    let previous = BACKENDS.get(id)?;
+    if previous.cookie == 0 || previous.family != chosen.family {
+        return None;
+    }
+    Some(previous.addr)
 }
 
 /// The SYN-flood guard: whether this CPU may remember one more new flow.

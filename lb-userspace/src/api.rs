@@ -141,6 +141,8 @@ impl Api {
             packets: stats.packets,
             bytes: stats.bytes,
             new_flows: stats.new_flows,
+            encap: state.spec.encap.to_string(),
+            stateless: state.spec.stateless,
         }
     }
 
@@ -188,7 +190,8 @@ impl Api {
 impl Vips for Api {
     async fn add_vip(&self, req: Request<pb::AddVipRequest>) -> Result<Response<pb::Vip>, Status> {
         let r = req.into_inner();
-        let spec = desired::vip_spec(&r.vip, &r.hash, r.ring_size).map_err(Status::invalid_argument)?;
+        let spec = desired::vip_spec(&r.vip, &r.hash, r.ring_size, &r.encap, r.stateless)
+            .map_err(Status::invalid_argument)?;
         self.0.add_vip(spec)?;
         let mut guard = self.0.lock();
         let st = &mut *guard;
@@ -342,7 +345,13 @@ impl Stats for Api {
             Via::ConnTable => ("conn-table", 0),
             Via::Ring { slot } => ("ring", slot),
         };
-        Ok(Response::new(pb::ExplainReply { backend: e.backend.to_string(), via: via.into(), hash: e.hash, slot }))
+        Ok(Response::new(pb::ExplainReply {
+            backend: e.backend.to_string(),
+            via: via.into(),
+            hash: e.hash,
+            slot,
+            alternate: e.alternate.map(|a| a.to_string()).unwrap_or_default(),
+        }))
     }
 }
 

@@ -9,7 +9,8 @@ use aya::{
     Ebpf, EbpfLoader, Pod,
 };
 use lb_common::{
-    map_names, program_names, stat, Backend, BackendStats, Config, ConnValue, DecapAddr, FlowKey, GlobalStats, VipKey,
+    decap_stat, map_names, program_names, stat, Backend, BackendStats, Config, ConnValue, DecapAddr, DecapConfig,
+    DecapStats, FlowKey, GlobalStats, VipKey,
     VipMeta, VipStats, DEFAULT_CONN_TABLE_SIZE, DEFAULT_RING_CAPACITY,
 };
 
@@ -275,6 +276,49 @@ impl Decap {
         let mut map: HashMap<&mut MapData, DecapAddr, u8> = HashMap::try_from(map).map_err(map_err(name))?;
         map.insert(decap_key(addr), 1, 0).map_err(map_err(name))
     }
+
+    /// GUE packets to this UDP port are decapsulated (0: none are).
+    pub fn set_gue_port(&mut self, port: u16) -> Result<(), DataplaneError> {
+        let name = map_names::DECAP_CONFIG;
+        let map = self.ebpf.map_mut(name).ok_or(DataplaneError::MissingMap(name))?;
+        let mut map: Array<&mut MapData, DecapConfig> = Array::try_from(map).map_err(map_err(name))?;
+        map.set(0, DecapConfig { gue_port: port.to_be(), _pad: [0; 2] }, 0).map_err(map_err(name))
+    }
+
+    /// Pins the counters, so that `lbctl decap status` can read them.
+    pub fn pin_stats(&mut self, path: &std::path::Path) -> Result<(), DataplaneError> {
+        let name = map_names::DECAP_STATS;
+        let map = self.ebpf.map_mut(name).ok_or(DataplaneError::MissingMap(name))?;
+        let _ = std::fs::remove_file(path);
+        map.pin(path).map_err(|e| DataplaneError::Map { name, source: MapError::PinError { name: None, error: e } })
+    }
+
+    /// The counters, summed over CPUs ([`decap_stat`] order).
+    pub fn stats(&mut self) -> Result<[u64; decap_stat::COUNT], DataplaneError> {
+        let name = map_names::DECAP_STATS;
+        let map = self.ebpf.map_mut(name).ok_or(DataplaneError::MissingMap(name))?;
+        sum_decap_stats(PerCpuArray::try_from(map).map_err(map_err(name))?)
+    }
+
+    /// The counters of a decap program pinned by [`Decap::pin_stats`].
+    pub fn pinned_stats(path: &std::path::Path) -> Result<[u64; decap_stat::COUNT], DataplaneError> {
+        let name = map_names::DECAP_STATS;
+        let data = MapData::from_pin(path).map_err(map_err(name))?;
+        sum_decap_stats(PerCpuArray::try_from(Map::PerCpuArray(data)).map_err(map_err(name))?)
+    }
+}
+
+fn sum_decap_stats<T: std::borrow::Borrow<MapData>>(
+    map: PerCpuArray<T, DecapStats>,
+) -> Result<[u64; decap_stat::COUNT], DataplaneError> {
+    let per_cpu = map.get(&0, 0).map_err(map_err(map_names::DECAP_STATS))?;
+    let mut sum = [0u64; decap_stat::COUNT];
+    for cpu in per_cpu.iter() {
+        for (total, n) in sum.iter_mut().zip(cpu.counters) {
+            *total += n;
+        }
+    }
+    Ok(sum)
 }
 
 pub fn decap_key(addr: IpAddr) -> DecapAddr {

@@ -7,6 +7,8 @@
 //! vip = "203.0.113.10:80/tcp"   # ADDR:PORT/PROTO, [IPv6]:PORT/PROTO; port 0 = all
 //! hash = "5tuple"               # or "src-ip"; optional
 //! ring_size = 65537             # a prime; optional
+//! encap = "gue"                 # or "ipip" (default)
+//! stateless = true              # never use the conn table; optional
 //!
 //! [[vip.backend]]
 //! address = "198.51.100.1"
@@ -46,6 +48,9 @@ struct VipEntry {
     vip: Spanned<String>,
     hash: Option<Spanned<String>>,
     ring_size: Option<Spanned<u32>>,
+    encap: Option<Spanned<String>>,
+    #[serde(default)]
+    stateless: bool,
     #[serde(default)]
     backend: Vec<BackendEntry>,
 }
@@ -95,8 +100,12 @@ pub fn parse(text: &str) -> Result<Desired, String> {
         if let Some(r) = &entry.ring_size {
             check_ring_size(*r.get_ref()).map_err(|e| format!("{}: {e}", at(r.span())))?;
         }
-        let spec =
-            vip_spec(entry.vip.get_ref(), hash, ring_size).map_err(|e| format!("{}: {e}", at(entry.vip.span())))?;
+        if let Some(e) = &entry.encap {
+            e.get_ref().parse::<crate::services::Encap>().map_err(|err| format!("{}: {err}", at(e.span())))?;
+        }
+        let encap = entry.encap.as_ref().map(|e| e.get_ref().as_str()).unwrap_or("");
+        let spec = vip_spec(entry.vip.get_ref(), hash, ring_size, encap, entry.stateless)
+            .map_err(|e| format!("{}: {e}", at(entry.vip.span())))?;
         let mut backends = BTreeMap::new();
         for b in entry.backend {
             let line = at(b.address.span());
@@ -143,7 +152,7 @@ pub fn parse(text: &str) -> Result<Desired, String> {
 }
 
 /// A VIP from its text parts, validated; shared with the API.
-pub fn vip_spec(vip: &str, hash: &str, ring_size: u32) -> Result<VipSpec, String> {
+pub fn vip_spec(vip: &str, hash: &str, ring_size: u32, encap: &str, stateless: bool) -> Result<VipSpec, String> {
     let vip: VipAddr = vip.parse()?;
     let hash = match hash {
         "" | "5tuple" => HashMode::FiveTuple,
@@ -152,7 +161,7 @@ pub fn vip_spec(vip: &str, hash: &str, ring_size: u32) -> Result<VipSpec, String
     };
     let ring_size = if ring_size == 0 { DEFAULT_RING_SIZE } else { ring_size };
     check_ring_size(ring_size).map_err(|e| e.to_string())?;
-    Ok(VipSpec { vip, hash, ring_size })
+    Ok(VipSpec { vip, hash, ring_size, encap: encap.parse()?, stateless })
 }
 
 /// A backend address for `vip`: an IP address of a family the VIP can

@@ -223,6 +223,9 @@ fn snapshot(ctrl: &Controller) -> Result<Snapshot, ApiError> {
     lookups.samples.push((vec![("result", "miss".into())], Value::Counter(global[stat::CONN_MISS])));
     let mut untracked = counter("lb_new_flows_untracked", "New flows not remembered: SYN-flood guard over its rate.");
     untracked.samples.push((vec![], Value::Counter(global[stat::CONN_UNTRACKED])));
+    let mut alternates =
+        counter("lb_gue_alternate", "GUE packets sent with an alternate hop (the previous ring's backend).");
+    alternates.samples.push((vec![], Value::Counter(global[stat::GUE_ALTERNATE])));
     let (entries, capacity) = st.dp.conn_count()?;
     let mut conn_entries = gauge("lb_conn_table_entries", "Flows in the conn table.");
     conn_entries.samples.push((vec![], Value::Gauge(entries as i64)));
@@ -296,6 +299,7 @@ fn snapshot(ctrl: &Controller) -> Result<Snapshot, ApiError> {
         packets,
         lookups,
         untracked,
+        alternates,
         conn_entries,
         conn_capacity,
         vip_packets,

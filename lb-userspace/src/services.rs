@@ -15,7 +15,7 @@ use std::{
 
 use lb_common::{
     flow_hash, source_hash, Backend, Config, FlowKey, VipKey, VipMeta, CONFIG_F_PORT0_V4, CONFIG_F_PORT0_V6,
-    IPPROTO_TCP, IPPROTO_UDP, MAX_BACKENDS, MAX_VIPS, VIP_F_HASH_SRC_ONLY,
+    FILTER_STATELESS, FILTER_VIP, IPPROTO_TCP, IPPROTO_UDP, MAX_BACKENDS, MAX_VIPS, VIP_F_HASH_SRC_ONLY,
 };
 
 use serde::{Deserialize, Serialize};
@@ -115,12 +115,48 @@ impl std::str::FromStr for VipAddr {
     }
 }
 
+/// How a VIP's packets travel to its backends.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Encap {
+    /// IP-in-IP (RFC 2003, RFC 2473).
+    #[default]
+    Ipip,
+    /// GUE in UDP, with the alternate hop for the second chance.
+    Gue,
+}
+
+impl fmt::Display for Encap {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Encap::Ipip => "ipip",
+            Encap::Gue => "gue",
+        })
+    }
+}
+
+impl std::str::FromStr for Encap {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "" | "ipip" => Ok(Encap::Ipip),
+            "gue" => Ok(Encap::Gue),
+            other => Err(format!("encap '{other}' is not ipip or gue")),
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VipSpec {
     pub vip: VipAddr,
     pub hash: HashMode,
     /// Maglev ring size: a prime, at most [`MAX_RING_SIZE`].
     pub ring_size: u32,
+    #[serde(default)]
+    pub encap: Encap,
+    /// Never read or write the conn table: every packet follows the ring.
+    #[serde(default)]
+    pub stateless: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -147,6 +183,13 @@ pub struct Settings {
     /// table; 0 = no limit.
     #[serde(default)]
     pub new_flow_limit: u32,
+    /// UDP destination port of GUE packets.
+    #[serde(default = "default_gue_port")]
+    pub gue_port: u16,
+}
+
+fn default_gue_port() -> u16 {
+    lb_common::DEFAULT_GUE_PORT
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -197,13 +240,31 @@ impl BackendState {
     }
 }
 
+/// A ring must have been live this long to become the previous ring, the
+/// one GUE packets take their alternate hop from. Rings that lived less
+/// (a flapping health check, a re-weight right after an add) are skipped,
+/// so the alternate stays the ring that most connections were made under.
+pub const PREVIOUS_RING_MIN_LIVE: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Each VIP owns three ring slots of its ring size: the live ring, the
+/// previous ring, and a free one where the next ring is written before one
+/// VIP-map update makes it live.
+const RING_SLOTS: u32 = 3;
+
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct VipState {
     pub spec: VipSpec,
     pub id: u32,
     extent: Extent,
-    /// Which half of the extent is live (0 or 1).
-    live_half: u32,
+    /// Which slot of the extent holds the live ring.
+    live_slot: u32,
+    /// Which slot holds the previous ring, if any (the ring map is pinned,
+    /// so after a restart it still holds it).
+    #[serde(default)]
+    prev_slot: Option<u32>,
+    /// When the live ring went live (not saved: a restart counts it as old).
+    #[serde(skip)]
+    live_since: Option<std::time::Instant>,
     /// The live ring: backend ids (empty when no backend takes new flows).
     /// Not saved: it is rebuilt from the backends, deterministically.
     #[serde(skip)]
@@ -214,12 +275,33 @@ pub struct VipState {
 }
 
 impl VipState {
-    fn meta(&self, half: u32, ring_size: u32) -> VipMeta {
-        let flags = match self.spec.hash {
+    fn meta(&self, live: u32, prev: Option<u32>, ring_size: u32) -> VipMeta {
+        let mut flags = match self.spec.hash {
             HashMode::FiveTuple => 0,
             HashMode::SourceIp => VIP_F_HASH_SRC_ONLY,
         };
-        VipMeta { vip_id: self.id, flags, ring_offset: self.extent.offset + half * self.spec.ring_size, ring_size }
+        if self.spec.encap == Encap::Gue {
+            flags |= lb_common::VIP_F_GUE;
+        }
+        if self.spec.stateless {
+            flags |= lb_common::VIP_F_STATELESS;
+        }
+        if prev.is_some() {
+            flags |= lb_common::VIP_F_HAS_PREV;
+        }
+        let offset = |slot: u32| self.extent.offset + slot * self.spec.ring_size;
+        VipMeta {
+            vip_id: self.id,
+            flags,
+            ring_offset: offset(live),
+            ring_size,
+            prev_ring_offset: prev.map(offset).unwrap_or(0),
+        }
+    }
+
+    /// The previous ring's slot offset, if there is one (for `explain`).
+    pub fn previous_ring_offset(&self) -> Option<u32> {
+        self.prev_slot.map(|slot| self.extent.offset + slot * self.spec.ring_size)
     }
 
     pub fn ring(&self) -> &[u32] {
@@ -228,7 +310,7 @@ impl VipState {
 
     /// The VIP-map value packets see now.
     fn live_meta(&self) -> VipMeta {
-        self.meta(self.live_half, if self.ring.is_empty() { 0 } else { self.spec.ring_size })
+        self.meta(self.live_slot, self.prev_slot, if self.ring.is_empty() { 0 } else { self.spec.ring_size })
     }
 
     /// Whether a backend is in the ring now.
@@ -262,6 +344,9 @@ pub struct Explanation {
     pub backend_id: u32,
     pub hash: u32,
     pub via: Via,
+    /// GUE VIPs: the previous ring's backend for this flow when it differs,
+    /// carried by TCP packets that are not SYNs (the second chance).
+    pub alternate: Option<IpAddr>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -379,7 +464,7 @@ impl Services {
         }
         check_ring_size(spec.ring_size)?;
         let vip_id = *self.free_vip_ids.front().ok_or(ServiceError::TooManyVips)?;
-        let needed = 2 * spec.ring_size;
+        let needed = RING_SLOTS * spec.ring_size;
         let extent = self
             .ring_space
             .alloc(needed)
@@ -388,7 +473,9 @@ impl Services {
             spec,
             id: vip_id,
             extent,
-            live_half: 0,
+            live_slot: 0,
+            prev_slot: None,
+            live_since: None,
             ring: Vec::new(),
             fail_open: false,
             backends: BTreeMap::new(),
@@ -396,9 +483,12 @@ impl Services {
         // The VIP entry first, then the filter slot that lets packets reach it.
         let written = dp
             .reset_vip_stats(vip_id)
-            .and_then(|()| dp.set_vip(&spec.vip.key(), &state.meta(0, 0)))
+            .and_then(|()| dp.set_vip(&spec.vip.key(), &state.meta(0, None, 0)))
             .and_then(|()| dp.set_vip(&address_mark(&spec.vip), &ADDRESS_MARK))
-            .and_then(|()| dp.set_vip_filter(filter_slot(&spec.vip), 1));
+            .and_then(|()| {
+                let slot = filter_slot(&spec.vip);
+                dp.set_vip_filter(slot, self.slot_value(slot) | filter_bits(&spec))
+            });
         if let Err(e) = written {
             self.ring_space.free(extent);
             return Err(e.into());
@@ -420,10 +510,9 @@ impl Services {
         if !self.vips.keys().any(|v| v.addr == vip.addr) {
             dp.remove_vip(&address_mark(vip))?;
         }
+        // The slot's value follows the VIPs left in it (0 when none is).
         let slot = filter_slot(vip);
-        if !self.vips.keys().any(|v| filter_slot(v) == slot) {
-            dp.set_vip_filter(slot, 0)?;
-        }
+        dp.set_vip_filter(slot, self.slot_value(slot))?;
         for backend in state.backends.values() {
             self.release_backend(dp, backend.id)?;
         }
@@ -527,17 +616,29 @@ impl Services {
             state.fail_open = fail_open;
             return Ok(());
         }
-        let idle = 1 - state.live_half;
-        let meta = if ring.is_empty() {
-            state.meta(state.live_half, 0)
+        // The outgoing ring becomes the previous one if it served long
+        // enough (or there is none); the new ring goes in a slot that is
+        // neither, so packets never read a ring being written.
+        let (live, prev) = if ring.is_empty() {
+            (state.live_slot, state.prev_slot)
         } else {
-            let meta = state.meta(idle, state.spec.ring_size);
-            dp.write_ring(meta.ring_offset, &ring)?;
-            meta
+            let settled = state.live_since.is_none_or(|t| t.elapsed() >= PREVIOUS_RING_MIN_LIVE);
+            let prev = if !state.ring.is_empty() && (settled || state.prev_slot.is_none()) {
+                Some(state.live_slot)
+            } else {
+                state.prev_slot
+            };
+            let free = (0..RING_SLOTS).find(|s| *s != state.live_slot && Some(*s) != state.prev_slot);
+            let live = free.expect("three slots: one is neither live nor previous");
+            dp.write_ring(state.extent.offset + live * state.spec.ring_size, &ring)?;
+            (live, prev)
         };
-        dp.set_vip(&vip.key(), &meta)?;
+        let ring_size = if ring.is_empty() { 0 } else { state.spec.ring_size };
+        dp.set_vip(&vip.key(), &state.meta(live, prev, ring_size))?;
         if !ring.is_empty() {
-            state.live_half = idle;
+            state.live_slot = live;
+            state.prev_slot = prev;
+            state.live_since = Some(std::time::Instant::now());
         }
         let in_ring = backends.values().filter(|b| b.wanted() && (b.healthy || fail_open)).count();
         state.ring = ring;
@@ -585,7 +686,8 @@ impl Services {
             HashMode::FiveTuple => flow_hash(&flow.src, &flow.dst, flow.src_port, flow.dst_port, flow.proto),
         };
         let by_id = |id: u32| state.backends.iter().find(|(_, b)| b.id == id);
-        if let Some(conn) = dp.conn(flow)? {
+        let conn = if state.spec.stateless { None } else { dp.conn(flow)? };
+        if let Some(conn) = conn {
             if let Some((addr, _)) = by_id(conn.backend_id).filter(|(_, b)| b.cookie == conn.cookie) {
                 return Ok(Some(Explanation {
                     vip: state.spec.vip,
@@ -593,6 +695,7 @@ impl Services {
                     backend_id: conn.backend_id,
                     hash,
                     via: Via::ConnTable,
+                    alternate: None,
                 }));
             }
         }
@@ -602,7 +705,29 @@ impl Services {
         let slot = hash % state.spec.ring_size;
         let id = state.ring[slot as usize];
         let (addr, _) = by_id(id).expect("the ring names only this VIP's backends");
-        Ok(Some(Explanation { vip: state.spec.vip, backend: *addr, backend_id: id, hash, via: Via::Ring { slot } }))
+        // As the program does: the previous ring's backend, if it differs,
+        // still exists and has the same family.
+        let alternate = match state.previous_ring_offset() {
+            Some(offset) if state.spec.encap == Encap::Gue => {
+                let prev = dp.ring_slot(offset + slot)?;
+                by_id(prev).map(|(a, _)| *a).filter(|a| prev != id && a.is_ipv4() == addr.is_ipv4())
+            }
+            _ => None,
+        };
+        Ok(Some(Explanation {
+            vip: state.spec.vip,
+            backend: *addr,
+            backend_id: id,
+            hash,
+            via: Via::Ring { slot },
+            alternate,
+        }))
+    }
+
+    /// The filter value of `slot`: what the VIPs whose address falls in it
+    /// need (0 when none does).
+    fn slot_value(&self, slot: u32) -> u8 {
+        self.vips.values().filter(|v| filter_slot(&v.spec.vip) == slot).fold(0, |f, v| f | filter_bits(&v.spec))
     }
 
     fn vip_for(&self, flow: &FlowKey) -> Option<&VipState> {
@@ -645,7 +770,7 @@ impl Services {
         v6_words[3] &= !wire(v6_host);
         Ok(Config {
             next_hop_mac: s.next_hop_mac,
-            _pad: [0; 2],
+            gue_port: s.gue_port.to_be(),
             flags,
             mtu: s.mtu,
             encap_src_v4: addr::words(IpAddr::V4(v4)).0[0] & !wire(v4_host),
@@ -658,7 +783,7 @@ impl Services {
 }
 
 /// The value of an address mark: no ring, a stats index past the VIPs'.
-const ADDRESS_MARK: VipMeta = VipMeta { vip_id: MAX_VIPS, flags: 0, ring_offset: 0, ring_size: 0 };
+const ADDRESS_MARK: VipMeta = VipMeta { vip_id: MAX_VIPS, flags: 0, ring_offset: 0, ring_size: 0, prev_ring_offset: 0 };
 
 fn address_mark(vip: &VipAddr) -> VipKey {
     let (addr, family) = addr::words(vip.addr);
@@ -667,6 +792,12 @@ fn address_mark(vip: &VipAddr) -> VipKey {
 
 fn filter_slot(vip: &VipAddr) -> u32 {
     lb_common::vip_filter_slot(&addr::words(vip.addr).0)
+}
+
+/// What a VIP needs of its filter slot: to be let in, and, if stateless, to
+/// be looked up before the conn table.
+fn filter_bits(spec: &VipSpec) -> u8 {
+    FILTER_VIP | if spec.stateless { FILTER_STATELESS } else { 0 }
 }
 
 /// A backend's identity for Maglev: its address bytes, the same on every host.

@@ -50,6 +50,8 @@ pub struct UpOptions {
     pub metrics: Option<std::net::SocketAddr>,
     /// SYN-flood guard (new flows remembered per second per CPU; 0 = off).
     pub new_flow_limit: u32,
+    /// UDP destination port of GUE packets.
+    pub gue_port: u16,
     /// An API listener on TCP, mutual TLS only.
     pub tcp_api: Option<(std::net::SocketAddr, api::TlsFiles)>,
 }
@@ -100,6 +102,7 @@ pub async fn run(opts: UpOptions) -> Result<()> {
         mtu: opts.mtu,
         debug: false,
         new_flow_limit: opts.new_flow_limit,
+        gue_port: opts.gue_port,
     };
     let (services, checks) = match saved {
         Some(saved) => {

@@ -27,7 +27,7 @@ use lb_lab::{in_ns, ns, sh, Lab, CLIENT_NS, ROUTER_NS};
 use lb_tests::*;
 use lb_userspace::{
     object,
-    services::{VipAddr, VipSpec},
+    services::{Encap, VipAddr, VipSpec},
     BackendSpec, Dataplane, HashMode, LoadOptions, Services,
 };
 
@@ -103,7 +103,7 @@ fn dataplane(r: &mut Results, opts: &Opts) -> anyhow::Result<()> {
     let vips = ["203.0.113.10:80/tcp", "[2001:db8::10]:80/tcp", "203.0.113.10:53/udp"];
     for v in vips {
         let vip: VipAddr = v.parse().map_err(anyhow::Error::msg)?;
-        svc.add_vip(&mut dp, VipSpec { vip, hash: HashMode::FiveTuple, ring_size: 65537 })?;
+        svc.add_vip(&mut dp, VipSpec { vip, hash: HashMode::FiveTuple, ring_size: 65537, encap: Encap::Ipip, stateless: false })?;
         for i in 1..=10 {
             let addr: IpAddr = if v.starts_with('[') {
                 format!("2001:db8:1::{i}").parse()?
@@ -116,7 +116,7 @@ fn dataplane(r: &mut Results, opts: &Opts) -> anyhow::Result<()> {
     // 1M flows in the conn table, so lookups do not run on an empty table.
     let v4 = svc.vip(&vips[0].parse().map_err(anyhow::Error::msg)?)?;
     let b = *v4.backends.values().next().unwrap();
-    let target = ConnValue { backend_id: b.id, cookie: b.cookie, vip_id: v4.id, hash: 0 };
+    let target = ConnValue { backend_id: b.id, cookie: b.cookie, vip_id: v4.id as u16, flags: 0, _pad: 0, hash: 0 };
     let mut rng = XorShift(0x5eed);
     let flows: Vec<FlowKey> = (0..1_000_000)
         .map(|_| {

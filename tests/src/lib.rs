@@ -6,7 +6,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use aya::programs::{TestRun, TestRunOptions};
 use lb_userspace::{
-    services::{VipAddr, VipSpec},
+    services::{Encap, VipAddr, VipSpec},
     BackendSpec, Dataplane, HashMode, LoadOptions, Services, Settings,
 };
 
@@ -144,6 +144,7 @@ pub fn test_settings() -> Settings {
         mtu: 1500,
         debug: false,
         new_flow_limit: 0,
+        gue_port: lb_common::DEFAULT_GUE_PORT,
     }
 }
 
@@ -158,7 +159,8 @@ impl Harness {
     pub fn new() -> Self {
         Self::with(LoadOptions {
             conn_table_size: 65_536,
-            ring_capacity: 8 * 65_537,
+            // Four VIPs of the default ring size, three slots each.
+            ring_capacity: 12 * 65_537,
             bench_restore: false,
             pin_dir: None,
         })
@@ -177,8 +179,13 @@ impl Harness {
     /// Adds a VIP written as the CLI writes it, with the default ring size.
     pub fn vip(&mut self, vip: &str, hash: HashMode) -> VipAddr {
         let vip: VipAddr = vip.parse().unwrap();
-        self.services.add_vip(&mut self.dp, VipSpec { vip, hash, ring_size: 65537 }).expect("VIP added");
-        vip
+        self.vip_spec(VipSpec { vip, hash, ring_size: 65537, encap: Encap::Ipip, stateless: false })
+    }
+
+    /// Adds a VIP with every setting given.
+    pub fn vip_spec(&mut self, spec: VipSpec) -> VipAddr {
+        self.services.add_vip(&mut self.dp, spec).expect("VIP added");
+        spec.vip
     }
 
     pub fn backend(&mut self, vip: &VipAddr, addr: &str, weight: u32) {

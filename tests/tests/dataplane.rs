@@ -468,30 +468,34 @@ fn a_conn_entry_for_a_reused_backend_id_is_not_followed() {
     let other_backend = *h.services.vip(&other).unwrap().backends.values().next().unwrap();
     let flow_frame = tcp_frame(CLIENT, 40000, VIP, 80, ACK);
     let stale =
-        lb_common::ConnValue { backend_id: other_backend.id, cookie: other_backend.cookie + 1000, vip_id: 1, hash: 7 };
+        lb_common::ConnValue { backend_id: other_backend.id, cookie: other_backend.cookie + 1000, vip_id: 1, flags: 0, _pad: 0, hash: 7 };
     h.dp.set_conn(&flow_of(&flow_frame), &stale).unwrap();
     assert_eq!(h.forward(&flow_frame).to_string(), "198.51.100.1");
     assert_eq!(h.stat(stat::CONN_HIT), 0);
     // With the right cookie the entry is followed, even to another VIP's
     // backend: the cookie is the only guard, so it must be exact.
-    let live = lb_common::ConnValue { backend_id: other_backend.id, cookie: other_backend.cookie, vip_id: 1, hash: 7 };
+    let live = lb_common::ConnValue { backend_id: other_backend.id, cookie: other_backend.cookie, vip_id: 1, flags: 0, _pad: 0, hash: 7 };
     h.dp.set_conn(&flow_of(&flow_frame), &live).unwrap();
     assert_eq!(h.forward(&flow_frame).to_string(), "198.51.100.7");
 }
 
 #[test]
-fn ring_swap_flips_halves_and_new_flows_follow_the_new_ring() {
+fn ring_swaps_write_a_free_slot_and_keep_a_settled_previous_ring() {
     let mut h = Harness::new();
     let vip = h.vip("203.0.113.10:80/tcp", HashMode::FiveTuple);
     h.backend(&vip, "198.51.100.1", 1);
     let key = vip.key();
     let first = h.dp.vip(&key).unwrap().unwrap();
+    assert_eq!(first.flags & lb_common::VIP_F_HAS_PREV, 0, "the first ring has no previous one");
     h.backend(&vip, "198.51.100.2", 1);
     let second = h.dp.vip(&key).unwrap().unwrap();
     assert_eq!(first.ring_size, 65537);
-    assert_eq!(second.ring_offset.abs_diff(first.ring_offset), 65537, "the other half went live");
-    // The old half still holds the old ring untouched (packets that read the
-    // old VIP entry finish on a complete ring).
+    assert_ne!(second.ring_offset, first.ring_offset, "another slot went live");
+    assert_eq!(second.ring_offset.abs_diff(first.ring_offset) % 65537, 0);
+    assert_ne!(second.flags & lb_common::VIP_F_HAS_PREV, 0);
+    assert_eq!(second.prev_ring_offset, first.ring_offset, "with no previous ring, the outgoing one becomes it");
+    // The old slot still holds the old ring untouched (packets that read the
+    // old VIP entry finish on a complete ring; GUE takes alternates from it).
     let old_slot = h.dp.ring_slot(first.ring_offset + 1234).unwrap();
     let old_id = h.services.vip(&vip).unwrap().backends[&"198.51.100.1".parse().unwrap()].id;
     assert_eq!(old_slot, old_id);
@@ -500,9 +504,12 @@ fn ring_swap_flips_halves_and_new_flows_follow_the_new_ring() {
         seen.insert(h.forward(&tcp_frame(CLIENT, p, VIP, 80, SYN)).to_string());
     }
     assert_eq!(seen.len(), 2, "new flows use both backends after the swap");
+    // The second ring served for less than PREVIOUS_RING_MIN_LIVE: it does
+    // not become the previous ring; the third goes to the third slot.
     h.backend(&vip, "198.51.100.3", 1);
     let third = h.dp.vip(&key).unwrap().unwrap();
-    assert_eq!(third.ring_offset, first.ring_offset, "and back again");
+    assert!(third.ring_offset != first.ring_offset && third.ring_offset != second.ring_offset);
+    assert_eq!(third.prev_ring_offset, first.ring_offset, "the settled ring stays the previous one");
 }
 
 #[test]

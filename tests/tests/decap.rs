@@ -12,8 +12,11 @@ fn decap_for(addrs: &[&str]) -> Decap {
     for a in addrs {
         d.add_address(a.parse().unwrap()).unwrap();
     }
+    d.set_gue_port(GUE_PORT).unwrap();
     d
 }
+
+const GUE_PORT: u16 = 6080;
 
 fn run(d: &mut Decap, frame: &[u8]) -> (u32, Vec<u8>) {
     let mut out = vec![0u8; frame.len() + 64];
@@ -94,4 +97,187 @@ fn everything_else_passes_untouched() {
     for (i, input) in cases.iter().enumerate() {
         assert_eq!(run(&mut d, input), (XDP_PASS, input.clone()), "case {i}");
     }
+}
+
+/// A GUE frame as the balancer sends it over IPv4: UDP to port 6080, GUE
+/// variant 0 with Hlen words of private data naming `alternate` (or none).
+fn gue4(dst: &str, alternate: Option<&str>, inner: &[u8]) -> Vec<u8> {
+    let mut private = Vec::new();
+    if let Some(a) = alternate {
+        private.extend_from_slice(&[1, 4, 0, 0]);
+        private.extend_from_slice(&a.parse::<std::net::Ipv4Addr>().unwrap().octets());
+    }
+    let udp_len = 8 + 4 + private.len() + inner.len();
+    let mut f = eth(BACKEND_MAC, NEXT_HOP_MAC, ETH_P_IP);
+    f.extend(ipv4("192.0.2.1".parse().unwrap(), dst.parse().unwrap(), 17, &[], udp_len));
+    f.extend_from_slice(&[0xc1, 0x23, 0x17, 0xc0]);
+    f.extend_from_slice(&(udp_len as u16).to_be_bytes());
+    f.extend_from_slice(&[0, 0]);
+    f.extend_from_slice(&[(private.len() / 4) as u8, 4, 0, 0]);
+    f.extend_from_slice(&private);
+    f.extend_from_slice(inner);
+    f
+}
+
+/// IPv4 + TCP (20 bytes each) from 127.0.0.1:`sport` to 127.0.0.1:`dport`.
+fn loopback_tcp(sport: u16, dport: u16, seq: u32, ack: u32, flags: u8) -> Vec<u8> {
+    let lo = "127.0.0.1".parse().unwrap();
+    let mut p = ipv4(lo, lo, 6, &[], 20);
+    p.extend_from_slice(&sport.to_be_bytes());
+    p.extend_from_slice(&dport.to_be_bytes());
+    p.extend_from_slice(&seq.to_be_bytes());
+    p.extend_from_slice(&ack.to_be_bytes());
+    p.extend_from_slice(&[0x50, flags, 0xff, 0xff, 0, 0, 0, 0]);
+    p
+}
+
+/// Runs `f` on a thread in a new network namespace with `lo` up: the
+/// sockets it makes and the program runs it does see only each other.
+fn in_fresh_netns<T: Send>(f: impl FnOnce() -> T + Send) -> T {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNET) }, 0, "unshare(CLONE_NEWNET)");
+            let up = std::process::Command::new("ip").args(["link", "set", "lo", "up"]).status().unwrap();
+            assert!(up.success());
+            f()
+        })
+        .join()
+        .unwrap()
+    })
+}
+
+#[test]
+fn gue_is_stripped_and_a_packet_without_an_alternate_is_never_passed_on() {
+    let mut d = decap_for(&["198.51.100.20"]);
+    let inner = &tcp_frame("192.0.2.55", 40000, "203.0.113.10", 80, ACK)[14..];
+    // Hlen 0 (as after one redirect): decapsulated, even with no socket.
+    let (action, out) = run(&mut d, &gue4("198.51.100.20", None, inner));
+    assert_eq!((action, out), (XDP_PASS, expected(inner, ETH_P_IP)));
+    // Another UDP port, flags set, or another address: not ours, untouched.
+    let mut other_port = gue4("198.51.100.20", None, inner);
+    other_port[36..38].copy_from_slice(&6081u16.to_be_bytes());
+    let mut flags = gue4("198.51.100.20", None, inner);
+    flags[44] = 0x80;
+    for input in [other_port, flags, gue4("198.51.100.21", None, inner)] {
+        assert_eq!(run(&mut d, &input), (XDP_PASS, input.clone()));
+    }
+    assert_eq!(d.stats().unwrap(), [1, 0, 0], "one decapsulated, nothing passed on");
+}
+
+#[test]
+fn the_second_chance_follows_the_sockets_of_this_host() {
+    in_fresh_netns(|| {
+        let mut d = decap_for(&["198.51.100.20"]);
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let client = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        let _server = listener.accept().unwrap();
+        let client_port = client.local_addr().unwrap().port();
+
+        // An established socket owns its segments: decapsulated, passed up.
+        let established = loopback_tcp(client_port, port, 1, 1, ACK);
+        let (action, out) = run(&mut d, &gue4("198.51.100.20", Some("198.51.100.34"), &established));
+        assert_eq!((action, out), (XDP_PASS, expected(&established, ETH_P_IP)));
+
+        // A SYN is never passed on: a new connection starts here.
+        let syn = loopback_tcp(40001, port, 1, 0, SYN);
+        let (action, _) = run(&mut d, &gue4("198.51.100.20", Some("198.51.100.34"), &syn));
+        assert_eq!(action, XDP_PASS);
+
+        // No socket but the listener, and not a SYN-cookie ACK: the
+        // connection lives on the alternate. Out again (XDP_TX) to the
+        // neighbour it came from, to the alternate, TTL 63, the private data
+        // gone (Hlen 0, lengths 8 bytes shorter, checksum redone).
+        let stray = loopback_tcp(40002, port, 5, 5, ACK | PSH);
+        let input = gue4("198.51.100.20", Some("198.51.100.34"), &stray);
+        let (action, out) = run(&mut d, &input);
+        assert_eq!(action, XDP_TX);
+        let mut ip = input[14..34].to_vec();
+        ip[2..4].copy_from_slice(&((20 + 8 + 4 + stray.len()) as u16).to_be_bytes());
+        ip[8] = 63;
+        ip[10..12].copy_from_slice(&[0, 0]);
+        ip[16..20].copy_from_slice(&[198, 51, 100, 34]);
+        let sum = checksum(&ip);
+        ip[10..12].copy_from_slice(&sum.to_be_bytes());
+        let mut want = eth(NEXT_HOP_MAC, BACKEND_MAC, ETH_P_IP);
+        want.extend_from_slice(&ip);
+        want.extend_from_slice(&[0xc1, 0x23, 0x17, 0xc0]);
+        want.extend_from_slice(&((8 + 4 + stray.len()) as u16).to_be_bytes());
+        want.extend_from_slice(&[0, 0, 0x00, 0x04, 0x00, 0x00]);
+        want.extend_from_slice(&stray);
+        assert_eq!(out, want);
+        // At the alternate, the same packet has no alternate left: passed up.
+        let mut again = decap_for(&["198.51.100.34"]);
+        let (action, _) = run(&mut again, &out);
+        assert_eq!(action, XDP_PASS, "passed on at most once");
+
+        // A listener with a valid SYN-cookie ACK owns it.
+        let cookie_ack = syn_cookie_ack(port);
+        let (action, out) = run(&mut d, &gue4("198.51.100.20", Some("198.51.100.34"), &cookie_ack));
+        assert_eq!((action, out), (XDP_PASS, expected(&cookie_ack, ETH_P_IP)));
+        // The same ACK with a wrong acknowledgment number is not a cookie.
+        let mut forged = cookie_ack.clone();
+        forged[28] ^= 0x55;
+        let (action, _) = run(&mut d, &gue4("198.51.100.20", Some("198.51.100.34"), &forged));
+        assert_eq!(action, XDP_TX);
+
+        // Established, SYN and cookie ACK named an alternate that was not
+        // needed; the stray and the forged ACK were passed on.
+        assert_eq!(d.stats().unwrap(), [0, 3, 2], "decapsulated, alternate unused, redirected");
+    });
+}
+
+/// An ACK that completes a SYN-cookie handshake with the listener on
+/// `port`: cookies on for every SYN (tcp_syncookies=2 in this namespace), a
+/// SYN sent from a raw socket, the cookie read from the SYN-ACK.
+fn syn_cookie_ack(port: u16) -> Vec<u8> {
+    std::fs::write("/proc/sys/net/ipv4/tcp_syncookies", "2").unwrap();
+    let raw = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_TCP) };
+    assert!(raw >= 0, "raw socket");
+    let timeout = libc::timeval { tv_sec: 5, tv_usec: 0 };
+    unsafe {
+        libc::setsockopt(
+            raw,
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            &timeout as *const _ as *const _,
+            std::mem::size_of::<libc::timeval>() as u32,
+        )
+    };
+    let client_port = 40003u16;
+    let mut syn = loopback_tcp(client_port, port, 1000, 0, SYN)[20..].to_vec();
+    // TCP checksum over the pseudo-header (RFC 9293 3.1).
+    let mut pseudo = vec![127, 0, 0, 1, 127, 0, 0, 1, 0, 6, 0, 20];
+    pseudo.extend_from_slice(&syn);
+    let sum = checksum(&pseudo);
+    syn[16..18].copy_from_slice(&sum.to_be_bytes());
+    let to = libc::sockaddr_in {
+        sin_family: libc::AF_INET as u16,
+        sin_port: 0,
+        sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes([127, 0, 0, 1]) },
+        sin_zero: [0; 8],
+    };
+    let sent = unsafe {
+        libc::sendto(
+            raw,
+            syn.as_ptr() as *const _,
+            syn.len(),
+            0,
+            &to as *const _ as *const libc::sockaddr,
+            std::mem::size_of::<libc::sockaddr_in>() as u32,
+        )
+    };
+    assert_eq!(sent, syn.len() as isize);
+    let mut buf = [0u8; 1500];
+    let cookie = loop {
+        let n = unsafe { libc::recv(raw, buf.as_mut_ptr() as *mut _, buf.len(), 0) };
+        assert!(n > 0, "no SYN-ACK from the listener");
+        let tcp = &buf[((buf[0] & 0x0f) as usize * 4)..n as usize];
+        let (from, to, flags) = (u16::from_be_bytes([tcp[0], tcp[1]]), u16::from_be_bytes([tcp[2], tcp[3]]), tcp[13]);
+        if from == port && to == client_port && flags & (SYN | ACK) == SYN | ACK {
+            break u32::from_be_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]);
+        }
+    };
+    unsafe { libc::close(raw) };
+    loopback_tcp(client_port, port, 1001, cookie.wrapping_add(1), ACK)
 }

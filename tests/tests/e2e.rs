@@ -844,7 +844,7 @@ fn hostile_api_input_is_refused_and_the_controller_stays_bounded_and_responsive(
         let mut refused = 0;
         for n in 0..10_000u32 {
             let vip = format!("203.0.113.{}:{}/udp", n % 250 + 1, 1000 + n / 250);
-            match vips.add_vip(pb::AddVipRequest { vip, hash: String::new(), ring_size: 251 }).await {
+            match vips.add_vip(pb::AddVipRequest { vip, ring_size: 251, ..Default::default() }).await {
                 Ok(_) => {}
                 Err(status) => {
                     assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
@@ -858,7 +858,7 @@ fn hostile_api_input_is_refused_and_the_controller_stays_bounded_and_responsive(
         // A ring size that is too large or not prime.
         for (ring, needle) in [(2_000_003, "larger than the maximum"), (65536, "not a prime")] {
             let err = vips
-                .add_vip(pb::AddVipRequest { vip: "203.0.113.251:1/tcp".into(), hash: String::new(), ring_size: ring })
+                .add_vip(pb::AddVipRequest { vip: "203.0.113.251:1/tcp".into(), ring_size: ring, ..Default::default() })
                 .await
                 .unwrap_err();
             assert_eq!(err.code(), tonic::Code::InvalidArgument);

@@ -90,7 +90,7 @@ enum Command {
         /// The VIP, ADDR:PORT/PROTO.
         vip: String,
     },
-    /// Attach or detach the decap program on a backend host.
+    /// Attach, detach or read the decap program on a backend host.
     Decap {
         #[command(subcommand)]
         command: decap::DecapCommand,
@@ -117,7 +117,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Stats { watch } => stats::stats(watch, &client).await,
         Command::Explain { client_addr, vip } => stats::explain(client_addr, vip, &client).await,
         Command::Debug { state } => status::debug(&state, &client).await,
-        Command::Decap { command } => decap::run(command).await,
+        Command::Decap { command } => decap::run(command, client.output).await,
         Command::Completions { shell } => {
             clap_complete::generate(
                 shell,

@@ -11,7 +11,7 @@ pub fn print_vips(vips: &[pb::Vip], format: Format) -> Result<()> {
         return print_json(&vips);
     }
     print_table(
-        &["vip", "hash", "ring", "backends", "in ring", "packets", "bytes", "new flows"],
+        &["vip", "hash", "ring", "encap", "state", "backends", "in ring", "packets", "bytes", "new flows"],
         vips.iter().map(|v| {
             let in_ring =
                 if v.fail_open { format!("{} (FAIL OPEN)", v.active_backends) } else { v.active_backends.to_string() };
@@ -19,6 +19,8 @@ pub fn print_vips(vips: &[pb::Vip], format: Format) -> Result<()> {
                 v.vip.clone(),
                 v.hash.clone(),
                 v.ring_size.to_string(),
+                v.encap.clone(),
+                if v.stateless { "stateless" } else { "conntrack" }.into(),
                 v.backends.to_string(),
                 in_ring,
                 v.packets.to_string(),

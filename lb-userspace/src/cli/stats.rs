@@ -73,5 +73,8 @@ pub async fn explain(client_addr: String, vip: String, client: &ClientOpts) -> R
             r.backend, r.slot, r.hash
         ),
     }
+    if !r.alternate.is_empty() {
+        println!("  alternate hop {} (the previous ring's backend, carried in GUE by TCP after the SYN)", r.alternate);
+    }
     Ok(())
 }

@@ -65,6 +65,10 @@ pub struct UpArgs {
     /// cannot evict established flows. 0 = no limit.
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=1_000_000_000))]
     new_flow_limit: u32,
+    /// UDP destination port of GUE packets (VIPs with --encap gue); the
+    /// backends' `lbctl decap up --gue-port` must match.
+    #[arg(long, default_value_t = lb_common::DEFAULT_GUE_PORT, value_parser = clap::value_parser!(u16).range(1..))]
+    gue_port: u16,
     /// Serve Prometheus metrics at http://ADDR:PORT/metrics ("off": none).
     #[arg(long, default_value = "127.0.0.1:9100", value_parser = parse_metrics)]
     metrics: Metrics,
@@ -149,6 +153,7 @@ pub async fn run(args: UpArgs, client: &ClientOpts) -> Result<()> {
         state_dir: args.state_dir,
         metrics: args.metrics.0,
         new_flow_limit: args.new_flow_limit,
+        gue_port: args.gue_port,
         tcp_api,
     })
     .await

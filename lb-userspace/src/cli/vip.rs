@@ -16,6 +16,14 @@ pub enum VipCommand {
         /// Maglev ring size (a prime).
         #[arg(long, default_value_t = lb_common::DEFAULT_RING_SIZE)]
         ring_size: u32,
+        /// Encapsulation: ipip, or gue (UDP, with the previous ring's
+        /// backend as the alternate hop for TCP: the second chance).
+        #[arg(long, default_value = "ipip", value_parser = ["ipip", "gue"])]
+        encap: String,
+        /// Never read or write the conn table: every packet follows the
+        /// live ring (with gue, TCP packets carry the alternate hop).
+        #[arg(long)]
+        stateless: bool,
     },
     /// Delete a VIP and its backends.
     Del { vip: String },
@@ -26,8 +34,8 @@ pub enum VipCommand {
 pub async fn run(command: VipCommand, client: &ClientOpts) -> Result<()> {
     let mut api = VipsClient::new(connect(client).await?);
     match command {
-        VipCommand::Add { vip, hash, ring_size } => {
-            let v = api.add_vip(pb::AddVipRequest { vip, hash, ring_size }).await?.into_inner();
+        VipCommand::Add { vip, hash, ring_size, encap, stateless } => {
+            let v = api.add_vip(pb::AddVipRequest { vip, hash, ring_size, encap, stateless }).await?.into_inner();
             print_vips(&[v], client.output)
         }
         VipCommand::Del { vip } => {
