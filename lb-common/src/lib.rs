@@ -147,8 +147,16 @@ pub struct Backend {
     pub cookie: u32,
     /// [`AF_INET`] or [`AF_INET6`]: the outer header the backend needs.
     pub family: u8,
-    pub _pad: [u8; 3],
+    /// [`BACKEND_F_RETIRED`].
+    pub flags: u8,
+    pub _pad: [u8; 2],
 }
+
+/// Backend flag: removed from its VIP but still named by the previous
+/// ring, so GUE packets may still name it as their alternate hop (its
+/// connections get their second chance); conn-table entries for it are
+/// not followed, as for a removed backend.
+pub const BACKEND_F_RETIRED: u8 = 1;
 
 /// Key of the conn table: the flow as it arrives.
 #[repr(C)]

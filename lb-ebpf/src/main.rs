@@ -43,7 +43,7 @@ use aya_ebpf::{
 };
 use lb_common::{
     address_mark, flow_hash, fragment_key, source_hash, stat, vip_filter_slot, Backend, BackendStats, Config,
-    ConnValue, FloodBucket, FlowKey, GlobalStats, VipKey, VipMeta, VipStats, AF_INET, CONFIG_F_DEBUG,
+    ConnValue, FloodBucket, FlowKey, GlobalStats, VipKey, VipMeta, VipStats, AF_INET, BACKEND_F_RETIRED, CONFIG_F_DEBUG,
     CONFIG_F_PORT0_V4, CONFIG_F_PORT0_V6, CONN_F_GUE, DEFAULT_CONN_TABLE_SIZE, DEFAULT_RING_CAPACITY, FILTER_STATELESS,
     FILTER_VIP, IPPROTO_TCP, MAX_BACKENDS, MAX_VIPS, VIP_FILTER_SLOTS, VIP_F_GUE, VIP_F_HASH_SRC_ONLY, VIP_F_HAS_PREV,
     VIP_F_STATELESS,
@@ -287,8 +287,8 @@ fn lookup_conn(pkt: &Packet) -> Option<(u32, Backend, ConnValue)> {
     }
     let conn = *unsafe { CONNS.get(&pkt.flow) }?;
     let backend = BACKENDS.get(conn.backend_id)?;
-    // A removed backend has cookie 0; a reused id has a new cookie.
-    if backend.cookie == 0 || backend.cookie != conn.cookie {
+    // A removed backend has cookie 0 (or is retired); a reused id has a new cookie.
+    if backend.cookie == 0 || backend.cookie != conn.cookie || backend.flags & BACKEND_F_RETIRED != 0 {
         return None;
     }
     count_vip(conn.vip_id as u32, pkt, 0);
@@ -319,7 +319,8 @@ fn pick_from_ring(vip: &VipMeta, pkt: &Packet) -> Option<(u32, Backend, ConnValu
 }
 
 /// The alternate hop: the backend the previous ring gives this hash, if it
-/// differs from the chosen one, still exists, and has its address family
+/// differs from the chosen one, still exists (a removed backend stays,
+/// retired, while the previous ring names it), and has its address family
 /// (the outer header is built for the chosen one's).
 #[inline(always)]
 fn previous_owner(vip: &VipMeta, chosen: &Backend, chosen_id: u32, hash: u32) -> Option<[u32; 4]> {

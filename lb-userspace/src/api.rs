@@ -190,8 +190,8 @@ impl Api {
 impl Vips for Api {
     async fn add_vip(&self, req: Request<pb::AddVipRequest>) -> Result<Response<pb::Vip>, Status> {
         let r = req.into_inner();
-        let spec = desired::vip_spec(&r.vip, &r.hash, r.ring_size, &r.encap, r.stateless)
-            .map_err(Status::invalid_argument)?;
+        let spec =
+            desired::vip_spec(&r.vip, &r.hash, r.ring_size, &r.encap, r.stateless).map_err(Status::invalid_argument)?;
         self.0.add_vip(spec)?;
         let mut guard = self.0.lock();
         let st = &mut *guard;

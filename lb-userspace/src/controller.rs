@@ -69,10 +69,21 @@ pub struct Checked {
 /// What is saved to the state file.
 #[derive(Serialize, Deserialize)]
 pub struct Saved {
+    /// [`STATE_LAYOUT`] of the lbctl that wrote it (absent: 1).
+    #[serde(default = "first_layout")]
+    pub layout: u32,
     pub services: Snapshot,
     pub checks: Vec<(VipAddr, IpAddr, Checked)>,
     pub conn_table_size: u32,
     pub ring_capacity: u32,
+}
+
+/// The map layout a state file describes. 2: three ring slots per VIP
+/// (live, previous, next) and the GUE fields; 1 had two.
+pub const STATE_LAYOUT: u32 = 2;
+
+fn first_layout() -> u32 {
+    1
 }
 
 /// Facts about this run, for `status`.
@@ -128,6 +139,7 @@ impl Controller {
     /// Saves the state file (write to a temporary file, then rename).
     fn save(&self, state: &State) {
         let saved = Saved {
+            layout: STATE_LAYOUT,
             services: state.services.snapshot(),
             checks: state.checks.iter().map(|((v, a), c)| (*v, *a, c.clone())).collect(),
             conn_table_size: self.info.conn_table_size,

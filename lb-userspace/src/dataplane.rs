@@ -10,8 +10,7 @@ use aya::{
 };
 use lb_common::{
     decap_stat, map_names, program_names, stat, Backend, BackendStats, Config, ConnValue, DecapAddr, DecapConfig,
-    DecapStats, FlowKey, GlobalStats, VipKey,
-    VipMeta, VipStats, DEFAULT_CONN_TABLE_SIZE, DEFAULT_RING_CAPACITY,
+    DecapStats, FlowKey, GlobalStats, VipKey, VipMeta, VipStats, DEFAULT_CONN_TABLE_SIZE, DEFAULT_RING_CAPACITY,
 };
 
 use crate::{object, sys};

@@ -265,6 +265,14 @@ pub struct VipState {
     /// When the live ring went live (not saved: a restart counts it as old).
     #[serde(skip)]
     live_since: Option<std::time::Instant>,
+    /// The previous ring's backend ids, when known (not saved: after a
+    /// restart they are unknown until the previous ring changes).
+    #[serde(skip)]
+    prev_ring: Option<Vec<u32>>,
+    /// Removed backends the previous ring may still name: kept in the
+    /// backends map, marked retired, until no ring does.
+    #[serde(default)]
+    retired: BTreeMap<u32, IpAddr>,
     /// The live ring: backend ids (empty when no backend takes new flows).
     /// Not saved: it is rebuilt from the backends, deterministically.
     #[serde(skip)]
@@ -476,6 +484,8 @@ impl Services {
             live_slot: 0,
             prev_slot: None,
             live_since: None,
+            prev_ring: Some(Vec::new()),
+            retired: BTreeMap::new(),
             ring: Vec::new(),
             fail_open: false,
             backends: BTreeMap::new(),
@@ -513,8 +523,8 @@ impl Services {
         // The slot's value follows the VIPs left in it (0 when none is).
         let slot = filter_slot(vip);
         dp.set_vip_filter(slot, self.slot_value(slot))?;
-        for backend in state.backends.values() {
-            self.release_backend(dp, backend.id)?;
+        for id in state.backends.values().map(|b| b.id).chain(state.retired.keys().copied()) {
+            self.release_backend(dp, id)?;
         }
         self.ring_space.free(state.extent);
         self.free_vip_ids.push_back(state.id);
@@ -534,7 +544,7 @@ impl Services {
         let cookie = self.next_cookie;
         let (words, family) = addr::words(spec.addr);
         dp.reset_backend_stats(id)?;
-        dp.set_backend(id, &Backend { addr: words, cookie, family, _pad: [0; 3] })?;
+        dp.set_backend(id, &Backend { addr: words, cookie, family, flags: 0, _pad: [0; 2] })?;
         let mut backends = state.backends.clone();
         backends.insert(spec.addr, BackendState { id, cookie, weight: spec.weight, drained: false, healthy: true });
         if let Err(e) = self.swap_ring(dp, vip, backends, "backend added") {
@@ -551,7 +561,27 @@ impl Services {
         let mut backends = self.vip(vip)?.backends.clone();
         let removed = backends.remove(&addr).ok_or(ServiceError::NoSuchBackend(*vip, addr))?;
         self.swap_ring(dp, vip, backends, "backend removed")?;
-        self.release_backend(dp, removed.id)
+        // Retired, not released: the previous ring may name it as the
+        // alternate of connections that still live on it.
+        let (words, family) = addr::words(addr);
+        let retired =
+            Backend { addr: words, cookie: removed.cookie, family, flags: lb_common::BACKEND_F_RETIRED, _pad: [0; 2] };
+        dp.set_backend(removed.id, &retired)?;
+        self.vips.get_mut(vip).expect("swapped above").retired.insert(removed.id, addr);
+        self.release_retired(dp, vip)
+    }
+
+    /// Releases the retired backends of `vip` that no ring names any more.
+    fn release_retired(&mut self, dp: &mut Dataplane, vip: &VipAddr) -> Result<(), ServiceError> {
+        let state = self.vips.get_mut(vip).ok_or(ServiceError::NoSuchVip(*vip))?;
+        let Some(prev_ring) = &state.prev_ring else { return Ok(()) };
+        let unnamed: Vec<u32> =
+            state.retired.keys().copied().filter(|id| !state.ring.contains(id) && !prev_ring.contains(id)).collect();
+        for id in unnamed {
+            self.vips.get_mut(vip).expect("looked up above").retired.remove(&id);
+            self.release_backend(dp, id)?;
+        }
+        Ok(())
     }
 
     /// Drained: existing flows stay, new flows go elsewhere.
@@ -636,6 +666,9 @@ impl Services {
         let ring_size = if ring.is_empty() { 0 } else { state.spec.ring_size };
         dp.set_vip(&vip.key(), &state.meta(live, prev, ring_size))?;
         if !ring.is_empty() {
+            if prev != state.prev_slot {
+                state.prev_ring = Some(std::mem::take(&mut state.ring));
+            }
             state.live_slot = live;
             state.prev_slot = prev;
             state.live_since = Some(std::time::Instant::now());
@@ -648,7 +681,8 @@ impl Services {
         self.ring_swaps += 1;
         self.ring_swap_seconds += took;
         tracing::info!(%vip, cause, in_ring, fail_open, took_ms = took * 1000.0, "ring swapped");
-        self.sync_fragment_entry(dp, vip)
+        self.sync_fragment_entry(dp, vip)?;
+        self.release_retired(dp, vip)
     }
 
     /// Fragments after the first carry no ports, so one VIP per address and
@@ -710,7 +744,8 @@ impl Services {
         let alternate = match state.previous_ring_offset() {
             Some(offset) if state.spec.encap == Encap::Gue => {
                 let prev = dp.ring_slot(offset + slot)?;
-                by_id(prev).map(|(a, _)| *a).filter(|a| prev != id && a.is_ipv4() == addr.is_ipv4())
+                let named = by_id(prev).map(|(a, _)| *a).or_else(|| state.retired.get(&prev).copied());
+                named.filter(|a| prev != id && a.is_ipv4() == addr.is_ipv4())
             }
             _ => None,
         };

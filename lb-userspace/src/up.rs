@@ -68,6 +68,18 @@ pub async fn run(opts: UpOptions) -> Result<()> {
     // Adopt what a previous controller left running, if it left its state.
     let saved: Option<Saved> = if link_pin.exists() && state_file.exists() {
         let text = std::fs::read(&state_file)?;
+        let layout = serde_json::from_slice::<serde_json::Value>(&text)
+            .ok()
+            .map(|v| v.get("layout").and_then(|l| l.as_u64()).unwrap_or(1));
+        if let Some(layout) = layout.filter(|l| *l != crate::controller::STATE_LAYOUT as u64) {
+            bail!(
+                "{} was left by an lbctl whose maps have another layout ({layout}, this one reads {}): it cannot \
+                 be adopted; stop that balancer without --keep (or remove {} and the state file), then start this one",
+                state_file.display(),
+                crate::controller::STATE_LAYOUT,
+                pin_dir.display()
+            );
+        }
         Some(serde_json::from_slice(&text).with_context(|| format!("state file {} is damaged", state_file.display()))?)
     } else {
         if pin_dir.exists() {

@@ -95,15 +95,24 @@ fn dataplane(r: &mut Results, opts: &Opts) -> anyhow::Result<()> {
     }
     let mut dp = Dataplane::load(LoadOptions {
         conn_table_size: 2 << 20,
-        ring_capacity: 8 * 65537,
+        ring_capacity: 16 * 65537,
         bench_restore: true,
         pin_dir: None,
     })?;
     let mut svc = Services::new(&mut dp, test_settings())?;
-    let vips = ["203.0.113.10:80/tcp", "[2001:db8::10]:80/tcp", "203.0.113.10:53/udp"];
-    for v in vips {
+    // IP-in-IP conntrack VIPs, and GUE ones: stateless (.20) and conntrack
+    // (.30). Backends added one by one: the previous ring of the GUE VIPs
+    // stays the first (one backend), so most flows carry an alternate.
+    let vips = [
+        ("203.0.113.10:80/tcp", Encap::Ipip, false),
+        ("[2001:db8::10]:80/tcp", Encap::Ipip, false),
+        ("203.0.113.10:53/udp", Encap::Ipip, false),
+        ("203.0.113.20:80/tcp", Encap::Gue, true),
+        ("203.0.113.30:80/tcp", Encap::Gue, false),
+    ];
+    for (v, encap, stateless) in vips {
         let vip: VipAddr = v.parse().map_err(anyhow::Error::msg)?;
-        svc.add_vip(&mut dp, VipSpec { vip, hash: HashMode::FiveTuple, ring_size: 65537, encap: Encap::Ipip, stateless: false })?;
+        svc.add_vip(&mut dp, VipSpec { vip, hash: HashMode::FiveTuple, ring_size: 65537, encap, stateless })?;
         for i in 1..=10 {
             let addr: IpAddr = if v.starts_with('[') {
                 format!("2001:db8:1::{i}").parse()?
@@ -114,7 +123,7 @@ fn dataplane(r: &mut Results, opts: &Opts) -> anyhow::Result<()> {
         }
     }
     // 1M flows in the conn table, so lookups do not run on an empty table.
-    let v4 = svc.vip(&vips[0].parse().map_err(anyhow::Error::msg)?)?;
+    let v4 = svc.vip(&vips[0].0.parse().map_err(anyhow::Error::msg)?)?;
     let b = *v4.backends.values().next().unwrap();
     let target = ConnValue { backend_id: b.id, cookie: b.cookie, vip_id: v4.id as u16, flags: 0, _pad: 0, hash: 0 };
     let mut rng = XorShift(0x5eed);
@@ -141,20 +150,30 @@ fn dataplane(r: &mut Results, opts: &Opts) -> anyhow::Result<()> {
     let ack6 = tcp_frame("2001:db8:c::55", 40000, "2001:db8::10", 80, ACK);
     let udp4 = udp_frame("192.0.2.55", 5353, "203.0.113.10", 53, &[0; 18]);
     let non_vip = tcp_frame("192.0.2.55", 40000, "203.0.113.99", 80, ACK);
+    let gue_ack = tcp_frame("192.0.2.55", 40000, "203.0.113.20", 80, ACK);
+    let gue_syn = tcp_frame("192.0.2.56", 1, "203.0.113.20", 80, SYN);
+    let gue_ct_ack = tcp_frame("192.0.2.55", 40000, "203.0.113.30", 80, ACK);
     let mut arp = eth([0xff; 6], ROUTER_MAC, ETH_P_ARP);
     arp.extend_from_slice(&[0, 1, 8, 0, 6, 4, 0, 1]);
     arp.extend_from_slice(&[0u8; 34]);
     // Established flows: their conn entries, as a first packet would leave.
-    for f in [&ack4, &ack6, &udp4] {
+    for f in [&ack4, &ack6, &udp4, &gue_ct_ack] {
         let mut h = lb_tests::Harness { dp, services: svc };
         let (action, _) = h.run(&syn_of(f));
         assert_eq!(action, XDP_TX);
         dp = h.dp;
         svc = h.services;
     }
-    let cases: [(&str, &[u8]); 6] = [
+    let mut h = lb_tests::Harness { dp, services: svc };
+    let (_, out) = h.run(&gue_ack);
+    eprintln!("  the stateless GUE flow carries an alternate: {}", out[42] & 0x1f != 0);
+    dp = h.dp;
+    let cases: [(&str, &[u8]); 9] = [
         ("v4_established_ns", &ack4),
         ("v4_new_flow_ns", &syn4),
+        ("gue_stateless_established_ns", &gue_ack),
+        ("gue_stateless_new_flow_ns", &gue_syn),
+        ("gue_conntrack_established_ns", &gue_ct_ack),
         ("v6_established_ns", &ack6),
         ("v4_udp_ns", &udp4),
         ("non_vip_ns", &non_vip),
@@ -168,7 +187,7 @@ fn dataplane(r: &mut Results, opts: &Opts) -> anyhow::Result<()> {
         }
         for (name, frame) in cases {
             // A new flow per repetition: keep below 65536 (the port wraps).
-            let n = if name == "v4_new_flow_ns" { repeat.min(60_000) } else { repeat };
+            let n = if name.contains("new_flow") { repeat.min(60_000) } else { repeat };
             samples.entry(name).or_default().push(run_ns(dp.program(), frame, n));
         }
     }

@@ -467,14 +467,27 @@ fn a_conn_entry_for_a_reused_backend_id_is_not_followed() {
     h.backend(&other, "198.51.100.7", 1);
     let other_backend = *h.services.vip(&other).unwrap().backends.values().next().unwrap();
     let flow_frame = tcp_frame(CLIENT, 40000, VIP, 80, ACK);
-    let stale =
-        lb_common::ConnValue { backend_id: other_backend.id, cookie: other_backend.cookie + 1000, vip_id: 1, flags: 0, _pad: 0, hash: 7 };
+    let stale = lb_common::ConnValue {
+        backend_id: other_backend.id,
+        cookie: other_backend.cookie + 1000,
+        vip_id: 1,
+        flags: 0,
+        _pad: 0,
+        hash: 7,
+    };
     h.dp.set_conn(&flow_of(&flow_frame), &stale).unwrap();
     assert_eq!(h.forward(&flow_frame).to_string(), "198.51.100.1");
     assert_eq!(h.stat(stat::CONN_HIT), 0);
     // With the right cookie the entry is followed, even to another VIP's
     // backend: the cookie is the only guard, so it must be exact.
-    let live = lb_common::ConnValue { backend_id: other_backend.id, cookie: other_backend.cookie, vip_id: 1, flags: 0, _pad: 0, hash: 7 };
+    let live = lb_common::ConnValue {
+        backend_id: other_backend.id,
+        cookie: other_backend.cookie,
+        vip_id: 1,
+        flags: 0,
+        _pad: 0,
+        hash: 7,
+    };
     h.dp.set_conn(&flow_of(&flow_frame), &live).unwrap();
     assert_eq!(h.forward(&flow_frame).to_string(), "198.51.100.7");
 }

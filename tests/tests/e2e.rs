@@ -1228,3 +1228,231 @@ fn a_real_prometheus_scrapes_both_lb_hosts_and_every_dashboard_query_returns_dat
     let per_vip = query(&queries[0]);
     assert!(per_vip.to_string().contains(HTTP4), "{per_vip}");
 }
+
+/// Long-lived TCP connections to the echo VIP, one line each in turn until
+/// stopped. A connection breaks when a line is not echoed, or echoed by
+/// another backend than its first.
+struct Streams {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    rounds: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    worker: std::thread::JoinHandle<Vec<Result<String, String>>>,
+}
+
+impl Streams {
+    /// `n` connections from the four client addresses (ports from `first_port`).
+    fn start(n: usize, first_port: u16) -> Streams {
+        let mut conns: Vec<(SocketAddr, TcpStream, String)> = (0..n)
+            .map(|k| {
+                let src = sock(&client_v4(k % 4), first_port + k as u16);
+                let mut c = connect(src, sock(VIP4, ECHO_PORT));
+                let owner = echo(&mut c, "hello");
+                (src, c, owner)
+            })
+            .collect();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let rounds = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (stop2, rounds2) = (stop.clone(), rounds.clone());
+        let worker = std::thread::spawn(move || {
+            let mut broken: Vec<Option<String>> = vec![None; conns.len()];
+            let mut round = 0;
+            while !stop2.load(std::sync::atomic::Ordering::SeqCst) {
+                for (k, (src, c, owner)) in conns.iter_mut().enumerate() {
+                    if broken[k].is_some() {
+                        continue;
+                    }
+                    let line = format!("{k} {round}");
+                    let _ = c.write_all(format!("{line}\n").as_bytes());
+                    let mut reply = String::new();
+                    let got = BufReader::new(&mut *c).read_line(&mut reply);
+                    let want = format!("{owner} {line}\n");
+                    if !matches!(got, Ok(n) if n > 0) || reply != want {
+                        broken[k] = Some(format!("{src} on {owner}: round {round}: {got:?} {reply:?}"));
+                    }
+                }
+                round += 1;
+                rounds2.store(round, std::sync::atomic::Ordering::SeqCst);
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            conns.iter().zip(broken).map(|((_, _, owner), b)| b.map_or(Ok(owner.clone()), Err)).collect()
+        });
+        Streams { stop, rounds, worker }
+    }
+
+    /// Waits until every connection has sent `n` more lines.
+    fn more_rounds(&self, n: usize) {
+        let from = self.rounds.load(std::sync::atomic::Ordering::SeqCst);
+        wait_for(PATIENCE, || {
+            self.rounds.load(std::sync::atomic::Ordering::SeqCst) >= from + n || self.worker.is_finished()
+        })
+        .unwrap();
+    }
+
+    /// Stops; returns each connection's backend, or how it broke.
+    fn finish(self) -> Vec<Result<String, String>> {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.worker.join().unwrap()
+    }
+}
+
+/// The second-chance counters of every backend's decap program.
+fn redirected(lab: &Lab) -> u64 {
+    (1..=BACKENDS)
+        .map(|j| {
+            let out = lab.lbctl_in(&backend_ns(j), &["-o", "json", "decap", "status", &format!("be{j}-eth")]).unwrap();
+            let counters: serde_json::Value = serde_json::from_str(&out).unwrap();
+            counters["redirected"].as_u64().unwrap()
+        })
+        .sum()
+}
+
+/// The ring changes of the second-chance tests: a backend added, another
+/// removed, a third re-weighted, on both LB hosts, each followed by a few
+/// rounds of every connection.
+fn ring_changes(lab: &Lab, streams: &Streams) {
+    all(lab, &["backend", "add", ECHO4, &backend_v4(3)]);
+    streams.more_rounds(3);
+    all(lab, &["backend", "del", ECHO4, &backend_v4(1)]);
+    streams.more_rounds(3);
+    all(lab, &["backend", "set-weight", ECHO4, &backend_v4(2), "3"]);
+    streams.more_rounds(3);
+}
+
+/// Brings up the echo VIP with `vip_args` on both LB hosts, be1 and be2
+/// behind it, and 40 connections streaming through it; then waits until the
+/// ring they were made under has served long enough to be the previous
+/// ring when it changes (PREVIOUS_RING_MIN_LIVE, 5 s, by design).
+fn streams_on(lab: &Lab, vip_args: &[&str], first_port: u16) -> Streams {
+    let mut args = vec!["vip", "add", ECHO4];
+    args.extend_from_slice(vip_args);
+    all(lab, &args);
+    for j in 1..=2 {
+        all(lab, &["backend", "add", ECHO4, &backend_v4(j)]);
+    }
+    let streams = Streams::start(40, first_port);
+    std::thread::sleep(lb_userspace::services::PREVIOUS_RING_MIN_LIVE + Duration::from_secs(1));
+    streams.more_rounds(2);
+    streams
+}
+
+fn broken(results: &[Result<String, String>]) -> Vec<&String> {
+    results.iter().filter_map(|r| r.as_ref().err()).collect()
+}
+
+#[test]
+fn gue_second_chance_keeps_every_connection_through_ring_changes_on_a_stateless_vip() {
+    let s = lab();
+    let lab = &s.lab;
+    let streams = streams_on(lab, &["--encap", "gue", "--stateless"], 52000);
+    ring_changes(lab, &streams);
+    let results = streams.finish();
+    assert!(broken(&results).is_empty(), "broken connections: {:#?}", broken(&results));
+    let on = |b: &str| results.iter().filter(|r| r.as_deref() == Ok(b)).count();
+    println!("40 connections: {} on be1 (removed), {} on be2; {} redirected", on("be1"), on("be2"), redirected(lab));
+    assert!(on("be1") > 0 && on("be2") > 0, "connections on both first backends");
+    assert!(redirected(lab) > 0, "the backends passed packets on to their alternates");
+    assert_eq!(counter(lab, 1, "conn_hit") + counter(lab, 2, "conn_hit"), 0, "a stateless VIP never hits the table");
+    let list = ok(lab, 1, &["vip", "list"]);
+    assert!(list.lines().any(|l| l.contains(ECHO4) && l.contains(" gue ") && l.contains(" stateless ")), "{list}");
+}
+
+/// The ring changes with every flow through lb1, then every flow moved to
+/// lb2 (whose conn table never saw them); returns the connections' results.
+fn changes_then_ecmp_move(lab: &Lab, vip_args: &[&str], first_port: u16) -> Vec<Result<String, String>> {
+    let via = |i: usize| {
+        let next_hop = format!("198.51.100.{}", 4 * i - 2);
+        ns(ROUTER_NS, &["ip", "route", "replace", "203.0.113.0/24", "via", &next_hop]).unwrap();
+    };
+    via(1);
+    let streams = streams_on(lab, vip_args, first_port);
+    ring_changes(lab, &streams);
+    via(2);
+    streams.more_rounds(5);
+    streams.finish()
+}
+
+#[test]
+fn gue_second_chance_keeps_connections_moved_to_another_lb_host_after_ring_changes() {
+    for (vip_args, port) in [(&["--encap", "gue"][..], 53000), (&["--encap", "gue", "--stateless"][..], 54000)] {
+        let s = lab();
+        let results = changes_then_ecmp_move(&s.lab, vip_args, port);
+        let broken = broken(&results);
+        println!("{vip_args:?}: {} of 40 connections broke after the changes and the move", broken.len());
+        assert!(broken.is_empty(), "{vip_args:?}: {broken:#?}");
+    }
+    // The baseline: IP-in-IP, where lb2 can only follow its ring.
+    let s = lab();
+    let results = changes_then_ecmp_move(&s.lab, &[], 55000);
+    println!("IP-in-IP baseline: {} of 40 connections broke after the changes and the move", broken(&results).len());
+}
+
+#[test]
+fn a_syn_flood_at_a_stateless_vip_leaves_the_conn_table_and_established_connections_alone() {
+    let s = lab();
+    let lab = &s.lab;
+    // A small conn table, and a flood ten times its size.
+    for i in 1..=LBS {
+        lab.stop_lb(i, libc::SIGTERM).unwrap();
+        lab.start_lb(i, &["--conn-table-size", "4096"]).unwrap();
+    }
+    let streams = streams_on(lab, &["--encap", "gue", "--stateless"], 56000);
+    let entries = |i: usize| sample(&scrape(i, &[]), "lb_conn_table_entries");
+    let before = [entries(1), entries(2)];
+    let flood = 40_960;
+    in_ns(CLIENT_NS, move || syn_flood(flood)).unwrap();
+    streams.more_rounds(5);
+    let results = streams.finish();
+    assert!(broken(&results).is_empty(), "{:#?}", broken(&results));
+    assert_eq!([entries(1), entries(2)], before, "the flood left no state");
+    let new_flows: u64 = (1..=LBS).map(|i| counter(lab, i, "conn_miss")).sum();
+    assert!(new_flows >= flood as u64, "every SYN was balanced: {new_flows}");
+}
+
+/// `n` TCP SYNs to the echo VIP from the client's addresses, each from
+/// another source port, through a raw socket (RFC 9293 headers by hand).
+fn syn_flood(n: u32) {
+    let raw = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_TCP) };
+    assert!(raw >= 0);
+    for k in 0..n {
+        let src = [192, 0, 2, 10 + (k % 4) as u8];
+        let dst = [203, 0, 113, 10];
+        let port = 1024 + (k % 60000) as u16;
+        let mut tcp = Vec::with_capacity(20);
+        tcp.extend_from_slice(&port.to_be_bytes());
+        tcp.extend_from_slice(&ECHO_PORT.to_be_bytes());
+        tcp.extend_from_slice(&k.to_be_bytes());
+        tcp.extend_from_slice(&[0, 0, 0, 0, 0x50, 0x02, 0xff, 0xff, 0, 0, 0, 0]);
+        let mut pseudo = [src, dst].concat();
+        pseudo.extend_from_slice(&[0, 6, 0, 20]);
+        pseudo.extend_from_slice(&tcp);
+        let sum = lb_tests::checksum(&pseudo);
+        tcp[16..18].copy_from_slice(&sum.to_be_bytes());
+        // A raw TCP socket takes the source the route picks; bind per
+        // source address instead with IP_HDRINCL-free sendmsg and pktinfo.
+        let mut info: libc::in_pktinfo = unsafe { std::mem::zeroed() };
+        info.ipi_spec_dst = libc::in_addr { s_addr: u32::from_ne_bytes(src) };
+        let to = libc::sockaddr_in {
+            sin_family: libc::AF_INET as u16,
+            sin_port: 0,
+            sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes(dst) },
+            sin_zero: [0; 8],
+        };
+        let mut iov = libc::iovec { iov_base: tcp.as_mut_ptr() as *mut _, iov_len: tcp.len() };
+        let mut cmsg_buf = [0u8; 64];
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_name = &to as *const _ as *mut _;
+        msg.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as u32;
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = cmsg_buf.as_mut_ptr() as *mut _;
+        msg.msg_controllen = unsafe { libc::CMSG_SPACE(std::mem::size_of::<libc::in_pktinfo>() as u32) } as usize;
+        unsafe {
+            let cmsg = libc::CMSG_FIRSTHDR(&msg);
+            (*cmsg).cmsg_level = libc::IPPROTO_IP;
+            (*cmsg).cmsg_type = libc::IP_PKTINFO;
+            (*cmsg).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<libc::in_pktinfo>() as u32) as usize;
+            std::ptr::write(libc::CMSG_DATA(cmsg) as *mut libc::in_pktinfo, info);
+            assert_eq!(libc::sendmsg(raw, &msg, 0), 20, "sendmsg: {}", std::io::Error::last_os_error());
+        }
+    }
+    unsafe { libc::close(raw) };
+}

@@ -168,25 +168,26 @@ fn gue_over_ipv6_with_an_alternate_and_a_stateless_vip_leaves_the_conn_table_alo
 }
 
 #[test]
-fn the_alternate_is_present_exactly_when_the_previous_ring_names_another_live_backend() {
+fn the_alternate_is_present_exactly_when_the_previous_ring_names_another_backend() {
     let mut h = Harness::new();
     let vip = gue_vip(&mut h, "203.0.113.10:80/tcp", true);
     h.backend(&vip, "198.51.100.1", 1);
     h.backend(&vip, "198.51.100.2", 1);
     // The (.1, .2) ring becomes the previous one; .3 takes a third of the flows.
     h.backend(&vip, "198.51.100.3", 1);
-    let address_of = |h: &Harness, id: u32| -> Option<[u8; 4]> {
-        let vip = h.services.vip(&vip).unwrap();
-        vip.backends.iter().find(|(_, b)| b.id == id).map(|(a, _)| match a {
-            std::net::IpAddr::V4(a) => a.octets(),
-            _ => unreachable!(),
-        })
-    };
-    // Returns how many flows carried an alternate, and how many had a
-    // different owner in the previous ring that no longer exists.
+    let ids: std::collections::HashMap<u32, [u8; 4]> = h
+        .services
+        .vip(&vip)
+        .unwrap()
+        .backends
+        .iter()
+        .map(|(a, b)| (b.id, if let std::net::IpAddr::V4(a) = a { a.octets() } else { unreachable!() }))
+        .collect();
+    // Counts the flows that carried an alternate, checking each flow: one
+    // exactly when the rings differ, naming the previous ring's backend.
     let check = |h: &mut Harness, seed: u64| -> (u32, u32) {
         let meta = h.dp.vip(&vip.key()).unwrap().unwrap();
-        let (mut with, mut gone) = (0, 0);
+        let (mut with, mut from_1) = (0, 0);
         let mut rng = XorShift(seed);
         for _ in 0..3000 {
             let port = 1024 + (rng.next_u64() % 60000) as u16;
@@ -195,27 +196,34 @@ fn the_alternate_is_present_exactly_when_the_previous_ring_names_another_live_ba
             let now = h.dp.ring_slot(meta.ring_offset + slot).unwrap();
             let before = h.dp.ring_slot(meta.prev_ring_offset + slot).unwrap();
             let (_, out) = h.run(&input);
-            match (now != before).then(|| address_of(h, before)).flatten() {
-                Some(previous) => {
-                    assert_eq!(out[42], 0x02, "port {port}: the rings differ and the old owner exists");
-                    assert_eq!(&out[50..54], &previous, "port {port}: it is named");
-                    with += 1;
-                }
-                None => {
-                    assert_eq!(out[42], 0x00, "port {port}: same owner, or the old one is gone");
-                    gone += (now != before) as u32;
-                }
+            if now == before {
+                assert_eq!(out[42], 0x00, "port {port}: same owner in both rings");
+            } else {
+                assert_eq!(out[42], 0x02, "port {port}: the rings differ");
+                assert_eq!(&out[50..54], &ids[&before], "port {port}: the previous owner is named");
+                with += 1;
+                from_1 += (ids[&before] == [198, 51, 100, 1]) as u32;
             }
         }
-        (with, gone)
+        (with, from_1)
     };
     let (with, _) = check(&mut h, 0x5eed);
     println!("after an add: {with} of 3000 flows carried an alternate");
     assert!(with > 500, "about a third of the flows moved to .3: {with}");
     // .1 is removed right away: the (.1, .2) ring stays the previous one
-    // (the last ring lived too short), and .1 is never named any more.
+    // (the last ring lived too short), so .1 is retired, not released, and
+    // its connections still get their second chance.
+    let id_1 = h.services.vip(&vip).unwrap().backends[&"198.51.100.1".parse().unwrap()].id;
     h.services.remove_backend(&mut h.dp, &vip, "198.51.100.1".parse().unwrap()).unwrap();
-    let (with, gone) = check(&mut h, 0xfeed);
-    println!("after a removal: {with} flows carried an alternate, {gone} had a removed previous owner");
-    assert!(gone > 500, "about half of the flows were on .1: {gone}");
+    let retired = h.dp.backend(id_1).unwrap();
+    assert_eq!(retired.flags, lb_common::BACKEND_F_RETIRED);
+    assert_ne!(retired.cookie, 0);
+    let (with, from_1) = check(&mut h, 0xfeed);
+    println!("after a removal: {with} flows carried an alternate, {from_1} naming the removed .1");
+    assert!(from_1 > 500, "about half of the flows were on .1: {from_1}");
+    // A backend that no ring names any more is released at once.
+    h.backend(&vip, "198.51.100.4", 1);
+    let id_4 = h.services.vip(&vip).unwrap().backends[&"198.51.100.4".parse().unwrap()].id;
+    h.services.remove_backend(&mut h.dp, &vip, "198.51.100.4".parse().unwrap()).unwrap();
+    assert_eq!(h.dp.backend(id_4).unwrap().cookie, 0, ".4 was never in the previous ring");
 }

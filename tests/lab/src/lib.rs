@@ -236,11 +236,17 @@ impl Lab {
             self.lbctl_in(&backend_ns(j), &["decap", "up", &format!("be{j}-eth"), "--xdp-mode", "native"])?;
         }
         // XDP_TX on a veth only delivers when the peer runs XDP too
-        // (PLATFORM.md): the router's LB-facing ends get the decap program,
-        // which passes everything not addressed to it.
+        // (PLATFORM.md): the router's ends towards the LB hosts (which send
+        // everything back out) and the backends (which pass GUE packets on
+        // to their alternate) get the decap program, which passes
+        // everything not addressed to it.
         for i in 1..=LBS {
             let addr = format!("198.51.100.{}", 4 * i - 3);
             self.lbctl_in(ROUTER_NS, &["decap", "up", &format!("rt-lb{i}"), "--address", &addr])?;
+        }
+        for j in 1..=BACKENDS {
+            let addr = format!("198.51.100.{}", 16 * j + 1);
+            self.lbctl_in(ROUTER_NS, &["decap", "up", &format!("rt-be{j}"), "--address", &addr])?;
         }
         Ok(())
     }
@@ -414,6 +420,7 @@ impl Lab {
         }
         for j in 1..=BACKENDS {
             remove_dir(&format!("/sys/fs/bpf/lbctl-decap/be{j}-eth"));
+            remove_dir(&format!("/sys/fs/bpf/lbctl-decap/rt-be{j}"));
         }
         remove_dir("/sys/fs/bpf/lbctl-decap/rt-cl");
         let listed = sh("ip", &["netns", "list"])?;
