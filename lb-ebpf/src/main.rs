@@ -158,7 +158,7 @@ fn balance(ctx: &XdpContext, stats: &mut [u64; stat::COUNT]) -> (u32, usize) {
                 }
             };
             stats[stat::CONN_MISS] += 1;
-            let Some((id, backend, conn)) = pick_from_ring(&vip, &pkt) else {
+            let Some((id, backend, conn, slot)) = pick_from_ring(&vip, &pkt) else {
                 count_vip(vip.vip_id, &pkt, 0);
                 return (XDP_DROP, stat::NO_BACKEND);
             };
@@ -170,7 +170,7 @@ fn balance(ctx: &XdpContext, stats: &mut [u64; stat::COUNT]) -> (u32, usize) {
             let tunnel = if vip.flags & VIP_F_GUE == 0 {
                 Tunnel::Ipip
             } else if midstream {
-                let alternate = previous_owner(&vip, &backend, id, conn.hash);
+                let alternate = previous_owner(&vip, &backend, id, slot);
                 if alternate.is_some() {
                     stats[stat::GUE_ALTERNATE] += 1;
                 }
@@ -296,9 +296,10 @@ fn lookup_conn(pkt: &Packet) -> Option<(u32, Backend, ConnValue)> {
 }
 
 /// Maglev: the ring slot of the flow's hash names the backend. Returns it
-/// with the conn-table entry that would remember the choice.
+/// with the conn-table entry that would remember the choice, and the slot
+/// (the previous ring is read at the same one: one modulo per packet).
 #[inline(always)]
-fn pick_from_ring(vip: &VipMeta, pkt: &Packet) -> Option<(u32, Backend, ConnValue)> {
+fn pick_from_ring(vip: &VipMeta, pkt: &Packet) -> Option<(u32, Backend, ConnValue, u32)> {
     if vip.ring_size == 0 {
         return None;
     }
@@ -308,14 +309,15 @@ fn pick_from_ring(vip: &VipMeta, pkt: &Packet) -> Option<(u32, Backend, ConnValu
     } else {
         flow_hash(&f.src, &f.dst, f.src_port, f.dst_port, f.proto)
     };
-    let backend_id = *RINGS.get(vip.ring_offset + hash % vip.ring_size)?;
+    let slot = hash % vip.ring_size;
+    let backend_id = *RINGS.get(vip.ring_offset + slot)?;
     let backend = *BACKENDS.get(backend_id)?;
     if backend.cookie == 0 {
         return None;
     }
     let flags = if vip.flags & VIP_F_GUE != 0 { CONN_F_GUE } else { 0 };
     let conn = ConnValue { backend_id, cookie: backend.cookie, vip_id: vip.vip_id as u16, flags, _pad: 0, hash };
-    Some((backend_id, backend, conn))
+    Some((backend_id, backend, conn, slot))
 }
 
 /// The alternate hop: the backend the previous ring gives this hash, if it
@@ -323,11 +325,11 @@ fn pick_from_ring(vip: &VipMeta, pkt: &Packet) -> Option<(u32, Backend, ConnValu
 /// retired, while the previous ring names it), and has its address family
 /// (the outer header is built for the chosen one's).
 #[inline(always)]
-fn previous_owner(vip: &VipMeta, chosen: &Backend, chosen_id: u32, hash: u32) -> Option<[u32; 4]> {
+fn previous_owner(vip: &VipMeta, chosen: &Backend, chosen_id: u32, slot: u32) -> Option<[u32; 4]> {
     if vip.flags & VIP_F_HAS_PREV == 0 {
         return None;
     }
-    let id = *RINGS.get(vip.prev_ring_offset + hash % vip.ring_size)?;
+    let id = *RINGS.get(vip.prev_ring_offset + slot)?;
     if id == chosen_id {
         return None;
     }
