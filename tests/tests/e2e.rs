@@ -1351,6 +1351,14 @@ fn gue_second_chance_keeps_every_connection_through_ring_changes_on_a_stateless_
     assert!(on("be1") > 0 && on("be2") > 0, "connections on both first backends");
     assert!(redirected(lab) > 0, "the backends passed packets on to their alternates");
     assert_eq!(counter(lab, 1, "conn_hit") + counter(lab, 2, "conn_hit"), 0, "a stateless VIP never hits the table");
+    // explain names the alternate of a connection left on the removed be1,
+    // and the metrics count the packets that carried one.
+    let k = results.iter().position(|r| r.as_deref() == Ok("be1")).unwrap();
+    let client = sock(&client_v4(k % 4), 52000 + k as u16).to_string();
+    let explained = ok(lab, 1, &["explain", &client, ECHO4]);
+    assert!(explained.contains(&format!("alternate hop {}", backend_v4(1))), "{explained}");
+    let alternates: f64 = (1..=LBS).map(|i| sample(&scrape(i, &[]), "lb_gue_alternate_total")).sum();
+    assert!(alternates > 0.0, "lb_gue_alternate_total");
     let list = ok(lab, 1, &["vip", "list"]);
     assert!(list.lines().any(|l| l.contains(ECHO4) && l.contains(" gue ") && l.contains(" stateless ")), "{list}");
 }
