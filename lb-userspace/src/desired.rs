@@ -365,6 +365,24 @@ expect_status = "200-299"
     }
 
     #[test]
+    fn encap_stateless_and_https_trust_parse_and_bad_ones_name_the_line() {
+        let file = "[[vip]]\nvip = \"203.0.113.10:443/tcp\"\nencap = \"gue\"\nstateless = true\n\n\
+                    [[vip.backend]]\naddress = \"198.51.100.1\"\ncheck = \"https://be1.example/\"\n\
+                    check_insecure = true\n";
+        let d = parse(file).unwrap();
+        let v = &d[&"203.0.113.10:443/tcp".parse().unwrap()];
+        assert_eq!((v.spec.encap, v.spec.stateless), (crate::services::Encap::Gue, true));
+        let probe = &v.backends[&"198.51.100.1".parse().unwrap()].check.probe;
+        assert_eq!(probe.to_string(), "https://be1.example:443/ (insecure)");
+        let bad = file.replace("\"gue\"", "\"vxlan\"");
+        assert_eq!(parse(&bad).unwrap_err(), "line 3: encap 'vxlan' is not ipip or gue");
+        let no_ca = file.replace("check_insecure = true", "check_ca = \"/nonexistent/ca.pem\"");
+        assert!(parse(&no_ca).unwrap_err().starts_with("line 9: cannot read check_ca /nonexistent/ca.pem"));
+        let http = file.replace("https://", "http://");
+        assert!(parse(&http).unwrap_err().contains("https:// checks only"), "{}", parse(&http).unwrap_err());
+    }
+
+    #[test]
     fn the_shipped_example_files_parse() {
         for (name, text) in [
             ("examples/lab.toml", include_str!("../../examples/lab.toml")),
