@@ -26,9 +26,22 @@ pub mod map_names {
     pub const DECAP_STATS: &str = "DECAP_STATS";
     pub const VIP_FILTER: &str = "VIP_FILTER";
     pub const FLOOD: &str = "FLOOD";
+    pub const VIP_SLOTS: &str = "VIP_SLOTS";
+    pub const VIP_ENTRIES: &str = "VIP_ENTRIES";
     /// The balancer's maps: what a controller pins and a restart adopts.
-    pub const BALANCER_MAPS: [&str; 9] =
-        [VIPS, VIP_FILTER, BACKENDS, RINGS, CONNS, CONFIG, GLOBAL_STATS, VIP_STATS, BACKEND_STATS];
+    pub const BALANCER_MAPS: [&str; 11] = [
+        VIPS,
+        VIP_SLOTS,
+        VIP_ENTRIES,
+        VIP_FILTER,
+        BACKENDS,
+        RINGS,
+        CONNS,
+        CONFIG,
+        GLOBAL_STATS,
+        VIP_STATS,
+        BACKEND_STATS,
+    ];
 }
 
 /// Program names (the function names in `lb-ebpf`).
@@ -191,6 +204,34 @@ pub struct ConnValue {
 
 /// Conn-table flag: the flow's VIP encapsulates in GUE.
 pub const CONN_F_GUE: u8 = 1;
+
+/// The VIP lookup in arrays, which the kernel inlines (a hash-map lookup
+/// is a helper call, about a third of a stateless packet's cost):
+/// `VIP_SLOTS[vip_slot(key)]` holds `index + 1` of the `VIP_ENTRIES` entry
+/// of the one VIP that owns the slot (0: none). Entries are double-buffered
+/// per VIP (index `2 * vip_id + half`): a change is written to the other
+/// half, then the slot word (one aligned 32-bit store) points at it, so a
+/// packet reads a whole old entry or a whole new one. VIPs whose slot
+/// another VIP owns are found in the `VIPS` hash map, which always holds
+/// every VIP.
+pub const VIP_SLOTS: u32 = 4096;
+
+/// One VIP, as the array lookup holds it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VipEntry {
+    pub key: VipKey,
+    pub meta: VipMeta,
+}
+
+/// The `VIP_SLOTS` slot of a VIP key. Multiplicative hashing over the
+/// key's words; collisions only send the later VIP to the hash map.
+#[inline(always)]
+pub fn vip_slot(key: &VipKey) -> u32 {
+    let words = key.addr[0] ^ key.addr[1].rotate_left(7) ^ key.addr[2].rotate_left(13) ^ key.addr[3].rotate_left(19);
+    let rest = ((key.port as u32) << 16) | ((key.proto as u32) << 8) | key.family as u32;
+    (words ^ rest.wrapping_mul(0x85eb_ca6b)).wrapping_mul(0x9e37_79b1) >> (32 - 12)
+}
 
 /// Slots of the VIP-address filter: an array of `u8`, [`FILTER_VIP`] where
 /// some VIP's address hashes to the slot (and [`FILTER_STATELESS`] if one of
@@ -395,6 +436,7 @@ mod pod {
     // SAFETY: all are repr(C), made of integers, with explicit padding.
     unsafe impl aya::Pod for VipKey {}
     unsafe impl aya::Pod for VipMeta {}
+    unsafe impl aya::Pod for VipEntry {}
     unsafe impl aya::Pod for Backend {}
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for ConnValue {}

@@ -11,8 +11,9 @@
 //! 3. conn table: an existing flow keeps its backend, and its entry carries
 //!    what the packet needs (VIP id, hash, tunnel), so no VIP lookup (a SYN
 //!    skips this step and picks afresh);
-//! 4. otherwise look up the VIP by (address, port, protocol), then port 0,
-//!    and let its Maglev ring pick; for a GUE VIP, a TCP packet that is not
+//! 4. otherwise look up the VIP by (address, port, protocol), then port 0
+//!    (in arrays the kernel inlines; the hash map only for a VIP whose
+//!    array slot another VIP owns), and let its Maglev ring pick; for a GUE VIP, a TCP packet that is not
 //!    a SYN also names the previous ring's backend as the alternate hop (and
 //!    is not remembered: its connection may live on that one); other new
 //!    flows are remembered, unless the VIP is stateless;
@@ -20,11 +21,12 @@
 //!    XDP_TX.
 //!
 //! Helper calls per packet: established, 2 (conn-table lookup,
-//! adjust_head); new flow, 3 (VIP lookup, conn-table update, adjust_head;
-//! a 4th, the clock, when the SYN-flood guard has a limit); stateless VIP,
-//! 2 (VIP lookup, adjust_head) for every packet;
-//! non-VIP, none unless its address collides in the filter. Array lookups
-//! (filter, config, ring, backend, stats) are inlined by the kernel.
+//! adjust_head); new flow, 2 (conn-table update, adjust_head; a 3rd, the
+//! clock, when the SYN-flood guard has a limit); stateless VIP, 1
+//! (adjust_head) for every packet; non-VIP, none unless its address
+//! collides in the filter. Array lookups (filter, config, VIP slots and
+//! entries, ring, backend, stats) are inlined by the kernel; a VIP that
+//! shares its array slot with another costs one hash-map lookup more.
 #![no_std]
 #![no_main]
 
@@ -43,7 +45,8 @@ use aya_ebpf::{
 };
 use lb_common::{
     address_mark, flow_hash, fragment_key, source_hash, stat, vip_filter_slot, Backend, BackendStats, Config,
-    ConnValue, FloodBucket, FlowKey, GlobalStats, VipKey, VipMeta, VipStats, AF_INET, BACKEND_F_RETIRED, CONFIG_F_DEBUG,
+    ConnValue, FloodBucket, FlowKey, GlobalStats, VipEntry, VipKey, VipMeta, VipStats, AF_INET, BACKEND_F_RETIRED,
+    CONFIG_F_DEBUG,
     CONFIG_F_PORT0_V4, CONFIG_F_PORT0_V6, CONN_F_GUE, DEFAULT_CONN_TABLE_SIZE, DEFAULT_RING_CAPACITY, FILTER_STATELESS,
     FILTER_VIP, IPPROTO_TCP, MAX_BACKENDS, MAX_VIPS, VIP_FILTER_SLOTS, VIP_F_GUE, VIP_F_HASH_SRC_ONLY, VIP_F_HAS_PREV,
     VIP_F_STATELESS,
@@ -60,6 +63,11 @@ const BPF_F_NO_COMMON_LRU: u32 = 1 << 1;
 /// fragment entry per address and protocol (`fragment_key`).
 #[map]
 static VIPS: HashMap<VipKey, VipMeta> = HashMap::with_max_entries(3 * MAX_VIPS, 0);
+/// The VIP lookup in arrays (`lb_common::VIP_SLOTS`): slot -> entry index + 1.
+#[map]
+static VIP_SLOTS: Array<u32> = Array::with_max_entries(lb_common::VIP_SLOTS, 0);
+#[map]
+static VIP_ENTRIES: Array<VipEntry> = Array::with_max_entries(2 * MAX_VIPS, 0);
 /// 1 where some VIP address hashes to the slot (`vip_filter_slot`).
 #[map]
 static VIP_FILTER: Array<u8> = Array::with_max_entries(VIP_FILTER_SLOTS, 0);
@@ -260,15 +268,30 @@ fn count_vip(vip_id: u32, pkt: &Packet, new_flows: u64) {
 #[inline(always)]
 fn lookup_vip(cfg: &Config, flow: &FlowKey) -> Option<VipMeta> {
     let mut key = VipKey { addr: flow.dst, port: flow.dst_port, proto: flow.proto, family: flow.family };
-    if let Some(vip) = unsafe { VIPS.get(&key) } {
-        return Some(*vip);
+    if let Some(vip) = vip_by_key(&key) {
+        return Some(vip);
     }
     let port0 = if flow.family == AF_INET { CONFIG_F_PORT0_V4 } else { CONFIG_F_PORT0_V6 };
     if cfg.flags & port0 == 0 {
         return None;
     }
     key.port = 0;
-    unsafe { VIPS.get(&key) }.copied()
+    vip_by_key(&key)
+}
+
+/// A VIP by its key: the arrays first (inlined: no helper call), then
+/// the hash map, which holds the VIPs whose slot another VIP owns.
+#[inline(always)]
+fn vip_by_key(key: &VipKey) -> Option<VipMeta> {
+    let word = VIP_SLOTS.get(lb_common::vip_slot(key)).copied().unwrap_or(0);
+    if word != 0 {
+        if let Some(entry) = VIP_ENTRIES.get(word - 1) {
+            if entry.key == *key {
+                return Some(entry.meta);
+            }
+        }
+    }
+    unsafe { VIPS.get(key) }.copied()
 }
 
 /// The VIP that takes fragments for this address and protocol (userspace

@@ -10,7 +10,7 @@ use aya::{
 };
 use lb_common::{
     decap_stat, map_names, program_names, stat, Backend, BackendStats, Config, ConnValue, DecapAddr, DecapConfig,
-    DecapStats, FlowKey, GlobalStats, VipKey, VipMeta, VipStats, DEFAULT_CONN_TABLE_SIZE, DEFAULT_RING_CAPACITY,
+    DecapStats, FlowKey, GlobalStats, VipEntry, VipKey, MAX_VIPS, VipMeta, VipStats, DEFAULT_CONN_TABLE_SIZE, DEFAULT_RING_CAPACITY,
 };
 
 use crate::{object, sys};
@@ -120,13 +120,46 @@ impl Dataplane {
     }
 
     /// Inserts or replaces a VIP. Replacing is atomic for packets: they see
-    /// the old value or the new one.
+    /// the old value or the new one. The hash map holds every VIP; a VIP
+    /// also goes to the array lookup when its slot is free or its own.
     pub fn set_vip(&mut self, key: &VipKey, meta: &VipMeta) -> Result<(), DataplaneError> {
-        self.hash::<VipKey, VipMeta>(map_names::VIPS)?.insert(key, meta, 0).map_err(map_err(map_names::VIPS))
+        self.hash::<VipKey, VipMeta>(map_names::VIPS)?.insert(key, meta, 0).map_err(map_err(map_names::VIPS))?;
+        // Address marks and fragment entries are looked up by hash only.
+        if meta.vip_id >= MAX_VIPS || key.family & 0x80 != 0 {
+            return Ok(());
+        }
+        let slot = lb_common::vip_slot(key);
+        let half = match self.slot_owner(slot)? {
+            None => 0,
+            Some((index, owner)) if owner.key == *key => 1 - index % 2,
+            Some(_) => return Ok(()),
+        };
+        let index = 2 * meta.vip_id + half;
+        let entry = VipEntry { key: *key, meta: *meta };
+        self.array::<VipEntry>(map_names::VIP_ENTRIES)?.set(index, entry, 0).map_err(map_err(map_names::VIP_ENTRIES))?;
+        // One aligned word: packets follow it to the whole new entry.
+        self.array::<u32>(map_names::VIP_SLOTS)?.set(slot, index + 1, 0).map_err(map_err(map_names::VIP_SLOTS))
     }
 
+    /// Removes a VIP: from the array lookup first, so that no packet finds
+    /// it there once the hash map no longer has it.
     pub fn remove_vip(&mut self, key: &VipKey) -> Result<(), DataplaneError> {
+        let slot = lb_common::vip_slot(key);
+        if self.slot_owner(slot)?.is_some_and(|(_, owner)| owner.key == *key) {
+            self.array::<u32>(map_names::VIP_SLOTS)?.set(slot, 0, 0).map_err(map_err(map_names::VIP_SLOTS))?;
+        }
         self.hash::<VipKey, VipMeta>(map_names::VIPS)?.remove(key).map_err(map_err(map_names::VIPS))
+    }
+
+    /// The entry index and entry that own an array-lookup slot, if any.
+    fn slot_owner(&mut self, slot: u32) -> Result<Option<(u32, VipEntry)>, DataplaneError> {
+        let word = self.array::<u32>(map_names::VIP_SLOTS)?.get(&slot, 0).map_err(map_err(map_names::VIP_SLOTS))?;
+        if word == 0 {
+            return Ok(None);
+        }
+        let entry =
+            self.array::<VipEntry>(map_names::VIP_ENTRIES)?.get(&(word - 1), 0).map_err(map_err(map_names::VIP_ENTRIES))?;
+        Ok(Some((word - 1, entry)))
     }
 
     pub fn vip(&mut self, key: &VipKey) -> Result<Option<VipMeta>, DataplaneError> {

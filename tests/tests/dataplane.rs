@@ -908,3 +908,39 @@ fn packets_during_ring_swaps_see_the_old_ring_or_the_new_one() {
     println!("{checked} packets during 80 ring swaps, each forwarded by the old ring or the new one");
     assert!(checked > 0);
 }
+
+#[test]
+fn vips_that_share_an_array_slot_are_both_served_and_removals_keep_the_other() {
+    let mut h = Harness::new();
+    // Two VIP keys in one VIP_SLOTS slot: the first owns it, the second is
+    // found through the hash map.
+    let key_of = |port: u16| format!("203.0.113.10:{port}/tcp").parse::<lb_userspace::services::VipAddr>().unwrap();
+    let first = key_of(80);
+    let slot = lb_common::vip_slot(&first.key());
+    let port = (81..u16::MAX).find(|p| lb_common::vip_slot(&key_of(*p).key()) == slot).expect("a colliding port");
+    let a = h.vip("203.0.113.10:80/tcp", HashMode::FiveTuple);
+    let b = h.vip(&format!("203.0.113.10:{port}/tcp"), HashMode::FiveTuple);
+    h.backend(&a, "198.51.100.1", 1);
+    h.backend(&b, "198.51.100.2", 1);
+    let to = |h: &mut Harness, p: u16| h.forward(&tcp_frame(CLIENT, 40000, VIP, p, SYN)).to_string();
+    assert_eq!(to(&mut h, 80), "198.51.100.1");
+    assert_eq!(to(&mut h, port), "198.51.100.2");
+    // Ring swaps reach packets through both paths (the owner's entry flips
+    // halves): new flows use each VIP's new backend too.
+    h.backend(&a, "198.51.100.3", 1);
+    h.backend(&b, "198.51.100.4", 1);
+    let spread = |h: &mut Harness, p: u16| -> std::collections::BTreeSet<String> {
+        (30000..30100).map(|src| h.forward(&tcp_frame(CLIENT, src, VIP, p, SYN)).to_string()).collect()
+    };
+    assert_eq!(spread(&mut h, 80), ["198.51.100.1", "198.51.100.3"].map(String::from).into());
+    assert_eq!(spread(&mut h, port), ["198.51.100.2", "198.51.100.4"].map(String::from).into());
+    // Removing the owner leaves the other served, and the port unserved.
+    h.services.remove_vip(&mut h.dp, &a).unwrap();
+    assert_eq!(h.run(&tcp_frame(CLIENT, 40000, VIP, 80, SYN)).0, XDP_PASS);
+    assert_eq!(spread(&mut h, port), ["198.51.100.2", "198.51.100.4"].map(String::from).into());
+    // The other takes the slot at its next change, and stays right.
+    h.services.remove_backend(&mut h.dp, &b, "198.51.100.4".parse().unwrap()).unwrap();
+    assert_eq!(spread(&mut h, port), ["198.51.100.2"].map(String::from).into());
+    h.services.remove_vip(&mut h.dp, &b).unwrap();
+    assert_eq!(h.run(&tcp_frame(CLIENT, 40000, VIP, port, SYN)).0, XDP_PASS);
+}
