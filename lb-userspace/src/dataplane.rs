@@ -10,7 +10,8 @@ use aya::{
 };
 use lb_common::{
     decap_stat, map_names, program_names, stat, Backend, BackendStats, Config, ConnValue, DecapAddr, DecapConfig,
-    DecapStats, FlowKey, GlobalStats, VipEntry, VipKey, MAX_VIPS, VipMeta, VipStats, DEFAULT_CONN_TABLE_SIZE, DEFAULT_RING_CAPACITY,
+    DecapStats, FlowKey, GlobalStats, VipEntry, VipKey, VipMeta, VipStats, DEFAULT_CONN_TABLE_SIZE,
+    DEFAULT_RING_CAPACITY, MAX_VIPS,
 };
 
 use crate::{object, sys};
@@ -136,7 +137,9 @@ impl Dataplane {
         };
         let index = 2 * meta.vip_id + half;
         let entry = VipEntry { key: *key, meta: *meta };
-        self.array::<VipEntry>(map_names::VIP_ENTRIES)?.set(index, entry, 0).map_err(map_err(map_names::VIP_ENTRIES))?;
+        self.array::<VipEntry>(map_names::VIP_ENTRIES)?
+            .set(index, entry, 0)
+            .map_err(map_err(map_names::VIP_ENTRIES))?;
         // One aligned word: packets follow it to the whole new entry.
         self.array::<u32>(map_names::VIP_SLOTS)?.set(slot, index + 1, 0).map_err(map_err(map_names::VIP_SLOTS))
     }
@@ -157,8 +160,10 @@ impl Dataplane {
         if word == 0 {
             return Ok(None);
         }
-        let entry =
-            self.array::<VipEntry>(map_names::VIP_ENTRIES)?.get(&(word - 1), 0).map_err(map_err(map_names::VIP_ENTRIES))?;
+        let entry = self
+            .array::<VipEntry>(map_names::VIP_ENTRIES)?
+            .get(&(word - 1), 0)
+            .map_err(map_err(map_names::VIP_ENTRIES))?;
         Ok(Some((word - 1, entry)))
     }
 
