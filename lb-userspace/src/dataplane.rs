@@ -28,6 +28,8 @@ pub enum DataplaneError {
     MissingMap(&'static str),
     #[error("cannot count the possible CPUs: {0}")]
     Cpus(std::io::Error),
+    #[error("reading {0}: {1}")]
+    Proc(String, std::io::Error),
     #[error("writing {count} ring slots at {offset}: {source}")]
     RingWrite { offset: u32, count: usize, source: std::io::Error },
 }
@@ -209,6 +211,25 @@ impl Dataplane {
     }
 
     /// Entries in the conn table now, and its capacity.
+    /// Bytes the kernel charges for the conn table (its `memlock` in
+    /// fdinfo: entries, buckets and per-CPU LRU lists), and its capacity.
+    pub fn conn_table_memory(&mut self) -> Result<(u64, u32), DataplaneError> {
+        use std::os::fd::{AsFd, AsRawFd};
+        let Map::LruHashMap(data) = self.map(map_names::CONNS)? else {
+            return Err(DataplaneError::MissingMap(map_names::CONNS));
+        };
+        let capacity = data.info().map(|i| i.max_entries()).unwrap_or(0);
+        let fd = data.fd().as_fd().as_raw_fd();
+        let path = format!("/proc/self/fdinfo/{fd}");
+        let info = std::fs::read_to_string(&path).map_err(|e| DataplaneError::Proc(path, e))?;
+        let memlock = info
+            .lines()
+            .find_map(|l| l.strip_prefix("memlock:"))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0);
+        Ok((memlock, capacity))
+    }
+
     pub fn conn_count(&mut self) -> Result<(u64, u32), DataplaneError> {
         let Map::LruHashMap(data) = self.map(map_names::CONNS)? else {
             return Err(DataplaneError::MissingMap(map_names::CONNS));

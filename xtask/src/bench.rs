@@ -72,6 +72,8 @@ fn print_table(r: &BTreeMap<String, f64>) {
         ("dataplane.v6_established_ns", floor_tx, true),
         ("dataplane.v4_udp_ns", floor_tx, true),
         ("dataplane.v4_new_flow_ns", floor_tx, true),
+        ("dataplane.v4_new_flow_full_table_ns", floor_tx, true),
+        ("dataplane.v4_syn_known_flow_ns", floor_tx, true),
         ("dataplane.gue_stateless_established_ns", floor_tx, true),
         ("dataplane.gue_stateless_new_flow_ns", floor_tx, true),
         ("dataplane.gue_conntrack_established_ns", floor_tx, true),
@@ -93,6 +95,11 @@ fn print_table(r: &BTreeMap<String, f64>) {
             get(&format!("{key}.min")),
             get(&format!("{key}.max"))
         );
+    }
+    for family in ["v4", "v6"] {
+        let key = format!("dataplane.conn_bytes_per_flow_{family}");
+        let name = key.trim_start_matches("dataplane.");
+        println!("{name:<34} {:>10.1} bytes per tracked flow (kernel memory accounting)", get(&key));
     }
     println!();
     for (_, key) in MAGLEV {
