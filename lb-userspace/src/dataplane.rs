@@ -210,7 +210,6 @@ impl Dataplane {
         optional(self.hash::<FlowKey, ConnValue>(map_names::CONNS)?.get(flow, 0), map_names::CONNS)
     }
 
-    /// Entries in the conn table now, and its capacity.
     /// Bytes the kernel charges for the conn table (its `memlock` in
     /// fdinfo: entries, buckets and per-CPU LRU lists), and its capacity.
     pub fn conn_table_memory(&mut self) -> Result<(u64, u32), DataplaneError> {
@@ -230,6 +229,7 @@ impl Dataplane {
         Ok((memlock, capacity))
     }
 
+    /// Entries in the conn table now, and its capacity.
     pub fn conn_count(&mut self) -> Result<(u64, u32), DataplaneError> {
         let Map::LruHashMap(data) = self.map(map_names::CONNS)? else {
             return Err(DataplaneError::MissingMap(map_names::CONNS));
