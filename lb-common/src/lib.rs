@@ -52,13 +52,28 @@ pub mod program_names {
 
 /// How many VIPs and backends the maps hold. Backend and VIP ids index arrays.
 pub const MAX_VIPS: u32 = 1024;
+/// Backend ids fit in the ring array's 16-bit slots.
 pub const MAX_BACKENDS: u32 = 8192;
 /// Default Maglev ring size: a prime, as Maglev needs (paper, section 3.4).
 pub const DEFAULT_RING_SIZE: u32 = 65537;
+/// Ring slots per element of the ring array. An array map rounds every
+/// element up to 8 bytes, so four 16-bit backend ids share one: a ring
+/// takes a quarter of the memory (and of the cache lines a new flow can
+/// miss) that one id per element would.
+pub const RING_SLOTS_PER_WORD: u32 = 4;
+/// One element of the ring array: four consecutive slots.
+pub type RingWord = [u16; RING_SLOTS_PER_WORD as usize];
+
+/// Slots a ring of `size` occupies: whole words, so that every ring starts
+/// on a word.
+pub const fn ring_stride(size: u32) -> u32 {
+    size.div_ceil(RING_SLOTS_PER_WORD) * RING_SLOTS_PER_WORD
+}
+
 /// Default number of ring slots in the shared ring array: enough for 32
 /// VIPs at the default size, each with three rings (live, previous, and the
 /// next one being written). Userspace may raise it.
-pub const DEFAULT_RING_CAPACITY: u32 = 3 * 32 * DEFAULT_RING_SIZE;
+pub const DEFAULT_RING_CAPACITY: u32 = 3 * 32 * ring_stride(DEFAULT_RING_SIZE);
 /// Default conn-table entries. Userspace may change it at load.
 pub const DEFAULT_CONN_TABLE_SIZE: u32 = 262_144;
 /// Default MTU of the path to backends (outer packet, without Ethernet).

@@ -44,9 +44,10 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
+    RingWord,
     address_mark, flow_hash, fragment_key, source_hash, stat, vip_filter_slot, Backend, BackendStats, Config,
     ConnValue, FloodBucket, FlowKey, GlobalStats, VipEntry, VipKey, VipMeta, VipStats, AF_INET, BACKEND_F_RETIRED,
-    CONFIG_F_DEBUG,
+    CONFIG_F_DEBUG, RING_SLOTS_PER_WORD,
     CONFIG_F_PORT0_V4, CONFIG_F_PORT0_V6, CONN_F_GUE, DEFAULT_CONN_TABLE_SIZE, DEFAULT_RING_CAPACITY, FILTER_STATELESS,
     FILTER_VIP, IPPROTO_TCP, MAX_BACKENDS, MAX_VIPS, VIP_FILTER_SLOTS, VIP_F_GUE, VIP_F_HASH_SRC_ONLY, VIP_F_HAS_PREV,
     VIP_F_STATELESS,
@@ -75,7 +76,7 @@ static VIP_FILTER: Array<u8> = Array::with_max_entries(VIP_FILTER_SLOTS, 0);
 static BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);
 /// Every VIP's Maglev ring(s), back to back: slot -> backend id.
 #[map]
-static RINGS: Array<u32> = Array::with_max_entries(DEFAULT_RING_CAPACITY, 0);
+static RINGS: Array<RingWord> = Array::with_max_entries(DEFAULT_RING_CAPACITY / RING_SLOTS_PER_WORD, 0);
 #[map]
 static CONNS: LruHashMap<FlowKey, ConnValue> =
     LruHashMap::with_max_entries(DEFAULT_CONN_TABLE_SIZE, BPF_F_NO_COMMON_LRU);
@@ -333,7 +334,7 @@ fn pick_from_ring(vip: &VipMeta, pkt: &Packet) -> Option<(u32, Backend, ConnValu
         flow_hash(&f.src, &f.dst, f.src_port, f.dst_port, f.proto)
     };
     let slot = hash % vip.ring_size;
-    let backend_id = *RINGS.get(vip.ring_offset + slot)?;
+    let backend_id = ring_at(vip.ring_offset + slot)?;
     let backend = *BACKENDS.get(backend_id)?;
     if backend.cookie == 0 {
         return None;
@@ -341,6 +342,13 @@ fn pick_from_ring(vip: &VipMeta, pkt: &Packet) -> Option<(u32, Backend, ConnValu
     let flags = if vip.flags & VIP_F_GUE != 0 { CONN_F_GUE } else { 0 };
     let conn = ConnValue { backend_id, cookie: backend.cookie, vip_id: vip.vip_id as u16, flags, _pad: 0, hash };
     Some((backend_id, backend, conn, slot))
+}
+
+/// The backend id in slot `slot` of the ring array.
+#[inline(always)]
+fn ring_at(slot: u32) -> Option<u32> {
+    let word = RINGS.get(slot / RING_SLOTS_PER_WORD)?;
+    Some(word[(slot % RING_SLOTS_PER_WORD) as usize] as u32)
 }
 
 /// The alternate hop: the backend the previous ring gives this hash, if it
@@ -352,7 +360,7 @@ fn previous_owner(vip: &VipMeta, chosen: &Backend, chosen_id: u32, slot: u32) ->
     if vip.flags & VIP_F_HAS_PREV == 0 {
         return None;
     }
-    let id = *RINGS.get(vip.prev_ring_offset + slot)?;
+    let id = ring_at(vip.prev_ring_offset + slot)?;
     if id == chosen_id {
         return None;
     }

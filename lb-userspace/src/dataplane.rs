@@ -10,8 +10,8 @@ use aya::{
 };
 use lb_common::{
     decap_stat, map_names, program_names, stat, Backend, BackendStats, Config, ConnValue, DecapAddr, DecapConfig,
-    DecapStats, FlowKey, GlobalStats, VipEntry, VipKey, VipMeta, VipStats, DEFAULT_CONN_TABLE_SIZE,
-    DEFAULT_RING_CAPACITY, MAX_VIPS,
+    DecapStats, FlowKey, GlobalStats, RingWord, VipEntry, VipKey, VipMeta, VipStats, DEFAULT_CONN_TABLE_SIZE,
+    DEFAULT_RING_CAPACITY, MAX_VIPS, RING_SLOTS_PER_WORD,
 };
 
 use crate::{object, sys};
@@ -74,7 +74,7 @@ impl Dataplane {
         let bytes = if opts.bench_restore { object::BALANCER_BENCH } else { object::BALANCER };
         let mut loader = EbpfLoader::new();
         loader.map_max_entries(map_names::CONNS, opts.conn_table_size);
-        loader.map_max_entries(map_names::RINGS, opts.ring_capacity);
+        loader.map_max_entries(map_names::RINGS, opts.ring_capacity.div_ceil(RING_SLOTS_PER_WORD));
         if let Some(dir) = &opts.pin_dir {
             for name in map_names::BALANCER_MAPS {
                 loader.map_pin_path(name, dir.join(name));
@@ -82,7 +82,9 @@ impl Dataplane {
         }
         let mut ebpf = loader.load(bytes)?;
         load_xdp(&mut ebpf, program_names::BALANCER)?;
-        Ok(Self { ebpf, ring_capacity: opts.ring_capacity })
+        // Rings start on whole words: the usable capacity is whole words too.
+        let ring_capacity = opts.ring_capacity / RING_SLOTS_PER_WORD * RING_SLOTS_PER_WORD;
+        Ok(Self { ebpf, ring_capacity })
     }
 
     pub fn program(&mut self) -> &mut Xdp {
@@ -191,19 +193,39 @@ impl Dataplane {
     }
 
     /// Writes `slots` (backend ids) into the ring array from `offset` on.
+    /// Writes backend ids into the ring array from slot `offset` (a
+    /// multiple of [`RING_SLOTS_PER_WORD`]: rings start on whole words).
     pub fn write_ring(&mut self, offset: u32, slots: &[u32]) -> Result<(), DataplaneError> {
+        assert_eq!(offset % RING_SLOTS_PER_WORD, 0, "rings start on whole words");
         let Map::Array(data) = self.map(map_names::RINGS)? else {
             return Err(DataplaneError::MissingMap(map_names::RINGS));
         };
-        sys::array_update_batch(data.fd(), offset, slots).map_err(|source| DataplaneError::RingWrite {
+        let words: Vec<RingWord> = slots
+            .chunks(RING_SLOTS_PER_WORD as usize)
+            .map(|chunk| {
+                let mut word = RingWord::default();
+                for (w, id) in word.iter_mut().zip(chunk) {
+                    *w = u16::try_from(*id).expect("backend ids are below MAX_BACKENDS");
+                }
+                word
+            })
+            .collect();
+        let first = offset / RING_SLOTS_PER_WORD;
+        let keys: Vec<u32> = (first..first + words.len() as u32).collect();
+        sys::update_batch(data.fd(), &keys, &words).map_err(|source| DataplaneError::RingWrite {
             offset,
             count: slots.len(),
             source,
         })
     }
 
+    /// The backend id in one slot of the ring array.
     pub fn ring_slot(&mut self, slot: u32) -> Result<u32, DataplaneError> {
-        self.array::<u32>(map_names::RINGS)?.get(&slot, 0).map_err(map_err(map_names::RINGS))
+        let word = self
+            .array::<RingWord>(map_names::RINGS)?
+            .get(&(slot / RING_SLOTS_PER_WORD), 0)
+            .map_err(map_err(map_names::RINGS))?;
+        Ok(word[(slot % RING_SLOTS_PER_WORD) as usize] as u32)
     }
 
     pub fn conn(&mut self, flow: &FlowKey) -> Result<Option<ConnValue>, DataplaneError> {
@@ -221,11 +243,8 @@ impl Dataplane {
         let fd = data.fd().as_fd().as_raw_fd();
         let path = format!("/proc/self/fdinfo/{fd}");
         let info = std::fs::read_to_string(&path).map_err(|e| DataplaneError::Proc(path, e))?;
-        let memlock = info
-            .lines()
-            .find_map(|l| l.strip_prefix("memlock:"))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(0);
+        let memlock =
+            info.lines().find_map(|l| l.strip_prefix("memlock:")).and_then(|v| v.trim().parse().ok()).unwrap_or(0);
         Ok((memlock, capacity))
     }
 

@@ -297,7 +297,7 @@ impl VipState {
         if prev.is_some() {
             flags |= lb_common::VIP_F_HAS_PREV;
         }
-        let offset = |slot: u32| self.extent.offset + slot * self.spec.ring_size;
+        let offset = |slot: u32| self.extent.offset + slot * lb_common::ring_stride(self.spec.ring_size);
         VipMeta {
             vip_id: self.id,
             flags,
@@ -309,7 +309,7 @@ impl VipState {
 
     /// The previous ring's slot offset, if there is one (for `explain`).
     pub fn previous_ring_offset(&self) -> Option<u32> {
-        self.prev_slot.map(|slot| self.extent.offset + slot * self.spec.ring_size)
+        self.prev_slot.map(|slot| self.extent.offset + slot * lb_common::ring_stride(self.spec.ring_size))
     }
 
     pub fn ring(&self) -> &[u32] {
@@ -472,7 +472,7 @@ impl Services {
         }
         check_ring_size(spec.ring_size)?;
         let vip_id = *self.free_vip_ids.front().ok_or(ServiceError::TooManyVips)?;
-        let needed = RING_SLOTS * spec.ring_size;
+        let needed = RING_SLOTS * lb_common::ring_stride(spec.ring_size);
         let extent = self
             .ring_space
             .alloc(needed)
@@ -660,7 +660,7 @@ impl Services {
             };
             let free = (0..RING_SLOTS).find(|s| *s != state.live_slot && Some(*s) != state.prev_slot);
             let live = free.expect("three slots: one is neither live nor previous");
-            dp.write_ring(state.extent.offset + live * state.spec.ring_size, &ring)?;
+            dp.write_ring(state.extent.offset + live * lb_common::ring_stride(state.spec.ring_size), &ring)?;
             (live, prev)
         };
         let ring_size = if ring.is_empty() { 0 } else { state.spec.ring_size };

@@ -30,12 +30,6 @@ fn batch_call(cmd: libc::c_long, attr: &mut BatchAttr) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Writes `values[i]` at index `first + i` of an array map of `u32`.
-pub fn array_update_batch(map: impl AsFd, first: u32, values: &[u32]) -> std::io::Result<()> {
-    let keys: Vec<u32> = (first..first + values.len() as u32).collect();
-    update_batch(map, &keys, values)
-}
-
 /// Writes `keys[i] -> values[i]` (any map type that supports batches:
 /// arrays and hash maps, LRU included).
 pub fn update_batch<K, V>(map: impl AsFd, keys: &[K], values: &[V]) -> std::io::Result<()> {

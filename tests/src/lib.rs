@@ -160,7 +160,7 @@ impl Harness {
         Self::with(LoadOptions {
             conn_table_size: 65_536,
             // Four VIPs of the default ring size, three slots each.
-            ring_capacity: 12 * 65_537,
+            ring_capacity: 12 * lb_common::ring_stride(65_537),
             bench_restore: false,
             pin_dir: None,
         })
