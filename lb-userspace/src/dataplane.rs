@@ -42,7 +42,7 @@ fn map_err(name: &'static str) -> impl FnOnce(MapError) -> DataplaneError {
 #[derive(Clone, Debug)]
 pub struct LoadOptions {
     pub conn_table_size: u32,
-    /// Slots in the ring array shared by all VIPs (each VIP needs two rings).
+    /// Slots in the ring array shared by all VIPs (each VIP needs three rings).
     pub ring_capacity: u32,
     /// Load the bench-only object (restores each packet after forwarding it).
     pub bench_restore: bool,

@@ -629,8 +629,8 @@ impl Services {
         self.swap_ring(dp, vip, backends, cause)
     }
 
-    /// Builds the ring for `backends`, writes it to the idle half and makes
-    /// it live with one VIP-map update; then the model takes `backends`.
+    /// Builds the ring for `backends`, writes it to the free ring slot and
+    /// makes it live with one VIP-map update; then the model takes `backends`.
     fn swap_ring(
         &mut self,
         dp: &mut Dataplane,

@@ -39,7 +39,7 @@ pub struct UpArgs {
     /// Conn-table entries (LRU).
     #[arg(long, default_value_t = DEFAULT_CONN_TABLE_SIZE)]
     conn_table_size: u32,
-    /// Ring slots shared by all VIPs (each VIP takes twice its ring size).
+    /// Ring slots shared by all VIPs (each VIP takes three times its ring size).
     #[arg(long, default_value_t = DEFAULT_RING_CAPACITY)]
     ring_capacity: u32,
     /// On exit, leave the program attached and its maps pinned, so that the
