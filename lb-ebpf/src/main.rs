@@ -94,15 +94,15 @@ static BACKEND_STATS: PerCpuArray<BackendStats> = PerCpuArray::with_max_entries(
 
 #[xdp]
 pub fn lb_balancer(ctx: XdpContext) -> u32 {
-    let Some(stats) = GLOBAL_STATS.get_ptr_mut(0) else {
+    let (Some(stats), Some(cfg)) = (GLOBAL_STATS.get_ptr_mut(0), CONFIG.get(0)) else {
         return XDP_PASS;
     };
     let stats = unsafe { &mut (*stats).counters };
-    let (action, outcome) = balance(&ctx, stats);
+    let (action, outcome) = balance(&ctx, cfg, stats);
     if let Some(counter) = stats.get_mut(outcome) {
         *counter += 1;
     }
-    if CONFIG.get(0).is_some_and(|c| c.flags & CONFIG_F_DEBUG != 0) {
+    if cfg.flags & CONFIG_F_DEBUG != 0 {
         // Outcome numbers are lb_common::stat (6 forwarded, 0 not_for_us...).
         info!(&ctx, "lb decision: outcome {} action {} len {}", outcome, action, ctx.data_end() - ctx.data());
     }
@@ -111,7 +111,7 @@ pub fn lb_balancer(ctx: XdpContext) -> u32 {
 
 /// Returns the XDP action and the outcome counter to bump.
 #[inline(always)]
-fn balance(ctx: &XdpContext, stats: &mut [u64; stat::COUNT]) -> (u32, usize) {
+fn balance(ctx: &XdpContext, cfg: &Config, stats: &mut [u64; stat::COUNT]) -> (u32, usize) {
     // 1. Parse.
     // Fragments and ICMP errors are balanced but never remembered.
     let (pkt, fragment, icmp_error) = match parse(ctx) {
@@ -131,9 +131,6 @@ fn balance(ctx: &XdpContext, stats: &mut [u64; stat::COUNT]) -> (u32, usize) {
     if filter & FILTER_VIP == 0 {
         return (XDP_PASS, not_for_us);
     }
-    let Some(cfg) = CONFIG.get(0) else {
-        return (XDP_PASS, stat::NOT_FOR_US);
-    };
     // (A zeroed VIP and a flag, not an Option: the verifier refuses reads
     // of the uninitialised payload the compiler may emit for `None`.)
     let mut early = VipMeta::default();
