@@ -143,6 +143,7 @@ impl Api {
             new_flows: stats.new_flows,
             encap: state.spec.encap.to_string(),
             stateless: state.spec.stateless,
+            ring_fingerprint: fingerprint_text(state.fingerprint),
         }
     }
 
@@ -383,5 +384,14 @@ impl StatusService for Api {
     async fn set_debug(&self, req: Request<pb::DebugRequest>) -> Result<Response<pb::StatusReply>, Status> {
         self.0.set_debug(req.into_inner().on)?;
         self.get_status(Request::new(pb::Empty {})).await
+    }
+}
+
+/// A ring fingerprint as `vip list` and `/metrics` show it.
+pub fn fingerprint_text(fingerprint: u64) -> String {
+    if fingerprint == 0 {
+        String::new()
+    } else {
+        format!("{fingerprint:016x}")
     }
 }

@@ -237,6 +237,10 @@ fn snapshot(ctrl: &Controller) -> Result<Snapshot, ApiError> {
     let mut vip_new_flows = counter("lb_vip_new_flows", "Flows balanced by the VIP's Maglev ring.");
     let mut vip_fail_open =
         gauge("lb_vip_fail_open", "1 when every backend is down and the VIP serves with all of them.");
+    let mut vip_ring = gauge(
+        "lb_vip_ring_info",
+        "1, labelled with the live ring's fingerprint: equal on LB hosts whose rings are equal.",
+    );
     let mut be_packets = counter("lb_backend_packets", "Packets forwarded to a backend.");
     let mut be_bytes = counter("lb_backend_bytes", "Bytes (inner IP length) forwarded to a backend.");
     let mut be_up = gauge("lb_backend_up", "Health-check verdict: 1 up (or unchecked), 0 down.");
@@ -248,7 +252,9 @@ fn snapshot(ctrl: &Controller) -> Result<Snapshot, ApiError> {
         vip_packets.samples.push((vip.clone(), Value::Counter(s.packets)));
         vip_bytes.samples.push((vip.clone(), Value::Counter(s.bytes)));
         vip_new_flows.samples.push((vip.clone(), Value::Counter(s.new_flows)));
-        vip_fail_open.samples.push((vip, Value::Gauge(v.fail_open as i64)));
+        vip_fail_open.samples.push((vip.clone(), Value::Gauge(v.fail_open as i64)));
+        let fingerprint = vec![vip[0].clone(), ("fingerprint", crate::api::fingerprint_text(v.fingerprint))];
+        vip_ring.samples.push((fingerprint, Value::Gauge(1)));
         for (addr, b) in &v.backends {
             let labels = vec![("vip", v.spec.vip.to_string()), ("backend", addr.to_string())];
             let s = st.dp.backend_stats(b.id)?;
@@ -306,6 +312,7 @@ fn snapshot(ctrl: &Controller) -> Result<Snapshot, ApiError> {
         vip_bytes,
         vip_new_flows,
         vip_fail_open,
+        vip_ring,
         be_packets,
         be_bytes,
         be_up,

@@ -279,6 +279,9 @@ pub struct VipState {
     ring: Vec<u32>,
     /// Every wanted backend is unhealthy, so all of them serve (fail open).
     pub fail_open: bool,
+    /// [`ring_fingerprint`] of the live ring (0 without one); rebuilt with it.
+    #[serde(skip)]
+    pub fingerprint: u64,
     pub backends: BTreeMap<IpAddr, BackendState>,
 }
 
@@ -330,18 +333,33 @@ impl VipState {
 /// The ring for `backends`: the wanted and healthy ones or, when every
 /// wanted one is unhealthy, all wanted ones (fail open). Returns the ring of
 /// backend ids (empty if none is wanted) and whether it failed open.
-fn plan_ring(backends: &BTreeMap<IpAddr, BackendState>, ring_size: u32) -> (Vec<u32>, bool) {
+fn plan_ring(backends: &BTreeMap<IpAddr, BackendState>, ring_size: u32) -> (Vec<u32>, bool, u64) {
     let wanted: Vec<(&IpAddr, &BackendState)> = backends.iter().filter(|(_, b)| b.wanted()).collect();
     let healthy: Vec<(&IpAddr, &BackendState)> = wanted.iter().copied().filter(|(_, b)| b.healthy).collect();
     let fail_open = healthy.is_empty() && !wanted.is_empty();
     let members = if fail_open { wanted } else { healthy };
     let ring_members: Vec<RingMember> =
         members.iter().map(|(a, b)| RingMember { identity: identity(**a), weight: b.weight }).collect();
-    let ring = match maglev::build(&ring_members, ring_size) {
-        Some(slots) => slots.iter().map(|&i| members[i as usize].1.id).collect(),
-        None => Vec::new(),
-    };
-    (ring, fail_open)
+    match maglev::build(&ring_members, ring_size) {
+        Some(slots) => {
+            let identities: Vec<&[u8]> = slots.iter().map(|&i| ring_members[i as usize].identity.as_slice()).collect();
+            let ring = slots.iter().map(|&i| members[i as usize].1.id).collect();
+            (ring, fail_open, ring_fingerprint(&identities))
+        }
+        None => (Vec::new(), fail_open, 0),
+    }
+}
+
+/// A hash of a live ring by the addresses in its slots (not the backend
+/// ids, which each host allocates itself): LB hosts with the same ring have
+/// the same fingerprint, so operators and alerts can compare them.
+fn ring_fingerprint(slots: &[&[u8]]) -> u64 {
+    let mut hasher = xxhash_rust::xxh3::Xxh3::new();
+    hasher.update(&(slots.len() as u32).to_le_bytes());
+    for identity in slots {
+        hasher.update(identity);
+    }
+    hasher.digest()
 }
 
 /// Where a flow goes, and why.
@@ -427,8 +445,9 @@ impl Services {
             .vips
             .into_iter()
             .map(|mut state| {
-                let (ring, fail_open) = plan_ring(&state.backends, state.spec.ring_size);
+                let (ring, fail_open, fingerprint) = plan_ring(&state.backends, state.spec.ring_size);
                 state.ring = ring;
+                state.fingerprint = fingerprint;
                 state.fail_open = fail_open;
                 (state.spec.vip, state)
             })
@@ -484,6 +503,7 @@ impl Services {
             live_slot: 0,
             prev_slot: None,
             live_since: None,
+            fingerprint: 0,
             prev_ring: Some(Vec::new()),
             retired: BTreeMap::new(),
             ring: Vec::new(),
@@ -640,7 +660,7 @@ impl Services {
     ) -> Result<(), ServiceError> {
         let started = std::time::Instant::now();
         let state = self.vips.get_mut(vip).ok_or(ServiceError::NoSuchVip(*vip))?;
-        let (ring, fail_open) = plan_ring(&backends, state.spec.ring_size);
+        let (ring, fail_open, fingerprint) = plan_ring(&backends, state.spec.ring_size);
         if ring == state.ring {
             state.backends = backends;
             state.fail_open = fail_open;
@@ -675,6 +695,7 @@ impl Services {
         }
         let in_ring = backends.values().filter(|b| b.wanted() && (b.healthy || fail_open)).count();
         state.ring = ring;
+        state.fingerprint = fingerprint;
         state.backends = backends;
         state.fail_open = fail_open;
         let took = started.elapsed().as_secs_f64();
@@ -887,5 +908,27 @@ mod tests {
         assert!(check_ring_size(65537).is_ok());
         assert!(matches!(check_ring_size(65536), Err(ServiceError::RingSizeNotPrime(65536))));
         assert!(matches!(check_ring_size(2_000_003), Err(ServiceError::RingSizeTooLarge(_))));
+    }
+
+    #[test]
+    fn ring_fingerprints_follow_addresses_not_ids() {
+        let set = |ids: &[u32], last: &str| -> BTreeMap<IpAddr, BackendState> {
+            ["198.51.100.1", "198.51.100.2", last]
+                .iter()
+                .zip(ids)
+                .map(|(a, id)| {
+                    (a.parse().unwrap(), BackendState { id: *id, cookie: 1, weight: 1, drained: false, healthy: true })
+                })
+                .collect()
+        };
+        let (ring_a, _, here) = plan_ring(&set(&[1, 2, 3], "198.51.100.3"), 251);
+        let (ring_b, _, there) = plan_ring(&set(&[70, 9, 4000], "198.51.100.3"), 251);
+        assert_ne!(ring_a, ring_b, "the ids differ between the two hosts");
+        assert_eq!(here, there, "the same backends give the same fingerprint");
+        let (_, _, other) = plan_ring(&set(&[1, 2, 3], "198.51.100.4"), 251);
+        assert_ne!(here, other, "another backend set gives another");
+        let (_, _, bigger) = plan_ring(&set(&[1, 2, 3], "198.51.100.3"), 257);
+        assert_ne!(here, bigger, "another ring size too");
+        assert_eq!(plan_ring(&BTreeMap::new(), 251).2, 0, "no ring, no fingerprint");
     }
 }

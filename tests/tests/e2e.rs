@@ -447,6 +447,19 @@ fn a_flow_moved_between_lb_hosts_by_the_router_keeps_its_backend() {
         let client = sock(&client_v4((p % 4) as usize), 50000 + p).to_string();
         assert_eq!(explained(lab, 1, &client, ECHO4), explained(lab, 2, &client, ECHO4), "{client}");
     }
+    // The ring fingerprints say so too, and tell when the hosts differ.
+    let fingerprint = |i: usize| {
+        let list: serde_json::Value = serde_json::from_str(&ok(lab, i, &["-o", "json", "vip", "list"])).unwrap();
+        list[0]["ring_fingerprint"].as_str().unwrap().to_string()
+    };
+    assert_eq!(fingerprint(1).len(), 16);
+    assert_eq!(fingerprint(1), fingerprint(2), "the same backends on both LB hosts");
+    ok(lab, 1, &["backend", "set-weight", ECHO4, &backend_v4(1), "2"]);
+    assert_ne!(fingerprint(1), fingerprint(2), "lb1 re-weighted, lb2 not");
+    let metric = format!("lb_vip_ring_info{{vip=\"{ECHO4}\",fingerprint=\"{}\"}}", fingerprint(1));
+    assert_eq!(sample(&scrape(1, &[]), &metric), 1.0);
+    ok(lab, 2, &["backend", "set-weight", ECHO4, &backend_v4(1), "2"]);
+    assert_eq!(fingerprint(1), fingerprint(2), "the same again");
     let pin = |i: usize| {
         let via = format!("198.51.100.{}", 4 * i - 2);
         ns(ROUTER_NS, &["ip", "route", "replace", "203.0.113.0/24", "via", &via]).unwrap();

@@ -11,7 +11,19 @@ pub fn print_vips(vips: &[pb::Vip], format: Format) -> Result<()> {
         return print_json(&vips);
     }
     print_table(
-        &["vip", "hash", "ring", "encap", "state", "backends", "in ring", "packets", "bytes", "new flows"],
+        &[
+            "vip",
+            "hash",
+            "ring",
+            "encap",
+            "state",
+            "backends",
+            "in ring",
+            "packets",
+            "bytes",
+            "new flows",
+            "fingerprint",
+        ],
         vips.iter().map(|v| {
             let in_ring =
                 if v.fail_open { format!("{} (FAIL OPEN)", v.active_backends) } else { v.active_backends.to_string() };
@@ -26,6 +38,7 @@ pub fn print_vips(vips: &[pb::Vip], format: Format) -> Result<()> {
                 v.packets.to_string(),
                 v.bytes.to_string(),
                 v.new_flows.to_string(),
+                v.ring_fingerprint.clone(),
             ]
         }),
     );
