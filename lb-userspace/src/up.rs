@@ -147,11 +147,8 @@ pub async fn run(opts: UpOptions) -> Result<()> {
     };
     let ctrl = Controller::new(State { dp, services, checks }, state_file.clone(), ring_capacity, info);
     if let Some(path) = &opts.config {
-        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        let want = desired::parse(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-        for change in ctrl.apply(&want, false)? {
-            info!(%change, "config applied");
-        }
+        apply_config(&ctrl, path)?;
+        tokio::spawn(reapply_on_sighup(Arc::clone(&ctrl), path.clone()));
     }
     // Save once so that a restart adopts even an unchanged balancer.
     ctrl.save_now();
@@ -333,6 +330,35 @@ fn default_source_v6(addrs: &[(IpAddr, u8)]) -> (Ipv6Addr, u8) {
             _ => None,
         })
         .unwrap_or((Ipv6Addr::UNSPECIFIED, 128))
+}
+
+/// Brings the running state to the config file, logging each change. A
+/// file that does not parse changes nothing (apply itself restores the
+/// previous state if a change fails half way).
+fn apply_config(ctrl: &Arc<Controller>, path: &Path) -> Result<()> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let want = desired::parse(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    let changes = ctrl.apply(&want, false)?;
+    if changes.is_empty() {
+        info!(file = %path.display(), "config applied: no changes");
+    }
+    for change in changes {
+        info!(%change, "config applied");
+    }
+    Ok(())
+}
+
+/// SIGHUP re-applies the config file: one file pushed to every LB host by
+/// any configuration tool keeps them identical.
+async fn reapply_on_sighup(ctrl: Arc<Controller>, path: PathBuf) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hup = signal(SignalKind::hangup()).expect("SIGHUP handler");
+    while hup.recv().await.is_some() {
+        info!(file = %path.display(), "SIGHUP: re-applying the config file");
+        if let Err(e) = apply_config(&ctrl, &path) {
+            warn!(error = %format!("{e:#}"), "config not re-applied: the running state stays as it was");
+        }
+    }
 }
 
 async fn shutdown_signal() {
