@@ -85,24 +85,6 @@ fn run_ns(prog: &Xdp, frame: &[u8], repeat: u32) -> f64 {
     r.duration.as_nanos() as f64
 }
 
-/// Runs `f` on a thread pinned to `cpu`: the conn table keeps one LRU list
-/// per CPU (BPF_F_NO_COMMON_LRU), so where flows are written and where
-/// packets run decides whether an insert finds room or evicts.
-fn on_cpu<T: Send>(cpu: usize, f: impl FnOnce() -> T + Send) -> T {
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            unsafe {
-                let mut set: libc::cpu_set_t = std::mem::zeroed();
-                libc::CPU_SET(cpu, &mut set);
-                assert_eq!(libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set), 0);
-            }
-            f()
-        })
-        .join()
-        .unwrap()
-    })
-}
-
 fn online_cpus() -> usize {
     std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
 }
@@ -235,16 +217,8 @@ fn dataplane_on_cpu0(r: &mut Results, opts: &Opts, cpus: usize) -> anyhow::Resul
     let gue_ack = (40000..41000)
         .map(|p| tcp_frame("192.0.2.55", p, "203.0.113.20", 80, ACK))
         .find(|f| {
-            let flow = FlowKey {
-                src: addr_words_v4([192, 0, 2, 55]),
-                dst: addr_words_v4([203, 0, 113, 20]),
-                src_port: u16::from_ne_bytes([f[34], f[35]]),
-                dst_port: port_raw(80),
-                proto: 6,
-                family: AF_INET,
-                _pad: [0; 2],
-            };
-            h.services.explain(&mut dp, &flow).ok().flatten().is_some_and(|e| e.alternate.is_some())
+            let explained = h.services.explain(&mut dp, &flow_of(f));
+            explained.ok().flatten().is_some_and(|e| e.alternate.is_some())
         })
         .expect("a flow whose previous owner differs");
 

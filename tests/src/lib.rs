@@ -234,3 +234,45 @@ impl XorShift {
         self.0
     }
 }
+
+/// The flow (conn-table key) of a frame built by the helpers above.
+pub fn flow_of(frame: &[u8]) -> lb_common::FlowKey {
+    let ipv6 = u16::from_be_bytes([frame[12], frame[13]]) == ETH_P_IPV6;
+    let (src, dst, proto, l4, family) = if ipv6 {
+        let a = |o: usize| lb_common::addr_words_v6(frame[o..o + 16].try_into().unwrap());
+        (a(22), a(38), frame[20], 54, lb_common::AF_INET6)
+    } else {
+        let a = |o: usize| lb_common::addr_words_v4(frame[o..o + 4].try_into().unwrap());
+        (a(26), a(30), frame[23], 34, lb_common::AF_INET)
+    };
+    let port = |o: usize| lb_common::port_raw(u16::from_be_bytes([frame[o], frame[o + 1]]));
+    lb_common::FlowKey { src, dst, src_port: port(l4), dst_port: port(l4 + 2), proto, family, _pad: [0; 2] }
+}
+
+/// Runs `f` on a thread pinned to `cpu`: the conn table keeps one LRU list
+/// per CPU (BPF_F_NO_COMMON_LRU), so where flows are written and where
+/// packets run decides whether an insert finds room or evicts.
+pub fn on_cpu<T: Send>(cpu: usize, f: impl FnOnce() -> T + Send) -> T {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            unsafe {
+                let mut set: libc::cpu_set_t = std::mem::zeroed();
+                libc::CPU_SET(cpu, &mut set);
+                assert_eq!(libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set), 0);
+            }
+            f()
+        })
+        .join()
+        .unwrap()
+    })
+}
+
+/// The checksum of a TCP segment over IPv4 (RFC 9293 3.1: pseudo-header of
+/// addresses, protocol and length, then the segment with its checksum 0).
+pub fn tcp_checksum_v4(src: [u8; 4], dst: [u8; 4], segment: &[u8]) -> u16 {
+    let mut pseudo = [src, dst].concat();
+    pseudo.extend_from_slice(&[0, 6]);
+    pseudo.extend_from_slice(&(segment.len() as u16).to_be_bytes());
+    pseudo.extend_from_slice(segment);
+    checksum(&pseudo)
+}

@@ -601,18 +601,6 @@ fn program_and_userspace_agree_on_10000_random_flows() {
 }
 
 /// The conn-table key of a frame, read from its bytes by offsets.
-fn flow_of(frame: &[u8]) -> lb_common::FlowKey {
-    let ipv6 = u16::from_be_bytes([frame[12], frame[13]]) == ETH_P_IPV6;
-    let (src, dst, proto, l4, family) = if ipv6 {
-        let a = |o: usize| lb_common::addr_words_v6(frame[o..o + 16].try_into().unwrap());
-        (a(22), a(38), frame[20], 54, lb_common::AF_INET6)
-    } else {
-        let a = |o: usize| lb_common::addr_words_v4(frame[o..o + 4].try_into().unwrap());
-        (a(26), a(30), frame[23], 34, lb_common::AF_INET)
-    };
-    let port = |o: usize| lb_common::port_raw(u16::from_be_bytes([frame[o], frame[o + 1]]));
-    lb_common::FlowKey { src, dst, src_port: port(l4), dst_port: port(l4 + 2), proto, family, _pad: [0; 2] }
-}
 
 #[test]
 fn outer_source_is_the_prefix_plus_flow_hash_bits() {
@@ -671,23 +659,6 @@ fn removing_a_vip_stops_its_established_flows_and_clears_the_filter_last() {
     assert_eq!(h.stat(stat::CONN_HIT), hits, "filtered out before the conn table");
 }
 
-/// Runs `f` on a thread pinned to CPU 0: BPF_PROG_TEST_RUN runs the program
-/// on the calling CPU, and the conn table's LRU lists are per CPU.
-fn on_cpu0<T: Send>(f: impl FnOnce() -> T + Send) -> T {
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            unsafe {
-                let mut set: libc::cpu_set_t = std::mem::zeroed();
-                libc::CPU_SET(0, &mut set);
-                assert_eq!(libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set), 0);
-            }
-            f()
-        })
-        .join()
-        .unwrap()
-    })
-}
-
 /// A flood of `n` new flows from distinct sources, then whether the flow
 /// of `established` is still in the conn table.
 fn flood_keeps(h: &mut Harness, established: &[u8], n: u32) -> bool {
@@ -709,7 +680,7 @@ fn a_syn_flood_larger_than_the_conn_table_does_not_move_an_established_flow() {
     };
     let established = tcp_frame(CLIENT, 40000, VIP, 80, SYN);
     let flood = 20_000;
-    on_cpu0(|| {
+    on_cpu(0, || {
         // Without the guard the flood evicts the flow (the contrast).
         let mut h = Harness::with(opts());
         let vip = h.vip("203.0.113.10:80/tcp", HashMode::FiveTuple);

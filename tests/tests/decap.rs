@@ -246,10 +246,7 @@ fn syn_cookie_ack(port: u16) -> Vec<u8> {
     };
     let client_port = 40003u16;
     let mut syn = loopback_tcp(client_port, port, 1000, 0, SYN)[20..].to_vec();
-    // TCP checksum over the pseudo-header (RFC 9293 3.1).
-    let mut pseudo = vec![127, 0, 0, 1, 127, 0, 0, 1, 0, 6, 0, 20];
-    pseudo.extend_from_slice(&syn);
-    let sum = checksum(&pseudo);
+    let sum = tcp_checksum_v4([127, 0, 0, 1], [127, 0, 0, 1], &syn);
     syn[16..18].copy_from_slice(&sum.to_be_bytes());
     let to = libc::sockaddr_in {
         sin_family: libc::AF_INET as u16,

@@ -1449,10 +1449,7 @@ fn syn_flood(n: u32) {
         tcp.extend_from_slice(&ECHO_PORT.to_be_bytes());
         tcp.extend_from_slice(&k.to_be_bytes());
         tcp.extend_from_slice(&[0, 0, 0, 0, 0x50, 0x02, 0xff, 0xff, 0, 0, 0, 0]);
-        let mut pseudo = [src, dst].concat();
-        pseudo.extend_from_slice(&[0, 6, 0, 20]);
-        pseudo.extend_from_slice(&tcp);
-        let sum = lb_tests::checksum(&pseudo);
+        let sum = lb_tests::tcp_checksum_v4(src, dst, &tcp);
         tcp[16..18].copy_from_slice(&sum.to_be_bytes());
         // A raw TCP socket takes the source the route picks; bind per
         // source address instead with IP_HDRINCL-free sendmsg and pktinfo.

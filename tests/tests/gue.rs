@@ -3,7 +3,7 @@
 //! draft-ietf-intarea-gue (variant 0), RFC 768 and RFC 791 / RFC 8200; the
 //! private-data layout is this project's (README, "GUE and the second chance").
 
-use lb_common::{flow_hash, stat, FlowKey};
+use lb_common::{flow_hash, stat};
 use lb_tests::*;
 use lb_userspace::{
     services::{Encap, VipSpec},
@@ -23,30 +23,8 @@ fn gue_vip(h: &mut Harness, vip: &str, stateless: bool) -> lb_userspace::service
     })
 }
 
-/// The flow of a frame built by the helpers (IPv4 or IPv6, no options).
-fn flow(frame: &[u8]) -> FlowKey {
-    let v6 = u16::from_be_bytes([frame[12], frame[13]]) == ETH_P_IPV6;
-    let (src, dst, l4, proto) = if v6 {
-        let w = |o: usize| lb_common::addr_words_v6(frame[o..o + 16].try_into().unwrap());
-        (w(22), w(38), 54, frame[20])
-    } else {
-        let w = |o: usize| lb_common::addr_words_v4(frame[o..o + 4].try_into().unwrap());
-        (w(26), w(30), 34, frame[23])
-    };
-    let port = |o: usize| u16::from_ne_bytes([frame[o], frame[o + 1]]);
-    FlowKey {
-        src,
-        dst,
-        src_port: port(l4),
-        dst_port: port(l4 + 2),
-        proto,
-        family: if v6 { 6 } else { 4 },
-        _pad: [0; 2],
-    }
-}
-
 fn hash_of(frame: &[u8]) -> u32 {
-    let f = flow(frame);
+    let f = flow_of(frame);
     flow_hash(&f.src, &f.dst, f.src_port, f.dst_port, f.proto)
 }
 
@@ -107,11 +85,11 @@ fn a_midstream_tcp_packet_names_the_previous_rings_backend() {
     assert_eq!(out, want);
     // A midstream packet is not remembered (its owner may be the alternate);
     // a SYN of a new connection is, and carries no alternate.
-    assert_eq!(h.dp.conn(&flow(&input)).unwrap(), None);
+    assert_eq!(h.dp.conn(&flow_of(&input)).unwrap(), None);
     let syn = tcp_frame(CLIENT, moved, VIP, 80, SYN);
     let (_, out) = h.run(&syn);
     assert_eq!(&out[42..46], &[0x00, 0x04, 0x00, 0x00], "a SYN has no alternate");
-    assert!(h.dp.conn(&flow(&syn)).unwrap().is_some(), "a SYN is remembered");
+    assert!(h.dp.conn(&flow_of(&syn)).unwrap().is_some(), "a SYN is remembered");
     // A flow that stayed on .1 has nothing to name.
     let stayed = port_to(&mut h, "198.51.100.1", ACK);
     let (_, out) = h.run(&tcp_frame(CLIENT, stayed, VIP, 80, ACK));
@@ -164,7 +142,7 @@ fn gue_over_ipv6_with_an_alternate_and_a_stateless_vip_leaves_the_conn_table_alo
         h.forward(&tcp_frame(client, p, vip6, 80, ACK));
     }
     assert_eq!(h.dp.conn_count().unwrap().0, entries_before);
-    assert_eq!(h.dp.conn(&flow(&input)).unwrap(), None);
+    assert_eq!(h.dp.conn(&flow_of(&input)).unwrap(), None);
 }
 
 #[test]
