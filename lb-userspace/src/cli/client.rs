@@ -31,16 +31,38 @@ pub async fn connect(opts: &ClientOpts) -> Result<Channel> {
     if !path.exists() {
         bail!("no controller socket at {}: is `lbctl up` running? (--socket PATH)", path.display());
     }
-    // Connect once here so that a refusal is reported plainly; the channel
-    // opens its own connections from then on.
-    open_unix(&path).await?;
-    let channel = Endpoint::try_from("http://lbctl.invalid")?
+    let first = open_unix(&path).await?;
+    channel("http://lbctl.invalid".into(), first, move || {
+        let path = path.clone();
+        async move { open_unix(&path).await }
+    })
+    .await
+    .with_context(|| format!("cannot connect to {}", opts.socket.display()))
+}
+
+/// A channel over `first`, a connection the caller opened itself so that a
+/// refusal is reported in its own words; `reopen` makes the later ones.
+async fn channel<S, F, Fut>(uri: String, first: S, reopen: F) -> Result<Channel>
+where
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    F: Fn() -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Result<S>> + Send,
+{
+    let first = Arc::new(Mutex::new(Some(first)));
+    let reopen = Arc::new(reopen);
+    let channel = Endpoint::from_shared(uri)?
         .connect_with_connector(tower::service_fn(move |_: Uri| {
-            let path = path.clone();
-            async move { open_unix(&path).await.map(TokioIo::new).map_err(io::Error::other) }
+            let (first, reopen) = (Arc::clone(&first), Arc::clone(&reopen));
+            async move {
+                let ready = first.lock().expect("not poisoned").take();
+                let stream = match ready {
+                    Some(stream) => stream,
+                    None => reopen().await.map_err(|e| io::Error::other(format!("{e:#}")))?,
+                };
+                Ok::<_, io::Error>(TokioIo::new(stream))
+            }
         }))
-        .await
-        .with_context(|| format!("cannot connect to {}", opts.socket.display()))?;
+        .await?;
     Ok(channel)
 }
 
@@ -74,24 +96,15 @@ async fn connect_tls(server: &str, opts: &ClientOpts) -> Result<Channel> {
         name: ServerName::try_from(host).context("--server host is not a name or an address")?,
         connector: TlsConnector::from(Arc::new(client_config(cert, key, ca)?)),
     };
-    let first = Arc::new(Mutex::new(Some(peer.open().await?)));
+    let first = peer.open().await?;
     let peer = Arc::new(peer);
     // TLS is ours: tonic speaks plain HTTP/2 over the stream we hand it.
-    let channel = Endpoint::from_shared(format!("http://{authority}"))?
-        .connect_with_connector(tower::service_fn(move |_: Uri| {
-            let (first, peer) = (Arc::clone(&first), Arc::clone(&peer));
-            async move {
-                let ready = first.lock().expect("not poisoned").take();
-                let stream = match ready {
-                    Some(stream) => stream,
-                    None => peer.open().await.map_err(|e| io::Error::other(format!("{e:#}")))?,
-                };
-                Ok::<_, io::Error>(TokioIo::new(stream))
-            }
-        }))
-        .await
-        .with_context(|| format!("cannot connect to {server}"))?;
-    Ok(channel)
+    channel(format!("http://{authority}"), first, move || {
+        let peer = Arc::clone(&peer);
+        async move { peer.open().await }
+    })
+    .await
+    .with_context(|| format!("cannot connect to {server}"))
 }
 
 fn client_config(cert: &PathBuf, key: &PathBuf, ca: &PathBuf) -> Result<rustls::ClientConfig> {
