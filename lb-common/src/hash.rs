@@ -14,13 +14,13 @@ fn mix(h: u64, v: u64) -> u64 {
 }
 
 #[inline(always)]
-fn finish(mut x: u64) -> u32 {
+fn finish(mut x: u64) -> u64 {
     x ^= x >> 33;
     x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
     x ^= x >> 33;
     x = x.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
     x ^= x >> 33;
-    x as u32
+    x
 }
 
 #[inline(always)]
@@ -32,6 +32,13 @@ fn pair(a: &[u32; 4], i: usize) -> u64 {
 /// (see [`crate::addr_words_v4`]); IPv4 leaves words 1..3 zero.
 #[inline(always)]
 pub fn flow_hash(src: &[u32; 4], dst: &[u32; 4], src_port: u16, dst_port: u16, proto: u8) -> u32 {
+    flow_digest(src, dst, src_port, dst_port, proto) as u32
+}
+
+/// The 64 bits the flow hash is the low half of: the flow's name in the
+/// conn table (`crate::conntrack`).
+#[inline(always)]
+pub fn flow_digest(src: &[u32; 4], dst: &[u32; 4], src_port: u16, dst_port: u16, proto: u8) -> u64 {
     let mut h = SEED ^ proto as u64;
     h = mix(h, pair(src, 0));
     h = mix(h, pair(src, 2));
@@ -48,7 +55,7 @@ pub fn source_hash(src: &[u32; 4]) -> u32 {
     let mut h = SEED;
     h = mix(h, pair(src, 0));
     h = mix(h, pair(src, 2));
-    finish(h)
+    finish(h) as u32
 }
 
 #[cfg(test)]

@@ -7,9 +7,11 @@
 //! [`addr_words_v4`], [`addr_words_v6`], [`port_raw`]).
 #![no_std]
 
+pub mod conntrack;
 pub mod hash;
 
-pub use hash::{flow_hash, source_hash};
+pub use conntrack::{ConnBucket, ConnSlot, CONN_F_GUE, CONN_F_SOURCE_HASH, CONN_WAYS};
+pub use hash::{flow_digest, flow_hash, source_hash};
 
 /// Map names, as the programs declare them and userspace looks them up.
 pub mod map_names {
@@ -186,7 +188,7 @@ pub struct Backend {
 /// not followed, as for a removed backend.
 pub const BACKEND_F_RETIRED: u8 = 1;
 
-/// Key of the conn table: the flow as it arrives.
+/// A flow as it arrives.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct FlowKey {
@@ -200,8 +202,9 @@ pub struct FlowKey {
     pub _pad: [u8; 2],
 }
 
-/// Value of the conn table. It carries what an established packet needs
-/// besides its backend, so that such a packet skips the VIP lookup.
+/// A conn-table entry (packed into 64 bits in the table, see
+/// [`conntrack`]). It carries what an established packet needs besides its
+/// backend, so that such a packet skips the VIP lookup.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ConnValue {
@@ -210,15 +213,12 @@ pub struct ConnValue {
     pub cookie: u32,
     /// The VIP the flow was balanced for (its stats index).
     pub vip_id: u16,
-    /// [`CONN_F_GUE`]: how the flow is encapsulated.
+    /// [`CONN_F_GUE`], [`CONN_F_SOURCE_HASH`].
     pub flags: u8,
     pub _pad: u8,
-    /// The flow hash: outer source bits and IPv6 flow label.
+    /// The flow hash: outer source bits and IPv6 flow label (not stored).
     pub hash: u32,
 }
-
-/// Conn-table flag: the flow's VIP encapsulates in GUE.
-pub const CONN_F_GUE: u8 = 1;
 
 /// The VIP lookup in arrays, which the kernel inlines (a hash-map lookup
 /// is a helper call, about a third of a stateless packet's cost):
@@ -296,6 +296,8 @@ pub struct Config {
     /// the conn table (above it they are balanced but not remembered, so a
     /// flood cannot evict established flows); 0 = no limit.
     pub new_flow_limit: u32,
+    /// Buckets of the conn table (its array's size; set by the loader).
+    pub conn_buckets: u32,
 }
 
 /// The guard's per-CPU token bucket (a per-CPU array of one entry).
@@ -454,7 +456,7 @@ mod pod {
     unsafe impl aya::Pod for VipEntry {}
     unsafe impl aya::Pod for Backend {}
     unsafe impl aya::Pod for FlowKey {}
-    unsafe impl aya::Pod for ConnValue {}
+    unsafe impl aya::Pod for ConnBucket {}
     unsafe impl aya::Pod for Config {}
     unsafe impl aya::Pod for GlobalStats {}
     unsafe impl aya::Pod for VipStats {}

@@ -40,25 +40,20 @@ use aya_ebpf::{
     bindings::xdp_action::{XDP_DROP, XDP_PASS, XDP_TX},
     helpers::bpf_ktime_get_ns,
     macros::{map, xdp},
-    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, PerCpuArray},
     programs::XdpContext,
 };
 use lb_common::{
-    RingWord,
-    address_mark, flow_hash, fragment_key, source_hash, stat, vip_filter_slot, Backend, BackendStats, Config,
-    ConnValue, FloodBucket, FlowKey, GlobalStats, VipEntry, VipKey, VipMeta, VipStats, AF_INET, BACKEND_F_RETIRED,
-    CONFIG_F_DEBUG, RING_SLOTS_PER_WORD,
-    CONFIG_F_PORT0_V4, CONFIG_F_PORT0_V6, CONN_F_GUE, DEFAULT_CONN_TABLE_SIZE, DEFAULT_RING_CAPACITY, FILTER_STATELESS,
-    FILTER_VIP, IPPROTO_TCP, MAX_BACKENDS, MAX_VIPS, VIP_FILTER_SLOTS, VIP_F_GUE, VIP_F_HASH_SRC_ONLY, VIP_F_HAS_PREV,
-    VIP_F_STATELESS,
+    address_mark, conntrack, flow_digest, fragment_key, source_hash, stat, vip_filter_slot, Backend, BackendStats,
+    Config, ConnBucket, ConnValue, FloodBucket, FlowKey, GlobalStats, RingWord, VipEntry, VipKey, VipMeta, VipStats,
+    AF_INET, BACKEND_F_RETIRED, CONFIG_F_DEBUG, CONFIG_F_PORT0_V4, CONFIG_F_PORT0_V6, CONN_F_GUE, CONN_F_SOURCE_HASH,
+    CONN_WAYS, DEFAULT_CONN_TABLE_SIZE, DEFAULT_RING_CAPACITY, FILTER_STATELESS, FILTER_VIP, IPPROTO_TCP, MAX_BACKENDS,
+    MAX_VIPS, RING_SLOTS_PER_WORD, VIP_FILTER_SLOTS, VIP_F_GUE, VIP_F_HASH_SRC_ONLY, VIP_F_HAS_PREV, VIP_F_STATELESS,
 };
 
 use aya_log_ebpf::info;
 use encap::{encapsulate, overhead, Inner, Tunnel};
 use parse::{parse, Packet, Parsed};
-
-/// BPF_F_NO_COMMON_LRU: one LRU list per CPU, no shared lock on insert.
-const BPF_F_NO_COMMON_LRU: u32 = 1 << 1;
 
 /// VIPs, one address mark per VIP address (`address_mark`) and one
 /// fragment entry per address and protocol (`fragment_key`).
@@ -77,9 +72,9 @@ static BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);
 /// Every VIP's Maglev ring(s), back to back: slot -> backend id.
 #[map]
 static RINGS: Array<RingWord> = Array::with_max_entries(DEFAULT_RING_CAPACITY / RING_SLOTS_PER_WORD, 0);
+/// The conn table (`lb_common::conntrack`): buckets of flows by digest.
 #[map]
-static CONNS: LruHashMap<FlowKey, ConnValue> =
-    LruHashMap::with_max_entries(DEFAULT_CONN_TABLE_SIZE, BPF_F_NO_COMMON_LRU);
+static CONNS: Array<ConnBucket> = Array::with_max_entries(DEFAULT_CONN_TABLE_SIZE / CONN_WAYS as u32, 0);
 #[map]
 static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
 #[map]
@@ -145,7 +140,9 @@ fn balance(ctx: &XdpContext, cfg: &Config, stats: &mut [u64; stat::COUNT]) -> (u
 
     // 3. An established flow, or 4. a new one: VIP, then its ring.
     // Fragments skip the conn table: stateless, by addresses and protocol.
-    let known = if fragment || stateless { None } else { lookup_conn(&pkt) };
+    let f = &pkt.flow;
+    let digest = flow_digest(&f.src, &f.dst, f.src_port, f.dst_port, f.proto);
+    let known = if fragment || stateless { None } else { lookup_conn(cfg, &pkt, digest) };
     let (backend_id, backend, conn, tunnel) = match known {
         Some((id, backend, conn)) => {
             stats[stat::CONN_HIT] += 1;
@@ -164,7 +161,7 @@ fn balance(ctx: &XdpContext, cfg: &Config, stats: &mut [u64; stat::COUNT]) -> (u
                 }
             };
             stats[stat::CONN_MISS] += 1;
-            let Some((id, backend, conn, slot)) = pick_from_ring(&vip, &pkt) else {
+            let Some((id, backend, conn, slot)) = pick_from_ring(&vip, &pkt, digest) else {
                 count_vip(vip.vip_id, &pkt, 0);
                 return (XDP_DROP, stat::NO_BACKEND);
             };
@@ -191,7 +188,7 @@ fn balance(ctx: &XdpContext, cfg: &Config, stats: &mut [u64; stat::COUNT]) -> (u
                 if may_track(cfg.new_flow_limit) {
                     // A full table evicts its least recently used entry; an error
                     // only means the flow is re-picked next time, to the same backend.
-                    let _ = CONNS.insert(&pkt.flow, &conn, 0);
+                    remember(cfg, digest, &conn);
                 } else {
                     stats[stat::CONN_UNTRACKED] += 1;
                 }
@@ -302,11 +299,17 @@ fn lookup_fragment_vip(flow: &FlowKey) -> Option<VipMeta> {
 /// The flow's remembered backend, if it still exists. A SYN starts a new
 /// connection, so it never reuses an entry.
 #[inline(always)]
-fn lookup_conn(pkt: &Packet) -> Option<(u32, Backend, ConnValue)> {
+fn lookup_conn(cfg: &Config, pkt: &Packet, digest: u64) -> Option<(u32, Backend, ConnValue)> {
     if pkt.syn {
         return None;
     }
-    let conn = *unsafe { CONNS.get(&pkt.flow) }?;
+    let bucket = unsafe { &mut *CONNS.get_ptr_mut(conntrack::bucket_index(digest, cfg.conn_buckets))? };
+    let (way, word) = conntrack::find(bucket, digest)?;
+    if way > 0 {
+        conntrack::put_front(bucket, way, digest, word);
+    }
+    let hash = if (word >> 60) as u8 & CONN_F_SOURCE_HASH != 0 { source_hash(&pkt.flow.src) } else { digest as u32 };
+    let conn = conntrack::unpack(word, hash);
     let backend = BACKENDS.get(conn.backend_id)?;
     // A removed backend has cookie 0 (or is retired); a reused id has a new cookie.
     if backend.cookie == 0 || backend.cookie != conn.cookie || backend.flags & BACKEND_F_RETIRED != 0 {
@@ -316,27 +319,34 @@ fn lookup_conn(pkt: &Packet) -> Option<(u32, Backend, ConnValue)> {
     Some((conn.backend_id, *backend, conn))
 }
 
-/// Maglev: the ring slot of the flow's hash names the backend. Returns it
-/// with the conn-table entry that would remember the choice, and the slot
-/// (the previous ring is read at the same one: one modulo per packet).
+/// Remembers the flow's backend (a full bucket forgets its least recently
+/// used flow).
 #[inline(always)]
-fn pick_from_ring(vip: &VipMeta, pkt: &Packet) -> Option<(u32, Backend, ConnValue, u32)> {
+fn remember(cfg: &Config, digest: u64, conn: &ConnValue) {
+    if let Some(bucket) = CONNS.get_ptr_mut(conntrack::bucket_index(digest, cfg.conn_buckets)) {
+        conntrack::insert(unsafe { &mut *bucket }, digest, conntrack::pack(conn));
+    }
+}
+
+/// Maglev: the ring slot of the flow's hash (the digest's low half, or
+/// the source's hash) names the backend. Returns it with the conn-table
+/// entry that would remember the choice, and the slot (the previous ring
+/// is read at the same one: one modulo per packet).
+#[inline(always)]
+fn pick_from_ring(vip: &VipMeta, pkt: &Packet, digest: u64) -> Option<(u32, Backend, ConnValue, u32)> {
     if vip.ring_size == 0 {
         return None;
     }
-    let f = &pkt.flow;
-    let hash = if vip.flags & VIP_F_HASH_SRC_ONLY != 0 {
-        source_hash(&f.src)
-    } else {
-        flow_hash(&f.src, &f.dst, f.src_port, f.dst_port, f.proto)
-    };
+    let source_only = vip.flags & VIP_F_HASH_SRC_ONLY != 0;
+    let hash = if source_only { source_hash(&pkt.flow.src) } else { digest as u32 };
     let slot = hash % vip.ring_size;
     let backend_id = ring_at(vip.ring_offset + slot)?;
     let backend = *BACKENDS.get(backend_id)?;
     if backend.cookie == 0 {
         return None;
     }
-    let flags = if vip.flags & VIP_F_GUE != 0 { CONN_F_GUE } else { 0 };
+    let flags = if vip.flags & VIP_F_GUE != 0 { CONN_F_GUE } else { 0 }
+        | if source_only { CONN_F_SOURCE_HASH } else { 0 };
     let conn = ConnValue { backend_id, cookie: backend.cookie, vip_id: vip.vip_id as u16, flags, _pad: 0, hash };
     Some((backend_id, backend, conn, slot))
 }

@@ -78,9 +78,10 @@ pub struct Saved {
     pub ring_capacity: u32,
 }
 
-/// The map layout a state file describes. 2: three ring slots per VIP
-/// (live, previous, next) and the GUE fields; 1 had two.
-pub const STATE_LAYOUT: u32 = 2;
+/// The map layout a state file describes. 3: the conn table is an array
+/// of buckets; 2: three ring slots per VIP (live, previous, next) and the
+/// GUE fields; 1 had two.
+pub const STATE_LAYOUT: u32 = 3;
 
 fn first_layout() -> u32 {
     1

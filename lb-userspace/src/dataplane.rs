@@ -1,7 +1,7 @@
 //! The loaded XDP objects and typed access to every map they own. Nothing
 //! here decides anything: `services.rs` says what to write, this writes it.
 
-use std::{mem::size_of, net::IpAddr, path::PathBuf};
+use std::{net::IpAddr, path::PathBuf};
 
 use aya::{
     maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuValues},
@@ -9,8 +9,8 @@ use aya::{
     Ebpf, EbpfLoader, Pod,
 };
 use lb_common::{
-    decap_stat, map_names, program_names, stat, Backend, BackendStats, Config, ConnValue, DecapAddr, DecapConfig,
-    DecapStats, FlowKey, GlobalStats, RingWord, VipEntry, VipKey, VipMeta, VipStats, DEFAULT_CONN_TABLE_SIZE,
+    conntrack, decap_stat, flow_digest, map_names, program_names, source_hash, stat, Backend, BackendStats, Config,
+    ConnBucket, ConnValue, DecapAddr, DecapConfig, DecapStats, FlowKey, GlobalStats, CONN_F_SOURCE_HASH, CONN_WAYS, RingWord, VipEntry, VipKey, VipMeta, VipStats, DEFAULT_CONN_TABLE_SIZE,
     DEFAULT_RING_CAPACITY, MAX_VIPS, RING_SLOTS_PER_WORD,
 };
 
@@ -66,6 +66,7 @@ impl Default for LoadOptions {
 pub struct Dataplane {
     ebpf: Ebpf,
     ring_capacity: u32,
+    conn_buckets: u32,
 }
 
 impl Dataplane {
@@ -73,7 +74,7 @@ impl Dataplane {
     pub fn load(opts: LoadOptions) -> Result<Self, DataplaneError> {
         let bytes = if opts.bench_restore { object::BALANCER_BENCH } else { object::BALANCER };
         let mut loader = EbpfLoader::new();
-        loader.map_max_entries(map_names::CONNS, opts.conn_table_size);
+        loader.map_max_entries(map_names::CONNS, opts.conn_table_size.div_ceil(CONN_WAYS as u32));
         loader.map_max_entries(map_names::RINGS, opts.ring_capacity.div_ceil(RING_SLOTS_PER_WORD));
         if let Some(dir) = &opts.pin_dir {
             for name in map_names::BALANCER_MAPS {
@@ -84,7 +85,12 @@ impl Dataplane {
         load_xdp(&mut ebpf, program_names::BALANCER)?;
         // Rings start on whole words: the usable capacity is whole words too.
         let ring_capacity = opts.ring_capacity / RING_SLOTS_PER_WORD * RING_SLOTS_PER_WORD;
-        Ok(Self { ebpf, ring_capacity })
+        // An adopted (pinned) table keeps the size it was made with.
+        let conn_buckets = match ebpf.map(map_names::CONNS) {
+            Some(Map::Array(data)) => data.info().map(|i| i.max_entries()).map_err(map_err(map_names::CONNS))?,
+            _ => return Err(DataplaneError::MissingMap(map_names::CONNS)),
+        };
+        Ok(Self { ebpf, ring_capacity, conn_buckets })
     }
 
     pub fn program(&mut self) -> &mut Xdp {
@@ -116,7 +122,9 @@ impl Dataplane {
         PerCpuArray::try_from(self.map(name)?).map_err(map_err(name))
     }
 
+    /// Writes the config (with the conn table's size, which the loader knows).
     pub fn set_config(&mut self, config: &Config) -> Result<(), DataplaneError> {
+        let config = Config { conn_buckets: self.conn_buckets, ..*config };
         self.array::<Config>(map_names::CONFIG)?.set(0, config, 0).map_err(map_err(map_names::CONFIG))
     }
 
@@ -228,57 +236,79 @@ impl Dataplane {
         Ok(word[(slot % RING_SLOTS_PER_WORD) as usize] as u32)
     }
 
+    /// The flow's conn-table entry, as the program would find it.
     pub fn conn(&mut self, flow: &FlowKey) -> Result<Option<ConnValue>, DataplaneError> {
-        optional(self.hash::<FlowKey, ConnValue>(map_names::CONNS)?.get(flow, 0), map_names::CONNS)
+        let digest = flow_digest(&flow.src, &flow.dst, flow.src_port, flow.dst_port, flow.proto);
+        let index = conntrack::bucket_index(digest, self.conn_buckets);
+        let bucket = self.array::<ConnBucket>(map_names::CONNS)?.get(&index, 0).map_err(map_err(map_names::CONNS))?;
+        Ok(conntrack::find(&bucket, digest).map(|(_, word)| {
+            let source_only = (word >> 60) as u8 & CONN_F_SOURCE_HASH != 0;
+            conntrack::unpack(word, if source_only { source_hash(&flow.src) } else { digest as u32 })
+        }))
     }
 
-    /// Bytes the kernel charges for the conn table (its `memlock` in
-    /// fdinfo: entries, buckets and per-CPU LRU lists), and its capacity.
-    pub fn conn_table_memory(&mut self) -> Result<(u64, u32), DataplaneError> {
-        use std::os::fd::{AsFd, AsRawFd};
-        let Map::LruHashMap(data) = self.map(map_names::CONNS)? else {
-            return Err(DataplaneError::MissingMap(map_names::CONNS));
-        };
-        let capacity = data.info().map(|i| i.max_entries()).unwrap_or(0);
-        let fd = data.fd().as_fd().as_raw_fd();
-        let path = format!("/proc/self/fdinfo/{fd}");
-        let info = std::fs::read_to_string(&path).map_err(|e| DataplaneError::Proc(path, e))?;
-        let memlock =
-            info.lines().find_map(|l| l.strip_prefix("memlock:")).and_then(|v| v.trim().parse().ok()).unwrap_or(0);
-        Ok((memlock, capacity))
+    pub fn set_conn(&mut self, flow: &FlowKey, value: &ConnValue) -> Result<(), DataplaneError> {
+        self.set_conns(std::slice::from_ref(flow), std::slice::from_ref(value))
     }
 
-    /// Entries in the conn table now, and its capacity.
-    pub fn conn_count(&mut self) -> Result<(u64, u32), DataplaneError> {
-        let Map::LruHashMap(data) = self.map(map_names::CONNS)? else {
-            return Err(DataplaneError::MissingMap(map_names::CONNS));
-        };
-        let capacity = data.info().map(|i| i.max_entries()).unwrap_or(0);
-        let count = sys::count_entries(data.fd(), size_of::<FlowKey>(), size_of::<ConnValue>()).map_err(|source| {
-            DataplaneError::Map {
-                name: map_names::CONNS,
-                source: MapError::SyscallError(aya::sys::SyscallError {
-                    call: "BPF_MAP_LOOKUP_BATCH",
-                    io_error: source,
-                }),
-            }
-        })?;
-        Ok((count, capacity))
-    }
-
-    /// Fills the conn table in one system call per batch (benchmarks).
+    /// Remembers flows as the program would, in order (tests, benchmarks):
+    /// the table is read whole, and the buckets touched written back in
+    /// one batch.
     pub fn set_conns(&mut self, flows: &[FlowKey], values: &[ConnValue]) -> Result<(), DataplaneError> {
-        let Map::LruHashMap(data) = self.map(map_names::CONNS)? else {
-            return Err(DataplaneError::MissingMap(map_names::CONNS));
-        };
-        sys::update_batch(data.fd(), flows, values).map_err(|source| DataplaneError::Map {
+        let mut table = self.conn_buckets()?;
+        let mut touched = std::collections::BTreeSet::new();
+        for (flow, value) in flows.iter().zip(values) {
+            let digest = flow_digest(&flow.src, &flow.dst, flow.src_port, flow.dst_port, flow.proto);
+            let index = conntrack::bucket_index(digest, self.conn_buckets);
+            conntrack::insert(&mut table[index as usize], digest, conntrack::pack(value));
+            touched.insert(index);
+        }
+        let (indices, buckets): (Vec<u32>, Vec<ConnBucket>) =
+            touched.into_iter().map(|i| (i, table[i as usize])).unzip();
+        sys::update_batch(self.map_fd(map_names::CONNS)?, &indices, &buckets).map_err(|source| DataplaneError::Map {
             name: map_names::CONNS,
             source: MapError::SyscallError(aya::sys::SyscallError { call: "BPF_MAP_UPDATE_BATCH", io_error: source }),
         })
     }
 
-    pub fn set_conn(&mut self, flow: &FlowKey, value: &ConnValue) -> Result<(), DataplaneError> {
-        self.hash::<FlowKey, ConnValue>(map_names::CONNS)?.insert(flow, value, 0).map_err(map_err(map_names::CONNS))
+    fn map_fd(&mut self, name: &'static str) -> Result<std::os::fd::BorrowedFd<'_>, DataplaneError> {
+        use std::os::fd::AsFd;
+        let map: &MapData = match self.map(name)? {
+            Map::Array(data) | Map::HashMap(data) | Map::LruHashMap(data) | Map::PerCpuArray(data) => data,
+            _ => return Err(DataplaneError::MissingMap(name)),
+        };
+        Ok(map.fd().as_fd())
+    }
+
+    /// Bytes the kernel charges for the conn table (its `memlock` in
+    /// fdinfo), and the flows it holds at most.
+    pub fn conn_table_memory(&mut self) -> Result<(u64, u32), DataplaneError> {
+        use std::os::fd::AsRawFd;
+        let path = format!("/proc/self/fdinfo/{}", self.map_fd(map_names::CONNS)?.as_raw_fd());
+        let info = std::fs::read_to_string(&path).map_err(|e| DataplaneError::Proc(path, e))?;
+        let memlock =
+            info.lines().find_map(|l| l.strip_prefix("memlock:")).and_then(|v| v.trim().parse().ok()).unwrap_or(0);
+        Ok((memlock, self.conn_capacity()))
+    }
+
+    /// Flows the conn table holds at most.
+    pub fn conn_capacity(&self) -> u32 {
+        self.conn_buckets * CONN_WAYS as u32
+    }
+
+    /// Flows in the conn table now (the whole table is read), and its capacity.
+    pub fn conn_count(&mut self) -> Result<(u64, u32), DataplaneError> {
+        let count = self.conn_buckets()?.iter().flat_map(|b| b.slots.iter()).filter(|s| s.value != 0).count();
+        Ok((count as u64, self.conn_capacity()))
+    }
+
+    /// The whole conn table.
+    fn conn_buckets(&mut self) -> Result<Vec<ConnBucket>, DataplaneError> {
+        let buckets = self.conn_buckets;
+        sys::array_values(self.map_fd(map_names::CONNS)?, buckets).map_err(|source| DataplaneError::Map {
+            name: map_names::CONNS,
+            source: MapError::SyscallError(aya::sys::SyscallError { call: "BPF_MAP_LOOKUP_BATCH", io_error: source }),
+        })
     }
 
     /// Global counters summed over CPUs, indexed by [`lb_common::stat`].

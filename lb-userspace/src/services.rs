@@ -834,6 +834,8 @@ impl Services {
             encap_src_v6: v6_words,
             encap_src_v6_host_mask: wire(v6_host),
             new_flow_limit: s.new_flow_limit,
+            // Filled in by the data plane, which knows the table it loaded.
+            conn_buckets: 0,
         })
     }
 }

@@ -1,6 +1,7 @@
-//! The one bpf(2) command aya 0.14 does not wrap that the controller needs:
-//! BPF_MAP_UPDATE_BATCH (Linux 5.6), which writes a whole Maglev ring in one
-//! system call instead of one call per slot (65,537 of them).
+//! The bpf(2) commands aya 0.14 does not wrap that the controller needs:
+//! BPF_MAP_UPDATE_BATCH and BPF_MAP_LOOKUP_BATCH (Linux 5.6), which write a
+//! whole Maglev ring or read a whole conn table in a few system calls
+//! instead of one call per slot.
 
 use std::os::fd::{AsFd, AsRawFd};
 
@@ -55,35 +56,38 @@ pub fn update_batch<K, V>(map: impl AsFd, keys: &[K], values: &[V]) -> std::io::
 
 const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 
-/// Counts the entries of a hash map by reading it in batches
-/// (BPF_MAP_LOOKUP_BATCH, Linux 5.6); a 1M-entry table takes a few hundred
-/// system calls instead of a million BPF_MAP_GET_NEXT_KEY calls.
-pub fn count_entries(map: impl AsFd, key_size: usize, value_size: usize) -> std::io::Result<u64> {
-    const BATCH: usize = 8192;
-    let mut keys = vec![0u8; BATCH * key_size];
-    let mut values = vec![0u8; BATCH * value_size];
-    // For hash maps the batch token is a bucket index (a u32).
-    let mut token_in = 0u64;
-    let mut token_out = 0u64;
-    let mut first = true;
-    let mut total = 0u64;
-    loop {
+/// Every value of an array map, in index order, read in batches
+/// (BPF_MAP_LOOKUP_BATCH, Linux 5.6): a few hundred system calls for a
+/// table of millions of entries instead of one call per entry.
+pub fn array_values<V: Copy + Default>(map: impl AsFd, len: u32) -> std::io::Result<Vec<V>> {
+    const BATCH: u32 = 8192;
+    let mut values = vec![V::default(); len as usize];
+    let mut keys = vec![0u32; BATCH as usize];
+    // The batch token is the next index (a u32).
+    let mut token_in = 0u32;
+    let mut token_out = 0u32;
+    let mut done = 0usize;
+    while done < values.len() {
         let mut attr = BatchAttr {
-            in_batch: if first { 0 } else { &token_in as *const u64 as u64 },
-            out_batch: &mut token_out as *mut u64 as u64,
+            in_batch: if done == 0 { 0 } else { &token_in as *const u32 as u64 },
+            out_batch: &mut token_out as *mut u32 as u64,
             keys: keys.as_mut_ptr() as u64,
-            values: values.as_mut_ptr() as u64,
-            count: BATCH as u32,
+            values: values[done..].as_mut_ptr() as u64,
+            count: BATCH.min((values.len() - done) as u32),
             map_fd: map.as_fd().as_raw_fd() as u32,
             ..BatchAttr::default()
         };
         let result = batch_call(BPF_MAP_LOOKUP_BATCH, &mut attr);
-        total += attr.count as u64;
-        if let Err(e) = result {
-            // ENOENT: the walk is over (the last batch still counts).
-            return if e.raw_os_error() == Some(libc::ENOENT) { Ok(total) } else { Err(e) };
+        done += attr.count as usize;
+        match result {
+            Ok(()) => token_in = token_out,
+            // ENOENT: the last batch (still counted above).
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => break,
+            Err(e) => return Err(e),
         }
-        token_in = token_out;
-        first = false;
+        if attr.count == 0 {
+            return Err(std::io::Error::other("BPF_MAP_LOOKUP_BATCH read nothing"));
+        }
     }
+    Ok(values)
 }
