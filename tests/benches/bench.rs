@@ -52,6 +52,7 @@ fn main() -> anyhow::Result<()> {
         }
     }
     let mut r = Results::new();
+    conn_table_occupancy(&mut r);
     dataplane(&mut r, &opts)?;
     if !opts.skip_e2e {
         lab_benches(&mut r, &opts)?;
@@ -267,6 +268,34 @@ fn dataplane_on_cpu0(r: &mut Results, opts: &Opts) -> anyhow::Result<()> {
     }
     eprintln!("  conn table: {memlock} bytes charged for {capacity} entries: {per_flow:.1} bytes per tracked flow");
     Ok(())
+}
+
+/// How many of the last `n` distinct flows a table of `C` entries still
+/// holds (the kernel's LRU hash would hold all while n <= C; 4-way buckets
+/// evict within a bucket). Computed with the program's own bucket code.
+fn conn_table_occupancy(r: &mut Results) {
+    const CAPACITY: usize = 262_144;
+    eprintln!("conn table occupancy ({CAPACITY} entries, {} ways)", lb_common::CONN_WAYS);
+    for load in [0.25, 0.5, 1.0] {
+        let n = (CAPACITY as f64 * load) as usize;
+        let buckets = (CAPACITY / lb_common::CONN_WAYS) as u32;
+        let mut table = vec![lb_common::ConnBucket::default(); buckets as usize];
+        let mut rng = XorShift(0x0cc0 + n as u64);
+        let digests: Vec<u64> = (0..n).map(|_| rng.next_u64()).collect();
+        for &d in &digests {
+            lb_common::conntrack::insert(&mut table[lb_common::conntrack::bucket_index(d, buckets) as usize], d, 1);
+        }
+        let kept = digests
+            .iter()
+            .filter(|&&d| {
+                let bucket = &table[lb_common::conntrack::bucket_index(d, buckets) as usize];
+                lb_common::conntrack::find(bucket, d).is_some()
+            })
+            .count();
+        let pct = 100.0 * kept as f64 / n as f64;
+        eprintln!("  {n} flows ({:.0}% of capacity): {pct:.1}% still held", load * 100.0);
+        r.insert(format!("conn_table.kept_pct_at_{:.0}pct_load", load * 100.0), pct);
+    }
 }
 
 /// The same frame with the SYN flag instead of ACK (TCP), or as is (UDP).
