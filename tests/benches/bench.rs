@@ -259,6 +259,12 @@ fn dataplane_on_cpu0(r: &mut Results, opts: &Opts) -> anyhow::Result<()> {
     }
     let conn_hits = dp.global_stats()?[lb_common::stat::CONN_HIT];
     eprintln!("  conn hits during the run: {conn_hits}");
+    // The program's size as the kernel runs it (xlated BPF instructions).
+    let mut plain = Dataplane::load(LoadOptions { bench_restore: false, ..LoadOptions::default() })?;
+    if let Some(bytes) = plain.program().info()?.size_translated() {
+        r.insert("dataplane.balancer_xlated_insns".into(), (bytes / 8) as f64);
+        eprintln!("  balancer: {} xlated instructions", bytes / 8);
+    }
     // What the kernel charges per conn-table entry (one table holds both
     // families: a flow is named by its digest, whatever its addresses).
     let (memlock, capacity) = dp.conn_table_memory()?;

@@ -101,6 +101,11 @@ fn print_table(r: &BTreeMap<String, f64>) {
         let name = key.trim_start_matches("dataplane.");
         println!("{name:<34} {:>10.1} bytes per tracked flow (kernel memory accounting)", get(&key));
     }
+    for load in ["25", "50", "100"] {
+        let key = format!("conn_table.kept_pct_at_{load}pct_load");
+        println!("{key:<34} {:>10.1} % of the flows still held", get(&key));
+    }
+    println!("{:<34} {:>10.0} instructions", "balancer_xlated_insns", get("dataplane.balancer_xlated_insns"));
     println!();
     for (_, key) in MAGLEV {
         println!("{:<34} {:>10.2} ms", key, get(key));
