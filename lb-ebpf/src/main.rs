@@ -8,23 +8,24 @@
 //! 2. VIP-address filter: an inlined array lookup sends most non-VIP
 //!    packets on with no helper call at all; where a stateless VIP has the
 //!    address, the VIP is looked up now, and its packets skip step 3;
-//! 3. conn table: an existing flow keeps its backend, and its entry carries
-//!    what the packet needs (VIP id, hash, tunnel), so no VIP lookup (a SYN
+//! 3. conn table (a bucket of the array `CONNS`, by the flow's digest): an
+//!    existing flow keeps its backend, and its entry carries what the
+//!    packet needs (VIP id, tunnel, hash kind), so no VIP lookup (a SYN
 //!    skips this step and picks afresh);
 //! 4. otherwise look up the VIP by (address, port, protocol), then port 0
 //!    (in arrays the kernel inlines; the hash map only for a VIP whose
-//!    array slot another VIP owns), and let its Maglev ring pick; for a GUE VIP, a TCP packet that is not
-//!    a SYN also names the previous ring's backend as the alternate hop (and
-//!    is not remembered: its connection may live on that one); other new
-//!    flows are remembered, unless the VIP is stateless;
+//!    array slot another VIP owns), and let its Maglev ring pick; for a GUE
+//!    VIP, a TCP packet that is not a SYN also names the previous ring's
+//!    backend as the alternate hop (and is not remembered: its connection
+//!    may live on that one); other new flows are remembered, unless the VIP
+//!    is stateless;
 //! 5. check the MTU, encapsulate (IP-in-IP or GUE) towards the backend,
 //!    XDP_TX.
 //!
-//! Helper calls per packet: established, 2 (conn-table lookup,
-//! adjust_head); new flow, 2 (conn-table update, adjust_head; a 3rd, the
-//! clock, when the SYN-flood guard has a limit); stateless VIP, 1
-//! (adjust_head) for every packet; non-VIP, none unless its address
-//! collides in the filter. Array lookups (filter, config, VIP slots and
+//! Helper calls per packet: 1 (adjust_head) for every forwarded packet,
+//! established, new or stateless (a 2nd, the clock, for a new flow when the
+//! SYN-flood guard has a limit); non-VIP, none unless its address collides
+//! in the filter. Array lookups (filter, config, conn table, VIP slots and
 //! entries, ring, backend, stats) are inlined by the kernel; a VIP that
 //! shares its array slot with another costs one hash-map lookup more.
 #![no_std]

@@ -229,7 +229,7 @@ fn snapshot(ctrl: &Controller) -> Result<Snapshot, ApiError> {
     let (entries, capacity) = st.dp.conn_count()?;
     let mut conn_entries = gauge("lb_conn_table_entries", "Flows in the conn table.");
     conn_entries.samples.push((vec![], Value::Gauge(entries as i64)));
-    let mut conn_capacity = gauge("lb_conn_table_capacity", "Conn-table size (LRU: full tables evict).");
+    let mut conn_capacity = gauge("lb_conn_table_capacity", "Conn-table size (flows; a full bucket of 4 evicts its least recently used).");
     conn_capacity.samples.push((vec![], Value::Gauge(capacity as i64)));
 
     let mut vip_packets = counter("lb_vip_packets", "Packets for a VIP.");

@@ -32,7 +32,7 @@ fn batch_call(cmd: libc::c_long, attr: &mut BatchAttr) -> std::io::Result<()> {
 }
 
 /// Writes `keys[i] -> values[i]` (any map type that supports batches:
-/// arrays and hash maps, LRU included).
+/// arrays and hash maps).
 pub fn update_batch<K, V>(map: impl AsFd, keys: &[K], values: &[V]) -> std::io::Result<()> {
     assert_eq!(keys.len(), values.len());
     let mut done = 0usize;

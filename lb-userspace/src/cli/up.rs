@@ -36,7 +36,7 @@ pub struct UpArgs {
     /// MTU of the path to backends (outer packet size from the IP header on).
     #[arg(long, default_value_t = DEFAULT_MTU)]
     mtu: u32,
-    /// Conn-table entries (LRU).
+    /// Conn-table entries (16 bytes each; hold at most half as many flows, see the README).
     #[arg(long, default_value_t = DEFAULT_CONN_TABLE_SIZE)]
     conn_table_size: u32,
     /// Ring slots shared by all VIPs (each VIP takes three times its ring size).
