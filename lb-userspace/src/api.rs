@@ -144,6 +144,11 @@ impl Api {
             encap: state.spec.encap.to_string(),
             stateless: state.spec.stateless,
             ring_fingerprint: fingerprint_text(state.fingerprint),
+            announced: match &self.0.announcer {
+                None => "off".into(),
+                Some(a) if a.state().announced.contains(&state.spec.vip.addr) => "yes".into(),
+                Some(_) => "no".into(),
+            },
         }
     }
 
@@ -363,6 +368,7 @@ impl StatusService for Api {
         let st = self.0.lock();
         let settings = *st.services.settings();
         let vips: Vec<&VipState> = st.services.vips().collect();
+        let announce = self.0.announcer.as_ref().map(|a| a.state()).unwrap_or_default();
         Ok(Response::new(pb::StatusReply {
             interface: info.interface.clone(),
             xdp_mode: info.xdp_mode.clone(),
@@ -378,11 +384,20 @@ impl StatusService for Api {
             encap_src_v6: format!("{}/{}", settings.encap_src_v6.0, settings.encap_src_v6.1),
             mtu: settings.mtu,
             debug: settings.debug,
+            announce_table: self.0.announcer.as_ref().map_or(0, |a| a.table()),
+            announce_maintenance: announce.maintenance,
+            announced: announce.announced.iter().map(|a| a.to_string()).collect(),
+            announce_error: announce.error.unwrap_or_default(),
         }))
     }
 
     async fn set_debug(&self, req: Request<pb::DebugRequest>) -> Result<Response<pb::StatusReply>, Status> {
         self.0.set_debug(req.into_inner().on)?;
+        self.get_status(Request::new(pb::Empty {})).await
+    }
+
+    async fn set_announce(&self, req: Request<pb::AnnounceRequest>) -> Result<Response<pb::StatusReply>, Status> {
+        self.0.set_maintenance(req.into_inner().withdraw)?;
         self.get_status(Request::new(pb::Empty {})).await
     }
 }

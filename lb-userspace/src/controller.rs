@@ -17,6 +17,7 @@ use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
 use crate::{
+    announce::Announcer,
     dataplane::{Dataplane, DataplaneError},
     desired::{self, BackendWish, Change, Desired, VipWish},
     health::{self, CheckSpec, Probe, Tracker},
@@ -76,6 +77,9 @@ pub struct Saved {
     pub checks: Vec<(VipAddr, IpAddr, Checked)>,
     pub conn_table_size: u32,
     pub ring_capacity: u32,
+    /// `lbctl announce withdraw` is in force (absent: not).
+    #[serde(default)]
+    pub maintenance: bool,
 }
 
 /// The map layout a state file describes. 3: the conn table is an array
@@ -106,6 +110,8 @@ pub struct State {
 
 pub struct Controller {
     state: Mutex<State>,
+    /// The route handoff (`up --announce-table`), if on.
+    pub announcer: Option<Arc<Announcer>>,
     tasks: Mutex<BTreeMap<(VipAddr, IpAddr), JoinHandle<()>>>,
     state_file: PathBuf,
     ring_capacity: u32,
@@ -114,9 +120,16 @@ pub struct Controller {
 }
 
 impl Controller {
-    pub fn new(state: State, state_file: PathBuf, ring_capacity: u32, info: RunInfo) -> Arc<Self> {
+    pub fn new(
+        state: State,
+        state_file: PathBuf,
+        ring_capacity: u32,
+        info: RunInfo,
+        announcer: Option<Arc<Announcer>>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             state: Mutex::new(state),
+            announcer,
             tasks: Mutex::new(BTreeMap::new()),
             state_file,
             ring_capacity,
@@ -145,7 +158,12 @@ impl Controller {
             checks: state.checks.iter().map(|((v, a), c)| (*v, *a, c.clone())).collect(),
             conn_table_size: self.info.conn_table_size,
             ring_capacity: self.ring_capacity,
+            maintenance: self.announcer.as_ref().is_some_and(|a| a.state().maintenance),
         };
+        // Whatever changed may change what can serve.
+        if let Some(announcer) = &self.announcer {
+            announcer.changed();
+        }
         let tmp = self.state_file.with_extension("tmp");
         let result = serde_json::to_vec(&saved)
             .map_err(std::io::Error::other)
@@ -385,6 +403,24 @@ impl Controller {
     }
 
     /// Turns the data plane's decision logging on or off.
+    /// The VIP addresses that can serve: some VIP there has a backend in
+    /// its ring (fail-open counts; no backend, or all drained or at weight
+    /// 0, does not).
+    pub fn serving_addresses(&self) -> std::collections::BTreeSet<IpAddr> {
+        self.lock().services.vips().filter(|v| !v.ring().is_empty()).map(|v| v.spec.vip.addr).collect()
+    }
+
+    /// `lbctl announce withdraw|restore`: out of ECMP and back, forwarding all along.
+    pub fn set_maintenance(&self, on: bool) -> Result<(), ApiError> {
+        let announcer = self.announcer.as_ref().ok_or_else(|| {
+            ApiError::Invalid("this controller announces nothing (start it with --announce-table N)".into())
+        })?;
+        announcer.set_maintenance(on);
+        info!(maintenance = on, "{}", if on { "announcements withdrawn (maintenance)" } else { "announcements restored" });
+        self.save_now();
+        Ok(())
+    }
+
     pub fn set_debug(&self, on: bool) -> Result<(), ApiError> {
         let mut guard = self.lock();
         let st = &mut *guard;

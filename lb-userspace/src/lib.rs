@@ -2,6 +2,7 @@
 //! Maglev rings, and keep the VIP/backend model that drives them.
 
 pub mod addr;
+pub mod announce;
 pub mod api;
 pub mod controller;
 pub mod dataplane;

@@ -301,7 +301,21 @@ fn snapshot(ctrl: &Controller) -> Result<Snapshot, ApiError> {
         ],
         Value::Gauge(1),
     ));
+    let mut announced = gauge(
+        "lb_route_announced",
+        "1 for each VIP address whose route is in the announce table (--announce-table).",
+    );
+    let mut maintenance = gauge("lb_announce_maintenance", "1 while `lbctl announce withdraw` is in force.");
+    if let Some(a) = &ctrl.announcer {
+        let state = a.state();
+        for addr in &state.announced {
+            announced.samples.push((vec![("address", addr.to_string())], Value::Gauge(1)));
+        }
+        maintenance.samples.push((vec![], Value::Gauge(state.maintenance as i64)));
+    }
     Ok(Snapshot(vec![
+        announced,
+        maintenance,
         packets,
         lookups,
         untracked,

@@ -13,6 +13,7 @@ use aya::programs::{links::FdLink, links::PinnedLink, xdp::XdpLink, Xdp, XdpMode
 use tracing::{info, warn};
 
 use crate::{
+    announce::{self, Announcer, RouteTable},
     api,
     controller::{Controller, RunInfo, Saved, State},
     dataplane::{Dataplane, LoadOptions},
@@ -54,6 +55,10 @@ pub struct UpOptions {
     pub gue_port: u16,
     /// An API listener on TCP, mutual TLS only.
     pub tcp_api: Option<(std::net::SocketAddr, api::TlsFiles)>,
+    /// The kernel routing table that gets a route per serving VIP address.
+    pub announce_table: Option<u32>,
+    /// How long to forward after withdrawing the routes on a stop.
+    pub drain_time: Duration,
 }
 
 pub async fn run(opts: UpOptions) -> Result<()> {
@@ -89,6 +94,7 @@ pub async fn run(opts: UpOptions) -> Result<()> {
         None
     };
     let adopted = saved.is_some();
+    let maintenance = saved.as_ref().is_some_and(|s| s.maintenance);
     let (conn_table_size, ring_capacity) = match &saved {
         Some(s) => (s.conn_table_size, s.ring_capacity),
         None => (opts.conn_table_size, opts.ring_capacity),
@@ -145,7 +151,14 @@ pub async fn run(opts: UpOptions) -> Result<()> {
         conn_table_size,
         fixed_next_hop: opts.next_hop_mac.is_some(),
     };
-    let ctrl = Controller::new(State { dp, services, checks }, state_file.clone(), ring_capacity, info);
+    let announcer = match opts.announce_table {
+        Some(table) => {
+            let routes = RouteTable::open(table).context("--announce-table")?;
+            Some(Arc::new(Announcer::new(routes, maintenance)))
+        }
+        None => None,
+    };
+    let ctrl = Controller::new(State { dp, services, checks }, state_file.clone(), ring_capacity, info, announcer);
     if let Some(path) = &opts.config {
         apply_config(&ctrl, path)?;
         tokio::spawn(reapply_on_sighup(Arc::clone(&ctrl), path.clone()));
@@ -159,6 +172,12 @@ pub async fn run(opts: UpOptions) -> Result<()> {
         tokio::spawn(crate::metrics::serve(listener, Arc::clone(&ctrl)));
     }
     ctrl.start_checks();
+    // Announced only now: the program is attached and the config applied.
+    if let Some(announcer) = ctrl.announcer.clone() {
+        let c = Arc::clone(&ctrl);
+        info!(table = announcer.table(), proto = announce::ROUTE_PROTOCOL, "announcing serving VIP addresses");
+        tokio::spawn(async move { announcer.run(|| c.serving_addresses()).await });
+    }
     if !ctrl.info.fixed_next_hop {
         tokio::spawn(refresh_next_hop(Arc::clone(&ctrl), nl));
     }
@@ -182,6 +201,9 @@ pub async fn run(opts: UpOptions) -> Result<()> {
     }
     info!(socket = %opts.socket.display(), "serving the API");
     let served = api::serve(Arc::clone(&ctrl), &opts.socket, stopped(stop_rx)).await;
+    if let (Some(announcer), false) = (&ctrl.announcer, opts.keep) {
+        withdraw_and_drain(announcer, opts.drain_time).await;
+    }
     ctrl.stop_checks();
     let _ = std::fs::remove_file(&opts.socket);
     if opts.keep {
@@ -358,6 +380,17 @@ async fn reapply_on_sighup(ctrl: Arc<Controller>, path: PathBuf) {
         if let Err(e) = apply_config(&ctrl, &path) {
             warn!(error = %format!("{e:#}"), "config not re-applied: the running state stays as it was");
         }
+    }
+}
+
+/// Withdraws every route, then keeps forwarding for `drain` (the routers
+/// move the flows to other LB hosts meanwhile); a second signal ends it.
+async fn withdraw_and_drain(announcer: &Announcer, drain: Duration) {
+    let withdrawn = announcer.withdraw_all().await;
+    info!(routes = withdrawn, drain = ?drain, "routes withdrawn; forwarding on until the drain time is over");
+    tokio::select! {
+        _ = tokio::time::sleep(drain) => info!("drain time over"),
+        _ = shutdown_signal() => info!("drain cut short"),
     }
 }
 

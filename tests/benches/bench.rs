@@ -442,6 +442,7 @@ fn pps(r: &mut Results, lab: &Lab, opts: &Opts) -> anyhow::Result<()> {
     for j in 1..=lb_lab::BACKENDS {
         lab.lbctl_all(&["backend", "add", "203.0.113.10:9999/udp", &lb_lab::backend_v4(j)])?;
     }
+    lab.wait_routes(lb_lab::VIP4, &[1, 2])?;
     let (rounds, count) = if opts.quick { (3, 200_000) } else { (5, 1_000_000) };
     let mut lb = Vec::new();
     for _ in 0..rounds {
@@ -450,7 +451,13 @@ fn pps(r: &mut Results, lab: &Lab, opts: &Opts) -> anyhow::Result<()> {
         lb.push(seen as f64 / secs);
     }
     record(r, "e2e.lb_pps", &mut lb);
-    // The floor: the LB hosts only bounce packets back to the router.
+    // The floor: the LB hosts only bounce packets back to the router. Their
+    // controllers withdraw the VIP's routes when they stop: a static ECMP
+    // route keeps the packets going to them.
+    ns(
+        ROUTER_NS,
+        &["ip", "route", "add", "203.0.113.10/32", "metric", "1", "nexthop", "via", "198.51.100.2", "nexthop", "via", "198.51.100.6"],
+    )?;
     for i in 1..=lb_lab::LBS {
         lab.stop_lb(i, libc::SIGTERM)?;
     }
@@ -472,6 +479,7 @@ fn pps(r: &mut Results, lab: &Lab, opts: &Opts) -> anyhow::Result<()> {
         floor.push(seen as f64 / secs);
     }
     drop(holders);
+    ns(ROUTER_NS, &["ip", "route", "del", "203.0.113.10/32", "metric", "1"])?;
     record(r, "e2e.floor_pps", &mut floor);
     for i in 1..=lb_lab::LBS {
         lab.start_lb(i, &[])?;
@@ -493,7 +501,7 @@ fn http(r: &mut Results, lab: &Lab, opts: &Opts) -> anyhow::Result<()> {
         lab.lbctl_all(&["backend", "add", "203.0.113.10:80/tcp", &lb_lab::backend_v4(j)])?;
     }
     // One LB host for both, so the comparison is host against host.
-    ns(ROUTER_NS, &["ip", "route", "replace", "203.0.113.0/24", "via", "198.51.100.2"])?;
+    lab.route_through(&[1], lb_lab::VIP4)?;
     let dir = format!("{}/haproxy", lb_lab::DIR);
     std::fs::create_dir_all(&dir)?;
     let servers: String =

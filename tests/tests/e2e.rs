@@ -58,7 +58,8 @@ const HTTP6: &str = "[2001:db8:f::10]:80/tcp";
 const ECHO6: &str = "[2001:db8:f::10]:9000/tcp";
 const UDP6: &str = "[2001:db8:f::10]:9000/udp";
 
-/// Every lab backend on `vip`, on both LB hosts, with `extra` args.
+/// Every lab backend on `vip`, on both LB hosts, with `extra` args; then
+/// waits until both LB hosts announce it and the router has both routes.
 fn add_backends(lab: &Lab, vip: &str, extra: &[&str]) {
     for j in 1..=BACKENDS {
         let addr = if vip.starts_with('[') { backend_v6(j) } else { backend_v4(j) };
@@ -66,6 +67,13 @@ fn add_backends(lab: &Lab, vip: &str, extra: &[&str]) {
         args.extend_from_slice(extra);
         all(lab, &args);
     }
+    lab.wait_routes(address_of(vip), &[1, 2]).unwrap();
+}
+
+/// The address of a VIP written ADDR:PORT/PROTO or [ADDR]:PORT/PROTO.
+fn address_of(vip: &str) -> &str {
+    let addr_port = vip.split('/').next().unwrap();
+    addr_port.rsplit_once(':').unwrap().0.trim_start_matches('[').trim_end_matches(']')
 }
 
 /// Every backend on every VIP, on both LB hosts, with `extra` backend args.
@@ -257,6 +265,7 @@ fn new_flows_follow_the_weights() {
     for j in 1..=BACKENDS {
         all(lab, &["backend", "add", UDP4, &backend_v4(j), "--weight", &j.to_string()]);
     }
+    lab.wait_routes(VIP4, &[1, 2]).unwrap();
     let mut counts = [0usize; BACKENDS + 1];
     let flows = 600;
     for n in 0..flows {
@@ -385,6 +394,7 @@ fn sigkill_of_the_controllers_keeps_a_streaming_connection_and_restart_restores_
     for j in 1..=BACKENDS {
         all(lab, &["backend", "add", ECHO4, &backend_v4(j), "--weight", &j.to_string()]);
     }
+    lab.wait_routes(VIP4, &[1, 2]).unwrap();
     let before = ok(lab, 1, &["backend", "list", ECHO4]);
     let mut stream = connect(sock(&client_v4(0), 49000), sock(VIP4, ECHO_PORT));
     let mine = echo(&mut stream, "0");
@@ -460,10 +470,7 @@ fn a_flow_moved_between_lb_hosts_by_the_router_keeps_its_backend() {
     assert_eq!(sample(&scrape(1, &[]), &metric), 1.0);
     ok(lab, 2, &["backend", "set-weight", ECHO4, &backend_v4(1), "2"]);
     assert_eq!(fingerprint(1), fingerprint(2), "the same again");
-    let pin = |i: usize| {
-        let via = format!("198.51.100.{}", 4 * i - 2);
-        ns(ROUTER_NS, &["ip", "route", "replace", "203.0.113.0/24", "via", &via]).unwrap();
-    };
+    let pin = |i: usize| lab.route_through(&[i], VIP4).unwrap();
     pin(1);
     let mut stream = connect(sock(&client_v4(3), 51000), sock(VIP4, ECHO_PORT));
     let mine = echo(&mut stream, "via lb1");
@@ -619,7 +626,7 @@ fn the_next_hop_mac_follows_the_neighbour_table() {
     ns(ROUTER_NS, &["ip", "link", "set", "rt-lb1", "address", "02:00:5e:00:53:01"]).unwrap();
     ns(&lb_ns(1), &["ip", "neigh", "flush", "dev", &lb_iface(1)]).unwrap();
     wait_for(PATIENCE, || mac_of(1) == "02:00:5e:00:53:01").expect("new next-hop MAC picked up");
-    ns(ROUTER_NS, &["ip", "route", "replace", "203.0.113.0/24", "via", "198.51.100.2"]).unwrap();
+    lab.route_through(&[1], VIP4).unwrap();
     for c in 0..4 {
         assert!(lab.curl(&client_v4(c), "http://203.0.113.10/").unwrap().starts_with("be"));
     }
@@ -680,7 +687,7 @@ fn metrics_count_exactly_the_traffic_sent_and_agree_with_lbctl_stats() {
     all(lab, &["vip", "add", UDP4]);
     add_backends(lab, UDP4, &["--check", "http://lab:80/", "--interval", "1s", "--timeout", "1s"]);
     // All traffic through lb1, so its counters see every packet.
-    ns(ROUTER_NS, &["ip", "route", "replace", "203.0.113.0/24", "via", "198.51.100.2"]).unwrap();
+    lab.route_through(&[1], VIP4).unwrap();
     let scrape = || scrape(1, &[]);
     let vip = format!("{{vip=\"{UDP4}\"}}");
     let before = scrape();
@@ -757,7 +764,7 @@ fn the_debug_switch_logs_packet_decisions_only_while_on() {
     let lab = &s.lab;
     all(lab, &["vip", "add", UDP4]);
     add_backends(lab, UDP4, &[]);
-    ns(ROUTER_NS, &["ip", "route", "replace", "203.0.113.0/24", "via", "198.51.100.2"]).unwrap();
+    lab.route_through(&[1], VIP4).unwrap();
     let decisions = || {
         let log = std::fs::read_to_string(format!("{DIR}/lb1.log")).unwrap();
         log.lines().filter(|l| l.contains("lb decision: outcome 6 action 3")).count()
@@ -1248,6 +1255,8 @@ fn a_real_prometheus_scrapes_both_lb_hosts_and_every_dashboard_query_returns_dat
 struct Streams {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
     rounds: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    /// The longest round so far, in microseconds.
+    longest_us: std::sync::Arc<std::sync::atomic::AtomicU64>,
     worker: std::thread::JoinHandle<Vec<Result<String, String>>>,
 }
 
@@ -1264,11 +1273,13 @@ impl Streams {
             .collect();
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let rounds = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let (stop2, rounds2) = (stop.clone(), rounds.clone());
+        let longest_us = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (stop2, rounds2, longest2) = (stop.clone(), rounds.clone(), longest_us.clone());
         let worker = std::thread::spawn(move || {
             let mut broken: Vec<Option<String>> = vec![None; conns.len()];
             let mut round = 0;
             while !stop2.load(std::sync::atomic::Ordering::SeqCst) {
+                let started = Instant::now();
                 for (k, (src, c, owner)) in conns.iter_mut().enumerate() {
                     if broken[k].is_some() {
                         continue;
@@ -1284,11 +1295,17 @@ impl Streams {
                 }
                 round += 1;
                 rounds2.store(round, std::sync::atomic::Ordering::SeqCst);
+                longest2.fetch_max(started.elapsed().as_micros() as u64, std::sync::atomic::Ordering::SeqCst);
                 std::thread::sleep(Duration::from_millis(20));
             }
             conns.iter().zip(broken).map(|((_, _, owner), b)| b.map_or(Ok(owner.clone()), Err)).collect()
         });
-        Streams { stop, rounds, worker }
+        Streams { stop, rounds, longest_us, worker }
+    }
+
+    /// The longest time one round over every connection took.
+    fn longest_stall(&self) -> Duration {
+        Duration::from_micros(self.longest_us.load(std::sync::atomic::Ordering::SeqCst))
     }
 
     /// Waits until every connection has sent `n` more lines.
@@ -1331,16 +1348,18 @@ fn ring_changes(lab: &Lab, streams: &Streams) {
 }
 
 /// Brings up the echo VIP with `vip_args` on both LB hosts, be1 and be2
-/// behind it, and 40 connections streaming through it; then waits until the
-/// ring they were made under has served long enough to be the previous
-/// ring when it changes (PREVIOUS_RING_MIN_LIVE, 5 s, by design).
-fn streams_on(lab: &Lab, vip_args: &[&str], first_port: u16) -> Streams {
+/// behind it, and 40 connections streaming through it by the LB hosts
+/// `through`; then waits until the ring they were made under has served
+/// long enough to be the previous ring when it changes
+/// (PREVIOUS_RING_MIN_LIVE, 5 s, by design).
+fn streams_on(lab: &Lab, vip_args: &[&str], first_port: u16, through: &[usize]) -> Streams {
     let mut args = vec!["vip", "add", ECHO4];
     args.extend_from_slice(vip_args);
     all(lab, &args);
     for j in 1..=2 {
         all(lab, &["backend", "add", ECHO4, &backend_v4(j)]);
     }
+    lab.route_through(through, VIP4).unwrap();
     let streams = Streams::start(40, first_port);
     std::thread::sleep(lb_userspace::services::PREVIOUS_RING_MIN_LIVE + Duration::from_secs(1));
     streams.more_rounds(2);
@@ -1355,7 +1374,7 @@ fn broken(results: &[Result<String, String>]) -> Vec<&String> {
 fn gue_second_chance_keeps_every_connection_through_ring_changes_on_a_stateless_vip() {
     let s = lab();
     let lab = &s.lab;
-    let streams = streams_on(lab, &["--encap", "gue", "--stateless"], 52000);
+    let streams = streams_on(lab, &["--encap", "gue", "--stateless"], 52000, &[1, 2]);
     ring_changes(lab, &streams);
     let results = streams.finish();
     assert!(broken(&results).is_empty(), "broken connections: {:#?}", broken(&results));
@@ -1379,14 +1398,9 @@ fn gue_second_chance_keeps_every_connection_through_ring_changes_on_a_stateless_
 /// The ring changes with every flow through lb1, then every flow moved to
 /// lb2 (whose conn table never saw them); returns the connections' results.
 fn changes_then_ecmp_move(lab: &Lab, vip_args: &[&str], first_port: u16) -> Vec<Result<String, String>> {
-    let via = |i: usize| {
-        let next_hop = format!("198.51.100.{}", 4 * i - 2);
-        ns(ROUTER_NS, &["ip", "route", "replace", "203.0.113.0/24", "via", &next_hop]).unwrap();
-    };
-    via(1);
-    let streams = streams_on(lab, vip_args, first_port);
+    let streams = streams_on(lab, vip_args, first_port, &[1]);
     ring_changes(lab, &streams);
-    via(2);
+    lab.route_through(&[2], VIP4).unwrap();
     streams.more_rounds(5);
     streams.finish()
 }
@@ -1415,7 +1429,7 @@ fn a_syn_flood_at_a_stateless_vip_leaves_the_conn_table_and_established_connecti
         lab.stop_lb(i, libc::SIGTERM).unwrap();
         lab.start_lb(i, &["--conn-table-size", "4096"]).unwrap();
     }
-    let streams = streams_on(lab, &["--encap", "gue", "--stateless"], 56000);
+    let streams = streams_on(lab, &["--encap", "gue", "--stateless"], 56000, &[1, 2]);
     let entries = |i: usize| sample(&scrape(i, &[]), "lb_conn_table_entries");
     let before = [entries(1), entries(2)];
     let flood = 40_960;
@@ -1512,4 +1526,143 @@ fn sighup_re_applies_the_config_file_and_a_broken_file_changes_nothing() {
     assert!(refusal.contains("line 13: weight 99999"), "{refusal}");
     assert_eq!(ok(lab, 1, &["-o", "json", "backend", "list", UDP4]), before, "nothing changed");
     assert!(vips().contains(ECHO4) && vips().contains(UDP4));
+}
+
+// Scale-out: the LB hosts announce their VIP addresses through BIRD (eBGP
+// with BFD) and the router spreads flows over them (ECMP).
+
+fn table_100(i: usize) -> String {
+    ns(&lb_ns(i), &["ip", "route", "show", "table", "100"]).unwrap()
+}
+
+fn xdp_attached(i: usize) -> bool {
+    ns(&lb_ns(i), &["ip", "link", "show", &lb_iface(i)]).unwrap().contains("prog/xdp")
+}
+
+#[test]
+fn lb_hosts_announce_exactly_the_vip_addresses_that_can_serve() {
+    let s = lab();
+    let lab = &s.lab;
+    // A route of someone else's in the same table: never touched.
+    ns(&lb_ns(1), &["ip", "route", "add", "192.0.2.200/32", "dev", "lo", "table", "100", "proto", "static"]).unwrap();
+    all(lab, &["vip", "add", ECHO4]);
+    add_backends(lab, ECHO4, &[]);
+    assert!(table_100(1).contains("203.0.113.10 dev lo proto 252 scope link"), "{}", table_100(1));
+    // A VIP on one LB host only: one next hop.
+    ok(lab, 1, &["vip", "add", ECHO6]);
+    ok(lab, 1, &["backend", "add", ECHO6, &backend_v6(1)]);
+    lab.wait_routes(VIP6, &[1]).unwrap();
+    // The VIP's last backend leaves lb1: lb1 withdraws; it comes back.
+    for j in 1..=BACKENDS {
+        ok(lab, 1, &["backend", "del", ECHO4, &backend_v4(j)]);
+    }
+    let started = Instant::now();
+    lab.wait_routes(VIP4, &[2]).unwrap();
+    println!("last backend gone: the router dropped lb1 after {} ms", started.elapsed().as_millis());
+    ok(lab, 1, &["backend", "add", ECHO4, &backend_v4(2)]);
+    let started = Instant::now();
+    lab.wait_routes(VIP4, &[1, 2]).unwrap();
+    println!("a backend back: the router took lb1 again after {} ms", started.elapsed().as_millis());
+    // Weight 0 (or drained) serves no new flow: withdrawn too.
+    ok(lab, 1, &["backend", "set-weight", ECHO4, &backend_v4(2), "0"]);
+    lab.wait_routes(VIP4, &[2]).unwrap();
+    ok(lab, 1, &["backend", "set-weight", ECHO4, &backend_v4(2), "1"]);
+    lab.wait_routes(VIP4, &[1, 2]).unwrap();
+    // Maintenance: out of ECMP while forwarding, and back; said everywhere.
+    ok(lab, 2, &["announce", "withdraw"]);
+    lab.wait_routes(VIP4, &[1]).unwrap();
+    assert!(ok(lab, 2, &["status"]).contains("table 100, withdrawn for maintenance, 0 route(s)"));
+    let list = ok(lab, 2, &["vip", "list"]);
+    assert!(list.lines().any(|l| l.starts_with(ECHO4) && l.trim_end().ends_with(" no")), "{list}");
+    assert_eq!(sample(&scrape(2, &[]), "lb_announce_maintenance"), 1.0);
+    ok(lab, 2, &["announce", "restore"]);
+    lab.wait_routes(VIP4, &[1, 2]).unwrap();
+    let announced = ok(lab, 1, &["announce", "status"]);
+    assert!(announced.contains("table 100, announcing, 2 route(s)"), "{announced}");
+    assert!(announced.contains("2001:db8:f::10"), "{announced}");
+    let list = ok(lab, 1, &["vip", "list"]);
+    assert!(list.lines().any(|l| l.starts_with(ECHO4) && l.trim_end().ends_with(" yes")), "{list}");
+    assert_eq!(sample(&scrape(1, &[]), "lb_route_announced{address=\"203.0.113.10\"}"), 1.0);
+    assert!(table_100(1).contains("192.0.2.200 dev lo proto static"), "{}", table_100(1));
+    // The graceful stop withdraws only its own routes.
+    lab.stop_lb(1, libc::SIGTERM).unwrap();
+    assert!(!table_100(1).contains("proto 252"), "{}", table_100(1));
+    assert!(table_100(1).contains("192.0.2.200 dev lo proto static"), "{}", table_100(1));
+}
+
+#[test]
+fn a_graceful_stop_leaves_ecmp_before_detaching_and_breaks_no_connection() {
+    let s = lab();
+    let lab = &s.lab;
+    let streams = streams_on(lab, &[], 57000, &[1, 2]);
+    let carried = |i: usize| counter(lab, i, "forwarded");
+    assert!(carried(1) > 0 && carried(2) > 0, "both LB hosts carry connections");
+    // SIGTERM, then watch: the router must drop lb1 while its program is
+    // still attached (forwarding what is still in flight).
+    let pid: i32 = std::fs::read_to_string(format!("{DIR}/lb1.pid")).unwrap().trim().parse().unwrap();
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let started = Instant::now();
+    lab.wait_routes(VIP4, &[2]).unwrap();
+    let left_ecmp = started.elapsed();
+    assert!(xdp_attached(1), "lb1 detached before the router stopped sending to it");
+    lab.stop_lb(1, 0).unwrap();
+    println!("lb1 left ECMP {} ms after SIGTERM, then detached", left_ecmp.as_millis());
+    assert!(!xdp_attached(1));
+    streams.more_rounds(10);
+    let results = streams.finish();
+    assert_eq!(results.len(), 40);
+    assert!(broken(&results).is_empty(), "{:#?}", broken(&results));
+}
+
+#[test]
+fn bfd_takes_a_cut_lb_host_out_and_every_connection_goes_on_through_the_other() {
+    let s = lab();
+    let lab = &s.lab;
+    let streams = streams_on(lab, &[], 58000, &[1, 2]);
+    // Cut lb1 without a carrier change (which would tell the router at
+    // once): every packet the router sends it, and every packet its own
+    // stack sends (BFD, BGP), is dropped; only BFD can notice.
+    ns(ROUTER_NS, &["tc", "qdisc", "add", "dev", "rt-lb1", "root", "netem", "loss", "100%"]).unwrap();
+    ns(&lb_ns(1), &["tc", "qdisc", "add", "dev", &lb_iface(1), "root", "netem", "loss", "100%"]).unwrap();
+    let started = Instant::now();
+    lab.wait_routes(VIP4, &[2]).unwrap();
+    println!("BFD: the router dropped the cut lb1 after {} ms", started.elapsed().as_millis());
+    streams.more_rounds(10);
+    let stall = streams.longest_stall();
+    let results = streams.finish();
+    assert!(broken(&results).is_empty(), "{:#?}", broken(&results));
+    println!("longest stall of a round of all 40 connections: {} ms", stall.as_millis());
+}
+
+#[test]
+fn a_controller_restart_after_sigkill_or_with_keep_never_flaps_the_announcement() {
+    let s = lab();
+    let lab = &s.lab;
+    all(lab, &["vip", "add", ECHO4]);
+    add_backends(lab, ECHO4, &[]);
+    // Watch the router's FIB the whole time.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop2 = stop.clone();
+    let watcher = std::thread::spawn(move || {
+        let mut seen = Vec::new();
+        while !stop2.load(std::sync::atomic::Ordering::SeqCst) {
+            let hops = lb_lab::bird::next_hops(VIP4);
+            if hops != [1, 2] {
+                seen.push(hops);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        seen
+    });
+    lab.stop_lb(1, libc::SIGKILL).unwrap();
+    assert!(table_100(1).contains("203.0.113.10 dev lo proto 252"), "SIGKILL leaves the route");
+    lab.start_lb(1, &["--keep"]).unwrap();
+    wait_for(PATIENCE, || ok(lab, 1, &["announce", "status"]).contains("announcing, 1 route(s)")).unwrap();
+    lab.stop_lb(1, libc::SIGTERM).unwrap();
+    assert!(table_100(1).contains("203.0.113.10 dev lo proto 252"), "--keep leaves the route");
+    lab.start_lb(1, &[]).unwrap();
+    wait_for(PATIENCE, || ok(lab, 1, &["announce", "status"]).contains("announcing, 1 route(s)")).unwrap();
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let seen = watcher.join().unwrap();
+    assert!(seen.is_empty(), "the router's next hops changed: {seen:?}");
 }

@@ -24,6 +24,7 @@ const APT_PACKAGES: &[&str] = &[
     "haproxy",
     "openssl",
     "prometheus",
+    "bird2",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 

@@ -95,6 +95,11 @@ enum Command {
         #[command(subcommand)]
         command: decap::DecapCommand,
     },
+    /// Take this LB host out of ECMP and back (the routes of --announce-table), or show them.
+    Announce {
+        #[command(subcommand)]
+        command: status::AnnounceCommand,
+    },
     /// Log every packet decision of the data plane (on) or stop (off), without reloading it.
     Debug {
         #[arg(value_parser = ["on", "off"])]
@@ -117,6 +122,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Stats { watch } => stats::stats(watch, &client).await,
         Command::Explain { client_addr, vip } => stats::explain(client_addr, vip, &client).await,
         Command::Debug { state } => status::debug(&state, &client).await,
+        Command::Announce { command } => status::announce(command, &client).await,
         Command::Decap { command } => decap::run(command, client.output).await,
         Command::Completions { shell } => {
             clap_complete::generate(

@@ -23,6 +23,7 @@ pub fn print_vips(vips: &[pb::Vip], format: Format) -> Result<()> {
             "bytes",
             "new flows",
             "fingerprint",
+            "announced",
         ],
         vips.iter().map(|v| {
             let in_ring =
@@ -39,6 +40,7 @@ pub fn print_vips(vips: &[pb::Vip], format: Format) -> Result<()> {
                 v.bytes.to_string(),
                 v.new_flows.to_string(),
                 v.ring_fingerprint.clone(),
+                v.announced.clone(),
             ]
         }),
     );

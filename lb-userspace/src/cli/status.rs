@@ -23,12 +23,64 @@ pub async fn status(client: &ClientOpts) -> Result<()> {
         ("backends", s.backends.to_string()),
         ("failing open", fail_open),
         ("debug logging", if s.debug { "on" } else { "off" }.to_string()),
+        ("announce", announce_summary(&s)),
         ("uptime", format!("{} s", s.uptime_seconds)),
         ("version", s.version.clone()),
     ] {
         println!("{k:<14} {v}");
     }
     Ok(())
+}
+
+/// `lbctl announce withdraw|restore|status`.
+#[derive(clap::Subcommand)]
+pub enum AnnounceCommand {
+    /// Withdraw every route (out of ECMP) and keep forwarding: maintenance.
+    Withdraw,
+    /// Announce again what can serve.
+    Restore,
+    /// The announce table and the routes it holds.
+    Status,
+}
+
+pub async fn announce(command: AnnounceCommand, client: &ClientOpts) -> Result<()> {
+    let mut api = StatusClient::new(connect(client).await?);
+    let s = match command {
+        AnnounceCommand::Withdraw => api.set_announce(pb::AnnounceRequest { withdraw: true }).await?,
+        AnnounceCommand::Restore => api.set_announce(pb::AnnounceRequest { withdraw: false }).await?,
+        AnnounceCommand::Status => api.get_status(pb::Empty {}).await?,
+    }
+    .into_inner();
+    if client.output == Format::Json {
+        #[derive(serde::Serialize)]
+        struct Announce<'a> {
+            table: u32,
+            maintenance: bool,
+            announced: &'a [String],
+            error: &'a str,
+        }
+        return print_json(&Announce {
+            table: s.announce_table,
+            maintenance: s.announce_maintenance,
+            announced: &s.announced,
+            error: &s.announce_error,
+        });
+    }
+    println!("{}", announce_summary(&s));
+    for addr in &s.announced {
+        println!("  {addr}");
+    }
+    Ok(())
+}
+
+/// One line: where routes go and in what state.
+fn announce_summary(s: &pb::StatusReply) -> String {
+    if s.announce_table == 0 {
+        return "off (no --announce-table)".into();
+    }
+    let state = if s.announce_maintenance { "withdrawn for maintenance" } else { "announcing" };
+    let error = if s.announce_error.is_empty() { String::new() } else { format!("; last update failed: {}", s.announce_error) };
+    format!("table {}, {state}, {} route(s){error}", s.announce_table, s.announced.len())
 }
 
 pub async fn debug(state: &str, client: &ClientOpts) -> Result<()> {

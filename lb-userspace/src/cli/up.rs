@@ -72,6 +72,20 @@ pub struct UpArgs {
     /// Serve Prometheus metrics at http://ADDR:PORT/metrics ("off": none).
     #[arg(long, default_value = "127.0.0.1:9100", value_parser = parse_metrics)]
     metrics: Metrics,
+    /// Keep a host route (proto 252) for each VIP address that can serve in
+    /// kernel routing table N, for a routing daemon to announce (BIRD,
+    /// FRR); withdrawn on stop (not with --keep).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=0xffff_fffe))]
+    announce_table: Option<u32>,
+    /// With --announce-table: on SIGTERM/SIGINT, withdraw the routes, then
+    /// keep forwarding this long before detaching (a second signal cuts it
+    /// short).
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    drain_time: std::time::Duration,
+}
+
+fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    humantime::parse_duration(text).map_err(|e| format!("'{text}' is not a duration like 5s or 500ms: {e}"))
 }
 
 /// `--metrics`: an address, or off.
@@ -153,6 +167,8 @@ pub async fn run(args: UpArgs, client: &ClientOpts) -> Result<()> {
         state_dir: args.state_dir,
         metrics: args.metrics.0,
         new_flow_limit: args.new_flow_limit,
+        announce_table: args.announce_table,
+        drain_time: args.drain_time,
         gue_port: args.gue_port,
         tcp_api,
     })

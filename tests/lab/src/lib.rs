@@ -5,6 +5,8 @@
 //!  client (192.0.2.10-13, 2001:db8:c::10-13)
 //!     |
 //!  router --ECMP (L4 hash) for the VIPs--> lb1, lb2   (lbctl up, XDP native)
+//!     |  <-- eBGP + BFD (BIRD): each LB host announces the VIP addresses
+//!     |      its controller puts in kernel table 100 --'
 //!     |  <------------- IP-in-IP (XDP_TX) -------------'
 //!     +-- be1, be2, be3   (lbctl decap up; VIPs on lo; nginx; echo server)
 //!          replies go from the VIP straight back to the client (DSR)
@@ -25,6 +27,8 @@ use std::{
 };
 
 use anyhow::{bail, Context, Result};
+
+pub mod bird;
 
 pub const VIP4: &str = "203.0.113.10";
 pub const VIP6: &str = "2001:db8:f::10";
@@ -130,6 +134,8 @@ impl Lab {
         for j in 1..=BACKENDS {
             lab.start_servers(j)?;
         }
+        log("BIRD on the router and the LB hosts (eBGP + BFD)");
+        bird::start_all()?;
         for i in 1..=LBS {
             log(&format!("lbctl up on lb{i}"));
             lab.start_lb(i, &[])?;
@@ -211,14 +217,7 @@ impl Lab {
                 "net.ipv6.fib_multipath_hash_policy=1",
             ],
         )?;
-        ip(
-            ROUTER_NS,
-            "route add 203.0.113.0/24 nexthop via 198.51.100.2 dev rt-lb1 nexthop via 198.51.100.6 dev rt-lb2",
-        )?;
-        ip(
-            ROUTER_NS,
-            "-6 route add 2001:db8:f::/64 nexthop via 2001:db8:a1::2 dev rt-lb1 nexthop via 2001:db8:a2::2 dev rt-lb2",
-        )?;
+        // No static routes to the VIPs: the LB hosts announce them (BGP).
         Ok(())
     }
 
@@ -269,6 +268,13 @@ impl Lab {
             .args(["--state-dir", &format!("{DIR}/state")])
             .args(["--encap-src", &format!("198.51.100.{}/32", 4 * i - 2)])
             .args(if extra.contains(&"--metrics") { vec![] } else { vec!["--metrics".into(), Lab::metrics_addr(i)] })
+            // Routes for BIRD; a short drain keeps test stops quick.
+            .args(if extra.contains(&"--announce-table") {
+                vec![]
+            } else {
+                vec!["--announce-table".into(), bird::ANNOUNCE_TABLE.to_string()]
+            })
+            .args(if extra.contains(&"--drain-time") { &[][..] } else { &["--drain-time", "1s"][..] })
             .args(extra)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
@@ -408,6 +414,7 @@ impl Lab {
             kill_pid_file(&format!("{DIR}/lb{i}.pid"), libc::SIGKILL);
         }
         kill_pid_file(&format!("{DIR}/prometheus/prometheus.pid"), libc::SIGTERM);
+        bird::stop_all();
         for j in 1..=BACKENDS {
             kill_pid_file(&format!("{DIR}/be{j}/nginx.pid"), libc::SIGTERM);
             kill_pid_file(&format!("{DIR}/be{j}/echo.pid"), libc::SIGKILL);
@@ -450,6 +457,7 @@ impl Lab {
                 links.lines().map(|l| l.split_whitespace().next().unwrap_or("")).collect::<Vec<_>>().join(" ")
             ));
         }
+        out.push_str(&bird::status());
         if pid_alive(&format!("{DIR}/prometheus/prometheus.pid")) {
             out.push_str(&format!("prometheus: running at http://{PROMETHEUS_ADDR} (in {ROUTER_NS})\n"));
         }
@@ -462,6 +470,25 @@ impl Lab {
             ));
         }
         Ok(out)
+    }
+
+    /// Sends the VIPs' traffic through exactly the LB hosts `hosts` (the
+    /// others withdraw their routes: `lbctl announce withdraw`), and waits
+    /// until the router's FIB says so for `addr`.
+    pub fn route_through(&self, hosts: &[usize], addr: &str) -> Result<()> {
+        for i in 1..=LBS {
+            let action = if hosts.contains(&i) { "restore" } else { "withdraw" };
+            let out = self.lbctl(i, &["announce", action]);
+            anyhow::ensure!(out.status.success(), "lbctl announce {action}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        self.wait_routes(addr, hosts)
+    }
+
+    /// Waits until the router's FIB sends `addr` to exactly `hosts`.
+    pub fn wait_routes(&self, addr: &str, hosts: &[usize]) -> Result<()> {
+        wait_for(PATIENCE, || bird::next_hops(addr) == hosts).with_context(|| {
+            format!("the router does not route {addr} to LB hosts {hosts:?}: {:?}", bird::next_hops(addr))
+        })
     }
 
     /// An HTTP GET from the client, from source address `src`.
@@ -551,7 +578,7 @@ fn remove_dir(dir: &str) {
     let _ = fs::remove_dir(dir);
 }
 
-fn pid_alive(pid_file: &str) -> bool {
+pub(crate) fn pid_alive(pid_file: &str) -> bool {
     fs::read_to_string(pid_file).ok().and_then(|p| p.trim().parse::<i32>().ok()).is_some_and(running)
 }
 
@@ -563,7 +590,7 @@ fn running(pid: i32) -> bool {
 }
 
 /// Signals the process named in a pid file the lab wrote, then drops the file.
-fn kill_pid_file(pid_file: &str, signal: i32) {
+pub(crate) fn kill_pid_file(pid_file: &str, signal: i32) {
     if let Some(pid) = fs::read_to_string(pid_file).ok().and_then(|p| p.trim().parse::<i32>().ok()) {
         unsafe { libc::kill(pid, signal) };
         let start = Instant::now();
