@@ -22,6 +22,10 @@
 //! expect_status = "200-399"     # HTTP checks: healthy statuses
 //! check_ca = "/etc/lbctl/backend-ca.pem"  # https checks: CA file (default: system CAs)
 //! check_insecure = false        # https checks: take any certificate
+//!
+//! [announce]                    # lbctl up --config only, read at start
+//! table = 100                   # as --announce-table (the flag wins)
+//! drain_time = "5s"             # as --drain-time
 //! ```
 
 use std::{collections::BTreeMap, net::IpAddr, time::Duration};
@@ -40,6 +44,22 @@ use crate::{
 struct File {
     #[serde(default)]
     vip: Vec<VipEntry>,
+    announce: Option<AnnounceEntry>,
+}
+
+/// `[announce]`: read by `lbctl up --config` at start (the flags win).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AnnounceEntry {
+    table: Option<Spanned<u32>>,
+    drain_time: Option<Spanned<String>>,
+}
+
+/// The `[announce]` settings of a config file.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AnnounceSettings {
+    pub table: Option<u32>,
+    pub drain_time: Option<Duration>,
 }
 
 #[derive(Deserialize)]
@@ -88,11 +108,34 @@ pub struct VipWish {
 
 pub type Desired = BTreeMap<VipAddr, VipWish>;
 
+/// `line N` of a span of `text`.
+fn line_of(text: &str, span: std::ops::Range<usize>) -> String {
+    format!("line {}", text[..span.start.min(text.len())].lines().count().max(1))
+}
+
+/// The `[announce]` section of a config file, validated.
+pub fn parse_announce(text: &str) -> Result<AnnounceSettings, String> {
+    let file: File = toml::from_str(text).map_err(|e| e.to_string().trim_end().to_string())?;
+    let Some(a) = file.announce else { return Ok(AnnounceSettings::default()) };
+    if let Some(t) = &a.table {
+        if !(1..=0xffff_fffe).contains(t.get_ref()) {
+            return Err(format!("{}: announce table {} is out of range 1..=4294967294", line_of(text, t.span()), t.get_ref()));
+        }
+    }
+    let drain_time = match &a.drain_time {
+        None => None,
+        Some(d) => Some(
+            humantime::parse_duration(d.get_ref())
+                .map_err(|e| format!("{}: drain_time '{}': {e}", line_of(text, d.span()), d.get_ref()))?,
+        ),
+    };
+    Ok(AnnounceSettings { table: a.table.map(|t| *t.get_ref()), drain_time })
+}
+
 /// Parses and validates a desired-state file. Errors say `line N: ...`.
 pub fn parse(text: &str) -> Result<Desired, String> {
     let file: File = toml::from_str(text).map_err(|e| e.to_string().trim_end().to_string())?;
-    let at =
-        |span: std::ops::Range<usize>| format!("line {}", text[..span.start.min(text.len())].lines().count().max(1));
+    let at = |span: std::ops::Range<usize>| line_of(text, span);
     let mut desired = Desired::new();
     for entry in file.vip {
         let hash = entry.hash.as_ref().map(|h| h.get_ref().as_str()).unwrap_or("");
@@ -295,6 +338,20 @@ pub fn plan(current: &Desired, desired: &Desired) -> Vec<Change> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_announce_section_is_optional_validated_and_named_by_line() {
+        assert_eq!(parse_announce("").unwrap(), AnnounceSettings::default());
+        let text = "[announce]\ntable = 100\ndrain_time = \"2s\"\n";
+        let want = AnnounceSettings { table: Some(100), drain_time: Some(Duration::from_secs(2)) };
+        assert_eq!(parse_announce(text).unwrap(), want);
+        assert!(parse(text).unwrap().is_empty(), "no VIPs: the section is not a VIP");
+        let err = parse_announce("[announce]\ntable = 0\n").unwrap_err();
+        assert!(err.starts_with("line 2: announce table 0"), "{err}");
+        let err = parse_announce("[announce]\n\ndrain_time = \"soon\"\n").unwrap_err();
+        assert!(err.starts_with("line 3: drain_time 'soon'"), "{err}");
+        assert!(parse_announce("[announce]\ntables = 1\n").unwrap_err().contains("unknown field"));
+    }
 
     const GOOD: &str = r#"
 [[vip]]

@@ -55,13 +55,27 @@ pub struct UpOptions {
     pub gue_port: u16,
     /// An API listener on TCP, mutual TLS only.
     pub tcp_api: Option<(std::net::SocketAddr, api::TlsFiles)>,
-    /// The kernel routing table that gets a route per serving VIP address.
+    /// The kernel routing table that gets a route per serving VIP address
+    /// (else the config file's `[announce] table`, if any).
     pub announce_table: Option<u32>,
-    /// How long to forward after withdrawing the routes on a stop.
-    pub drain_time: Duration,
+    /// How long to forward after withdrawing the routes on a stop (else the
+    /// config file's, else [`DEFAULT_DRAIN_TIME`]).
+    pub drain_time: Option<Duration>,
 }
 
+/// How long a stopping controller forwards after withdrawing its routes.
+pub const DEFAULT_DRAIN_TIME: Duration = Duration::from_secs(5);
+
 pub async fn run(opts: UpOptions) -> Result<()> {
+    let from_file = match &opts.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+            desired::parse_announce(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
+        }
+        None => desired::AnnounceSettings::default(),
+    };
+    let announce_table = opts.announce_table.or(from_file.table);
+    let drain_time = opts.drain_time.or(from_file.drain_time).unwrap_or(DEFAULT_DRAIN_TIME);
     let ifindex = netlink::if_index(&opts.iface)
         .with_context(|| format!("no interface '{}' in this network namespace", opts.iface))?;
     ensure_bpffs(&opts.pin_root)?;
@@ -151,7 +165,7 @@ pub async fn run(opts: UpOptions) -> Result<()> {
         conn_table_size,
         fixed_next_hop: opts.next_hop_mac.is_some(),
     };
-    let announcer = match opts.announce_table {
+    let announcer = match announce_table {
         Some(table) => {
             let routes = RouteTable::open(table).context("--announce-table")?;
             Some(Arc::new(Announcer::new(routes, maintenance)))
@@ -202,7 +216,7 @@ pub async fn run(opts: UpOptions) -> Result<()> {
     info!(socket = %opts.socket.display(), "serving the API");
     let served = api::serve(Arc::clone(&ctrl), &opts.socket, stopped(stop_rx)).await;
     if let (Some(announcer), false) = (&ctrl.announcer, opts.keep) {
-        withdraw_and_drain(announcer, opts.drain_time).await;
+        withdraw_and_drain(announcer, drain_time).await;
     }
     ctrl.stop_checks();
     let _ = std::fs::remove_file(&opts.socket);

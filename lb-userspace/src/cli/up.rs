@@ -79,9 +79,9 @@ pub struct UpArgs {
     announce_table: Option<u32>,
     /// With --announce-table: on SIGTERM/SIGINT, withdraw the routes, then
     /// keep forwarding this long before detaching (a second signal cuts it
-    /// short).
-    #[arg(long, default_value = "5s", value_parser = parse_duration)]
-    drain_time: std::time::Duration,
+    /// short). Default 5s.
+    #[arg(long, value_parser = parse_duration)]
+    drain_time: Option<std::time::Duration>,
 }
 
 fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
