@@ -788,8 +788,11 @@ fn the_debug_switch_logs_packet_decisions_only_while_on() {
 fn pings_to_a_vip_are_answered_by_the_lb_hosts() {
     let s = lab();
     let lab = &s.lab;
-    all(lab, &["vip", "add", HTTP4]);
-    all(lab, &["vip", "add", HTTP6]);
+    // Announced, so routed to the LB hosts: a VIP that can serve.
+    for vip in [HTTP4, HTTP6] {
+        all(lab, &["vip", "add", vip]);
+        add_backends(lab, vip, &[]);
+    }
     ns(CLIENT_NS, &["ping", "-c", "3", "-i", "0.2", "-W", "2", VIP4]).expect("ping the IPv4 VIP");
     ns(CLIENT_NS, &["ping", "-6", "-c", "3", "-i", "0.2", "-W", "2", VIP6]).expect("ping the IPv6 VIP");
     let replied: u64 = (1..=LBS).map(|i| counter(lab, i, "echo_replied")).sum();
@@ -1620,10 +1623,15 @@ fn bfd_takes_a_cut_lb_host_out_and_every_connection_goes_on_through_the_other() 
     let lab = &s.lab;
     let streams = streams_on(lab, &[], 58000, &[1, 2]);
     // Cut lb1 without a carrier change (which would tell the router at
-    // once): every packet the router sends it, and every packet its own
-    // stack sends (BFD, BGP), is dropped; only BFD can notice.
-    ns(ROUTER_NS, &["tc", "qdisc", "add", "dev", "rt-lb1", "root", "netem", "loss", "100%"]).unwrap();
-    ns(&lb_ns(1), &["tc", "qdisc", "add", "dev", &lb_iface(1), "root", "netem", "loss", "100%"]).unwrap();
+    // once): the router drops every packet to or from lb1 (BFD, BGP and
+    // the traffic both ways); only BFD can notice.
+    let cut = "table inet cut {
+      chain cut_forward { type filter hook forward priority 0; iifname \"rt-lb1\" drop; oifname \"rt-lb1\" drop; }
+      chain cut_input { type filter hook input priority 0; iifname \"rt-lb1\" drop; }
+      chain cut_output { type filter hook output priority 0; oifname \"rt-lb1\" drop; }
+    }";
+    std::fs::write(format!("{DIR}/cut.nft"), cut).unwrap();
+    ns(ROUTER_NS, &["nft", "-f", &format!("{DIR}/cut.nft")]).unwrap();
     let started = Instant::now();
     lab.wait_routes(VIP4, &[2]).unwrap();
     println!("BFD: the router dropped the cut lb1 after {} ms", started.elapsed().as_millis());

@@ -25,6 +25,7 @@ const APT_PACKAGES: &[&str] = &[
     "openssl",
     "prometheus",
     "bird2",
+    "nftables",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
