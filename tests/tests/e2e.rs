@@ -1637,9 +1637,36 @@ fn bfd_takes_a_cut_lb_host_out_and_every_connection_goes_on_through_the_other() 
     println!("BFD: the router dropped the cut lb1 after {} ms", started.elapsed().as_millis());
     streams.more_rounds(10);
     let stall = streams.longest_stall();
+    println!("longest stall of a round of all 40 connections: {} ms", stall.as_millis());
+    // lb1 comes back: announced again, flows spread again, none breaks.
+    ns(ROUTER_NS, &["nft", "delete", "table", "inet", "cut"]).unwrap();
+    let started = Instant::now();
+    lab.wait_routes(VIP4, &[1, 2]).unwrap();
+    println!("lb1 back in ECMP {} ms after the link healed (BGP session set-up)", started.elapsed().as_millis());
+    let before = counter(lab, 1, "forwarded");
+    streams.more_rounds(10);
+    assert!(counter(lab, 1, "forwarded") > before, "lb1 carries flows again");
     let results = streams.finish();
     assert!(broken(&results).is_empty(), "{:#?}", broken(&results));
-    println!("longest stall of a round of all 40 connections: {} ms", stall.as_millis());
+}
+
+#[test]
+fn the_maintenance_command_leaves_ecmp_without_stopping_forwarding() {
+    let s = lab();
+    let lab = &s.lab;
+    let streams = streams_on(lab, &[], 59000, &[1, 2]);
+    ok(lab, 2, &["announce", "withdraw"]);
+    lab.wait_routes(VIP4, &[1]).unwrap();
+    streams.more_rounds(10);
+    assert!(xdp_attached(2), "lb2 still has its program attached");
+    assert!(ok(lab, 2, &["status"]).contains("withdrawn for maintenance"));
+    ok(lab, 2, &["announce", "restore"]);
+    lab.wait_routes(VIP4, &[1, 2]).unwrap();
+    let before = counter(lab, 2, "forwarded");
+    streams.more_rounds(10);
+    assert!(counter(lab, 2, "forwarded") > before, "lb2 carries flows again");
+    let results = streams.finish();
+    assert!(broken(&results).is_empty(), "{:#?}", broken(&results));
 }
 
 #[test]
@@ -1662,6 +1689,8 @@ fn a_controller_restart_after_sigkill_or_with_keep_never_flaps_the_announcement(
         }
         seen
     });
+    // And traffic through both LB hosts the whole time.
+    let streams = Streams::start(8, 60000);
     lab.stop_lb(1, libc::SIGKILL).unwrap();
     assert!(table_100(1).contains("203.0.113.10 dev lo proto 252"), "SIGKILL leaves the route");
     lab.start_lb(1, &["--keep"]).unwrap();
@@ -1670,7 +1699,10 @@ fn a_controller_restart_after_sigkill_or_with_keep_never_flaps_the_announcement(
     assert!(table_100(1).contains("203.0.113.10 dev lo proto 252"), "--keep leaves the route");
     lab.start_lb(1, &[]).unwrap();
     wait_for(PATIENCE, || ok(lab, 1, &["announce", "status"]).contains("announcing, 1 route(s)")).unwrap();
+    streams.more_rounds(5);
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     let seen = watcher.join().unwrap();
     assert!(seen.is_empty(), "the router's next hops changed: {seen:?}");
+    let results = streams.finish();
+    assert!(broken(&results).is_empty(), "{:#?}", broken(&results));
 }
