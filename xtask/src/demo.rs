@@ -15,7 +15,7 @@ use crate::step;
 
 pub fn demo(root: &Path, lbctl: &Path) -> Result<()> {
     let started = Instant::now();
-    println!("==> lab up: client, router (ECMP), lb1, lb2, be1..be3");
+    println!("==> lab up: client, router (ECMP by BGP), lb1, lb2, be1..be3");
     let lab = Lab::up(lbctl, &mut lb_lab::print_step)?;
     let config = root.join("examples/lab.toml");
     step("configure both LB hosts: lbctl apply -f examples/lab.toml", || {
@@ -31,6 +31,15 @@ pub fn demo(root: &Path, lbctl: &Path) -> Result<()> {
         }
         print!("{printed}");
         Ok("applied on lb1 and lb2".into())
+    })?;
+    step("both LB hosts announce the VIPs over BGP (BIRD); the router's routes", || {
+        for vip in [lb_lab::VIP4, lb_lab::VIP6] {
+            lab.wait_routes(vip, &[1, 2])?;
+            let family = if vip.contains(':') { "-6" } else { "-4" };
+            let route = lb_lab::ns(lb_lab::ROUTER_NS, &["ip", family, "route", "show", vip])?;
+            print!("{}", route.lines().map(|l| format!("    {l}\n")).collect::<String>());
+        }
+        Ok("two next hops each (ECMP)".into())
     })?;
     step("200 HTTP requests over IPv4 from 4 client addresses (weights 1:1:2)", || {
         print_spread(&spread(&lab, 200, false)?);
