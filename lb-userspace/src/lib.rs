@@ -13,6 +13,7 @@ pub mod maglev;
 pub mod metrics;
 pub mod netlink;
 pub mod object;
+pub mod offload_check;
 pub mod rings;
 pub mod services;
 mod sys;

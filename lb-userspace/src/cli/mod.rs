@@ -6,6 +6,7 @@ mod apply;
 mod backend;
 mod client;
 mod decap;
+mod offload;
 mod output;
 mod stats;
 mod status;
@@ -105,6 +106,9 @@ enum Command {
         #[arg(value_parser = ["on", "off"])]
         state: String,
     },
+    /// What an XDP offload JIT (the nfp driver's) would refuse in a program
+    /// this lbctl carries: helpers, maps, stack, instructions, rules.
+    OffloadCheck(offload::OffloadCheckArgs),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completions { shell: clap_complete::Shell },
     /// Print the man page (roff): lbctl manpage > /usr/share/man/man1/lbctl.1
@@ -123,6 +127,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Explain { client_addr, vip } => stats::explain(client_addr, vip, &client).await,
         Command::Debug { state } => status::debug(&state, &client).await,
         Command::Announce { command } => status::announce(command, &client).await,
+        Command::OffloadCheck(args) => offload::run(args, client.output),
         Command::Decap { command } => decap::run(command, client.output).await,
         Command::Completions { shell } => {
             clap_complete::generate(
