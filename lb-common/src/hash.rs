@@ -1,51 +1,62 @@
 //! The flow hash: the program picks a ring slot with it, userspace uses it to
 //! explain where a flow goes, and every LB host must compute the same value.
-//! It is a few 64-bit multiply-xorshift rounds (cheap in BPF: no helper, no
-//! loop) ended by MurmurHash3's fmix64 finalizer so that flows differing in
+//! It is a few 32-bit multiply-xorshift rounds (cheap in BPF: no helper, no
+//! loop) ended by MurmurHash3's fmix32 finalizer so that flows differing in
 //! one port bit land on unrelated ring slots.
 
-const SEED: u64 = 0x6c62_5f66_6c6f_7731; // "lb_flow1"
-const K: u64 = 0x9e37_79b9_7f4a_7c15;
+// 32-bit operations only: the same hash must run on a NIC whose offload
+// JIT multiplies within 32 bits and cannot divide by a variable (the nfp).
+const SEED: u32 = 0x6c62_5f66; // "lb_f"
+const SEED_HIGH: u32 = 0x6c6f_7732; // "low2": the digest's other half
+const K: u32 = 0x9e37_79b1;
 
+/// One word into the state: xor, multiply, xorshift (a bijection of `h`).
 #[inline(always)]
-fn mix(h: u64, v: u64) -> u64 {
-    let x = (h ^ v).wrapping_mul(K);
-    x ^ (x >> 29)
+fn mix(h: u32, w: u32) -> u32 {
+    let x = (h ^ w).wrapping_mul(K);
+    x ^ (x >> 15)
 }
 
+/// MurmurHash3's fmix32: every input bit reaches every output bit.
 #[inline(always)]
-fn finish(mut x: u64) -> u64 {
-    x ^= x >> 33;
-    x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
-    x ^= x >> 33;
-    x = x.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
-    x ^= x >> 33;
-    x
+fn finish(mut h: u32) -> u32 {
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xc2b2_ae35);
+    h ^ (h >> 16)
 }
 
+/// One lane of the flow hash. IPv4 flows (words 1..3 zero) skip the words
+/// only IPv6 addresses have.
 #[inline(always)]
-fn pair(a: &[u32; 4], i: usize) -> u64 {
-    ((a[i] as u64) << 32) | a[i + 1] as u64
+fn lane(seed: u32, src: &[u32; 4], dst: &[u32; 4], ports: u32, proto: u8) -> u32 {
+    let mut h = seed ^ proto as u32;
+    h = mix(h, src[0]);
+    h = mix(h, dst[0]);
+    if src[1] | src[2] | src[3] | dst[1] | dst[2] | dst[3] != 0 {
+        for i in 1..4 {
+            h = mix(h, src[i]);
+            h = mix(h, dst[i]);
+        }
+    }
+    finish(mix(h, ports))
 }
 
 /// Hash of a 5-tuple. Addresses and ports are raw wire words
 /// (see [`crate::addr_words_v4`]); IPv4 leaves words 1..3 zero.
 #[inline(always)]
 pub fn flow_hash(src: &[u32; 4], dst: &[u32; 4], src_port: u16, dst_port: u16, proto: u8) -> u32 {
-    flow_digest(src, dst, src_port, dst_port, proto) as u32
+    lane(SEED, src, dst, ((src_port as u32) << 16) | dst_port as u32, proto)
 }
 
-/// The 64 bits the flow hash is the low half of: the flow's name in the
-/// conn table (`crate::conntrack`).
+/// The flow's name in the conn table (`crate::conntrack`): the flow hash
+/// in the low half, a second lane with another seed in the high half.
 #[inline(always)]
 pub fn flow_digest(src: &[u32; 4], dst: &[u32; 4], src_port: u16, dst_port: u16, proto: u8) -> u64 {
-    let mut h = SEED ^ proto as u64;
-    h = mix(h, pair(src, 0));
-    h = mix(h, pair(src, 2));
-    h = mix(h, pair(dst, 0));
-    h = mix(h, pair(dst, 2));
-    h = mix(h, ((src_port as u64) << 16) | dst_port as u64);
-    finish(h)
+    let ports = ((src_port as u32) << 16) | dst_port as u32;
+    let high = lane(SEED_HIGH, src, dst, ports, proto);
+    ((high as u64) << 32) | lane(SEED, src, dst, ports, proto) as u64
 }
 
 /// Hash of the source address alone: session affinity, where every flow of
@@ -53,9 +64,18 @@ pub fn flow_digest(src: &[u32; 4], dst: &[u32; 4], src_port: u16, dst_port: u16,
 #[inline(always)]
 pub fn source_hash(src: &[u32; 4]) -> u32 {
     let mut h = SEED;
-    h = mix(h, pair(src, 0));
-    h = mix(h, pair(src, 2));
-    finish(h) as u32
+    for w in src {
+        h = mix(h, *w);
+    }
+    finish(h)
+}
+
+/// The ring slot of a hash: multiply and shift, not a modulo (a NIC's JIT
+/// cannot divide by a variable; this is also cheaper), uniform over
+/// `0..ring_size` for a uniform hash.
+#[inline(always)]
+pub fn ring_slot(hash: u32, ring_size: u32) -> u32 {
+    ((hash as u64 * ring_size as u64) >> 32) as u32
 }
 
 #[cfg(test)]
@@ -74,6 +94,31 @@ mod tests {
         }
         let mean = total as f64 / 1000.0;
         assert!((12.0..20.0).contains(&mean), "mean flipped bits {mean}");
+    }
+
+    #[test]
+    fn ring_slots_are_uniform_and_in_range() {
+        let size = 65537u32;
+        let mut counts = [0u32; 16];
+        for port in 0..60000u16 {
+            let slot = ring_slot(flow_hash(&[0x0102_0304, 0, 0, 0], &[0x0506_0708, 0, 0, 0], port, 80, 6), size);
+            assert!(slot < size);
+            counts[(slot as u64 * 16 / size as u64) as usize] += 1;
+        }
+        // 3750 per sixteenth expected; a uniform draw stays within 10%.
+        assert!(counts.iter().all(|c| (3375..=4125).contains(c)), "{counts:?}");
+        assert_eq!(ring_slot(u32::MAX, size), size - 1);
+        assert_eq!(ring_slot(0, size), 0);
+    }
+
+    #[test]
+    fn the_digest_halves_are_independent_lanes() {
+        let (a, b) = ([1, 0, 0, 0], [2, 0, 0, 0]);
+        let d = flow_digest(&a, &b, 1, 2, 6);
+        assert_eq!(d as u32, flow_hash(&a, &b, 1, 2, 6));
+        assert_ne!((d >> 32) as u32, d as u32);
+        let v6 = flow_hash(&[1, 0, 0, 1], &b, 1, 2, 6);
+        assert_ne!(v6, flow_hash(&a, &b, 1, 2, 6), "IPv6 words count");
     }
 
     #[test]

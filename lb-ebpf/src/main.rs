@@ -45,7 +45,7 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
-    address_mark, conntrack, flow_digest, fragment_key, source_hash, stat, vip_filter_slot, Backend, BackendStats,
+    address_mark, conntrack, flow_digest, fragment_key, ring_slot, source_hash, stat, vip_filter_slot, Backend, BackendStats,
     Config, ConnBucket, ConnValue, FloodBucket, FlowKey, GlobalStats, RingWord, VipEntry, VipKey, VipMeta, VipStats,
     AF_INET, BACKEND_F_RETIRED, CONFIG_F_DEBUG, CONFIG_F_PORT0_V4, CONFIG_F_PORT0_V6, CONN_F_GUE, CONN_F_SOURCE_HASH,
     CONN_WAYS, DEFAULT_CONN_TABLE_SIZE, DEFAULT_RING_CAPACITY, FILTER_STATELESS, FILTER_VIP, IPPROTO_TCP, MAX_BACKENDS,
@@ -340,7 +340,7 @@ fn pick_from_ring(vip: &VipMeta, pkt: &Packet, digest: u64) -> Option<(u32, Back
     }
     let source_only = vip.flags & VIP_F_HASH_SRC_ONLY != 0;
     let hash = if source_only { source_hash(&pkt.flow.src) } else { digest as u32 };
-    let slot = hash % vip.ring_size;
+    let slot = ring_slot(hash, vip.ring_size);
     let backend_id = ring_at(vip.ring_offset + slot)?;
     let backend = *BACKENDS.get(backend_id)?;
     if backend.cookie == 0 {

@@ -83,7 +83,9 @@ pub struct Saved {
 }
 
 /// The map layout a state file describes. 3: the conn table is an array
-/// of buckets; 2: three ring slots per VIP (live, previous, next) and the
+/// of buckets, and the flow hash and ring slot changed (32-bit hash lanes,
+/// multiply-shift slot), so older maps' entries and rings cannot be
+/// followed; 2: three ring slots per VIP (live, previous, next) and the
 /// GUE fields; 1 had two.
 pub const STATE_LAYOUT: u32 = 3;
 

@@ -757,7 +757,7 @@ impl Services {
         if state.ring.is_empty() {
             return Ok(None);
         }
-        let slot = hash % state.spec.ring_size;
+        let slot = lb_common::ring_slot(hash, state.spec.ring_size);
         let id = state.ring[slot as usize];
         let (addr, _) = by_id(id).expect("the ring names only this VIP's backends");
         // As the program does: the previous ring's backend, if it differs,

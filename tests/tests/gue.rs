@@ -170,7 +170,7 @@ fn the_alternate_is_present_exactly_when_the_previous_ring_names_another_backend
         for _ in 0..3000 {
             let port = 1024 + (rng.next_u64() % 60000) as u16;
             let input = tcp_frame(CLIENT, port, VIP, 80, ACK | PSH);
-            let slot = hash_of(&input) % meta.ring_size;
+            let slot = lb_common::ring_slot(hash_of(&input), meta.ring_size);
             let now = h.dp.ring_slot(meta.ring_offset + slot).unwrap();
             let before = h.dp.ring_slot(meta.prev_ring_offset + slot).unwrap();
             let (_, out) = h.run(&input);
