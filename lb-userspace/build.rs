@@ -38,9 +38,11 @@ fn build_ebpf() {
             .args(["--target", "bpfel-unknown-none", "--target-dir", target_dir])
             .args(["--features", features]);
         // The outer cargo's settings are for the host build, not this one.
+        // BPF ISA v3: 32-bit ALU and jumps, which the verifier and JITs
+        // run natively (a NIC's offload JIT multiplies only within 32 bits).
+        let cmd = cmd.env("CARGO_ENCODED_RUSTFLAGS", "-Ctarget-cpu=v3");
         for var in [
             "RUSTFLAGS",
-            "CARGO_ENCODED_RUSTFLAGS",
             "RUSTC",
             "RUSTC_WRAPPER",
             "RUSTC_WORKSPACE_WRAPPER",

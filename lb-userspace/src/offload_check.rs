@@ -75,8 +75,9 @@ pub const RULE_MAP_STORE: &str =
 pub const RULE_CTX_STORE: &str = "nfp verifier.c nfp_bpf_check_store: unsupported store to context field";
 pub const RULE_ATOMIC: &str =
     "nfp verifier.c nfp_bpf_check_atomic: atomic add (no fetch, no other operation), to a map value only";
-pub const RULE_MUL: &str =
-    "nfp verifier.c nfp_bpf_check_alu: multiplication within u32 only (checked here: no 64-bit multiply)";
+pub const RULE_MUL: &str = "nfp verifier.c nfp_bpf_check_alu: multiplier and multiplicand within u32 (checked \
+                            here: each operand comes from a 32-bit operation, a 32-bit or narrower load, or a \
+                            non-negative constant)";
 pub const RULE_DIV: &str = "nfp verifier.c nfp_bpf_check_alu: division by a constant, within u32 only (checked \
                             here: 32-bit division and modulo by a constant)";
 pub const RULE_OPCODE: &str = "nfp jit.c: no translation for this instruction (BPF ISA v4 sign extension, signed \
@@ -246,6 +247,8 @@ const MODE_ATOMIC: u8 = 0xc0;
 const OP_ADD: u8 = 0x00;
 const OP_SUB: u8 = 0x10;
 const OP_MUL: u8 = 0x20;
+const OP_AND: u8 = 0x50;
+const OP_RSH: u8 = 0x70;
 const OP_DIV: u8 = 0x30;
 const OP_MOD: u8 = 0x90;
 const OP_MOV: u8 = 0xb0;
@@ -268,9 +271,6 @@ fn opcode_violation(at: usize, i: &Insn) -> Option<Violation> {
     let op = i.code & 0xf0;
     let v = |what: String, rule| Some(Violation { at: Some(at), what, rule });
     if c == CLASS_ALU || c == CLASS_ALU64 {
-        if op == OP_MUL && c == CLASS_ALU64 {
-            return v("64-bit multiply".into(), RULE_MUL);
-        }
         if op == OP_DIV || op == OP_MOD {
             if c == CLASS_ALU64 || i.code & SRC_X != 0 || i.imm <= 0 {
                 return v("division or modulo that is not 32-bit by a positive constant".into(), RULE_DIV);
@@ -327,6 +327,8 @@ struct State {
     regs: [u8; 11],
     /// 8-byte slots below r10 (spilled registers), by offset.
     slots: BTreeMap<i16, u8>,
+    /// Bit r: register r holds a value that fits in 32 bits on every path.
+    narrow: u16,
 }
 
 impl State {
@@ -334,7 +336,19 @@ impl State {
         let mut regs = [K_SCALAR; 11];
         regs[1] = r1;
         regs[10] = K_STACK;
-        State { regs, slots: BTreeMap::new() }
+        State { regs, slots: BTreeMap::new(), narrow: 0 }
+    }
+
+    fn is_narrow(&self, r: usize) -> bool {
+        self.narrow & (1 << r) != 0
+    }
+
+    fn set_narrow(&mut self, r: usize, narrow: bool) {
+        if narrow {
+            self.narrow |= 1 << r;
+        } else {
+            self.narrow &= !(1 << r);
+        }
     }
 
     /// Widens `self` by `other`; whether anything changed.
@@ -349,6 +363,9 @@ impl State {
             changed |= *slot | kind != *slot;
             *slot |= kind;
         }
+        let narrow = self.narrow & other.narrow;
+        changed |= narrow != self.narrow;
+        self.narrow = narrow;
         changed
     }
 }
@@ -375,6 +392,22 @@ fn pointer_violations(insns: &[Insn]) -> Vec<Violation> {
             CLASS_ALU | CLASS_ALU64 => {
                 let op = i.code & 0xf0;
                 let from_src = if i.code & SRC_X != 0 { s.regs[src] } else { K_SCALAR };
+                let src_narrow = if i.code & SRC_X != 0 { s.is_narrow(src) } else { i.imm >= 0 };
+                if op == OP_MUL && c == CLASS_ALU64 && !(s.is_narrow(dst) && src_narrow) {
+                    report(&mut found, "64-bit multiply of an operand that may exceed 32 bits", RULE_MUL);
+                }
+                // What fits in 32 bits afterwards: any 32-bit result (zero
+                // extended), a move of a narrow value, a right shift by 32
+                // or more, a mask by a non-negative constant, a product of
+                // two narrow values shifted right by 32.
+                let narrow = c == CLASS_ALU
+                    || match op {
+                        OP_MOV => src_narrow,
+                        OP_RSH => i.code & SRC_X == 0 && i.imm >= 32 || s.is_narrow(dst),
+                        OP_AND => i.code & SRC_X == 0 && i.imm >= 0 || s.is_narrow(dst) || src_narrow,
+                        _ => false,
+                    };
+                s.set_narrow(dst, narrow);
                 s.regs[dst] = match op {
                     OP_MOV if c == CLASS_ALU64 => from_src,
                     OP_ADD | OP_SUB if c == CLASS_ALU64 && (s.regs[dst] | from_src) & POINTERS != 0 => {
@@ -384,6 +417,7 @@ fn pointer_violations(insns: &[Insn]) -> Vec<Violation> {
                 };
             }
             CLASS_LD if i.code == LD_IMM64 => {
+                s.set_narrow(dst, false);
                 s.regs[dst] = match i.src {
                     PSEUDO_MAP_FD => K_MAP,
                     PSEUDO_MAP_VALUE => K_MAP_VALUE,
@@ -393,6 +427,7 @@ fn pointer_violations(insns: &[Insn]) -> Vec<Violation> {
             }
             CLASS_LDX => {
                 let base = s.regs[src];
+                s.set_narrow(dst, i.code & 0x18 != 0x18);
                 s.regs[dst] = if src == 10 && i.code & 0x18 == 0x18 {
                     *s.slots.get(&i.off).unwrap_or(&K_SCALAR)
                 } else if base & K_CTX != 0 && (0..=8).contains(&i.off) {
@@ -433,6 +468,7 @@ fn pointer_violations(insns: &[Insn]) -> Vec<Violation> {
                     enqueue(&mut states, &mut work, target, &callee);
                     s.regs[0] = K_SCALAR;
                     s.regs[1..6].fill(K_SCALAR);
+                    s.narrow &= !0b11_1111;
                 } else if i.code == CALL {
                     if (1..=3).contains(&i.imm) && s.regs[2] != K_STACK {
                         report(&mut found, "map helper key not on the stack", RULE_MAP_ARG);
@@ -442,6 +478,7 @@ fn pointer_violations(insns: &[Insn]) -> Vec<Violation> {
                     }
                     s.regs[0] = if i.imm == 1 { K_MAP_VALUE | K_SCALAR } else { K_SCALAR };
                     s.regs[1..6].fill(K_SCALAR);
+                    s.narrow &= !0b11_1111;
                 } else {
                     let target = (at as i64 + 1 + i.off as i64) as usize;
                     if i.code & 0xf0 == 0x00 {
@@ -558,8 +595,19 @@ mod tests {
         // A map lookup whose key is a map value.
         let key_from_map = vec![mov64_reg(2, 0), insn(LD_IMM64, 1, PSEUDO_MAP_FD, 0, 1), insn(0, 0, 0, 0, 0), call(1)];
         assert_eq!(rules(&plain(key_from_map), &m), [RULE_MAP_ARG]);
-        // 64-bit multiply; division by a register; ISA v4 sign-extending move.
-        assert_eq!(rules(&plain(vec![insn(CLASS_ALU64 | OP_MUL, 3, 0, 0, 3)]), &m), [RULE_MUL]);
+        // 64-bit multiply of a 64-bit value (r3 = r10 is an address), and of
+        // two 32-bit ones (fine: the multiply-shift of a ring slot).
+        let wide = vec![mov64_reg(3, 10), insn(CLASS_ALU64 | OP_MUL, 3, 0, 0, 3)];
+        assert_eq!(rules(&plain(wide), &m), [RULE_MUL]);
+        let narrow = vec![
+            insn(CLASS_LDX | MODE_MEM, 3, 10, -8, 0),
+            insn(CLASS_ALU | OP_MOV, 4, 0, 0, 7),
+            insn(CLASS_ALU64 | OP_MUL | SRC_X, 3, 4, 0, 0),
+            insn(CLASS_ALU64 | OP_RSH, 3, 0, 0, 32),
+            insn(CLASS_ALU64 | OP_MUL, 3, 0, 0, 5),
+        ];
+        assert!(rules(&plain(narrow), &m).is_empty());
+        // Division by a register; ISA v4 sign-extending move.
         assert_eq!(rules(&plain(vec![insn(CLASS_ALU | OP_DIV | SRC_X, 3, 4, 0, 0)]), &m), [RULE_DIV]);
         assert!(rules(&plain(vec![insn(CLASS_ALU | OP_MUL, 3, 0, 0, 3)]), &m).is_empty(), "32-bit multiply is fine");
         assert!(rules(&plain(vec![insn(CLASS_ALU | OP_MOD, 3, 0, 0, 7)]), &m).is_empty(), "modulo by a constant");
