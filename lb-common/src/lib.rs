@@ -28,6 +28,9 @@ pub mod map_names {
     pub const DECAP_STATS: &str = "DECAP_STATS";
     pub const VIP_FILTER: &str = "VIP_FILTER";
     pub const FLOOD: &str = "FLOOD";
+    /// The offload flavor's counters: plain arrays, written by atomic adds.
+    pub const OFFLOAD_VIP_STATS: &str = "OFFLOAD_VIP_STATS";
+    pub const OFFLOAD_BACKEND_STATS: &str = "OFFLOAD_BACKEND_STATS";
     pub const VIP_SLOTS: &str = "VIP_SLOTS";
     pub const VIP_ENTRIES: &str = "VIP_ENTRIES";
     /// The balancer's maps: what a controller pins and a restart adopts.
@@ -49,6 +52,7 @@ pub mod map_names {
 /// Program names (the function names in `lb-ebpf`).
 pub mod program_names {
     pub const BALANCER: &str = "lb_balancer";
+    pub const OFFLOAD: &str = "lb_offload";
     pub const DECAP: &str = "lb_decap";
 }
 

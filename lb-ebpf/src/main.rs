@@ -36,48 +36,29 @@ mod headers;
 mod icmp;
 mod object;
 mod parse;
+mod select;
 
 use aya_ebpf::{
     bindings::xdp_action::{XDP_DROP, XDP_PASS, XDP_TX},
     helpers::bpf_ktime_get_ns,
     macros::{map, xdp},
-    maps::{Array, HashMap, PerCpuArray},
+    maps::{Array, PerCpuArray},
     programs::XdpContext,
 };
 use lb_common::{
-    address_mark, conntrack, flow_digest, fragment_key, ring_slot, source_hash, stat, vip_filter_slot, Backend, BackendStats,
-    Config, ConnBucket, ConnValue, FloodBucket, FlowKey, GlobalStats, RingWord, VipEntry, VipKey, VipMeta, VipStats,
-    AF_INET, BACKEND_F_RETIRED, CONFIG_F_DEBUG, CONFIG_F_PORT0_V4, CONFIG_F_PORT0_V6, CONN_F_GUE, CONN_F_SOURCE_HASH,
-    CONN_WAYS, DEFAULT_CONN_TABLE_SIZE, DEFAULT_RING_CAPACITY, FILTER_STATELESS, FILTER_VIP, IPPROTO_TCP, MAX_BACKENDS,
-    MAX_VIPS, RING_SLOTS_PER_WORD, VIP_FILTER_SLOTS, VIP_F_GUE, VIP_F_HASH_SRC_ONLY, VIP_F_HAS_PREV, VIP_F_STATELESS,
+    address_mark, conntrack, flow_digest, source_hash, stat, vip_filter_slot, Backend, BackendStats, Config, ConnBucket, ConnValue,
+    FloodBucket, GlobalStats, VipMeta, VipStats, AF_INET, BACKEND_F_RETIRED, CONFIG_F_DEBUG, CONN_F_GUE,
+    CONN_F_SOURCE_HASH, CONN_WAYS, DEFAULT_CONN_TABLE_SIZE, FILTER_STATELESS, FILTER_VIP, IPPROTO_TCP, MAX_BACKENDS,
+    MAX_VIPS, VIP_F_GUE, VIP_F_HASH_SRC_ONLY, VIP_F_STATELESS,
 };
 
 use aya_log_ebpf::info;
 use encap::{encapsulate, overhead, Inner, Tunnel};
 use parse::{parse, Packet, Parsed};
 
-/// VIPs, one address mark per VIP address (`address_mark`) and one
-/// fragment entry per address and protocol (`fragment_key`).
-#[map]
-static VIPS: HashMap<VipKey, VipMeta> = HashMap::with_max_entries(3 * MAX_VIPS, 0);
-/// The VIP lookup in arrays (`lb_common::VIP_SLOTS`): slot -> entry index + 1.
-#[map]
-static VIP_SLOTS: Array<u32> = Array::with_max_entries(lb_common::VIP_SLOTS, 0);
-#[map]
-static VIP_ENTRIES: Array<VipEntry> = Array::with_max_entries(2 * MAX_VIPS, 0);
-/// 1 where some VIP address hashes to the slot (`vip_filter_slot`).
-#[map]
-static VIP_FILTER: Array<u8> = Array::with_max_entries(VIP_FILTER_SLOTS, 0);
-#[map]
-static BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);
-/// Every VIP's Maglev ring(s), back to back: slot -> backend id.
-#[map]
-static RINGS: Array<RingWord> = Array::with_max_entries(DEFAULT_RING_CAPACITY / RING_SLOTS_PER_WORD, 0);
 /// The conn table (`lb_common::conntrack`): buckets of flows by digest.
 #[map]
 static CONNS: Array<ConnBucket> = Array::with_max_entries(DEFAULT_CONN_TABLE_SIZE / CONN_WAYS as u32, 0);
-#[map]
-static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
 #[map]
 static GLOBAL_STATS: PerCpuArray<GlobalStats> = PerCpuArray::with_max_entries(1, 0);
 /// The SYN-flood guard's token bucket, per CPU.
@@ -90,7 +71,7 @@ static BACKEND_STATS: PerCpuArray<BackendStats> = PerCpuArray::with_max_entries(
 
 #[xdp]
 pub fn lb_balancer(ctx: XdpContext) -> u32 {
-    let (Some(stats), Some(cfg)) = (GLOBAL_STATS.get_ptr_mut(0), CONFIG.get(0)) else {
+    let (Some(stats), Some(cfg)) = (GLOBAL_STATS.get_ptr_mut(0), select::CONFIG.get(0)) else {
         return XDP_PASS;
     };
     let stats = unsafe { &mut (*stats).counters };
@@ -123,7 +104,7 @@ fn balance(ctx: &XdpContext, cfg: &Config, stats: &mut [u64; stat::COUNT]) -> (u
     // 2. The filter: no VIP has this address. Where a stateless VIP has
     // it, the VIP comes first: its packets must not touch the conn table.
     let not_for_us = if fragment { stat::FRAGMENT } else { stat::NOT_FOR_US };
-    let filter = VIP_FILTER.get(vip_filter_slot(&pkt.flow.dst)).copied().unwrap_or(0);
+    let filter = select::VIP_FILTER.get(vip_filter_slot(&pkt.flow.dst)).copied().unwrap_or(0);
     if filter & FILTER_VIP == 0 {
         return (XDP_PASS, not_for_us);
     }
@@ -132,7 +113,7 @@ fn balance(ctx: &XdpContext, cfg: &Config, stats: &mut [u64; stat::COUNT]) -> (u
     let mut early = VipMeta::default();
     let looked_up = filter & FILTER_STATELESS != 0 && !fragment;
     if looked_up {
-        match lookup_vip(cfg, &pkt.flow) {
+        match select::lookup_vip(cfg, &pkt.flow) {
             Some(vip) => early = vip,
             None => return (XDP_PASS, not_for_us),
         }
@@ -155,7 +136,7 @@ fn balance(ctx: &XdpContext, cfg: &Config, stats: &mut [u64; stat::COUNT]) -> (u
             let vip = if looked_up {
                 early
             } else {
-                let found = if fragment { lookup_fragment_vip(&pkt.flow) } else { lookup_vip(cfg, &pkt.flow) };
+                let found = if fragment { select::lookup_fragment_vip(&pkt.flow) } else { select::lookup_vip(cfg, &pkt.flow) };
                 match found {
                     Some(vip) => vip,
                     None => return (XDP_PASS, not_for_us),
@@ -174,7 +155,7 @@ fn balance(ctx: &XdpContext, cfg: &Config, stats: &mut [u64; stat::COUNT]) -> (u
             let tunnel = if vip.flags & VIP_F_GUE == 0 {
                 Tunnel::Ipip
             } else if midstream {
-                let alternate = previous_owner(&vip, &backend, id, slot);
+                let alternate = select::previous_owner(&vip, &backend, id, slot);
                 if alternate.is_some() {
                     stats[stat::GUE_ALTERNATE] += 1;
                 }
@@ -235,8 +216,8 @@ fn balance(ctx: &XdpContext, cfg: &Config, stats: &mut [u64; stat::COUNT]) -> (u
 /// the address belongs to the LB tier (RFC 792, RFC 4443).
 #[inline(always)]
 fn answer_echo(ctx: &XdpContext, echo: &parse::Echo) -> (u32, usize) {
-    if VIP_FILTER.get(vip_filter_slot(&echo.dst)).is_none_or(|f| f & FILTER_VIP == 0)
-        || unsafe { VIPS.get(&address_mark(echo.dst, echo.family)) }.is_none()
+    if select::VIP_FILTER.get(vip_filter_slot(&echo.dst)).is_none_or(|f| f & FILTER_VIP == 0)
+        || unsafe { select::VIPS.get(&address_mark(echo.dst, echo.family)) }.is_none()
     {
         return (XDP_PASS, stat::NOT_FOR_US);
     }
@@ -258,45 +239,6 @@ fn count_vip(vip_id: u32, pkt: &Packet, new_flows: u64) {
     }
 }
 
-/// The VIP for this destination: exact port first, then the port-0 VIP of
-/// the address if the config says one exists for this family. The value is
-/// copied: a concurrent ring swap replaces the map element.
-#[inline(always)]
-fn lookup_vip(cfg: &Config, flow: &FlowKey) -> Option<VipMeta> {
-    let mut key = VipKey { addr: flow.dst, port: flow.dst_port, proto: flow.proto, family: flow.family };
-    if let Some(vip) = vip_by_key(&key) {
-        return Some(vip);
-    }
-    let port0 = if flow.family == AF_INET { CONFIG_F_PORT0_V4 } else { CONFIG_F_PORT0_V6 };
-    if cfg.flags & port0 == 0 {
-        return None;
-    }
-    key.port = 0;
-    vip_by_key(&key)
-}
-
-/// A VIP by its key: the arrays first (inlined: no helper call), then
-/// the hash map, which holds the VIPs whose slot another VIP owns.
-#[inline(always)]
-fn vip_by_key(key: &VipKey) -> Option<VipMeta> {
-    let word = VIP_SLOTS.get(lb_common::vip_slot(key)).copied().unwrap_or(0);
-    if word != 0 {
-        if let Some(entry) = VIP_ENTRIES.get(word - 1) {
-            if entry.key == *key {
-                return Some(entry.meta);
-            }
-        }
-    }
-    unsafe { VIPS.get(key) }.copied()
-}
-
-/// The VIP that takes fragments for this address and protocol (userspace
-/// names one per pair: the port-0 VIP, else the lowest port).
-#[inline(always)]
-fn lookup_fragment_vip(flow: &FlowKey) -> Option<VipMeta> {
-    unsafe { VIPS.get(&fragment_key(flow.dst, flow.proto, flow.family)) }.copied()
-}
-
 /// The flow's remembered backend, if it still exists. A SYN starts a new
 /// connection, so it never reuses an entry.
 #[inline(always)]
@@ -311,7 +253,7 @@ fn lookup_conn(cfg: &Config, pkt: &Packet, digest: u64) -> Option<(u32, Backend,
     }
     let hash = if (word >> 60) as u8 & CONN_F_SOURCE_HASH != 0 { source_hash(&pkt.flow.src) } else { digest as u32 };
     let conn = conntrack::unpack(word, hash);
-    let backend = BACKENDS.get(conn.backend_id)?;
+    let backend = select::BACKENDS.get(conn.backend_id)?;
     // A removed backend has cookie 0 (or is retired); a reused id has a new cookie.
     if backend.cookie == 0 || backend.cookie != conn.cookie || backend.flags & BACKEND_F_RETIRED != 0 {
         return None;
@@ -329,55 +271,18 @@ fn remember(cfg: &Config, digest: u64, conn: &ConnValue) {
     }
 }
 
-/// Maglev: the ring slot of the flow's hash (the digest's low half, or
-/// the source's hash) names the backend. Returns it with the conn-table
-/// entry that would remember the choice, and the slot (the previous ring
-/// is read at the same one: one modulo per packet).
+/// Maglev (`select::pick`), with the conn-table entry that would remember
+/// the choice.
 #[inline(always)]
 fn pick_from_ring(vip: &VipMeta, pkt: &Packet, digest: u64) -> Option<(u32, Backend, ConnValue, u32)> {
-    if vip.ring_size == 0 {
-        return None;
-    }
-    let source_only = vip.flags & VIP_F_HASH_SRC_ONLY != 0;
-    let hash = if source_only { source_hash(&pkt.flow.src) } else { digest as u32 };
-    let slot = ring_slot(hash, vip.ring_size);
-    let backend_id = ring_at(vip.ring_offset + slot)?;
-    let backend = *BACKENDS.get(backend_id)?;
-    if backend.cookie == 0 {
-        return None;
-    }
+    let picked = select::pick(vip, pkt, digest as u32)?;
     let flags = if vip.flags & VIP_F_GUE != 0 { CONN_F_GUE } else { 0 }
-        | if source_only { CONN_F_SOURCE_HASH } else { 0 };
-    let conn = ConnValue { backend_id, cookie: backend.cookie, vip_id: vip.vip_id as u16, flags, _pad: 0, hash };
-    Some((backend_id, backend, conn, slot))
+        | if vip.flags & VIP_F_HASH_SRC_ONLY != 0 { CONN_F_SOURCE_HASH } else { 0 };
+    let (id, backend) = (picked.backend_id, picked.backend);
+    let conn = ConnValue { backend_id: id, cookie: backend.cookie, vip_id: vip.vip_id as u16, flags, _pad: 0, hash: picked.hash };
+    Some((id, backend, conn, picked.slot))
 }
 
-/// The backend id in slot `slot` of the ring array.
-#[inline(always)]
-fn ring_at(slot: u32) -> Option<u32> {
-    let word = RINGS.get(slot / RING_SLOTS_PER_WORD)?;
-    Some(word[(slot % RING_SLOTS_PER_WORD) as usize] as u32)
-}
-
-/// The alternate hop: the backend the previous ring gives this hash, if it
-/// differs from the chosen one, still exists (a removed backend stays,
-/// retired, while the previous ring names it), and has its address family
-/// (the outer header is built for the chosen one's).
-#[inline(always)]
-fn previous_owner(vip: &VipMeta, chosen: &Backend, chosen_id: u32, slot: u32) -> Option<[u32; 4]> {
-    if vip.flags & VIP_F_HAS_PREV == 0 {
-        return None;
-    }
-    let id = ring_at(vip.prev_ring_offset + slot)?;
-    if id == chosen_id {
-        return None;
-    }
-    let previous = BACKENDS.get(id)?;
-    if previous.cookie == 0 || previous.family != chosen.family {
-        return None;
-    }
-    Some(previous.addr)
-}
 
 /// The SYN-flood guard: whether this CPU may remember one more new flow.
 /// Costs one helper call (the clock), and only when a limit is set.

@@ -46,6 +46,9 @@ pub struct LoadOptions {
     pub ring_capacity: u32,
     /// Load the bench-only object (restores each packet after forwarding it).
     pub bench_restore: bool,
+    /// Load the offload flavor (stateless VIPs only, no conn table; what a
+    /// NIC's XDP JIT can run) instead of the full balancer.
+    pub offload_flavor: bool,
     /// Pin every map in this bpffs directory; maps already pinned there are
     /// reused with their contents (a controller restart).
     pub pin_dir: Option<PathBuf>,
@@ -57,6 +60,7 @@ impl Default for LoadOptions {
             conn_table_size: DEFAULT_CONN_TABLE_SIZE,
             ring_capacity: DEFAULT_RING_CAPACITY,
             bench_restore: false,
+            offload_flavor: false,
             pin_dir: None,
         }
     }
@@ -67,12 +71,18 @@ pub struct Dataplane {
     ebpf: Ebpf,
     ring_capacity: u32,
     conn_buckets: u32,
+    /// The XDP program's name (the full balancer or its offload flavor).
+    program: &'static str,
 }
 
 impl Dataplane {
     /// Loads the balancer into the kernel (verified, not attached).
     pub fn load(opts: LoadOptions) -> Result<Self, DataplaneError> {
-        let bytes = if opts.bench_restore { object::BALANCER_BENCH } else { object::BALANCER };
+        let (bytes, program) = match (opts.offload_flavor, opts.bench_restore) {
+            (true, _) => (object::OFFLOAD, program_names::OFFLOAD),
+            (false, true) => (object::BALANCER_BENCH, program_names::BALANCER),
+            (false, false) => (object::BALANCER, program_names::BALANCER),
+        };
         let mut loader = EbpfLoader::new();
         loader.map_max_entries(map_names::CONNS, opts.conn_table_size.div_ceil(CONN_WAYS as u32));
         loader.map_max_entries(map_names::RINGS, opts.ring_capacity.div_ceil(RING_SLOTS_PER_WORD));
@@ -82,19 +92,20 @@ impl Dataplane {
             }
         }
         let mut ebpf = loader.load(bytes)?;
-        load_xdp(&mut ebpf, program_names::BALANCER)?;
+        load_xdp(&mut ebpf, program)?;
         // Rings start on whole words: the usable capacity is whole words too.
         let ring_capacity = opts.ring_capacity / RING_SLOTS_PER_WORD * RING_SLOTS_PER_WORD;
-        // An adopted (pinned) table keeps the size it was made with.
+        // An adopted (pinned) table keeps the size it was made with (the
+        // offload flavor has none).
         let conn_buckets = match ebpf.map(map_names::CONNS) {
             Some(Map::Array(data)) => data.info().map(|i| i.max_entries()).map_err(map_err(map_names::CONNS))?,
-            _ => return Err(DataplaneError::MissingMap(map_names::CONNS)),
+            _ => 0,
         };
-        Ok(Self { ebpf, ring_capacity, conn_buckets })
+        Ok(Self { ebpf, ring_capacity, conn_buckets, program })
     }
 
     pub fn program(&mut self) -> &mut Xdp {
-        xdp(&mut self.ebpf, program_names::BALANCER)
+        xdp(&mut self.ebpf, self.program)
     }
 
     /// The reader of the program's aya-log records (decision logs).
@@ -325,6 +336,10 @@ impl Dataplane {
     }
 
     pub fn vip_stats(&mut self, vip_id: u32) -> Result<VipStats, DataplaneError> {
+        if self.program == program_names::OFFLOAD {
+            let name = map_names::OFFLOAD_VIP_STATS;
+            return self.array::<VipStats>(name)?.get(&vip_id, 0).map_err(map_err(name));
+        }
         let values =
             self.per_cpu::<VipStats>(map_names::VIP_STATS)?.get(&vip_id, 0).map_err(map_err(map_names::VIP_STATS))?;
         Ok(values.iter().fold(VipStats::default(), |a, v| VipStats {
@@ -335,6 +350,10 @@ impl Dataplane {
     }
 
     pub fn backend_stats(&mut self, backend_id: u32) -> Result<BackendStats, DataplaneError> {
+        if self.program == program_names::OFFLOAD {
+            let name = map_names::OFFLOAD_BACKEND_STATS;
+            return self.array::<BackendStats>(name)?.get(&backend_id, 0).map_err(map_err(name));
+        }
         let values = self
             .per_cpu::<BackendStats>(map_names::BACKEND_STATS)?
             .get(&backend_id, 0)
@@ -347,12 +366,20 @@ impl Dataplane {
 
     /// Zeroes the counters of a VIP id before it is given to a new VIP.
     pub fn reset_vip_stats(&mut self, vip_id: u32) -> Result<(), DataplaneError> {
+        if self.program == program_names::OFFLOAD {
+            let name = map_names::OFFLOAD_VIP_STATS;
+            return self.array::<VipStats>(name)?.set(vip_id, VipStats::default(), 0).map_err(map_err(name));
+        }
         let zero = zeroed_per_cpu::<VipStats>()?;
         self.per_cpu::<VipStats>(map_names::VIP_STATS)?.set(vip_id, zero, 0).map_err(map_err(map_names::VIP_STATS))
     }
 
     /// Zeroes the counters of a backend id before it is reused.
     pub fn reset_backend_stats(&mut self, backend_id: u32) -> Result<(), DataplaneError> {
+        if self.program == program_names::OFFLOAD {
+            let name = map_names::OFFLOAD_BACKEND_STATS;
+            return self.array::<BackendStats>(name)?.set(backend_id, BackendStats::default(), 0).map_err(map_err(name));
+        }
         let zero = zeroed_per_cpu::<BackendStats>()?;
         self.per_cpu::<BackendStats>(map_names::BACKEND_STATS)?
             .set(backend_id, zero, 0)

@@ -325,8 +325,9 @@ const POINTERS: u8 = K_CTX | K_STACK | K_PACKET | K_MAP_VALUE | K_MAP;
 #[derive(Clone, PartialEq, Eq)]
 struct State {
     regs: [u8; 11],
-    /// 8-byte slots below r10 (spilled registers), by offset.
-    slots: BTreeMap<i16, u8>,
+    /// 8-byte slots below r10 (spilled registers), by offset: what they
+    /// may hold, and whether it fits in 32 bits.
+    slots: BTreeMap<i16, (u8, bool)>,
     /// Bit r: register r holds a value that fits in 32 bits on every path.
     narrow: u16,
 }
@@ -358,10 +359,11 @@ impl State {
             changed |= *a | b != *a;
             *a |= b;
         }
-        for (off, kind) in &other.slots {
-            let slot = self.slots.entry(*off).or_insert(K_SCALAR);
-            changed |= *slot | kind != *slot;
-            *slot |= kind;
+        for (off, (kind, narrow)) in &other.slots {
+            let slot = self.slots.entry(*off).or_insert((K_SCALAR, false));
+            let joined = (slot.0 | kind, slot.1 && *narrow);
+            changed |= joined != *slot;
+            *slot = joined;
         }
         let narrow = self.narrow & other.narrow;
         changed |= narrow != self.narrow;
@@ -427,9 +429,12 @@ fn pointer_violations(insns: &[Insn]) -> Vec<Violation> {
             }
             CLASS_LDX => {
                 let base = s.regs[src];
-                s.set_narrow(dst, i.code & 0x18 != 0x18);
-                s.regs[dst] = if src == 10 && i.code & 0x18 == 0x18 {
-                    *s.slots.get(&i.off).unwrap_or(&K_SCALAR)
+                let spilled = if src == 10 && i.code & 0x18 == 0x18 { s.slots.get(&i.off).copied() } else { None };
+                s.set_narrow(dst, i.code & 0x18 != 0x18 || spilled.is_some_and(|(_, narrow)| narrow));
+                s.regs[dst] = if let Some((kind, _)) = spilled {
+                    kind
+                } else if src == 10 && i.code & 0x18 == 0x18 {
+                    K_SCALAR
                 } else if base & K_CTX != 0 && (0..=8).contains(&i.off) {
                     // xdp_md: data, data_end, data_meta.
                     K_PACKET | K_SCALAR
@@ -452,7 +457,11 @@ fn pointer_violations(insns: &[Insn]) -> Vec<Violation> {
                         report(&mut found, "store to the context", RULE_CTX_STORE);
                     }
                     if dst == 10 {
-                        let value = if c == CLASS_STX && i.code & 0x18 == 0x18 { s.regs[src] } else { K_SCALAR };
+                        let value = if c == CLASS_STX && i.code & 0x18 == 0x18 {
+                            (s.regs[src], s.is_narrow(src))
+                        } else {
+                            (K_SCALAR, false)
+                        };
                         s.slots.insert(i.off, value);
                     }
                 }

@@ -118,6 +118,7 @@ pub async fn run(opts: UpOptions) -> Result<()> {
         conn_table_size,
         ring_capacity,
         bench_restore: false,
+        offload_flavor: false,
         pin_dir: Some(pin_dir.clone()),
     })?;
 

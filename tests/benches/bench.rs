@@ -95,6 +95,7 @@ fn balancer(conn_table_size: u32) -> anyhow::Result<(Dataplane, Services)> {
         conn_table_size,
         ring_capacity: 16 * 65537,
         bench_restore: true,
+        offload_flavor: false,
         pin_dir: None,
     })?;
     let mut svc = Services::new(&mut dp, test_settings())?;

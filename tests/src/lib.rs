@@ -162,6 +162,7 @@ impl Harness {
             // Four VIPs of the default ring size, three slots each.
             ring_capacity: 12 * lb_common::ring_stride(65_537),
             bench_restore: false,
+            offload_flavor: false,
             pin_dir: None,
         })
     }
@@ -275,4 +276,57 @@ pub fn tcp_checksum_v4(src: [u8; 4], dst: [u8; 4], segment: &[u8]) -> u16 {
     pseudo.extend_from_slice(&(segment.len() as u16).to_be_bytes());
     pseudo.extend_from_slice(segment);
     checksum(&pseudo)
+}
+
+/// Valid frames of every kind the programs distinguish (the fuzz corpus
+/// starts from these).
+pub fn fuzz_templates() -> Vec<Vec<u8>> {
+    let mut arp = eth([0xff; 6], ROUTER_MAC, ETH_P_ARP);
+    arp.extend_from_slice(&[0, 1, 8, 0, 6, 4, 0, 1]);
+    arp.extend_from_slice(&[0u8; 20]);
+    let mut quoted = ipv4("203.0.113.10".parse().unwrap(), "192.0.2.55".parse().unwrap(), 6, &[], 1460);
+    quoted.extend_from_slice(&tcp(80, 40000, ACK)[..8]);
+    let mtu_error = frame(
+        "198.51.100.254".parse().unwrap(),
+        "203.0.113.10".parse().unwrap(),
+        1,
+        &[&[3u8, 4, 0, 0, 0, 0, 5, 0x78][..], &quoted].concat(),
+    );
+    let mut options = eth(LB_MAC, ROUTER_MAC, ETH_P_IP);
+    options.extend(ipv4("192.0.2.55".parse().unwrap(), "203.0.113.10".parse().unwrap(), 6, &[1, 1, 1, 1], 20));
+    options.extend(tcp(40000, 80, ACK));
+    vec![
+        tcp_frame("192.0.2.55", 40000, "203.0.113.10", 80, SYN),
+        tcp_frame("192.0.2.55", 40001, "203.0.113.10", 80, ACK),
+        tcp_frame("192.0.2.55", 40000, "203.0.113.10", 8080, SYN),
+        udp_frame("192.0.2.55", 5353, "203.0.113.10", 53, b"query"),
+        tcp_frame("2001:db8:c::55", 40000, "2001:db8::10", 443, SYN),
+        udp_frame("2001:db8:c::55", 40000, "2001:db8::10", 53, b"q"),
+        tcp_frame("192.0.2.55", 40000, "203.0.113.99", 80, SYN),
+        frame("192.0.2.55".parse().unwrap(), "203.0.113.10".parse().unwrap(), 1, &[8, 0, 0xf7, 0xfd, 0, 1, 0, 1]),
+        frame("2001:db8:c::55".parse().unwrap(), "2001:db8::10".parse().unwrap(), 58, &[128, 0, 0, 0, 0, 1, 0, 1]),
+        arp,
+        options,
+        mtu_error,
+    ]
+}
+
+pub fn mutate(rng: &mut XorShift, base: &[u8]) -> Vec<u8> {
+    let mut f = base.to_vec();
+    let r = rng.next_u64();
+    for _ in 0..(r % 4) {
+        // Flip bytes, biased towards the headers where decisions are made.
+        let span = if rng.next_u64().is_multiple_of(4) { f.len() } else { f.len().min(64) };
+        let i = (rng.next_u64() as usize) % span;
+        f[i] = rng.next_u64() as u8;
+    }
+    match (r >> 8) % 6 {
+        0 => f.truncate(14 + (rng.next_u64() as usize) % f.len().saturating_sub(13).max(1)),
+        1 => f.extend((0..rng.next_u64() % 64).map(|_| rng.next_u64() as u8)),
+        _ => {}
+    }
+    if f.len() < 14 {
+        f.resize(14, 0); // the kernel refuses shorter XDP test input
+    }
+    f
 }

@@ -676,6 +676,7 @@ fn a_syn_flood_larger_than_the_conn_table_does_not_move_an_established_flow() {
         conn_table_size: 4096,
         ring_capacity: 8 * 65537,
         bench_restore: false,
+        offload_flavor: false,
         pin_dir: None,
     };
     let established = tcp_frame(CLIENT, 40000, VIP, 80, SYN);

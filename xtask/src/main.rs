@@ -45,6 +45,9 @@ enum Cmd {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// The offload checker: the offload flavor must pass the rules of the
+    /// nfp XDP offload JIT, and the full balancer is shown refused.
+    OffloadCheck,
     /// The demo: lab up, VIPs through lbctl, HTTP traffic, stats, a
     /// health-check failover, lab down.
     Demo,
@@ -111,10 +114,32 @@ fn main() -> Result<()> {
             }
         },
         Cmd::Test { args } => {
+            offload_check(&root)?;
             // One test binary at a time; inside one, tests run in parallel.
             run(Command::new("cargo").current_dir(&root).args(["test", "--workspace"]).arg("--").args(&args))
         }
+        Cmd::OffloadCheck => offload_check(&root),
     }
+}
+
+/// `lbctl offload-check` on the flavor (must pass) and on the full
+/// balancer (must be refused: the checker is not one that passes all).
+fn offload_check(root: &Path) -> Result<()> {
+    let lbctl = |object: &str| {
+        let mut cmd = Command::new("cargo");
+        cmd.current_dir(root).args(["run", "-q", "-p", "lb-userspace", "--bin", "lbctl", "--", "offload-check", object]);
+        cmd
+    };
+    step("offload check: the offload flavor", || {
+        run(&mut lbctl("offload"))?;
+        Ok("offloadable".into())
+    })?;
+    step("offload check: the full balancer (must be refused)", || {
+        let status = lbctl("balancer").status()?;
+        anyhow::ensure!(!status.success(), "the checker passed the full balancer: it checks nothing");
+        Ok("refused, as it must be".into())
+    })?;
+    Ok(())
 }
 
 /// Builds the release `lbctl` and returns its path.

@@ -12,7 +12,7 @@ use super::{output::print_json, Format};
 #[derive(clap::Args)]
 pub struct OffloadCheckArgs {
     /// The embedded object to check.
-    #[arg(value_parser = ["balancer", "decap"], default_value = "balancer")]
+    #[arg(value_parser = ["offload", "balancer", "decap"], default_value = "offload")]
     object: String,
     /// Stack bytes the NIC's firmware gives a program.
     #[arg(long, default_value_t = Limits::default().max_stack)]
@@ -25,7 +25,8 @@ pub struct OffloadCheckArgs {
 pub fn run(args: OffloadCheckArgs, format: Format) -> Result<()> {
     let bytes = match args.object.as_str() {
         "decap" => object::DECAP,
-        _ => object::BALANCER,
+        "balancer" => object::BALANCER,
+        _ => object::OFFLOAD,
     };
     let limits = Limits { max_stack: args.max_stack, max_insns: args.max_insns };
     let reports = offload_check::check_object(bytes, &limits).map_err(anyhow::Error::msg)?;

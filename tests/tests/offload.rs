@@ -1,0 +1,148 @@
+//! The offload flavor against the full balancer, through BPF_PROG_TEST_RUN:
+//! byte for byte the same output on every path the NIC handles (stateless
+//! VIPs: GUE and IP-in-IP, IPv4 and IPv6, TCP and UDP, with and without an
+//! alternate hop), and XDP_PASS with the frame untouched on every path it
+//! leaves to the host, over hand-made frames and the fuzz corpus. And the
+//! flavor passes the offload checker; the full balancer does not.
+
+use lb_tests::*;
+use lb_userspace::{
+    object,
+    offload_check::{check_object, Limits},
+    services::{Encap, VipAddr, VipSpec},
+    HashMode, LoadOptions,
+};
+
+/// The full balancer and the flavor, with the same VIPs and backends
+/// written in the same order (so the same ids, cookies and rings).
+fn pair() -> (Harness, Harness) {
+    let opts = |offload_flavor| LoadOptions {
+        conn_table_size: 65_536,
+        // Five VIPs, three ring slots each.
+        ring_capacity: 15 * lb_common::ring_stride(65_537),
+        bench_restore: false,
+        offload_flavor,
+        pin_dir: None,
+    };
+    let mut full = Harness::with(opts(false));
+    let mut flavor = Harness::with(opts(true));
+    for h in [&mut full, &mut flavor] {
+        let vip = |h: &mut Harness, vip: &str, encap, stateless| {
+            let vip: VipAddr = vip.parse().unwrap();
+            h.vip_spec(VipSpec { vip, hash: HashMode::FiveTuple, ring_size: 65537, encap, stateless })
+        };
+        // The fuzz corpus's VIPs: GUE and IP-in-IP stateless ones, one
+        // with a conn table (host only).
+        let gue4 = vip(h, "203.0.113.10:80/tcp", Encap::Gue, true);
+        let ipip4 = vip(h, "203.0.113.10:53/udp", Encap::Ipip, true);
+        let gue6 = vip(h, "[2001:db8::10]:443/tcp", Encap::Gue, true);
+        let tracked = vip(h, "[2001:db8::10]:53/udp", Encap::Gue, false);
+        let udp_gue = vip(h, "203.0.113.20:53/udp", Encap::Gue, true);
+        // One backend, then more: the previous ring differs, so TCP
+        // packets that are not SYNs carry an alternate.
+        for (vip, backends) in [
+            (gue4, &["198.51.100.1", "198.51.100.2", "198.51.100.3"][..]),
+            (ipip4, &["198.51.100.4", "2001:db8:b4::2"][..]),
+            (gue6, &["2001:db8:b1::2", "2001:db8:b2::2"][..]),
+            (tracked, &["2001:db8:b3::2"][..]),
+            (udp_gue, &["198.51.100.5", "198.51.100.6"][..]),
+        ] {
+            for b in backends {
+                h.backend(&vip, b, 1);
+            }
+        }
+    }
+    (full, flavor)
+}
+
+/// Runs `input` through both: the flavor forwards it exactly as the full
+/// balancer does, or leaves it untouched to the host. Returns the frame the
+/// flavor sent, if it forwarded it.
+fn same_or_passed(full: &mut Harness, flavor: &mut Harness, input: &[u8]) -> Option<Vec<u8>> {
+    let (action, out) = flavor.run(input);
+    if action == XDP_PASS {
+        assert_eq!(out, input, "passed to the host, but changed");
+        return None;
+    }
+    assert_eq!(action, XDP_TX, "the flavor only forwards or passes");
+    let (full_action, full_out) = full.run(input);
+    assert_eq!((full_action, &full_out), (XDP_TX, &out), "the flavor and the full balancer differ on {input:02x?}");
+    Some(out)
+}
+
+#[test]
+fn the_flavor_forwards_stateless_vips_byte_for_byte_as_the_full_balancer_and_passes_the_rest() {
+    let (mut full, mut flavor) = pair();
+    let mut with_alternate = 0;
+    for port in 40000..40400u16 {
+        let client = ["192.0.2.55", "192.0.2.56"][port as usize % 2];
+        for input in [
+            tcp_frame(client, port, "203.0.113.10", 80, SYN),
+            tcp_frame(client, port, "203.0.113.10", 80, ACK),
+            udp_frame(client, port, "203.0.113.10", 53, b"query"),
+            udp_frame(client, port, "203.0.113.20", 53, b"query"),
+            tcp_frame("2001:db8:c::55", port, "2001:db8::10", 443, ACK | PSH),
+            tcp_frame("2001:db8:c::55", port, "2001:db8::10", 443, SYN),
+        ] {
+            let out = same_or_passed(&mut full, &mut flavor, &input).expect("a stateless VIP's packet is forwarded");
+            // GUE with an alternate: Hlen > 0 (the byte after the UDP header).
+            let gue_at = if out[12..14] == [0x86, 0xdd] { 14 + 40 + 8 } else { 14 + 20 + 8 };
+            if out[23] == 17 || out[20] == 17 {
+                with_alternate += (out[gue_at] & 0x1f != 0) as u32;
+            }
+        }
+    }
+    assert!(with_alternate > 100, "alternates were exercised: {with_alternate}");
+    // Counted by atomic adds in the flavor's plain arrays: each VIP saw 400
+    // SYNs and 400 ACKs (TCP) or 400 datagrams (UDP).
+    let gue4 = flavor.services.vip(&"203.0.113.10:80/tcp".parse().unwrap()).unwrap().id;
+    let udp = flavor.services.vip(&"203.0.113.20:53/udp".parse().unwrap()).unwrap().id;
+    assert_eq!(flavor.dp.vip_stats(gue4).unwrap().packets, 2 * 400);
+    assert_eq!(flavor.dp.vip_stats(udp).unwrap().packets, 400);
+    // The host's paths: a VIP with a conn table, no VIP, echo, fragments,
+    // a packet too big for the MTU once encapsulated, ARP.
+    let mut big = tcp_frame("192.0.2.55", 40000, "203.0.113.10", 80, ACK);
+    let payload = vec![0u8; 1480 - 40];
+    let ip_len = (40 + payload.len()) as u16;
+    big[16..18].copy_from_slice(&ip_len.to_be_bytes());
+    big.extend(payload);
+    let mut fragment = udp_frame("192.0.2.55", 40000, "203.0.113.10", 53, b"query");
+    fragment[20] |= 0x20; // more fragments
+    for input in [
+        udp_frame("2001:db8:c::55", 40000, "2001:db8::10", 53, b"q"),
+        tcp_frame("192.0.2.55", 40000, "203.0.113.99", 80, SYN),
+        frame("192.0.2.55".parse().unwrap(), "203.0.113.10".parse().unwrap(), 1, &[8, 0, 0xf7, 0xfd, 0, 1, 0, 1]),
+        fragment,
+        big,
+    ] {
+        assert!(same_or_passed(&mut full, &mut flavor, &input).is_none(), "left to the host: {input:02x?}");
+    }
+}
+
+#[test]
+fn over_the_fuzz_corpus_the_flavor_matches_the_full_balancer_or_passes_untouched() {
+    let (mut full, mut flavor) = pair();
+    let templates = fuzz_templates();
+    let mut rng = XorShift(0x0ff1_0ad);
+    let (mut forwarded, mut passed) = (0, 0);
+    for case in 0..20_000 {
+        let input = mutate(&mut rng, &templates[case % templates.len()]);
+        if same_or_passed(&mut full, &mut flavor, &input).is_some() {
+            forwarded += 1;
+        } else {
+            passed += 1;
+        }
+    }
+    println!("fuzz corpus: {forwarded} forwarded identically, {passed} passed untouched");
+    assert!(forwarded > 1000 && passed > 1000, "both paths exercised: {forwarded} / {passed}");
+}
+
+#[test]
+fn the_offload_checker_passes_the_flavor_and_refuses_the_full_balancer() {
+    let flavor = check_object(object::OFFLOAD, &Limits::default()).unwrap();
+    assert_eq!(flavor.len(), 1);
+    assert_eq!(flavor[0].violations, vec![], "the flavor is offloadable");
+    assert!(flavor[0].helpers.keys().all(|h| [1, 44].contains(h)), "{:?}", flavor[0].helpers);
+    let full = check_object(object::BALANCER, &Limits::default()).unwrap();
+    assert!(!full[0].violations.is_empty());
+}
