@@ -89,6 +89,8 @@ fn forward(ctx: &XdpContext) -> Option<u32> {
         add(unsafe { &raw mut (*s).packets }, 1);
         add(unsafe { &raw mut (*s).bytes }, bytes);
     }
+    #[cfg(feature = "bench-restore")]
+    encap::restore(ctx, &picked.backend, tunnel, f.family, pkt.syn);
     Some(XDP_TX)
 }
 

@@ -79,7 +79,8 @@ impl Dataplane {
     /// Loads the balancer into the kernel (verified, not attached).
     pub fn load(opts: LoadOptions) -> Result<Self, DataplaneError> {
         let (bytes, program) = match (opts.offload_flavor, opts.bench_restore) {
-            (true, _) => (object::OFFLOAD, program_names::OFFLOAD),
+            (true, false) => (object::OFFLOAD, program_names::OFFLOAD),
+            (true, true) => (object::OFFLOAD_BENCH, program_names::OFFLOAD),
             (false, true) => (object::BALANCER_BENCH, program_names::BALANCER),
             (false, false) => (object::BALANCER, program_names::BALANCER),
         };

@@ -8,6 +8,7 @@ pub static BALANCER_BENCH: &[u8] = include_bytes_aligned!(concat!(env!("OUT_DIR"
 /// The offload flavor of the balancer (stateless VIPs only; what a NIC's
 /// XDP JIT can run).
 pub static OFFLOAD: &[u8] = include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-offload.o"));
+pub static OFFLOAD_BENCH: &[u8] = include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-offload-bench.o"));
 pub static DECAP: &[u8] = include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-decap.o"));
 /// Benchmark floors: `floor_pass`, `floor_tx`, `floor_restore`.
 pub static FLOOR: &[u8] = include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-floor.o"));

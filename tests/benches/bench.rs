@@ -91,11 +91,16 @@ fn run_ns(prog: &Xdp, frame: &[u8], repeat: u32) -> f64 {
 /// one: the previous ring of the GUE VIPs stays the first (one backend),
 /// so most of their flows carry an alternate.
 fn balancer(conn_table_size: u32) -> anyhow::Result<(Dataplane, Services)> {
+    balancer_of(conn_table_size, false)
+}
+
+/// The same VIPs and backends in the full balancer or its offload flavor.
+fn balancer_of(conn_table_size: u32, offload_flavor: bool) -> anyhow::Result<(Dataplane, Services)> {
     let mut dp = Dataplane::load(LoadOptions {
         conn_table_size,
         ring_capacity: 16 * 65537,
         bench_restore: true,
-        offload_flavor: false,
+        offload_flavor,
         pin_dir: None,
     })?;
     let mut svc = Services::new(&mut dp, test_settings())?;
@@ -224,7 +229,10 @@ fn dataplane_on_cpu0(r: &mut Results, opts: &Opts) -> anyhow::Result<()> {
     let (entries, capacity) = full.conn_count()?;
     eprintln!("  full table: {entries} of {capacity} entries");
 
-    let cases: [(&str, &[u8]); 11] = [
+    // The offload flavor, on the host, for reference (the same VIPs).
+    let (mut flavor, _) = balancer_of(2 << 20, true)?;
+
+    let cases: [(&str, &[u8]); 13] = [
         ("v4_established_ns", &ack4),
         ("v4_new_flow_ns", &syn4),
         ("v4_syn_known_flow_ns", &syn_known),
@@ -236,6 +244,8 @@ fn dataplane_on_cpu0(r: &mut Results, opts: &Opts) -> anyhow::Result<()> {
         ("non_vip_ns", &non_vip),
         ("non_ip_ns", &arp),
         ("v4_new_flow_full_table_ns", &syn4),
+        ("offload_gue_stateless_established_ns", &gue_ack),
+        ("offload_gue_stateless_new_flow_ns", &gue_syn),
     ];
     let mut samples: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
     for _ in 0..rounds {
@@ -245,7 +255,11 @@ fn dataplane_on_cpu0(r: &mut Results, opts: &Opts) -> anyhow::Result<()> {
         }
         for (name, frame) in cases {
             let n = if name.contains("new_flow") || name.contains("syn") { new_flows } else { repeat };
-            let prog = if name == "v4_new_flow_full_table_ns" { full.program() } else { dp.program() };
+            let prog = match name {
+                "v4_new_flow_full_table_ns" => full.program(),
+                n if n.starts_with("offload_") => flavor.program(),
+                _ => dp.program(),
+            };
             samples.entry(name).or_default().push(run_ns(prog, frame, n));
         }
     }

@@ -77,6 +77,8 @@ fn print_table(r: &BTreeMap<String, f64>) {
         ("dataplane.gue_stateless_established_ns", floor_tx, true),
         ("dataplane.gue_stateless_new_flow_ns", floor_tx, true),
         ("dataplane.gue_conntrack_established_ns", floor_tx, true),
+        ("dataplane.offload_gue_stateless_established_ns", floor_tx, true),
+        ("dataplane.offload_gue_stateless_new_flow_ns", floor_tx, true),
         ("dataplane.non_vip_ns", floor_pass, false),
         ("dataplane.non_ip_ns", floor_pass, false),
     ] {
