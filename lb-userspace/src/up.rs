@@ -61,6 +61,8 @@ pub struct UpOptions {
     /// How long to forward after withdrawing the routes on a stop (else the
     /// config file's, else [`DEFAULT_DRAIN_TIME`]).
     pub drain_time: Option<Duration>,
+    /// Test only: the offload flavor instead of the full balancer.
+    pub offload_flavor: bool,
 }
 
 /// How long a stopping controller forwards after withdrawing its routes.
@@ -118,7 +120,7 @@ pub async fn run(opts: UpOptions) -> Result<()> {
         conn_table_size,
         ring_capacity,
         bench_restore: false,
-        offload_flavor: false,
+        offload_flavor: opts.offload_flavor,
         pin_dir: Some(pin_dir.clone()),
     })?;
 

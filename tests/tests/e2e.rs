@@ -1706,3 +1706,24 @@ fn a_controller_restart_after_sigkill_or_with_keep_never_flaps_the_announcement(
     let results = streams.finish();
     assert!(broken(&results).is_empty(), "{:#?}", broken(&results));
 }
+
+#[test]
+fn the_offload_flavor_alone_forwards_real_traffic_and_the_second_chance_keeps_every_connection() {
+    let s = lab();
+    let lab = &s.lab;
+    // The flavor on the host, in place of the full balancer (a test-only
+    // switch: on a NIC it runs in front of the full balancer).
+    for i in 1..=LBS {
+        lab.stop_lb(i, libc::SIGTERM).unwrap();
+        lab.start_lb(i, &["--offload-flavor-on-host"]).unwrap();
+    }
+    let before = redirected(lab);
+    let streams = streams_on(lab, &["--encap", "gue", "--stateless"], 61000, &[1, 2]);
+    ring_changes(lab, &streams);
+    let results = streams.finish();
+    assert!(broken(&results).is_empty(), "{:#?}", broken(&results));
+    assert!(redirected(lab) > before, "the second chance was at work");
+    // Counted by the flavor's atomic adds, read by the controller.
+    let list: serde_json::Value = serde_json::from_str(&ok(lab, 1, &["-o", "json", "vip", "list"])).unwrap();
+    assert!(list[0]["packets"].as_u64().unwrap() > 0, "{list}");
+}

@@ -82,6 +82,10 @@ pub struct UpArgs {
     /// short). Default 5s.
     #[arg(long, value_parser = parse_duration)]
     drain_time: Option<std::time::Duration>,
+    /// Test only: run the offload flavor on the host instead of the full
+    /// balancer (stateless VIPs only; everything else goes to the kernel).
+    #[arg(long, hide = true)]
+    offload_flavor_on_host: bool,
 }
 
 fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
@@ -169,6 +173,7 @@ pub async fn run(args: UpArgs, client: &ClientOpts) -> Result<()> {
         new_flow_limit: args.new_flow_limit,
         announce_table: args.announce_table,
         drain_time: args.drain_time,
+        offload_flavor: args.offload_flavor_on_host,
         gue_port: args.gue_port,
         tcp_api,
     })
