@@ -12,6 +12,7 @@ pub mod health;
 pub mod maglev;
 pub mod metrics;
 pub mod netlink;
+pub mod nic;
 pub mod object;
 pub mod offload_check;
 pub mod rings;

@@ -115,6 +115,18 @@ pub async fn run(opts: UpOptions) -> Result<()> {
         Some(s) => (s.conn_table_size, s.ring_capacity),
         None => (opts.conn_table_size, opts.ring_capacity),
     };
+    if opts.mode == ModeChoice::Offload {
+        // The offload flavor goes to the NIC (the full balancer would stay
+        // on the host, in driver mode, for what the NIC passes up).
+        let words = ring_capacity.div_ceil(lb_common::RING_SLOTS_PER_WORD);
+        crate::nic::load_for_device(ifindex, words)
+            .with_context(|| format!("{} cannot offload XDP; use --xdp-mode native", opts.iface))?;
+        bail!(
+            "{} took the offload flavor, but running it there is not finished: the controller does not yet write \
+             the NIC's maps beside the host's; use --xdp-mode native",
+            opts.iface
+        );
+    }
     std::fs::create_dir_all(&pin_dir)?;
     let mut dp = Dataplane::load(LoadOptions {
         conn_table_size,
@@ -261,7 +273,9 @@ pub fn attach_pinned(program: &mut Xdp, iface: &str, choice: ModeChoice, link_pi
         ModeChoice::Auto => &[(XdpMode::Driver, "native"), (XdpMode::Skb, "generic")],
         ModeChoice::Native => &[(XdpMode::Driver, "native")],
         ModeChoice::Generic => &[(XdpMode::Skb, "generic")],
-        ModeChoice::Offload => &[(XdpMode::Hardware, "offload")],
+        ModeChoice::Offload => bail!(
+            "{iface}: this program does not run on a NIC (`lbctl offload-check` says why); use --xdp-mode native"
+        ),
     };
     let mut errors = Vec::new();
     for (mode, name) in candidates {
