@@ -3,13 +3,15 @@
 //! hop. Both programs build from this, so for a stateless VIP they choose
 //! the same backend and alternate for the same packet.
 
-use aya_ebpf::maps::{Array, HashMap};
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, HashMap},
+};
 use lb_common::{
     fragment_key, ring_slot, source_hash, Backend, Config, FlowKey, RingWord, VipEntry, VipKey, VipMeta, AF_INET,
     CONFIG_F_PORT0_V4, CONFIG_F_PORT0_V6, DEFAULT_RING_CAPACITY, MAX_BACKENDS, MAX_VIPS, RING_SLOTS_PER_WORD,
     VIP_FILTER_SLOTS, VIP_F_HASH_SRC_ONLY, VIP_F_HAS_PREV,
 };
-use aya_ebpf::macros::map;
 
 use crate::parse::Packet;
 
