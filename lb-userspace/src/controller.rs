@@ -418,7 +418,11 @@ impl Controller {
             ApiError::Invalid("this controller announces nothing (start it with --announce-table N)".into())
         })?;
         announcer.set_maintenance(on);
-        info!(maintenance = on, "{}", if on { "announcements withdrawn (maintenance)" } else { "announcements restored" });
+        info!(
+            maintenance = on,
+            "{}",
+            if on { "announcements withdrawn (maintenance)" } else { "announcements restored" }
+        );
         self.save_now();
         Ok(())
     }

@@ -10,8 +10,9 @@ use aya::{
 };
 use lb_common::{
     conntrack, decap_stat, flow_digest, map_names, program_names, source_hash, stat, Backend, BackendStats, Config,
-    ConnBucket, ConnValue, DecapAddr, DecapConfig, DecapStats, FlowKey, GlobalStats, CONN_F_SOURCE_HASH, CONN_WAYS, RingWord, VipEntry, VipKey, VipMeta, VipStats, DEFAULT_CONN_TABLE_SIZE,
-    DEFAULT_RING_CAPACITY, MAX_VIPS, RING_SLOTS_PER_WORD,
+    ConnBucket, ConnValue, DecapAddr, DecapConfig, DecapStats, FlowKey, GlobalStats, RingWord, VipEntry, VipKey,
+    VipMeta, VipStats, CONN_F_SOURCE_HASH, CONN_WAYS, DEFAULT_CONN_TABLE_SIZE, DEFAULT_RING_CAPACITY, MAX_VIPS,
+    RING_SLOTS_PER_WORD,
 };
 
 use crate::{object, sys};
@@ -73,6 +74,18 @@ pub struct Dataplane {
     conn_buckets: u32,
     /// The XDP program's name (the full balancer or its offload flavor).
     program: &'static str,
+    /// The offload flavor's maps on the NIC (`--xdp-mode offload`), which
+    /// every write to a shared map also goes to.
+    mirror: Option<Box<Dataplane>>,
+}
+
+/// What a write does to what packets can reach, for the mirror's order.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Change {
+    /// The host first: the NIC never names what the host does not know.
+    Adds,
+    /// The NIC first, for the same reason.
+    Removes,
 }
 
 impl Dataplane {
@@ -102,11 +115,42 @@ impl Dataplane {
             Some(Map::Array(data)) => data.info().map(|i| i.max_entries()).map_err(map_err(map_names::CONNS))?,
             _ => 0,
         };
-        Ok(Self { ebpf, ring_capacity, conn_buckets, program })
+        Ok(Self { ebpf, ring_capacity, conn_buckets, program, mirror: None })
     }
 
     pub fn program(&mut self) -> &mut Xdp {
         xdp(&mut self.ebpf, self.program)
+    }
+
+    /// From now on, every write to a map both programs have also goes to
+    /// `nic` (the offload flavor's maps), in the order [`Change`] says.
+    pub fn set_mirror(&mut self, nic: Dataplane) {
+        self.mirror = Some(Box::new(nic));
+    }
+
+    pub fn mirror(&mut self) -> Option<&mut Dataplane> {
+        self.mirror.as_deref_mut()
+    }
+
+    /// Applies `write` here and to the mirror, in `change`'s order; if the
+    /// second write fails, `undo` puts the first back, so that the two
+    /// stay the same.
+    fn mirrored(
+        &mut self,
+        change: Change,
+        write: &dyn Fn(&mut Dataplane) -> Result<(), DataplaneError>,
+        undo: &dyn Fn(&mut Dataplane) -> Result<(), DataplaneError>,
+    ) -> Result<(), DataplaneError> {
+        let Some(mut nic) = self.mirror.take() else { return write(self) };
+        let (first, second): (&mut Dataplane, &mut Dataplane) =
+            if change == Change::Adds { (self, &mut nic) } else { (&mut nic, self) };
+        let result = write(first).and_then(|()| {
+            write(second).inspect_err(|_| {
+                let _ = undo(first);
+            })
+        });
+        self.mirror = Some(nic);
+        result
     }
 
     /// The reader of the program's aya-log records (decision logs).
@@ -136,6 +180,11 @@ impl Dataplane {
 
     /// Writes the config (with the conn table's size, which the loader knows).
     pub fn set_config(&mut self, config: &Config) -> Result<(), DataplaneError> {
+        let old = self.config()?;
+        self.mirrored(Change::Adds, &|dp| dp.set_config_here(config), &|dp| dp.set_config_here(&old))
+    }
+
+    fn set_config_here(&mut self, config: &Config) -> Result<(), DataplaneError> {
         let config = Config { conn_buckets: self.conn_buckets, ..*config };
         self.array::<Config>(map_names::CONFIG)?.set(0, config, 0).map_err(map_err(map_names::CONFIG))
     }
@@ -148,6 +197,15 @@ impl Dataplane {
     /// the old value or the new one. The hash map holds every VIP; a VIP
     /// also goes to the array lookup when its slot is free or its own.
     pub fn set_vip(&mut self, key: &VipKey, meta: &VipMeta) -> Result<(), DataplaneError> {
+        let old = self.vip(key)?;
+        let undo = |dp: &mut Dataplane| match &old {
+            Some(old) => dp.set_vip_here(key, old),
+            None => dp.remove_vip_here(key),
+        };
+        self.mirrored(Change::Adds, &|dp| dp.set_vip_here(key, meta), &undo)
+    }
+
+    fn set_vip_here(&mut self, key: &VipKey, meta: &VipMeta) -> Result<(), DataplaneError> {
         self.hash::<VipKey, VipMeta>(map_names::VIPS)?.insert(key, meta, 0).map_err(map_err(map_names::VIPS))?;
         // Address marks and fragment entries are looked up by hash only.
         if meta.vip_id >= MAX_VIPS || key.family & 0x80 != 0 {
@@ -171,6 +229,11 @@ impl Dataplane {
     /// Removes a VIP: from the array lookup first, so that no packet finds
     /// it there once the hash map no longer has it.
     pub fn remove_vip(&mut self, key: &VipKey) -> Result<(), DataplaneError> {
+        let Some(old) = self.vip(key)? else { return Ok(()) };
+        self.mirrored(Change::Removes, &|dp| dp.remove_vip_here(key), &|dp| dp.set_vip_here(key, &old))
+    }
+
+    fn remove_vip_here(&mut self, key: &VipKey) -> Result<(), DataplaneError> {
         let slot = lb_common::vip_slot(key);
         if self.slot_owner(slot)?.is_some_and(|(_, owner)| owner.key == *key) {
             self.array::<u32>(map_names::VIP_SLOTS)?.set(slot, 0, 0).map_err(map_err(map_names::VIP_SLOTS))?;
@@ -197,6 +260,12 @@ impl Dataplane {
 
     /// Marks (1) or clears (0) a slot of the VIP-address filter.
     pub fn set_vip_filter(&mut self, slot: u32, value: u8) -> Result<(), DataplaneError> {
+        let old = self.vip_filter(slot)?;
+        let change = if value == 0 { Change::Removes } else { Change::Adds };
+        self.mirrored(change, &|dp| dp.set_vip_filter_here(slot, value), &|dp| dp.set_vip_filter_here(slot, old))
+    }
+
+    fn set_vip_filter_here(&mut self, slot: u32, value: u8) -> Result<(), DataplaneError> {
         self.array::<u8>(map_names::VIP_FILTER)?.set(slot, value, 0).map_err(map_err(map_names::VIP_FILTER))
     }
 
@@ -204,7 +273,16 @@ impl Dataplane {
         self.array::<u8>(map_names::VIP_FILTER)?.get(&slot, 0).map_err(map_err(map_names::VIP_FILTER))
     }
 
+    /// Writes a backend entry; a cleared (cookie 0) or retired one is a
+    /// removal for the NIC mirror's ordering.
     pub fn set_backend(&mut self, id: u32, backend: &Backend) -> Result<(), DataplaneError> {
+        let old = self.backend(id)?;
+        let removes = backend.cookie == 0 || backend.flags & lb_common::BACKEND_F_RETIRED != 0;
+        let change = if removes { Change::Removes } else { Change::Adds };
+        self.mirrored(change, &|dp| dp.set_backend_here(id, backend), &|dp| dp.set_backend_here(id, &old))
+    }
+
+    fn set_backend_here(&mut self, id: u32, backend: &Backend) -> Result<(), DataplaneError> {
         self.array::<Backend>(map_names::BACKENDS)?.set(id, backend, 0).map_err(map_err(map_names::BACKENDS))
     }
 
@@ -212,10 +290,15 @@ impl Dataplane {
         self.array::<Backend>(map_names::BACKENDS)?.get(&id, 0).map_err(map_err(map_names::BACKENDS))
     }
 
-    /// Writes `slots` (backend ids) into the ring array from `offset` on.
     /// Writes backend ids into the ring array from slot `offset` (a
     /// multiple of [`RING_SLOTS_PER_WORD`]: rings start on whole words).
+    /// (Rings are written where no packet reads yet: a failure half way
+    /// needs no undo; the VIP entry that makes a ring live comes after.)
     pub fn write_ring(&mut self, offset: u32, slots: &[u32]) -> Result<(), DataplaneError> {
+        self.mirrored(Change::Adds, &|dp| dp.write_ring_here(offset, slots), &|_| Ok(()))
+    }
+
+    fn write_ring_here(&mut self, offset: u32, slots: &[u32]) -> Result<(), DataplaneError> {
         assert_eq!(offset % RING_SLOTS_PER_WORD, 0, "rings start on whole words");
         let Map::Array(data) = self.map(map_names::RINGS)? else {
             return Err(DataplaneError::MissingMap(map_names::RINGS));
@@ -367,6 +450,9 @@ impl Dataplane {
 
     /// Zeroes the counters of a VIP id before it is given to a new VIP.
     pub fn reset_vip_stats(&mut self, vip_id: u32) -> Result<(), DataplaneError> {
+        if let Some(nic) = self.mirror() {
+            nic.reset_vip_stats(vip_id)?;
+        }
         if self.program == program_names::OFFLOAD {
             let name = map_names::OFFLOAD_VIP_STATS;
             return self.array::<VipStats>(name)?.set(vip_id, VipStats::default(), 0).map_err(map_err(name));
@@ -377,9 +463,15 @@ impl Dataplane {
 
     /// Zeroes the counters of a backend id before it is reused.
     pub fn reset_backend_stats(&mut self, backend_id: u32) -> Result<(), DataplaneError> {
+        if let Some(nic) = self.mirror() {
+            nic.reset_backend_stats(backend_id)?;
+        }
         if self.program == program_names::OFFLOAD {
             let name = map_names::OFFLOAD_BACKEND_STATS;
-            return self.array::<BackendStats>(name)?.set(backend_id, BackendStats::default(), 0).map_err(map_err(name));
+            return self
+                .array::<BackendStats>(name)?
+                .set(backend_id, BackendStats::default(), 0)
+                .map_err(map_err(name));
         }
         let zero = zeroed_per_cpu::<BackendStats>()?;
         self.per_cpu::<BackendStats>(map_names::BACKEND_STATS)?

@@ -119,7 +119,11 @@ pub fn parse_announce(text: &str) -> Result<AnnounceSettings, String> {
     let Some(a) = file.announce else { return Ok(AnnounceSettings::default()) };
     if let Some(t) = &a.table {
         if !(1..=0xffff_fffe).contains(t.get_ref()) {
-            return Err(format!("{}: announce table {} is out of range 1..=4294967294", line_of(text, t.span()), t.get_ref()));
+            return Err(format!(
+                "{}: announce table {} is out of range 1..=4294967294",
+                line_of(text, t.span()),
+                t.get_ref()
+            ));
         }
     }
     let drain_time = match &a.drain_time {

@@ -229,7 +229,8 @@ fn snapshot(ctrl: &Controller) -> Result<Snapshot, ApiError> {
     let (entries, capacity) = st.dp.conn_count()?;
     let mut conn_entries = gauge("lb_conn_table_entries", "Flows in the conn table.");
     conn_entries.samples.push((vec![], Value::Gauge(entries as i64)));
-    let mut conn_capacity = gauge("lb_conn_table_capacity", "Conn-table size (flows; a full bucket of 4 evicts its least recently used).");
+    let mut conn_capacity =
+        gauge("lb_conn_table_capacity", "Conn-table size (flows; a full bucket of 4 evicts its least recently used).");
     conn_capacity.samples.push((vec![], Value::Gauge(capacity as i64)));
 
     let mut vip_packets = counter("lb_vip_packets", "Packets for a VIP.");
@@ -301,10 +302,8 @@ fn snapshot(ctrl: &Controller) -> Result<Snapshot, ApiError> {
         ],
         Value::Gauge(1),
     ));
-    let mut announced = gauge(
-        "lb_route_announced",
-        "1 for each VIP address whose route is in the announce table (--announce-table).",
-    );
+    let mut announced =
+        gauge("lb_route_announced", "1 for each VIP address whose route is in the announce table (--announce-table).");
     let mut maintenance = gauge("lb_announce_maintenance", "1 while `lbctl announce withdraw` is in force.");
     if let Some(a) = &ctrl.announcer {
         let state = a.state();

@@ -47,8 +47,12 @@ pub fn load_for_device(ifindex: u32, ring_words: u32) -> Result<NicProgram, NicE
     let program = obj.programs.get(lb_common::program_names::OFFLOAD).ok_or(NicError::Object("no program".into()))?;
     let function = obj.functions.get(&program.function_key()).ok_or(NicError::Object("no code".into()))?;
     // bpf_insn is 8 bytes, laid out as the kernel reads it.
-    let insns: Vec<u64> =
-        function.instructions.iter().map(|i| unsafe { std::mem::transmute::<aya_obj::generated::bpf_insn, u64>(*i) }).collect();
-    let program = sys::load_xdp_program(lb_common::program_names::OFFLOAD, &insns, ifindex).map_err(NicError::Program)?;
+    let insns: Vec<u64> = function
+        .instructions
+        .iter()
+        .map(|i| unsafe { std::mem::transmute::<aya_obj::generated::bpf_insn, u64>(*i) })
+        .collect();
+    let program =
+        sys::load_xdp_program(lb_common::program_names::OFFLOAD, &insns, ifindex).map_err(NicError::Program)?;
     Ok(NicProgram { program, maps })
 }

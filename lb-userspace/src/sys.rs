@@ -194,6 +194,10 @@ pub fn load_xdp_program(name: &str, insns: &[u64], ifindex: u32) -> std::io::Res
     bpf_fd(BPF_PROG_LOAD, &mut attr).map_err(|e| {
         let text = String::from_utf8_lossy(&log[..log.iter().position(|b| *b == 0).unwrap_or(0)]).into_owned();
         let last: Vec<&str> = text.lines().rev().take(3).collect();
-        if last.is_empty() { e } else { std::io::Error::new(e.kind(), format!("{e}: {}", last.join(" / "))) }
+        if last.is_empty() {
+            e
+        } else {
+            std::io::Error::new(e.kind(), format!("{e}: {}", last.join(" / ")))
+        }
     })
 }

@@ -273,9 +273,9 @@ pub fn attach_pinned(program: &mut Xdp, iface: &str, choice: ModeChoice, link_pi
         ModeChoice::Auto => &[(XdpMode::Driver, "native"), (XdpMode::Skb, "generic")],
         ModeChoice::Native => &[(XdpMode::Driver, "native")],
         ModeChoice::Generic => &[(XdpMode::Skb, "generic")],
-        ModeChoice::Offload => bail!(
-            "{iface}: this program does not run on a NIC (`lbctl offload-check` says why); use --xdp-mode native"
-        ),
+        ModeChoice::Offload => {
+            bail!("{iface}: this program does not run on a NIC (`lbctl offload-check` says why); use --xdp-mode native")
+        }
     };
     let mut errors = Vec::new();
     for (mode, name) in candidates {

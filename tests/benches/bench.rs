@@ -471,7 +471,20 @@ fn pps(r: &mut Results, lab: &Lab, opts: &Opts) -> anyhow::Result<()> {
     // route keeps the packets going to them.
     ns(
         ROUTER_NS,
-        &["ip", "route", "add", "203.0.113.10/32", "metric", "1", "nexthop", "via", "198.51.100.2", "nexthop", "via", "198.51.100.6"],
+        &[
+            "ip",
+            "route",
+            "add",
+            "203.0.113.10/32",
+            "metric",
+            "1",
+            "nexthop",
+            "via",
+            "198.51.100.2",
+            "nexthop",
+            "via",
+            "198.51.100.6",
+        ],
     )?;
     for i in 1..=lb_lab::LBS {
         lab.stop_lb(i, libc::SIGTERM)?;

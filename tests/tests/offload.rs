@@ -146,3 +146,66 @@ fn the_offload_checker_passes_the_flavor_and_refuses_the_full_balancer() {
     let full = check_object(object::BALANCER, &Limits::default()).unwrap();
     assert!(!full[0].violations.is_empty());
 }
+
+#[test]
+fn the_controller_writes_both_programs_maps_and_a_write_failing_half_way_leaves_them_the_same() {
+    let opts = |offload_flavor, rings| LoadOptions {
+        conn_table_size: 65_536,
+        ring_capacity: rings * lb_common::ring_stride(65_537),
+        bench_restore: false,
+        offload_flavor,
+        pin_dir: None,
+    };
+    // The host's full balancer with the flavor as its NIC mirror; the
+    // mirror's ring array holds one VIP's rings only.
+    let mut h = Harness::with(opts(false, 6));
+    h.dp.set_mirror(lb_userspace::Dataplane::load(opts(true, 3)).unwrap());
+    let spec = |vip: &str| VipSpec {
+        vip: vip.parse().unwrap(),
+        hash: HashMode::FiveTuple,
+        ring_size: 65537,
+        encap: Encap::Gue,
+        stateless: true,
+    };
+    let first = h.vip_spec(spec("203.0.113.10:80/tcp"));
+    h.backend(&first, "198.51.100.1", 1);
+    h.backend(&first, "198.51.100.2", 1);
+    // Both programs forward the VIP's packets, the same way.
+    for port in 40000..40100u16 {
+        let input = tcp_frame("192.0.2.55", port, "203.0.113.10", 80, ACK);
+        let host = h.run(&input);
+        let nic = run(h.dp.mirror().unwrap(), &input);
+        assert_eq!(host, nic, "port {port}");
+        assert_eq!(host.0, XDP_TX);
+    }
+    // A second VIP: its ring does not fit in the NIC's array, so the
+    // backend add fails half way; neither side keeps the backend.
+    let second = h.vip_spec(spec("203.0.113.20:80/tcp"));
+    let err = h.services.add_backend(
+        &mut h.dp,
+        &second,
+        lb_userspace::BackendSpec { addr: "198.51.100.3".parse().unwrap(), weight: 1 },
+    );
+    assert!(err.is_err(), "the NIC's ring array is full");
+    let key = second.key();
+    assert_eq!(h.dp.vip(&key).unwrap(), h.dp.mirror().unwrap().vip(&key).unwrap(), "the VIP entries agree");
+    assert_eq!(h.dp.vip(&key).unwrap().unwrap().ring_size, 0, "no ring went live");
+    for id in 0..8 {
+        assert_eq!(h.dp.backend(id).unwrap(), h.dp.mirror().unwrap().backend(id).unwrap(), "backend {id}");
+    }
+    // The first VIP is untouched on both.
+    let input = tcp_frame("192.0.2.55", 40000, "203.0.113.10", 80, ACK);
+    assert_eq!(h.run(&input), run(h.dp.mirror().unwrap(), &input));
+}
+
+/// One frame through a loaded program; the action and the frame out.
+fn run(dp: &mut lb_userspace::Dataplane, frame: &[u8]) -> (u32, Vec<u8>) {
+    use aya::programs::{TestRun, TestRunOptions};
+    let mut out = vec![0u8; frame.len() + 256];
+    let result = dp
+        .program()
+        .test_run(TestRunOptions { data_in: Some(frame), data_out: Some(&mut out), ..TestRunOptions::default() })
+        .unwrap();
+    out.truncate(result.data_size_out as usize);
+    (result.return_value, out)
+}

@@ -127,7 +127,17 @@ fn main() -> Result<()> {
 fn offload_check(root: &Path) -> Result<()> {
     let lbctl = |object: &str| {
         let mut cmd = Command::new("cargo");
-        cmd.current_dir(root).args(["run", "-q", "-p", "lb-userspace", "--bin", "lbctl", "--", "offload-check", object]);
+        cmd.current_dir(root).args([
+            "run",
+            "-q",
+            "-p",
+            "lb-userspace",
+            "--bin",
+            "lbctl",
+            "--",
+            "offload-check",
+            object,
+        ]);
         cmd
     };
     step("offload check: the offload flavor", || {

@@ -79,7 +79,8 @@ fn announce_summary(s: &pb::StatusReply) -> String {
         return "off (no --announce-table)".into();
     }
     let state = if s.announce_maintenance { "withdrawn for maintenance" } else { "announcing" };
-    let error = if s.announce_error.is_empty() { String::new() } else { format!("; last update failed: {}", s.announce_error) };
+    let error =
+        if s.announce_error.is_empty() { String::new() } else { format!("; last update failed: {}", s.announce_error) };
     format!("table {}, {state}, {} route(s){error}", s.announce_table, s.announced.len())
 }
 
