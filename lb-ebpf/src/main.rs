@@ -46,7 +46,7 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
-    address_mark, conntrack, flow_digest, source_hash, stat, vip_filter_slot, Backend, BackendStats, Config, ConnBucket, ConnValue,
+    address_mark, conntrack, flow_digest, flow_hash, source_hash, stat, vip_filter_slot, Backend, BackendStats, Config, ConnBucket, ConnValue,
     FloodBucket, GlobalStats, VipMeta, VipStats, AF_INET, BACKEND_F_RETIRED, CONFIG_F_DEBUG, CONN_F_GUE,
     CONN_F_SOURCE_HASH, CONN_WAYS, DEFAULT_CONN_TABLE_SIZE, FILTER_STATELESS, FILTER_VIP, IPPROTO_TCP, MAX_BACKENDS,
     MAX_VIPS, VIP_F_GUE, VIP_F_HASH_SRC_ONLY, VIP_F_STATELESS,
@@ -122,9 +122,16 @@ fn balance(ctx: &XdpContext, cfg: &Config, stats: &mut [u64; stat::COUNT]) -> (u
 
     // 3. An established flow, or 4. a new one: VIP, then its ring.
     // Fragments skip the conn table: stateless, by addresses and protocol.
+    // Without the conn table only the flow hash (the digest's low lane) is
+    // needed: its second lane is not computed.
     let f = &pkt.flow;
-    let digest = flow_digest(&f.src, &f.dst, f.src_port, f.dst_port, f.proto);
-    let known = if fragment || stateless { None } else { lookup_conn(cfg, &pkt, digest) };
+    let untracked = fragment || stateless;
+    let digest = if untracked {
+        flow_hash(&f.src, &f.dst, f.src_port, f.dst_port, f.proto) as u64
+    } else {
+        flow_digest(&f.src, &f.dst, f.src_port, f.dst_port, f.proto)
+    };
+    let known = if untracked { None } else { lookup_conn(cfg, &pkt, digest) };
     let (backend_id, backend, conn, tunnel) = match known {
         Some((id, backend, conn)) => {
             stats[stat::CONN_HIT] += 1;
