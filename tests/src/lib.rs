@@ -196,14 +196,7 @@ impl Harness {
 
     /// Runs one frame; returns the XDP action and the frame as it left.
     pub fn run(&mut self, frame: &[u8]) -> (u32, Vec<u8>) {
-        let mut out = vec![0u8; frame.len() + 256];
-        let result = self
-            .dp
-            .program()
-            .test_run(TestRunOptions { data_in: Some(frame), data_out: Some(&mut out), ..TestRunOptions::default() })
-            .expect("BPF_PROG_TEST_RUN");
-        out.truncate(result.data_size_out as usize);
-        (result.return_value, out)
+        run_on(&mut self.dp, frame)
     }
 
     /// Runs a frame that must be forwarded; returns the backend it went to.
@@ -222,6 +215,18 @@ impl Default for Harness {
     fn default() -> Self {
         Self::new()
     }
+}
+
+/// Runs one frame through a loaded program; returns the XDP action and the
+/// frame as it left.
+pub fn run_on(dp: &mut Dataplane, frame: &[u8]) -> (u32, Vec<u8>) {
+    let mut out = vec![0u8; frame.len() + 256];
+    let result = dp
+        .program()
+        .test_run(TestRunOptions { data_in: Some(frame), data_out: Some(&mut out), ..TestRunOptions::default() })
+        .expect("BPF_PROG_TEST_RUN");
+    out.truncate(result.data_size_out as usize);
+    (result.return_value, out)
 }
 
 /// A small deterministic generator, so a failing random test can be rerun.

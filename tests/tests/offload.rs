@@ -174,7 +174,7 @@ fn the_controller_writes_both_programs_maps_and_a_write_failing_half_way_leaves_
     for port in 40000..40100u16 {
         let input = tcp_frame("192.0.2.55", port, "203.0.113.10", 80, ACK);
         let host = h.run(&input);
-        let nic = run(h.dp.mirror().unwrap(), &input);
+        let nic = run_on(h.dp.mirror().unwrap(), &input);
         assert_eq!(host, nic, "port {port}");
         assert_eq!(host.0, XDP_TX);
     }
@@ -195,17 +195,5 @@ fn the_controller_writes_both_programs_maps_and_a_write_failing_half_way_leaves_
     }
     // The first VIP is untouched on both.
     let input = tcp_frame("192.0.2.55", 40000, "203.0.113.10", 80, ACK);
-    assert_eq!(h.run(&input), run(h.dp.mirror().unwrap(), &input));
-}
-
-/// One frame through a loaded program; the action and the frame out.
-fn run(dp: &mut lb_userspace::Dataplane, frame: &[u8]) -> (u32, Vec<u8>) {
-    use aya::programs::{TestRun, TestRunOptions};
-    let mut out = vec![0u8; frame.len() + 256];
-    let result = dp
-        .program()
-        .test_run(TestRunOptions { data_in: Some(frame), data_out: Some(&mut out), ..TestRunOptions::default() })
-        .unwrap();
-    out.truncate(result.data_size_out as usize);
-    (result.return_value, out)
+    assert_eq!(h.run(&input), run_on(h.dp.mirror().unwrap(), &input));
 }
