@@ -364,6 +364,7 @@ impl Stats for Api {
 #[tonic::async_trait]
 impl StatusService for Api {
     async fn get_status(&self, _: Request<pb::Empty>) -> Result<Response<pb::StatusReply>, Status> {
+        let programs = attached_programs(&self.0.info.interface).await;
         let info = &self.0.info;
         let st = self.0.lock();
         let settings = *st.services.settings();
@@ -388,6 +389,7 @@ impl StatusService for Api {
             announce_maintenance: announce.maintenance,
             announced: announce.announced.iter().map(|a| a.to_string()).collect(),
             announce_error: announce.error.unwrap_or_default(),
+            programs,
         }))
     }
 
@@ -400,6 +402,29 @@ impl StatusService for Api {
         self.0.set_maintenance(req.into_inner().withdraw)?;
         self.get_status(Request::new(pb::Empty {})).await
     }
+}
+
+/// "NAME (id N): WHERE" for each XDP program attached to the interface,
+/// from the kernel (or why it could not say).
+async fn attached_programs(interface: &str) -> Vec<String> {
+    let Some(ifindex) = crate::netlink::if_index(interface) else { return vec![format!("{interface} is gone")] };
+    let attached = match crate::netlink::Netlink::open() {
+        Ok(nl) => nl.xdp_programs(ifindex).await.map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    };
+    let attached = match attached {
+        Ok(a) => a,
+        Err(e) => return vec![format!("unknown: {e}")],
+    };
+    let names: std::collections::BTreeMap<u32, String> = aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .filter(|p| attached.iter().any(|(_, id)| *id == p.id()))
+        .map(|p| (p.id(), p.name_as_str().unwrap_or("?").to_string()))
+        .collect();
+    attached
+        .iter()
+        .map(|(place, id)| format!("{} (id {id}): {place}", names.get(id).map_or("?", String::as_str)))
+        .collect()
 }
 
 /// A ring fingerprint as `vip list` and `/metrics` show it.

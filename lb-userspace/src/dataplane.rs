@@ -67,9 +67,17 @@ impl Default for LoadOptions {
     }
 }
 
+/// Where a [`Dataplane`]'s program and maps live.
+enum Loaded {
+    /// Loaded by aya on the host: the program, its maps and its log ring.
+    Host(Ebpf),
+    /// The offload flavor's maps on a NIC (its program is `nic.rs`'s).
+    Nic(std::collections::BTreeMap<String, Map>),
+}
+
 /// The balancer program and its maps.
 pub struct Dataplane {
-    ebpf: Ebpf,
+    loaded: Loaded,
     ring_capacity: u32,
     conn_buckets: u32,
     /// The XDP program's name (the full balancer or its offload flavor).
@@ -115,17 +123,79 @@ impl Dataplane {
             Some(Map::Array(data)) => data.info().map(|i| i.max_entries()).map_err(map_err(map_names::CONNS))?,
             _ => 0,
         };
-        Ok(Self { ebpf, ring_capacity, conn_buckets, program, mirror: None })
+        Ok(Self { loaded: Loaded::Host(ebpf), ring_capacity, conn_buckets, program, mirror: None })
     }
 
+    /// The offload flavor's maps as loaded for a NIC by `nic.rs`, to be the
+    /// host's [mirror](Self::set_mirror); `ring_words` as given to it.
+    pub fn on_nic(maps: std::collections::BTreeMap<String, MapData>, ring_words: u32) -> Result<Self, DataplaneError> {
+        let mut typed = std::collections::BTreeMap::new();
+        for (name, data) in maps {
+            let map = Map::from_map_data(data).map_err(|source| DataplaneError::Map { name: "(NIC)", source })?;
+            typed.insert(name, map);
+        }
+        Ok(Self {
+            loaded: Loaded::Nic(typed),
+            ring_capacity: ring_words * RING_SLOTS_PER_WORD,
+            conn_buckets: 0,
+            program: program_names::OFFLOAD,
+            mirror: None,
+        })
+    }
+
+    /// The program aya loaded on the host (a NIC's is not reachable here:
+    /// asking for it is a bug).
     pub fn program(&mut self) -> &mut Xdp {
-        xdp(&mut self.ebpf, self.program)
+        let name = self.program;
+        xdp(self.ebpf(), name)
     }
 
-    /// From now on, every write to a map both programs have also goes to
-    /// `nic` (the offload flavor's maps), in the order [`Change`] says.
-    pub fn set_mirror(&mut self, nic: Dataplane) {
+    fn ebpf(&mut self) -> &mut Ebpf {
+        match &mut self.loaded {
+            Loaded::Host(ebpf) => ebpf,
+            Loaded::Nic(_) => panic!("the offload flavor on a NIC has no host program or log ring"),
+        }
+    }
+
+    /// Makes `nic` (the offload flavor's maps) a copy of this program's
+    /// shared maps; from then on every write to them also goes to `nic`, in
+    /// the order [`Change`] says. The copy goes in the order packets follow
+    /// (config, backends, rings, then what makes a VIP reachable), so the
+    /// NIC never names what the host does not know.
+    pub fn set_mirror(&mut self, mut nic: Dataplane) -> Result<(), DataplaneError> {
+        nic.set_config_here(&self.config()?)?;
+        self.copy_array::<Backend>(&mut nic, map_names::BACKENDS)?;
+        self.copy_array::<RingWord>(&mut nic, map_names::RINGS)?;
+        self.copy_array::<u8>(&mut nic, map_names::VIP_FILTER)?;
+        self.copy_array::<VipEntry>(&mut nic, map_names::VIP_ENTRIES)?;
+        let vips = self.hash::<VipKey, VipMeta>(map_names::VIPS)?;
+        let vips: Vec<(VipKey, VipMeta)> = vips.iter().collect::<Result<_, _>>().map_err(map_err(map_names::VIPS))?;
+        let mut nic_vips = nic.hash::<VipKey, VipMeta>(map_names::VIPS)?;
+        let stale: Vec<VipKey> =
+            nic_vips.keys().filter_map(Result::ok).filter(|k| !vips.iter().any(|(v, _)| v == k)).collect();
+        for key in stale {
+            nic_vips.remove(&key).map_err(map_err(map_names::VIPS))?;
+        }
+        for (key, meta) in &vips {
+            nic_vips.insert(key, meta, 0).map_err(map_err(map_names::VIPS))?;
+        }
+        self.copy_array::<u32>(&mut nic, map_names::VIP_SLOTS)?;
         self.mirror = Some(Box::new(nic));
+        Ok(())
+    }
+
+    /// Copies an array map to the mirror, as far as both reach.
+    fn copy_array<V: Pod + Default>(&mut self, nic: &mut Dataplane, name: &'static str) -> Result<(), DataplaneError> {
+        let len = self.array_len(name)?.min(nic.array_len(name)?);
+        let values: Vec<V> = sys::array_values(self.map_fd(name)?, len)
+            .map_err(|e| DataplaneError::Map { name, source: batch_error("BPF_MAP_LOOKUP_BATCH", e) })?;
+        nic.write_array(name, 0, &values)
+            .map_err(|e| DataplaneError::Map { name, source: batch_error("BPF_MAP_UPDATE_ELEM", e) })
+    }
+
+    fn array_len(&mut self, name: &'static str) -> Result<u32, DataplaneError> {
+        let Map::Array(data) = self.map(name)? else { return Err(DataplaneError::MissingMap(name)) };
+        data.info().map(|i| i.max_entries()).map_err(map_err(name))
     }
 
     pub fn mirror(&mut self) -> Option<&mut Dataplane> {
@@ -155,7 +225,7 @@ impl Dataplane {
 
     /// The reader of the program's aya-log records (decision logs).
     pub fn logger(&mut self) -> Result<aya_log::EbpfLogger<&'static dyn log::Log>, aya_log::Error> {
-        aya_log::EbpfLogger::init(&mut self.ebpf)
+        aya_log::EbpfLogger::init(self.ebpf())
     }
 
     pub fn ring_capacity(&self) -> u32 {
@@ -163,7 +233,11 @@ impl Dataplane {
     }
 
     fn map(&mut self, name: &'static str) -> Result<&mut Map, DataplaneError> {
-        self.ebpf.map_mut(name).ok_or(DataplaneError::MissingMap(name))
+        match &mut self.loaded {
+            Loaded::Host(ebpf) => ebpf.map_mut(name),
+            Loaded::Nic(maps) => maps.get_mut(name),
+        }
+        .ok_or(DataplaneError::MissingMap(name))
     }
 
     fn hash<K: Pod, V: Pod>(&mut self, name: &'static str) -> Result<HashMap<&mut MapData, K, V>, DataplaneError> {
@@ -300,9 +374,6 @@ impl Dataplane {
 
     fn write_ring_here(&mut self, offset: u32, slots: &[u32]) -> Result<(), DataplaneError> {
         assert_eq!(offset % RING_SLOTS_PER_WORD, 0, "rings start on whole words");
-        let Map::Array(data) = self.map(map_names::RINGS)? else {
-            return Err(DataplaneError::MissingMap(map_names::RINGS));
-        };
         let words: Vec<RingWord> = slots
             .chunks(RING_SLOTS_PER_WORD as usize)
             .map(|chunk| {
@@ -313,13 +384,25 @@ impl Dataplane {
                 word
             })
             .collect();
-        let first = offset / RING_SLOTS_PER_WORD;
-        let keys: Vec<u32> = (first..first + words.len() as u32).collect();
-        sys::update_batch(data.fd(), &keys, &words).map_err(|source| DataplaneError::RingWrite {
-            offset,
-            count: slots.len(),
-            source,
-        })
+        self.write_array(map_names::RINGS, offset / RING_SLOTS_PER_WORD, &words)
+            .map_err(|source| DataplaneError::RingWrite { offset, count: slots.len(), source })
+    }
+
+    /// Writes `values` into an array map from index `first`: in batches on
+    /// the host, one entry at a time on a NIC (offloaded maps have no batch
+    /// operations: the kernel answers ENOTSUPP).
+    fn write_array<V: Pod>(&mut self, name: &'static str, first: u32, values: &[V]) -> std::io::Result<()> {
+        let on_nic = matches!(self.loaded, Loaded::Nic(_));
+        let fd = self.map_fd(name).map_err(std::io::Error::other)?;
+        if !on_nic {
+            let keys: Vec<u32> = (first..first + values.len() as u32).collect();
+            return sys::update_batch(fd, &keys, values);
+        }
+        let mut map: Array<&mut MapData, V> = self.array(name).map_err(std::io::Error::other)?;
+        for (i, value) in values.iter().enumerate() {
+            map.set(first + i as u32, *value, 0).map_err(std::io::Error::other)?;
+        }
+        Ok(())
     }
 
     /// The backend id in one slot of the ring array.
@@ -360,10 +443,8 @@ impl Dataplane {
         }
         let (indices, buckets): (Vec<u32>, Vec<ConnBucket>) =
             touched.into_iter().map(|i| (i, table[i as usize])).unzip();
-        sys::update_batch(self.map_fd(map_names::CONNS)?, &indices, &buckets).map_err(|source| DataplaneError::Map {
-            name: map_names::CONNS,
-            source: MapError::SyscallError(aya::sys::SyscallError { call: "BPF_MAP_UPDATE_BATCH", io_error: source }),
-        })
+        sys::update_batch(self.map_fd(map_names::CONNS)?, &indices, &buckets)
+            .map_err(|e| DataplaneError::Map { name: map_names::CONNS, source: batch_error("BPF_MAP_UPDATE_BATCH", e) })
     }
 
     fn map_fd(&mut self, name: &'static str) -> Result<std::os::fd::BorrowedFd<'_>, DataplaneError> {
@@ -400,10 +481,8 @@ impl Dataplane {
     /// The whole conn table.
     fn conn_buckets(&mut self) -> Result<Vec<ConnBucket>, DataplaneError> {
         let buckets = self.conn_buckets;
-        sys::array_values(self.map_fd(map_names::CONNS)?, buckets).map_err(|source| DataplaneError::Map {
-            name: map_names::CONNS,
-            source: MapError::SyscallError(aya::sys::SyscallError { call: "BPF_MAP_LOOKUP_BATCH", io_error: source }),
-        })
+        sys::array_values(self.map_fd(map_names::CONNS)?, buckets)
+            .map_err(|e| DataplaneError::Map { name: map_names::CONNS, source: batch_error("BPF_MAP_LOOKUP_BATCH", e) })
     }
 
     /// Global counters summed over CPUs, indexed by [`lb_common::stat`].
@@ -419,7 +498,19 @@ impl Dataplane {
         Ok(sum)
     }
 
+    /// A VIP's counters; with a NIC mirror, what the NIC forwarded too.
     pub fn vip_stats(&mut self, vip_id: u32) -> Result<VipStats, DataplaneError> {
+        let here = self.vip_stats_here(vip_id)?;
+        let Some(nic) = self.mirror() else { return Ok(here) };
+        let there = nic.vip_stats_here(vip_id)?;
+        Ok(VipStats {
+            packets: here.packets + there.packets,
+            bytes: here.bytes + there.bytes,
+            new_flows: here.new_flows + there.new_flows,
+        })
+    }
+
+    fn vip_stats_here(&mut self, vip_id: u32) -> Result<VipStats, DataplaneError> {
         if self.program == program_names::OFFLOAD {
             let name = map_names::OFFLOAD_VIP_STATS;
             return self.array::<VipStats>(name)?.get(&vip_id, 0).map_err(map_err(name));
@@ -433,7 +524,15 @@ impl Dataplane {
         }))
     }
 
+    /// A backend's counters; with a NIC mirror, what the NIC sent it too.
     pub fn backend_stats(&mut self, backend_id: u32) -> Result<BackendStats, DataplaneError> {
+        let here = self.backend_stats_here(backend_id)?;
+        let Some(nic) = self.mirror() else { return Ok(here) };
+        let there = nic.backend_stats_here(backend_id)?;
+        Ok(BackendStats { packets: here.packets + there.packets, bytes: here.bytes + there.bytes })
+    }
+
+    fn backend_stats_here(&mut self, backend_id: u32) -> Result<BackendStats, DataplaneError> {
         if self.program == program_names::OFFLOAD {
             let name = map_names::OFFLOAD_BACKEND_STATS;
             return self.array::<BackendStats>(name)?.get(&backend_id, 0).map_err(map_err(name));
@@ -563,6 +662,10 @@ fn xdp<'a>(ebpf: &'a mut Ebpf, name: &str) -> &'a mut Xdp {
     ebpf.program_mut(name)
         .and_then(|p| p.try_into().ok())
         .unwrap_or_else(|| panic!("the embedded XDP object has no XDP program {name}"))
+}
+
+fn batch_error(call: &'static str, io_error: std::io::Error) -> MapError {
+    MapError::SyscallError(aya::sys::SyscallError { call, io_error })
 }
 
 fn optional<V>(result: Result<V, MapError>, name: &'static str) -> Result<Option<V>, DataplaneError> {

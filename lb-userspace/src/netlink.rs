@@ -1,12 +1,14 @@
 //! What the controller asks the kernel over rtnetlink: the default route's
 //! gateway, the gateway's MAC (the next hop of every encapsulated packet),
-//! and an interface's addresses (the default outer source).
+//! an interface's addresses (the default outer source) and the XDP
+//! programs attached to it (`lbctl status`).
 
 use std::net::IpAddr;
 
 use futures_util::TryStreamExt;
 use netlink_packet_route::{
     address::AddressAttribute,
+    link::{LinkAttribute, LinkXdp},
     neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourState},
     route::{RouteAddress, RouteAttribute, RouteMessage},
     AddressFamily,
@@ -80,6 +82,28 @@ impl Netlink {
             for attr in &a.attributes {
                 if let AddressAttribute::Address(ip) = attr {
                     found.push((*ip, a.header.prefix_len));
+                }
+            }
+        }
+        Ok(found)
+    }
+
+    /// The XDP programs attached to an interface: where each runs and its
+    /// id, as the kernel reports them (what `ip link` shows as `xdp`,
+    /// `xdpgeneric` and `xdpoffload`).
+    pub async fn xdp_programs(&self, ifindex: u32) -> Result<Vec<(&'static str, u32)>, rtnetlink::Error> {
+        let mut found = Vec::new();
+        let mut links = self.handle.link().get().match_index(ifindex).execute();
+        while let Some(link) = links.try_next().await? {
+            for attr in &link.attributes {
+                let LinkAttribute::Xdp(xdp) = attr else { continue };
+                for x in xdp {
+                    match x {
+                        LinkXdp::HwProgId(id) => found.push(("NIC (offloaded, hardware mode)", *id)),
+                        LinkXdp::DrvProgId(id) => found.push(("host (native mode)", *id)),
+                        LinkXdp::SkbProgId(id) => found.push(("host (generic mode)", *id)),
+                        _ => {}
+                    }
                 }
             }
         }

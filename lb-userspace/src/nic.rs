@@ -1,13 +1,17 @@
 //! `--xdp-mode offload`: the offload flavor loaded for a NIC, its maps and
 //! program bound to the device's ifindex (BPF_MAP_CREATE with map_ifindex,
 //! BPF_PROG_LOAD with prog_ifindex: raw bpf(2), which aya 0.14 does not
-//! wrap). The kernel hands both to the driver, whose JIT accepts the
-//! program or says why not.
+//! wrap), and attached in hardware mode behind a pinned bpf_link. The
+//! kernel hands all of it to the driver, whose JIT accepts the program or
+//! says why not.
 
 use std::{
     collections::{BTreeMap, HashSet},
-    os::fd::{AsRawFd, OwnedFd},
+    os::fd::{AsFd, AsRawFd, OwnedFd},
+    path::Path,
 };
+
+use aya::maps::MapData;
 
 use crate::{object, sys};
 
@@ -17,30 +21,50 @@ pub enum NicError {
     Object(String),
     #[error("the kernel refused to create map {0} on it ({1}): its driver does not offload BPF")]
     Map(String, std::io::Error),
+    #[error("reusing the pinned NIC map {0}: {1}")]
+    Pinned(String, String),
     #[error("its driver refused the offload flavor: {0}")]
     Program(std::io::Error),
+    #[error("attaching the offload flavor in hardware mode: {0}")]
+    Attach(std::io::Error),
 }
 
-/// The flavor on a NIC: its program and maps (by name), all device-bound.
+/// The flavor for a NIC: its program and maps (by name), all device-bound.
 pub struct NicProgram {
     pub program: OwnedFd,
-    pub maps: BTreeMap<String, OwnedFd>,
+    pub maps: BTreeMap<String, MapData>,
 }
 
-/// Loads the offload flavor for the device `ifindex`; `ring_words` sizes
-/// its ring array as the host's.
-pub fn load_for_device(ifindex: u32, ring_words: u32) -> Result<NicProgram, NicError> {
+/// Loads the offload flavor for the device `ifindex` (0: for the host, as
+/// the tests do); `ring_words` sizes its ring array as the host's. Maps
+/// pinned in `pin_dir` are reused with their contents (a restart after
+/// `--keep`); new ones are pinned there.
+pub fn load_for_device(ifindex: u32, ring_words: u32, pin_dir: Option<&Path>) -> Result<NicProgram, NicError> {
     let mut obj = aya_obj::Object::parse(object::OFFLOAD).map_err(|e| NicError::Object(e.to_string()))?;
     let mut maps = BTreeMap::new();
     for (name, m) in &obj.maps {
-        let entries = if name == lb_common::map_names::RINGS { ring_words } else { m.max_entries() };
-        let fd = sys::create_map(name, m.map_type(), m.key_size(), m.value_size(), entries, m.map_flags(), ifindex)
-            .map_err(|e| NicError::Map(name.clone(), e))?;
-        maps.insert(name.clone(), fd);
+        let pin = pin_dir.map(|dir| dir.join(name));
+        let data = match &pin {
+            Some(pin) if pin.exists() => {
+                MapData::from_pin(pin).map_err(|e| NicError::Pinned(name.clone(), e.to_string()))?
+            }
+            _ => {
+                let entries = if name == lb_common::map_names::RINGS { ring_words } else { m.max_entries() };
+                let fd =
+                    sys::create_map(name, m.map_type(), m.key_size(), m.value_size(), entries, m.map_flags(), ifindex)
+                        .map_err(|e| NicError::Map(name.clone(), e))?;
+                let data = MapData::from_fd(fd).map_err(|e| NicError::Map(name.clone(), std::io::Error::other(e)))?;
+                if let Some(pin) = &pin {
+                    data.pin(pin).map_err(|e| NicError::Pinned(name.clone(), e.to_string()))?;
+                }
+                data
+            }
+        };
+        maps.insert(name.clone(), data);
     }
     let text_sections: HashSet<usize> = obj.functions.keys().map(|(section, _)| *section).collect();
     let defs: Vec<(String, i32, aya_obj::Map)> =
-        obj.maps.iter().map(|(n, m)| (n.clone(), maps[n].as_raw_fd(), m.clone())).collect();
+        obj.maps.iter().map(|(n, m)| (n.clone(), maps[n].fd().as_fd().as_raw_fd(), m.clone())).collect();
     obj.relocate_maps(defs.iter().map(|(n, fd, m)| (n.as_str(), *fd, m)), &text_sections)
         .map_err(|e| NicError::Object(e.to_string()))?;
     obj.relocate_calls(&text_sections).map_err(|e| NicError::Object(e.to_string()))?;
@@ -55,4 +79,31 @@ pub fn load_for_device(ifindex: u32, ring_words: u32) -> Result<NicProgram, NicE
     let program =
         sys::load_xdp_program(lb_common::program_names::OFFLOAD, &insns, ifindex).map_err(NicError::Program)?;
     Ok(NicProgram { program, maps })
+}
+
+impl NicProgram {
+    /// Runs the program on the NIC `ifindex` in hardware mode, behind a
+    /// link pinned at `link_pin` (it outlives this process while pinned).
+    /// A link already pinned there gets this program in place of its own,
+    /// atomically (a restart); returns whether it did.
+    pub fn attach(&self, ifindex: u32, link_pin: &Path) -> Result<bool, NicError> {
+        if let Ok(link) = sys::obj_get(link_pin) {
+            sys::link_update(&link, &self.program).map_err(NicError::Attach)?;
+            return Ok(true);
+        }
+        let link = sys::xdp_link_create(&self.program, ifindex, sys::XDP_FLAGS_HW_MODE).map_err(NicError::Attach)?;
+        sys::obj_pin(&link, link_pin).map_err(NicError::Attach)?;
+        Ok(false)
+    }
+
+    /// Runs one frame through the program (only one loaded for the host:
+    /// a NIC's program runs on the NIC). Returns the action and the frame.
+    pub fn test_run(&self, frame: &[u8]) -> std::io::Result<(u32, Vec<u8>)> {
+        sys::test_run(&self.program, frame)
+    }
+
+    /// Pins the program (tests open it to run frames through it).
+    pub fn pin_program(&self, path: &Path) -> std::io::Result<()> {
+        sys::obj_pin(&self.program, path)
+    }
 }

@@ -1,9 +1,21 @@
 //! The bpf(2) commands aya 0.14 does not wrap that the controller needs:
 //! BPF_MAP_UPDATE_BATCH and BPF_MAP_LOOKUP_BATCH (Linux 5.6), which write a
 //! whole Maglev ring or read a whole conn table in a few system calls
-//! instead of one call per slot.
+//! instead of one call per slot; and, for the offload flavor on a NIC,
+//! device-bound map and program loads, the hardware-mode link, pins and
+//! test runs of a program aya did not load.
 
 use std::os::fd::{AsFd, AsRawFd};
+
+/// bpf(2) with a command whose attributes are `attr` (the kernel may write
+/// results back into it).
+fn bpf_call<T>(cmd: libc::c_long, attr: &mut T) -> std::io::Result<()> {
+    let ret = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *mut T, std::mem::size_of::<T>() as u32) };
+    if ret < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
 
 const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
 
@@ -21,16 +33,6 @@ struct BatchAttr {
     flags: u64,
 }
 
-/// bpf(2) with a batch command; the kernel updates `attr.count`.
-fn batch_call(cmd: libc::c_long, attr: &mut BatchAttr) -> std::io::Result<()> {
-    let ret =
-        unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *mut BatchAttr, std::mem::size_of::<BatchAttr>() as u32) };
-    if ret < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
-}
-
 /// Writes `keys[i] -> values[i]` (any map type that supports batches:
 /// arrays and hash maps).
 pub fn update_batch<K, V>(map: impl AsFd, keys: &[K], values: &[V]) -> std::io::Result<()> {
@@ -45,7 +47,7 @@ pub fn update_batch<K, V>(map: impl AsFd, keys: &[K], values: &[V]) -> std::io::
             map_fd: map.as_fd().as_raw_fd() as u32,
             ..BatchAttr::default()
         };
-        batch_call(BPF_MAP_UPDATE_BATCH, &mut attr)?;
+        bpf_call(BPF_MAP_UPDATE_BATCH, &mut attr)?;
         if attr.count == 0 {
             return Err(std::io::Error::other("BPF_MAP_UPDATE_BATCH wrote nothing"));
         }
@@ -77,7 +79,7 @@ pub fn array_values<V: Copy + Default>(map: impl AsFd, len: u32) -> std::io::Res
             map_fd: map.as_fd().as_raw_fd() as u32,
             ..BatchAttr::default()
         };
-        let result = batch_call(BPF_MAP_LOOKUP_BATCH, &mut attr);
+        let result = bpf_call(BPF_MAP_LOOKUP_BATCH, &mut attr);
         done += attr.count as usize;
         match result {
             Ok(()) => token_in = token_out,
@@ -175,29 +177,148 @@ pub fn create_map(
 }
 
 /// An XDP program loaded for a network device (`ifindex` 0: for the host);
-/// on failure, the verifier's log joins the error.
+/// on failure, the end of the verifier's log joins the error.
 pub fn load_xdp_program(name: &str, insns: &[u64], ifindex: u32) -> std::io::Result<std::os::fd::OwnedFd> {
     let license = b"GPL\0";
-    let mut log = vec![0u8; 64 * 1024];
     let mut attr = ProgLoadAttr {
         prog_type: BPF_PROG_TYPE_XDP,
         insn_cnt: insns.len() as u32,
         insns: insns.as_ptr() as u64,
         license: license.as_ptr() as u64,
-        log_level: 1,
-        log_size: log.len() as u32,
-        log_buf: log.as_mut_ptr() as u64,
         prog_name: name16(name),
         prog_ifindex: ifindex,
         ..ProgLoadAttr::default()
     };
-    bpf_fd(BPF_PROG_LOAD, &mut attr).map_err(|e| {
-        let text = String::from_utf8_lossy(&log[..log.iter().position(|b| *b == 0).unwrap_or(0)]).into_owned();
-        let last: Vec<&str> = text.lines().rev().take(3).collect();
-        if last.is_empty() {
-            e
-        } else {
-            std::io::Error::new(e.kind(), format!("{e}: {}", last.join(" / ")))
-        }
-    })
+    // Without a log first: a log too small for a program that loads
+    // fails the load (ENOSPC).
+    let error = match bpf_fd(BPF_PROG_LOAD, &mut attr) {
+        Ok(fd) => return Ok(fd),
+        Err(e) => e,
+    };
+    let mut log = vec![0u8; 4 << 20];
+    attr.log_level = 1;
+    attr.log_size = log.len() as u32;
+    attr.log_buf = log.as_mut_ptr() as u64;
+    if let Ok(fd) = bpf_fd(BPF_PROG_LOAD, &mut attr) {
+        return Ok(fd);
+    }
+    let text = String::from_utf8_lossy(&log[..log.iter().position(|b| *b == 0).unwrap_or(0)]).into_owned();
+    let last: Vec<&str> = text.lines().rev().take(3).collect();
+    if last.is_empty() {
+        return Err(error);
+    }
+    Err(std::io::Error::new(error.kind(), format!("{error}: {}", last.join(" / "))))
+}
+
+const BPF_OBJ_PIN: libc::c_long = 6;
+const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_PROG_TEST_RUN: libc::c_long = 10;
+const BPF_LINK_CREATE: libc::c_long = 28;
+const BPF_LINK_UPDATE: libc::c_long = 29;
+const BPF_XDP: u32 = 37;
+/// XDP_FLAGS_HW_MODE (include/uapi/linux/if_link.h): run on the NIC.
+pub const XDP_FLAGS_HW_MODE: u32 = 1 << 3;
+
+/// `union bpf_attr` for BPF_OBJ_PIN / BPF_OBJ_GET.
+#[repr(C)]
+#[derive(Default)]
+struct ObjAttr {
+    pathname: u64,
+    bpf_fd: u32,
+    file_flags: u32,
+}
+
+fn c_path(path: &std::path::Path) -> std::io::Result<std::ffi::CString> {
+    use std::os::unix::ffi::OsStrExt;
+    std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(std::io::Error::other)
+}
+
+/// Pins any BPF object (a link, a program, a map) at `path` on bpffs.
+pub fn obj_pin(object: impl AsFd, path: &std::path::Path) -> std::io::Result<()> {
+    let path = c_path(path)?;
+    let mut attr =
+        ObjAttr { pathname: path.as_ptr() as u64, bpf_fd: object.as_fd().as_raw_fd() as u32, ..ObjAttr::default() };
+    bpf_call(BPF_OBJ_PIN, &mut attr)
+}
+
+/// Opens a pinned BPF object.
+pub fn obj_get(path: &std::path::Path) -> std::io::Result<std::os::fd::OwnedFd> {
+    let path = c_path(path)?;
+    let mut attr = ObjAttr { pathname: path.as_ptr() as u64, ..ObjAttr::default() };
+    bpf_fd(BPF_OBJ_GET, &mut attr)
+}
+
+/// `union bpf_attr` for BPF_LINK_CREATE (XDP needs no more than this).
+#[repr(C)]
+#[derive(Default)]
+struct LinkCreateAttr {
+    prog_fd: u32,
+    target_ifindex: u32,
+    attach_type: u32,
+    flags: u32,
+    _rest: [u64; 4],
+}
+
+/// Attaches an XDP program to an interface with `flags` (the mode) behind
+/// a bpf_link: it stays attached while the link lives (an fd or a pin).
+pub fn xdp_link_create(program: impl AsFd, ifindex: u32, flags: u32) -> std::io::Result<std::os::fd::OwnedFd> {
+    let mut attr = LinkCreateAttr {
+        prog_fd: program.as_fd().as_raw_fd() as u32,
+        target_ifindex: ifindex,
+        attach_type: BPF_XDP,
+        flags,
+        ..LinkCreateAttr::default()
+    };
+    bpf_fd(BPF_LINK_CREATE, &mut attr)
+}
+
+/// `union bpf_attr` for BPF_LINK_UPDATE.
+#[repr(C)]
+#[derive(Default)]
+struct LinkUpdateAttr {
+    link_fd: u32,
+    new_prog_fd: u32,
+    flags: u32,
+    old_prog_fd: u32,
+}
+
+/// Replaces the program behind a link, atomically for packets.
+pub fn link_update(link: impl AsFd, program: impl AsFd) -> std::io::Result<()> {
+    let mut attr = LinkUpdateAttr {
+        link_fd: link.as_fd().as_raw_fd() as u32,
+        new_prog_fd: program.as_fd().as_raw_fd() as u32,
+        ..LinkUpdateAttr::default()
+    };
+    bpf_call(BPF_LINK_UPDATE, &mut attr)
+}
+
+/// `union bpf_attr` for BPF_PROG_TEST_RUN, up to `duration`.
+#[repr(C)]
+#[derive(Default)]
+struct TestRunAttr {
+    prog_fd: u32,
+    retval: u32,
+    data_size_in: u32,
+    data_size_out: u32,
+    data_in: u64,
+    data_out: u64,
+    repeat: u32,
+    duration: u32,
+}
+
+/// Runs one frame through a program loaded for the host: the XDP action
+/// and the frame as it left.
+pub fn test_run(program: impl AsFd, frame: &[u8]) -> std::io::Result<(u32, Vec<u8>)> {
+    let mut out = vec![0u8; frame.len() + 256];
+    let mut attr = TestRunAttr {
+        prog_fd: program.as_fd().as_raw_fd() as u32,
+        data_size_in: frame.len() as u32,
+        data_size_out: out.len() as u32,
+        data_in: frame.as_ptr() as u64,
+        data_out: out.as_mut_ptr() as u64,
+        ..TestRunAttr::default()
+    };
+    bpf_call(BPF_PROG_TEST_RUN, &mut attr)?;
+    out.truncate(attr.data_size_out as usize);
+    Ok((attr.retval, out))
 }

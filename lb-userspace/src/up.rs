@@ -19,6 +19,7 @@ use crate::{
     dataplane::{Dataplane, LoadOptions},
     desired,
     netlink::{self, Netlink},
+    nic::{self, NicProgram},
     services::{Services, Settings},
 };
 
@@ -63,6 +64,10 @@ pub struct UpOptions {
     pub drain_time: Option<Duration>,
     /// Test only: the offload flavor instead of the full balancer.
     pub offload_flavor: bool,
+    /// Test only, with [`ModeChoice::Offload`]: the flavor is loaded for the
+    /// host and not attached (a veth cannot run it beside the full
+    /// balancer); its program is pinned for tests to run frames through.
+    pub offload_without_nic: bool,
 }
 
 /// How long a stopping controller forwards after withdrawing its routes.
@@ -78,6 +83,9 @@ pub async fn run(opts: UpOptions) -> Result<()> {
     };
     let announce_table = opts.announce_table.or(from_file.table);
     let drain_time = opts.drain_time.or(from_file.drain_time).unwrap_or(DEFAULT_DRAIN_TIME);
+    if opts.offload_without_nic && opts.mode != ModeChoice::Offload {
+        bail!("--offload-without-nic goes with --xdp-mode offload");
+    }
     let ifindex = netlink::if_index(&opts.iface)
         .with_context(|| format!("no interface '{}' in this network namespace", opts.iface))?;
     ensure_bpffs(&opts.pin_root)?;
@@ -115,19 +123,22 @@ pub async fn run(opts: UpOptions) -> Result<()> {
         Some(s) => (s.conn_table_size, s.ring_capacity),
         None => (opts.conn_table_size, opts.ring_capacity),
     };
-    if opts.mode == ModeChoice::Offload {
-        // The offload flavor goes to the NIC (the full balancer would stay
-        // on the host, in driver mode, for what the NIC passes up).
-        let words = ring_capacity.div_ceil(lb_common::RING_SLOTS_PER_WORD);
-        crate::nic::load_for_device(ifindex, words)
-            .with_context(|| format!("{} cannot offload XDP; use --xdp-mode native", opts.iface))?;
-        bail!(
-            "{} took the offload flavor, but running it there is not finished: the controller does not yet write \
-             the NIC's maps beside the host's; use --xdp-mode native",
-            opts.iface
-        );
-    }
     std::fs::create_dir_all(&pin_dir)?;
+    // --xdp-mode offload: the flavor is loaded for the NIC first (the
+    // clearest failure, before anything changes); the full balancer runs on
+    // the host in driver mode for what the NIC passes up.
+    let nic = match opts.mode {
+        ModeChoice::Offload => match load_nic(&opts, ifindex, ring_capacity, &pin_dir) {
+            Ok(nic) => Some(nic),
+            Err(e) => {
+                if !adopted {
+                    remove_pins(&pin_dir);
+                }
+                return Err(e);
+            }
+        },
+        _ => None,
+    };
     let mut dp = Dataplane::load(LoadOptions {
         conn_table_size,
         ring_capacity,
@@ -162,7 +173,32 @@ pub async fn run(opts: UpOptions) -> Result<()> {
 
     // Without a saved state the pins were removed above, so this attaches
     // afresh; with one it replaces the running program behind its link.
-    let xdp_mode = attach_pinned(dp.program(), &opts.iface, opts.mode, &link_pin)?;
+    // The host first: until the NIC runs its part, the host does it all.
+    let host_mode = if opts.mode == ModeChoice::Offload { ModeChoice::Native } else { opts.mode };
+    let mut xdp_mode = attach_pinned(dp.program(), &opts.iface, host_mode, &link_pin)?;
+    if let Some(nic) = nic {
+        let words = nic.words;
+        dp.set_mirror(Dataplane::on_nic(nic.maps, words)?)?;
+        xdp_mode = if opts.offload_without_nic {
+            let pin = pin_dir.join(NIC_DIR).join("program");
+            let _ = std::fs::remove_file(&pin);
+            nic.program.pin_program(&pin).context("pinning the offload flavor")?;
+            format!("{xdp_mode} (host); offload flavor loaded for the host, not attached: test")
+        } else {
+            if let Err(e) = nic.program.attach(ifindex, &pin_dir.join(NIC_DIR).join("link")) {
+                if !adopted {
+                    remove_pins(&pin_dir);
+                }
+                return Err(e).context(format!("{} cannot offload XDP; use --xdp-mode native", opts.iface));
+            }
+            format!("offload (NIC) + {xdp_mode} (host)")
+        };
+    } else if pin_dir.join(NIC_DIR).exists() {
+        // A previous controller ran the flavor on the NIC; nothing would
+        // write its maps now, so it goes (the host does it all already).
+        remove_pins(&pin_dir.join(NIC_DIR));
+        info!("the offload flavor left on the NIC by the previous controller is detached");
+    }
     info!(interface = %opts.iface, mode = %xdp_mode, adopted, "balancer attached");
     // Decision logs (`lbctl debug on`) arrive through aya-log's ring buffer
     // and go out through the log crate into tracing.
@@ -246,6 +282,29 @@ pub async fn run(opts: UpOptions) -> Result<()> {
     served
 }
 
+/// The subdirectory of the pins that holds the NIC's maps and link.
+const NIC_DIR: &str = "nic";
+
+/// The offload flavor loaded for the NIC, its maps not yet the host's mirror.
+struct Nic {
+    program: NicProgram,
+    maps: std::collections::BTreeMap<String, aya::maps::MapData>,
+    words: u32,
+}
+
+/// Loads the offload flavor for the NIC, reusing its maps if pinned.
+fn load_nic(opts: &UpOptions, ifindex: u32, ring_capacity: u32, pin_dir: &Path) -> Result<Nic> {
+    let dir = pin_dir.join(NIC_DIR);
+    std::fs::create_dir_all(&dir)?;
+    let words = ring_capacity.div_ceil(lb_common::RING_SLOTS_PER_WORD);
+    let device = if opts.offload_without_nic { 0 } else { ifindex };
+    let mut program = nic::load_for_device(device, words, Some(&dir))
+        .with_context(|| format!("{} cannot offload XDP; use --xdp-mode native", opts.iface))?;
+    let maps = std::mem::take(&mut program.maps);
+    info!(interface = %opts.iface, "offload flavor loaded for the NIC");
+    Ok(Nic { program, maps, words })
+}
+
 /// Atomically replaces the program behind a pinned XDP link with `program`.
 fn replace_pinned(program: &mut Xdp, link_pin: &Path) -> Result<()> {
     let link = PinnedLink::from_pin(link_pin).context("opening the pinned XDP link")?;
@@ -307,14 +366,10 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
     text
 }
 
-/// Removes the pinned link (detaching it once no process holds it) and maps.
+/// Removes the pinned links (each detaches once no process holds it) and
+/// maps, the NIC's too.
 pub fn remove_pins(dir: &Path) {
-    if let Ok(entries) = std::fs::read_dir(dir) {
-        for entry in entries.flatten() {
-            let _ = std::fs::remove_file(entry.path());
-        }
-    }
-    let _ = std::fs::remove_dir(dir);
+    let _ = std::fs::remove_dir_all(dir);
 }
 
 pub fn ensure_bpffs(pin_root: &Path) -> Result<()> {

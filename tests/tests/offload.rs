@@ -7,7 +7,7 @@
 
 use lb_tests::*;
 use lb_userspace::{
-    object,
+    nic, object,
     offload_check::{check_object, Limits},
     services::{Encap, VipAddr, VipSpec},
     HashMode, LoadOptions,
@@ -123,7 +123,7 @@ fn the_flavor_forwards_stateless_vips_byte_for_byte_as_the_full_balancer_and_pas
 fn over_the_fuzz_corpus_the_flavor_matches_the_full_balancer_or_passes_untouched() {
     let (mut full, mut flavor) = pair();
     let templates = fuzz_templates();
-    let mut rng = XorShift(0x0ff1_0ad);
+    let mut rng = XorShift(0x00ff_10ad);
     let (mut forwarded, mut passed) = (0, 0);
     for case in 0..20_000 {
         let input = mutate(&mut rng, &templates[case % templates.len()]);
@@ -149,17 +149,16 @@ fn the_offload_checker_passes_the_flavor_and_refuses_the_full_balancer() {
 
 #[test]
 fn the_controller_writes_both_programs_maps_and_a_write_failing_half_way_leaves_them_the_same() {
-    let opts = |offload_flavor, rings| LoadOptions {
+    let stride = lb_common::ring_stride(65_537);
+    // The host's full balancer, already serving a VIP when the NIC's flavor
+    // joins: the NIC gets a copy of what the host has.
+    let mut h = Harness::with(LoadOptions {
         conn_table_size: 65_536,
-        ring_capacity: rings * lb_common::ring_stride(65_537),
+        ring_capacity: 6 * stride,
         bench_restore: false,
-        offload_flavor,
+        offload_flavor: false,
         pin_dir: None,
-    };
-    // The host's full balancer with the flavor as its NIC mirror; the
-    // mirror's ring array holds one VIP's rings only.
-    let mut h = Harness::with(opts(false, 6));
-    h.dp.set_mirror(lb_userspace::Dataplane::load(opts(true, 3)).unwrap());
+    });
     let spec = |vip: &str| VipSpec {
         vip: vip.parse().unwrap(),
         hash: HashMode::FiveTuple,
@@ -169,15 +168,29 @@ fn the_controller_writes_both_programs_maps_and_a_write_failing_half_way_leaves_
     };
     let first = h.vip_spec(spec("203.0.113.10:80/tcp"));
     h.backend(&first, "198.51.100.1", 1);
+    // The flavor loaded as `--xdp-mode offload` loads it for a NIC, through
+    // the same raw bpf(2) calls, for the host (ifindex 0) so that frames can
+    // be run through it; its ring array holds one VIP's rings only.
+    let words = 3 * stride / lb_common::RING_SLOTS_PER_WORD;
+    let mut nic = nic::load_for_device(0, words, None).unwrap();
+    let maps = std::mem::take(&mut nic.maps);
+    h.dp.set_mirror(lb_userspace::Dataplane::on_nic(maps, words).unwrap()).unwrap();
+    // A write after the copy reaches both.
     h.backend(&first, "198.51.100.2", 1);
-    // Both programs forward the VIP's packets, the same way.
+    // Both programs forward the VIP's packets, the same way, to both backends.
+    let mut seen = std::collections::BTreeSet::new();
     for port in 40000..40100u16 {
         let input = tcp_frame("192.0.2.55", port, "203.0.113.10", 80, ACK);
         let host = h.run(&input);
-        let nic = run_on(h.dp.mirror().unwrap(), &input);
-        assert_eq!(host, nic, "port {port}");
+        assert_eq!(host, nic.test_run(&input).unwrap(), "port {port}");
         assert_eq!(host.0, XDP_TX);
+        seen.insert(outer_dst(&host.1));
     }
+    assert_eq!(seen.len(), 2, "both backends: {seen:?}");
+    // Counters: the host's and the NIC's, summed (the NIC's BPF_PROG_TEST_RUN
+    // runs counted 100 packets; the host's 100 more).
+    let first_id = h.services.vip(&first).unwrap().id;
+    assert_eq!(h.dp.vip_stats(first_id).unwrap().packets, 200);
     // A second VIP: its ring does not fit in the NIC's array, so the
     // backend add fails half way; neither side keeps the backend.
     let second = h.vip_spec(spec("203.0.113.20:80/tcp"));
@@ -193,7 +206,18 @@ fn the_controller_writes_both_programs_maps_and_a_write_failing_half_way_leaves_
     for id in 0..8 {
         assert_eq!(h.dp.backend(id).unwrap(), h.dp.mirror().unwrap().backend(id).unwrap(), "backend {id}");
     }
-    // The first VIP is untouched on both.
+    // The first VIP is untouched on both; the second VIP's packets go to the
+    // host on the NIC (no ring) and nowhere new on the host.
     let input = tcp_frame("192.0.2.55", 40000, "203.0.113.10", 80, ACK);
-    assert_eq!(h.run(&input), run_on(h.dp.mirror().unwrap(), &input));
+    assert_eq!(h.run(&input), nic.test_run(&input).unwrap());
+    let input = tcp_frame("192.0.2.55", 40000, "203.0.113.20", 80, ACK);
+    assert_eq!(nic.test_run(&input).unwrap(), (XDP_PASS, input.clone()));
+    // Removing a backend reaches the NIC first: afterwards neither names it.
+    h.services.remove_backend(&mut h.dp, &first, "198.51.100.1".parse().unwrap()).unwrap();
+    for port in 40000..40100u16 {
+        let input = tcp_frame("192.0.2.55", port, "203.0.113.10", 80, SYN);
+        let (action, out) = nic.test_run(&input).unwrap();
+        assert_eq!((action, outer_dst(&out)), (XDP_TX, "198.51.100.2".parse().unwrap()), "port {port}");
+        assert_eq!(h.run(&input), (action, out));
+    }
 }

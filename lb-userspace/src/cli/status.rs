@@ -24,6 +24,7 @@ pub async fn status(client: &ClientOpts) -> Result<()> {
         ("failing open", fail_open),
         ("debug logging", if s.debug { "on" } else { "off" }.to_string()),
         ("announce", announce_summary(&s)),
+        ("programs", if s.programs.is_empty() { "none attached".into() } else { s.programs.join("; ") }),
         ("uptime", format!("{} s", s.uptime_seconds)),
         ("version", s.version.clone()),
     ] {

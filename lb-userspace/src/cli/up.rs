@@ -20,7 +20,9 @@ use super::ClientOpts;
 pub struct UpArgs {
     /// The NIC that receives VIP traffic and sends it on to backends.
     iface: String,
-    /// XDP mode: auto tries native then generic; a forced mode that fails is an error.
+    /// XDP mode: auto tries native then generic; a forced mode that fails is
+    /// an error. offload: the offload flavor on the NIC (hardware mode) for
+    /// stateless VIPs, the full balancer on the host (native) for the rest.
     #[arg(long, value_enum, default_value_t = ModeChoice::Auto)]
     xdp_mode: ModeChoice,
     /// Desired state (TOML) applied at start.
@@ -86,6 +88,10 @@ pub struct UpArgs {
     /// balancer (stateless VIPs only; everything else goes to the kernel).
     #[arg(long, hide = true)]
     offload_flavor_on_host: bool,
+    /// Test only, with --xdp-mode offload: load the flavor for the host, do
+    /// not attach it, pin its program at PIN_DIR/IFACE/nic/program.
+    #[arg(long, hide = true)]
+    offload_without_nic: bool,
 }
 
 fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
@@ -174,6 +180,7 @@ pub async fn run(args: UpArgs, client: &ClientOpts) -> Result<()> {
         announce_table: args.announce_table,
         drain_time: args.drain_time,
         offload_flavor: args.offload_flavor_on_host,
+        offload_without_nic: args.offload_without_nic,
         gue_port: args.gue_port,
         tcp_api,
     })
