@@ -1730,3 +1730,80 @@ fn the_offload_flavor_alone_forwards_real_traffic_and_the_second_chance_keeps_ev
     let list: serde_json::Value = serde_json::from_str(&ok(lab, 1, &["-o", "json", "vip", "list"])).unwrap();
     assert!(list[0]["packets"].as_u64().unwrap() > 0, "{list}");
 }
+
+/// Runs one frame through a program pinned at `pin` (BPF_PROG_TEST_RUN).
+fn run_pinned(pin: &str, frame: &[u8]) -> (u32, Vec<u8>) {
+    use aya::programs::{TestRun, TestRunOptions, Xdp};
+    let program = Xdp::from_pin(pin, aya_obj::programs::XdpAttachType::Interface).unwrap();
+    let mut out = vec![0u8; frame.len() + 256];
+    let result = program
+        .test_run(TestRunOptions { data_in: Some(frame), data_out: Some(&mut out), ..TestRunOptions::default() })
+        .unwrap();
+    out.truncate(result.data_size_out as usize);
+    (result.return_value, out)
+}
+
+/// Where the offload flavor sends 100 new TCP flows from a lab client to
+/// the HTTP VIP: the backends' addresses (each frame must be forwarded).
+fn flavor_backends(pin: &str) -> std::collections::BTreeSet<std::net::IpAddr> {
+    (50000..50100u16)
+        .map(|port| {
+            let input = lb_tests::tcp_frame(&client_v4(0), port, VIP4, 80, lb_tests::SYN);
+            let (action, out) = run_pinned(pin, &input);
+            assert_eq!(action, lb_tests::XDP_TX, "the flavor forwards the stateless VIP's SYN");
+            lb_tests::outer_dst(&out)
+        })
+        .collect()
+}
+
+fn vip_packets(lab: &Lab) -> u64 {
+    let list: serde_json::Value = serde_json::from_str(&ok(lab, 1, &["-o", "json", "vip", "list"])).unwrap();
+    list[0]["packets"].as_u64().unwrap()
+}
+
+#[test]
+fn offload_mode_mirrors_every_change_to_the_flavors_maps_and_a_restart_adopts_them() {
+    let s = lab();
+    let lab = &s.lab;
+    let pins = format!("/sys/fs/bpf/lbctl/{}", lb_iface(1));
+    let flavor = format!("{pins}/nic/program");
+    // `--xdp-mode offload` with the flavor loaded for the host, not the
+    // NIC (a test-only switch: a veth takes neither a device-bound load nor
+    // a second program beside the full balancer).
+    lab.stop_lb(1, libc::SIGTERM).unwrap();
+    let up = ["--xdp-mode", "offload", "--offload-without-nic", "--keep"];
+    lab.start_lb(1, &up).unwrap();
+    let status = ok(lab, 1, &["status"]);
+    assert!(status.contains("native (host); offload flavor loaded for the host, not attached: test"), "{status}");
+    assert!(status.contains("lb_balancer (id ") && status.contains("): host (native mode)"), "{status}");
+    // Every change through the API reaches the flavor's maps too.
+    ok(lab, 1, &["vip", "add", HTTP4, "--encap", "gue", "--stateless"]);
+    for j in 1..=BACKENDS {
+        ok(lab, 1, &["backend", "add", HTTP4, &backend_v4(j)]);
+    }
+    let every: std::collections::BTreeSet<std::net::IpAddr> =
+        (1..=BACKENDS).map(|j| backend_v4(j).parse().unwrap()).collect();
+    assert_eq!(flavor_backends(&flavor), every);
+    ok(lab, 1, &["backend", "del", HTTP4, &backend_v4(1)]);
+    let left = flavor_backends(&flavor);
+    assert!(!left.is_empty() && !left.contains(&backend_v4(1).parse().unwrap()), "{left:?}");
+    // The host's full balancer serves real traffic meanwhile.
+    lab.route_through(&[1], VIP4).unwrap();
+    assert!(lab.curl(&client_v4(0), "http://203.0.113.10/").unwrap().starts_with("be"));
+    // `vip list` counts what both programs forwarded: the flavor's 100
+    // test runs on top of the host's packets.
+    let before = vip_packets(lab);
+    flavor_backends(&flavor);
+    assert!(vip_packets(lab) >= before + 100, "the flavor's counters are summed in");
+    // A restart reuses the NIC's pinned maps (and brings them up to the
+    // host's, which it adopts too): the new flavor forwards as before.
+    lab.stop_lb(1, libc::SIGTERM).unwrap();
+    assert!(std::path::Path::new(&format!("{pins}/nic/RINGS")).exists(), "--keep leaves the NIC's maps pinned");
+    lab.start_lb(1, &up[..3]).unwrap();
+    assert!(ok(lab, 1, &["status"]).contains("adopted        true"));
+    assert_eq!(flavor_backends(&flavor), left);
+    // A stop without --keep leaves nothing pinned, the NIC's maps included.
+    lab.stop_lb(1, libc::SIGTERM).unwrap();
+    assert!(!std::path::Path::new(&pins).exists(), "{pins} removed");
+    assert!(!ip_link(&lb_ns(1)).contains("prog/xdp"), "nothing left attached");
+}
