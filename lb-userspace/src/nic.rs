@@ -15,6 +15,10 @@ use aya::maps::MapData;
 
 use crate::{object, sys};
 
+/// XDP attach modes (include/uapi/linux/if_link.h).
+pub const XDP_FLAGS_DRV_MODE: u32 = 1 << 2;
+pub const XDP_FLAGS_HW_MODE: u32 = 1 << 3;
+
 #[derive(Debug, thiserror::Error)]
 pub enum NicError {
     #[error("reading the offload flavor: {0}")]
@@ -25,7 +29,7 @@ pub enum NicError {
     Pinned(String, String),
     #[error("its driver refused the offload flavor: {0}")]
     Program(std::io::Error),
-    #[error("attaching the offload flavor in hardware mode: {0}")]
+    #[error("attaching the offload flavor: {0}")]
     Attach(std::io::Error),
 }
 
@@ -87,11 +91,17 @@ impl NicProgram {
     /// A link already pinned there gets this program in place of its own,
     /// atomically (a restart); returns whether it did.
     pub fn attach(&self, ifindex: u32, link_pin: &Path) -> Result<bool, NicError> {
+        self.attach_with_flags(ifindex, XDP_FLAGS_HW_MODE, link_pin)
+    }
+
+    /// [`Self::attach`] in the mode `flags` says (tests attach a program
+    /// loaded for the host in native mode, to run the same calls).
+    pub fn attach_with_flags(&self, ifindex: u32, flags: u32, link_pin: &Path) -> Result<bool, NicError> {
         if let Ok(link) = sys::obj_get(link_pin) {
             sys::link_update(&link, &self.program).map_err(NicError::Attach)?;
             return Ok(true);
         }
-        let link = sys::xdp_link_create(&self.program, ifindex, sys::XDP_FLAGS_HW_MODE).map_err(NicError::Attach)?;
+        let link = sys::xdp_link_create(&self.program, ifindex, flags).map_err(NicError::Attach)?;
         sys::obj_pin(&link, link_pin).map_err(NicError::Attach)?;
         Ok(false)
     }

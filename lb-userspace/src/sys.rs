@@ -216,8 +216,6 @@ const BPF_PROG_TEST_RUN: libc::c_long = 10;
 const BPF_LINK_CREATE: libc::c_long = 28;
 const BPF_LINK_UPDATE: libc::c_long = 29;
 const BPF_XDP: u32 = 37;
-/// XDP_FLAGS_HW_MODE (include/uapi/linux/if_link.h): run on the NIC.
-pub const XDP_FLAGS_HW_MODE: u32 = 1 << 3;
 
 /// `union bpf_attr` for BPF_OBJ_PIN / BPF_OBJ_GET.
 #[repr(C)]

@@ -335,3 +335,19 @@ pub fn mutate(rng: &mut XorShift, base: &[u8]) -> Vec<u8> {
     }
     f
 }
+
+/// Runs `f` on a thread in a new network namespace with `lo` up: the
+/// sockets, links and program runs it makes see only each other, and the
+/// namespace goes with the thread (commands it starts run in it too).
+pub fn in_fresh_netns<T: Send>(f: impl FnOnce() -> T + Send) -> T {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNET) }, 0, "unshare(CLONE_NEWNET)");
+            let up = std::process::Command::new("ip").args(["link", "set", "lo", "up"]).status().unwrap();
+            assert!(up.success());
+            f()
+        })
+        .join()
+        .unwrap()
+    })
+}

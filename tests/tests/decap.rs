@@ -131,21 +131,6 @@ fn loopback_tcp(sport: u16, dport: u16, seq: u32, ack: u32, flags: u8) -> Vec<u8
     p
 }
 
-/// Runs `f` on a thread in a new network namespace with `lo` up: the
-/// sockets it makes and the program runs it does see only each other.
-fn in_fresh_netns<T: Send>(f: impl FnOnce() -> T + Send) -> T {
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNET) }, 0, "unshare(CLONE_NEWNET)");
-            let up = std::process::Command::new("ip").args(["link", "set", "lo", "up"]).status().unwrap();
-            assert!(up.success());
-            f()
-        })
-        .join()
-        .unwrap()
-    })
-}
-
 #[test]
 fn gue_is_stripped_and_a_packet_without_an_alternate_is_never_passed_on() {
     let mut d = decap_for(&["198.51.100.20"]);

@@ -659,7 +659,9 @@ fn a_forced_xdp_mode_that_fails_is_a_clear_error_and_generic_works() {
     assert!(err.contains("the kernel refused to create map"), "{err}");
     assert!(!ip_link(&lb_ns(1)).contains("prog/xdp"), "nothing left attached");
     lab.start_lb(1, &["--xdp-mode", "generic"]).unwrap();
-    assert!(ok(lab, 1, &["status"]).contains("xdp mode       generic"));
+    let status = ok(lab, 1, &["status"]);
+    assert!(status.contains("xdp mode       generic"), "{status}");
+    assert!(status.contains("lb_balancer (id ") && status.contains("): host (generic mode)"), "{status}");
     assert!(ip_link(&lb_ns(1)).contains("xdpgeneric"));
 }
 

@@ -221,3 +221,49 @@ fn the_controller_writes_both_programs_maps_and_a_write_failing_half_way_leaves_
         assert_eq!(h.run(&input), (action, out));
     }
 }
+
+/// The id of the XDP program on `iface` (`ip link`'s prog/xdp), if any.
+fn xdp_prog_id(iface: &str) -> Option<u32> {
+    let out = std::process::Command::new("ip").args(["-d", "link", "show", iface]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let at = text.find("prog/xdp id ")? + "prog/xdp id ".len();
+    text[at..].split_whitespace().next()?.parse().ok()
+}
+
+#[test]
+fn the_nic_attach_is_refused_by_a_veth_in_hardware_mode_and_its_calls_work_in_native_mode() {
+    /// Removes the test's pins, also when it fails.
+    struct Pins(std::path::PathBuf);
+    impl Drop for Pins {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let pins = Pins(format!("/sys/fs/bpf/lb-test-nic-{}", std::process::id()).into());
+    std::fs::create_dir_all(&pins.0).unwrap();
+    let link = pins.0.join("link");
+    let words = 3 * lb_common::ring_stride(65_537) / lb_common::RING_SLOTS_PER_WORD;
+    in_fresh_netns(|| {
+        let ip = |args: &[&str]| assert!(std::process::Command::new("ip").args(args).status().unwrap().success());
+        ip(&["link", "add", "nic-a", "type", "veth", "peer", "name", "nic-b"]);
+        ip(&["link", "set", "nic-a", "up"]);
+        ip(&["link", "set", "nic-b", "up"]);
+        let ifindex = lb_userspace::netlink::if_index("nic-a").unwrap();
+        let first = nic::load_for_device(0, words, None).unwrap();
+        // Hardware mode: a veth has no offload; nothing attached or pinned.
+        let err = first.attach(ifindex, &link).unwrap_err().to_string();
+        assert!(err.starts_with("attaching the offload flavor: "), "{err}");
+        assert!(!link.exists() && xdp_prog_id("nic-a").is_none());
+        // The same calls in native mode: attached behind the pinned link ...
+        assert!(!first.attach_with_flags(ifindex, nic::XDP_FLAGS_DRV_MODE, &link).unwrap());
+        let first_id = xdp_prog_id("nic-a").expect("attached");
+        // ... and a second flavor swapped in behind the same link (a restart).
+        let second = nic::load_for_device(0, words, None).unwrap();
+        assert!(second.attach_with_flags(ifindex, nic::XDP_FLAGS_DRV_MODE, &link).unwrap());
+        let second_id = xdp_prog_id("nic-a").expect("still attached");
+        assert_ne!(first_id, second_id, "the program behind the link was replaced");
+        // Unpinned, the link goes (the kernel releases it a moment later).
+        std::fs::remove_file(&link).unwrap();
+        lb_lab::wait_for(lb_lab::PATIENCE, || xdp_prog_id("nic-a").is_none()).expect("detached once unpinned");
+    });
+}
