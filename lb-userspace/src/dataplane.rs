@@ -188,9 +188,9 @@ impl Dataplane {
     fn copy_array<V: Pod + Default>(&mut self, nic: &mut Dataplane, name: &'static str) -> Result<(), DataplaneError> {
         let len = self.array_len(name)?.min(nic.array_len(name)?);
         let values: Vec<V> = sys::array_values(self.map_fd(name)?, len)
-            .map_err(|e| DataplaneError::Map { name, source: batch_error("BPF_MAP_LOOKUP_BATCH", e) })?;
+            .map_err(|e| DataplaneError::Map { name, source: syscall_error("BPF_MAP_LOOKUP_BATCH", e) })?;
         nic.write_array(name, 0, &values)
-            .map_err(|e| DataplaneError::Map { name, source: batch_error("BPF_MAP_UPDATE_ELEM", e) })
+            .map_err(|e| DataplaneError::Map { name, source: syscall_error("BPF_MAP_UPDATE_ELEM", e) })
     }
 
     fn array_len(&mut self, name: &'static str) -> Result<u32, DataplaneError> {
@@ -443,8 +443,10 @@ impl Dataplane {
         }
         let (indices, buckets): (Vec<u32>, Vec<ConnBucket>) =
             touched.into_iter().map(|i| (i, table[i as usize])).unzip();
-        sys::update_batch(self.map_fd(map_names::CONNS)?, &indices, &buckets)
-            .map_err(|e| DataplaneError::Map { name: map_names::CONNS, source: batch_error("BPF_MAP_UPDATE_BATCH", e) })
+        sys::update_batch(self.map_fd(map_names::CONNS)?, &indices, &buckets).map_err(|e| DataplaneError::Map {
+            name: map_names::CONNS,
+            source: syscall_error("BPF_MAP_UPDATE_BATCH", e),
+        })
     }
 
     fn map_fd(&mut self, name: &'static str) -> Result<std::os::fd::BorrowedFd<'_>, DataplaneError> {
@@ -481,8 +483,10 @@ impl Dataplane {
     /// The whole conn table.
     fn conn_buckets(&mut self) -> Result<Vec<ConnBucket>, DataplaneError> {
         let buckets = self.conn_buckets;
-        sys::array_values(self.map_fd(map_names::CONNS)?, buckets)
-            .map_err(|e| DataplaneError::Map { name: map_names::CONNS, source: batch_error("BPF_MAP_LOOKUP_BATCH", e) })
+        sys::array_values(self.map_fd(map_names::CONNS)?, buckets).map_err(|e| DataplaneError::Map {
+            name: map_names::CONNS,
+            source: syscall_error("BPF_MAP_LOOKUP_BATCH", e),
+        })
     }
 
     /// Global counters summed over CPUs, indexed by [`lb_common::stat`].
@@ -664,7 +668,7 @@ fn xdp<'a>(ebpf: &'a mut Ebpf, name: &str) -> &'a mut Xdp {
         .unwrap_or_else(|| panic!("the embedded XDP object has no XDP program {name}"))
 }
 
-fn batch_error(call: &'static str, io_error: std::io::Error) -> MapError {
+fn syscall_error(call: &'static str, io_error: std::io::Error) -> MapError {
     MapError::SyscallError(aya::sys::SyscallError { call, io_error })
 }
 

@@ -177,22 +177,15 @@ pub async fn run(opts: UpOptions) -> Result<()> {
     let host_mode = if opts.mode == ModeChoice::Offload { ModeChoice::Native } else { opts.mode };
     let mut xdp_mode = attach_pinned(dp.program(), &opts.iface, host_mode, &link_pin)?;
     if let Some(nic) = nic {
-        let words = nic.words;
-        dp.set_mirror(Dataplane::on_nic(nic.maps, words)?)?;
-        xdp_mode = if opts.offload_without_nic {
-            let pin = pin_dir.join(NIC_DIR).join("program");
-            let _ = std::fs::remove_file(&pin);
-            nic.program.pin_program(&pin).context("pinning the offload flavor")?;
-            format!("{xdp_mode} (host); offload flavor loaded for the host, not attached: test")
-        } else {
-            if let Err(e) = nic.program.attach(ifindex, &pin_dir.join(NIC_DIR).join("link")) {
+        match start_nic(&mut dp, nic, &opts, ifindex, ring_capacity, &pin_dir) {
+            Ok(nic_mode) => xdp_mode = format!("{nic_mode} + {xdp_mode} (host)"),
+            Err(e) => {
                 if !adopted {
                     remove_pins(&pin_dir);
                 }
-                return Err(e).context(format!("{} cannot offload XDP; use --xdp-mode native", opts.iface));
+                return Err(e.context(cannot_offload(&opts.iface)));
             }
-            format!("offload (NIC) + {xdp_mode} (host)")
-        };
+        }
     } else if pin_dir.join(NIC_DIR).exists() {
         // A previous controller ran the flavor on the NIC; nothing would
         // write its maps now, so it goes (the host does it all already).
@@ -285,24 +278,44 @@ pub async fn run(opts: UpOptions) -> Result<()> {
 /// The subdirectory of the pins that holds the NIC's maps and link.
 const NIC_DIR: &str = "nic";
 
-/// The offload flavor loaded for the NIC, its maps not yet the host's mirror.
-struct Nic {
-    program: NicProgram,
-    maps: std::collections::BTreeMap<String, aya::maps::MapData>,
-    words: u32,
-}
-
 /// Loads the offload flavor for the NIC, reusing its maps if pinned.
-fn load_nic(opts: &UpOptions, ifindex: u32, ring_capacity: u32, pin_dir: &Path) -> Result<Nic> {
+fn load_nic(opts: &UpOptions, ifindex: u32, ring_capacity: u32, pin_dir: &Path) -> Result<NicProgram> {
     let dir = pin_dir.join(NIC_DIR);
     std::fs::create_dir_all(&dir)?;
-    let words = ring_capacity.div_ceil(lb_common::RING_SLOTS_PER_WORD);
     let device = if opts.offload_without_nic { 0 } else { ifindex };
-    let mut program = nic::load_for_device(device, words, Some(&dir))
-        .with_context(|| format!("{} cannot offload XDP; use --xdp-mode native", opts.iface))?;
-    let maps = std::mem::take(&mut program.maps);
+    let program = nic::load_for_device(device, ring_words(ring_capacity), Some(&dir))
+        .with_context(|| cannot_offload(&opts.iface))?;
     info!(interface = %opts.iface, "offload flavor loaded for the NIC");
-    Ok(Nic { program, maps, words })
+    Ok(program)
+}
+
+/// Makes the NIC's maps a copy of the host's, written beside them from now
+/// on, and runs the flavor on the NIC. Returns where it runs.
+fn start_nic(
+    dp: &mut Dataplane,
+    mut nic: NicProgram,
+    opts: &UpOptions,
+    ifindex: u32,
+    ring_capacity: u32,
+    pin_dir: &Path,
+) -> Result<&'static str> {
+    dp.set_mirror(Dataplane::on_nic(std::mem::take(&mut nic.maps), ring_words(ring_capacity))?)?;
+    if opts.offload_without_nic {
+        let pin = pin_dir.join(NIC_DIR).join("program");
+        let _ = std::fs::remove_file(&pin);
+        nic.pin_program(&pin).context("pinning the offload flavor")?;
+        return Ok("offload flavor loaded for the host, not attached (test)");
+    }
+    nic.attach(ifindex, &pin_dir.join(NIC_DIR).join("link"))?;
+    Ok("offload (NIC)")
+}
+
+fn cannot_offload(iface: &str) -> String {
+    format!("{iface} cannot offload XDP; use --xdp-mode native")
+}
+
+fn ring_words(ring_capacity: u32) -> u32 {
+    ring_capacity.div_ceil(lb_common::RING_SLOTS_PER_WORD)
 }
 
 /// Atomically replaces the program behind a pinned XDP link with `program`.
