@@ -98,8 +98,11 @@ impl NicProgram {
     /// loaded for the host in native mode, to run the same calls).
     pub fn attach_with_flags(&self, ifindex: u32, flags: u32, link_pin: &Path) -> Result<bool, NicError> {
         if let Ok(link) = sys::obj_get(link_pin) {
-            sys::link_update(&link, &self.program).map_err(NicError::Attach)?;
-            return Ok(true);
+            if sys::link_update(&link, &self.program).is_ok() {
+                return Ok(true);
+            }
+            // Severed (its interface went away): attach anew below.
+            let _ = std::fs::remove_file(link_pin);
         }
         let link = sys::xdp_link_create(&self.program, ifindex, flags).map_err(NicError::Attach)?;
         sys::obj_pin(&link, link_pin).map_err(NicError::Attach)?;

@@ -262,6 +262,14 @@ fn the_nic_attach_is_refused_by_a_veth_in_hardware_mode_and_its_calls_work_in_na
         assert!(second.attach_with_flags(ifindex, nic::XDP_FLAGS_DRV_MODE, &link).unwrap());
         let second_id = xdp_prog_id("nic-a").expect("still attached");
         assert_ne!(first_id, second_id, "the program behind the link was replaced");
+        // The interface goes and comes back: the pinned link is severed, so
+        // the flavor is attached anew.
+        ip(&["link", "del", "nic-a"]);
+        ip(&["link", "add", "nic-a", "type", "veth", "peer", "name", "nic-b"]);
+        ip(&["link", "set", "nic-a", "up"]);
+        let ifindex = lb_userspace::netlink::if_index("nic-a").unwrap();
+        assert!(!second.attach_with_flags(ifindex, nic::XDP_FLAGS_DRV_MODE, &link).unwrap(), "a new link");
+        assert_eq!(xdp_prog_id("nic-a"), Some(second_id));
         // Unpinned, the link goes (the kernel releases it a moment later).
         std::fs::remove_file(&link).unwrap();
         lb_lab::wait_for(lb_lab::PATIENCE, || xdp_prog_id("nic-a").is_none()).expect("detached once unpinned");
