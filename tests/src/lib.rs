@@ -220,9 +220,13 @@ impl Default for Harness {
 /// Runs one frame through a loaded program; returns the XDP action and the
 /// frame as it left.
 pub fn run_on(dp: &mut Dataplane, frame: &[u8]) -> (u32, Vec<u8>) {
+    run_xdp(dp.program(), frame)
+}
+
+/// Runs one frame through an XDP program (BPF_PROG_TEST_RUN).
+pub fn run_xdp(program: &aya::programs::Xdp, frame: &[u8]) -> (u32, Vec<u8>) {
     let mut out = vec![0u8; frame.len() + 256];
-    let result = dp
-        .program()
+    let result = program
         .test_run(TestRunOptions { data_in: Some(frame), data_out: Some(&mut out), ..TestRunOptions::default() })
         .expect("BPF_PROG_TEST_RUN");
     out.truncate(result.data_size_out as usize);

@@ -1,7 +1,6 @@
 //! Packet tests of the backends' decap program: the real object through
 //! BPF_PROG_TEST_RUN, frames and expectations written by hand. Needs root.
 
-use aya::programs::{TestRun, TestRunOptions};
 use lb_tests::*;
 use lb_userspace::Decap;
 
@@ -19,13 +18,7 @@ fn decap_for(addrs: &[&str]) -> Decap {
 const GUE_PORT: u16 = 6080;
 
 fn run(d: &mut Decap, frame: &[u8]) -> (u32, Vec<u8>) {
-    let mut out = vec![0u8; frame.len() + 64];
-    let r = d
-        .program()
-        .test_run(TestRunOptions { data_in: Some(frame), data_out: Some(&mut out), ..TestRunOptions::default() })
-        .expect("BPF_PROG_TEST_RUN");
-    out.truncate(r.data_size_out as usize);
-    (r.return_value, out)
+    run_xdp(d.program(), frame)
 }
 
 /// An encapsulated frame as the balancer sends it to this backend.

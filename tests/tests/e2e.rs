@@ -1733,16 +1733,10 @@ fn the_offload_flavor_alone_forwards_real_traffic_and_the_second_chance_keeps_ev
     assert!(list[0]["packets"].as_u64().unwrap() > 0, "{list}");
 }
 
-/// Runs one frame through a program pinned at `pin` (BPF_PROG_TEST_RUN).
+/// Runs one frame through a program pinned at `pin`.
 fn run_pinned(pin: &str, frame: &[u8]) -> (u32, Vec<u8>) {
-    use aya::programs::{TestRun, TestRunOptions, Xdp};
-    let program = Xdp::from_pin(pin, aya_obj::programs::XdpAttachType::Interface).unwrap();
-    let mut out = vec![0u8; frame.len() + 256];
-    let result = program
-        .test_run(TestRunOptions { data_in: Some(frame), data_out: Some(&mut out), ..TestRunOptions::default() })
-        .unwrap();
-    out.truncate(result.data_size_out as usize);
-    (result.return_value, out)
+    let program = aya::programs::Xdp::from_pin(pin, aya_obj::programs::XdpAttachType::Interface).unwrap();
+    lb_tests::run_xdp(&program, frame)
 }
 
 /// Where the offload flavor sends 100 new TCP flows from a lab client to
