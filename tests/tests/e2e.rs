@@ -1372,6 +1372,14 @@ fn streams_on(lab: &Lab, vip_args: &[&str], first_port: u16, through: &[usize]) 
     streams
 }
 
+/// Ends the streams: not one connection may have broken. Returns the
+/// backend each connection was on, in order.
+fn none_broke(streams: Streams) -> Vec<String> {
+    let results = streams.finish();
+    assert!(broken(&results).is_empty(), "broken connections: {:#?}", broken(&results));
+    results.into_iter().map(Result::unwrap).collect()
+}
+
 fn broken(results: &[Result<String, String>]) -> Vec<&String> {
     results.iter().filter_map(|r| r.as_ref().err()).collect()
 }
@@ -1382,16 +1390,15 @@ fn gue_second_chance_keeps_every_connection_through_ring_changes_on_a_stateless_
     let lab = &s.lab;
     let streams = streams_on(lab, &["--encap", "gue", "--stateless"], 52000, &[1, 2]);
     ring_changes(lab, &streams);
-    let results = streams.finish();
-    assert!(broken(&results).is_empty(), "broken connections: {:#?}", broken(&results));
-    let on = |b: &str| results.iter().filter(|r| r.as_deref() == Ok(b)).count();
+    let results = none_broke(streams);
+    let on = |b: &str| results.iter().filter(|r| *r == b).count();
     println!("40 connections: {} on be1 (removed), {} on be2; {} redirected", on("be1"), on("be2"), redirected(lab));
     assert!(on("be1") > 0 && on("be2") > 0, "connections on both first backends");
     assert!(redirected(lab) > 0, "the backends passed packets on to their alternates");
     assert_eq!(counter(lab, 1, "conn_hit") + counter(lab, 2, "conn_hit"), 0, "a stateless VIP never hits the table");
     // explain names the alternate of a connection left on the removed be1,
     // and the metrics count the packets that carried one.
-    let k = results.iter().position(|r| r.as_deref() == Ok("be1")).unwrap();
+    let k = results.iter().position(|r| r == "be1").unwrap();
     let client = sock(&client_v4(k % 4), 52000 + k as u16).to_string();
     let explained = ok(lab, 1, &["explain", &client, ECHO4]);
     assert!(explained.contains(&format!("alternate hop {}", backend_v4(1))), "{explained}");
@@ -1441,8 +1448,7 @@ fn a_syn_flood_at_a_stateless_vip_leaves_the_conn_table_and_established_connecti
     let flood = 40_960;
     in_ns(CLIENT_NS, move || syn_flood(flood)).unwrap();
     streams.more_rounds(5);
-    let results = streams.finish();
-    assert!(broken(&results).is_empty(), "{:#?}", broken(&results));
+    none_broke(streams);
     assert_eq!([entries(1), entries(2)], before, "the flood left no state");
     // Queues on the way may drop some of a burst this size; what counts is
     // that far more SYNs than the table holds reached the LB hosts.
@@ -1615,9 +1621,7 @@ fn a_graceful_stop_leaves_ecmp_before_detaching_and_breaks_no_connection() {
     println!("lb1 left ECMP {} ms after SIGTERM, then detached", left_ecmp.as_millis());
     assert!(!xdp_attached(1));
     streams.more_rounds(10);
-    let results = streams.finish();
-    assert_eq!(results.len(), 40);
-    assert!(broken(&results).is_empty(), "{:#?}", broken(&results));
+    assert_eq!(none_broke(streams).len(), 40);
 }
 
 #[test]
@@ -1670,8 +1674,7 @@ fn carries_flows_again_and_none_broke(lab: &Lab, i: usize, streams: Streams) {
     let before = counter(lab, i, "forwarded");
     streams.more_rounds(10);
     assert!(counter(lab, i, "forwarded") > before, "lb{i} carries flows again");
-    let results = streams.finish();
-    assert!(broken(&results).is_empty(), "{:#?}", broken(&results));
+    none_broke(streams);
 }
 
 #[test]
@@ -1708,8 +1711,7 @@ fn a_controller_restart_after_sigkill_or_with_keep_never_flaps_the_announcement(
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     let seen = watcher.join().unwrap();
     assert!(seen.is_empty(), "the router's next hops changed: {seen:?}");
-    let results = streams.finish();
-    assert!(broken(&results).is_empty(), "{:#?}", broken(&results));
+    none_broke(streams);
 }
 
 #[test]
@@ -1725,8 +1727,7 @@ fn the_offload_flavor_alone_forwards_real_traffic_and_the_second_chance_keeps_ev
     let before = redirected(lab);
     let streams = streams_on(lab, &["--encap", "gue", "--stateless"], 61000, &[1, 2]);
     ring_changes(lab, &streams);
-    let results = streams.finish();
-    assert!(broken(&results).is_empty(), "{:#?}", broken(&results));
+    none_broke(streams);
     assert!(redirected(lab) > before, "the second chance was at work");
     // Counted by the flavor's atomic adds, read by the controller.
     let list: serde_json::Value = serde_json::from_str(&ok(lab, 1, &["-o", "json", "vip", "list"])).unwrap();
