@@ -127,20 +127,22 @@ impl Dataplane {
     }
 
     /// The offload flavor's maps as loaded for a NIC by `nic.rs`, to be the
-    /// host's [mirror](Self::set_mirror); `ring_words` as given to it.
-    pub fn on_nic(maps: std::collections::BTreeMap<String, MapData>, ring_words: u32) -> Result<Self, DataplaneError> {
+    /// host's [mirror](Self::set_mirror).
+    pub fn on_nic(maps: std::collections::BTreeMap<String, MapData>) -> Result<Self, DataplaneError> {
         let mut typed = std::collections::BTreeMap::new();
         for (name, data) in maps {
             let map = Map::from_map_data(data).map_err(|source| DataplaneError::Map { name: "(NIC)", source })?;
             typed.insert(name, map);
         }
-        Ok(Self {
+        let mut nic = Self {
             loaded: Loaded::Nic(typed),
-            ring_capacity: ring_words * RING_SLOTS_PER_WORD,
+            ring_capacity: 0,
             conn_buckets: 0,
             program: program_names::OFFLOAD,
             mirror: None,
-        })
+        };
+        nic.ring_capacity = nic.array_len(map_names::RINGS)? * RING_SLOTS_PER_WORD;
+        Ok(nic)
     }
 
     /// The program aya loaded on the host (a NIC's is not reachable here:

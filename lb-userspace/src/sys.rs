@@ -8,13 +8,13 @@
 use std::os::fd::{AsFd, AsRawFd};
 
 /// bpf(2) with a command whose attributes are `attr` (the kernel may write
-/// results back into it).
-fn bpf_call<T>(cmd: libc::c_long, attr: &mut T) -> std::io::Result<()> {
+/// results back into it); returns what the call returns.
+fn bpf_call<T>(cmd: libc::c_long, attr: &mut T) -> std::io::Result<libc::c_long> {
     let ret = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *mut T, std::mem::size_of::<T>() as u32) };
     if ret < 0 {
         return Err(std::io::Error::last_os_error());
     }
-    Ok(())
+    Ok(ret)
 }
 
 const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
@@ -82,7 +82,7 @@ pub fn array_values<V: Copy + Default>(map: impl AsFd, len: u32) -> std::io::Res
         let result = bpf_call(BPF_MAP_LOOKUP_BATCH, &mut attr);
         done += attr.count as usize;
         match result {
-            Ok(()) => token_in = token_out,
+            Ok(_) => token_in = token_out,
             // ENOENT: the last batch (still counted above).
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => break,
             Err(e) => return Err(e),
@@ -136,13 +136,11 @@ struct ProgLoadAttr {
     expected_attach_type: u32,
 }
 
+/// bpf(2) with a command that returns a new file descriptor.
 fn bpf_fd<T>(cmd: libc::c_long, attr: &mut T) -> std::io::Result<std::os::fd::OwnedFd> {
     use std::os::fd::FromRawFd;
-    let ret = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *mut T, std::mem::size_of::<T>() as u32) };
-    if ret < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(ret as i32) })
+    let fd = bpf_call(cmd, attr)?;
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
 }
 
 fn name16(name: &str) -> [u8; 16] {
@@ -236,7 +234,7 @@ pub fn obj_pin(object: impl AsFd, path: &std::path::Path) -> std::io::Result<()>
     let path = c_path(path)?;
     let mut attr =
         ObjAttr { pathname: path.as_ptr() as u64, bpf_fd: object.as_fd().as_raw_fd() as u32, ..ObjAttr::default() };
-    bpf_call(BPF_OBJ_PIN, &mut attr)
+    bpf_call(BPF_OBJ_PIN, &mut attr).map(drop)
 }
 
 /// Opens a pinned BPF object.
@@ -287,7 +285,7 @@ pub fn link_update(link: impl AsFd, program: impl AsFd) -> std::io::Result<()> {
         new_prog_fd: program.as_fd().as_raw_fd() as u32,
         ..LinkUpdateAttr::default()
     };
-    bpf_call(BPF_LINK_UPDATE, &mut attr)
+    bpf_call(BPF_LINK_UPDATE, &mut attr).map(drop)
 }
 
 /// `union bpf_attr` for BPF_PROG_TEST_RUN, up to `duration`.

@@ -177,7 +177,7 @@ pub async fn run(opts: UpOptions) -> Result<()> {
     let host_mode = if opts.mode == ModeChoice::Offload { ModeChoice::Native } else { opts.mode };
     let mut xdp_mode = attach_pinned(dp.program(), &opts.iface, host_mode, &link_pin)?;
     if let Some(nic) = nic {
-        match start_nic(&mut dp, nic, &opts, ifindex, ring_capacity, &pin_dir) {
+        match start_nic(&mut dp, nic, &opts, ifindex, &pin_dir) {
             Ok(nic_mode) => xdp_mode = format!("{nic_mode} + {xdp_mode} (host)"),
             Err(e) => {
                 if !adopted {
@@ -283,7 +283,7 @@ fn load_nic(opts: &UpOptions, ifindex: u32, ring_capacity: u32, pin_dir: &Path) 
     let dir = pin_dir.join(NIC_DIR);
     std::fs::create_dir_all(&dir)?;
     let device = if opts.offload_without_nic { 0 } else { ifindex };
-    let program = nic::load_for_device(device, ring_words(ring_capacity), Some(&dir))
+    let program = nic::load_for_device(device, ring_capacity.div_ceil(lb_common::RING_SLOTS_PER_WORD), Some(&dir))
         .with_context(|| cannot_offload(&opts.iface))?;
     info!(interface = %opts.iface, "offload flavor loaded for the NIC");
     Ok(program)
@@ -296,10 +296,9 @@ fn start_nic(
     mut nic: NicProgram,
     opts: &UpOptions,
     ifindex: u32,
-    ring_capacity: u32,
     pin_dir: &Path,
 ) -> Result<&'static str> {
-    dp.set_mirror(Dataplane::on_nic(std::mem::take(&mut nic.maps), ring_words(ring_capacity))?)?;
+    dp.set_mirror(Dataplane::on_nic(std::mem::take(&mut nic.maps))?)?;
     if opts.offload_without_nic {
         let pin = pin_dir.join(NIC_DIR).join("program");
         let _ = std::fs::remove_file(&pin);
@@ -312,10 +311,6 @@ fn start_nic(
 
 fn cannot_offload(iface: &str) -> String {
     format!("{iface} cannot offload XDP; use --xdp-mode native")
-}
-
-fn ring_words(ring_capacity: u32) -> u32 {
-    ring_capacity.div_ceil(lb_common::RING_SLOTS_PER_WORD)
 }
 
 /// Atomically replaces the program behind a pinned XDP link with `program`.

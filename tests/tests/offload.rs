@@ -174,7 +174,7 @@ fn the_controller_writes_both_programs_maps_and_a_write_failing_half_way_leaves_
     let words = 3 * stride / lb_common::RING_SLOTS_PER_WORD;
     let mut nic = nic::load_for_device(0, words, None).unwrap();
     let maps = std::mem::take(&mut nic.maps);
-    h.dp.set_mirror(lb_userspace::Dataplane::on_nic(maps, words).unwrap()).unwrap();
+    h.dp.set_mirror(lb_userspace::Dataplane::on_nic(maps).unwrap()).unwrap();
     // A write after the copy reaches both.
     h.backend(&first, "198.51.100.2", 1);
     // Both programs forward the VIP's packets, the same way, to both backends.
