@@ -76,10 +76,13 @@ pub const fn ring_stride(size: u32) -> u32 {
     size.div_ceil(RING_SLOTS_PER_WORD) * RING_SLOTS_PER_WORD
 }
 
+/// Ring slots each VIP owns: the live ring, the [`HISTORY_RINGS`], and a
+/// free one where the next ring is written before it goes live (rings that
+/// are equal share one).
+pub const RINGS_PER_VIP: u32 = 2 + HISTORY_RINGS as u32;
 /// Default number of ring slots in the shared ring array: enough for 32
-/// VIPs at the default size, each with three rings (live, previous, and the
-/// next one being written). Userspace may raise it.
-pub const DEFAULT_RING_CAPACITY: u32 = 3 * 32 * ring_stride(DEFAULT_RING_SIZE);
+/// VIPs at the default size. Userspace may raise it.
+pub const DEFAULT_RING_CAPACITY: u32 = RINGS_PER_VIP * 32 * ring_stride(DEFAULT_RING_SIZE);
 /// Default conn-table entries. Userspace may change it at load.
 pub const DEFAULT_CONN_TABLE_SIZE: u32 = 262_144;
 /// Default MTU of the path to backends (outer packet, without Ethernet).
@@ -105,12 +108,29 @@ pub const GUE_HLEN: usize = 4;
 pub const DEFAULT_GUE_PORT: u16 = 6080;
 
 /// GUE private data of this project (counted by Hlen, flags zero, so a
-/// stock receiver skips it): one word `[GUE_ALTERNATE_KIND, family, 0, 0]`,
-/// then the alternate backend's address (4 or 16 bytes).
+/// stock receiver skips it): one word `[GUE_ALTERNATE_KIND, family, count,
+/// 0]`, then `count` alternate backends' addresses (4 or 16 bytes each), in
+/// the order a backend without a socket for the packet tries them. A
+/// backend that passes the packet on removes the first address and lowers
+/// `count` (the whole private data when it was the last), so a packet is
+/// passed on at most `count` times.
 pub const GUE_ALTERNATE_KIND: u8 = 1;
-/// Bytes of that private data for an IPv4 / IPv6 alternate.
-pub const GUE_ALTERNATE_V4_LEN: usize = 8;
-pub const GUE_ALTERNATE_V6_LEN: usize = 20;
+/// Declared rings of a VIP that packets read (the ring history): the
+/// current declared ring (every wanted backend, health ignored) and the
+/// previous ones. Their choices, where they differ from the live ring's,
+/// are a GUE packet's alternates.
+pub const HISTORY_RINGS: usize = 4;
+/// At most one alternate per history ring.
+pub const MAX_ALTERNATES: usize = HISTORY_RINGS;
+
+/// Bytes of GUE private data naming `count` alternates (0: none at all).
+pub const fn gue_alternates_len(v6: bool, count: usize) -> usize {
+    if count == 0 {
+        0
+    } else {
+        4 + count * if v6 { 16 } else { 4 }
+    }
+}
 
 /// Key of the VIP map: destination address, port and protocol of a packet.
 /// A VIP with port 0 catches every port of its address and protocol.
@@ -144,13 +164,11 @@ pub fn fragment_key(addr: [u32; 4], proto: u8, family: u8) -> VipKey {
 /// VIP flag: hash on the source address only (session affinity).
 pub const VIP_F_HASH_SRC_ONLY: u32 = 1;
 /// VIP flag: encapsulate in GUE (UDP) instead of IP-in-IP; non-SYN TCP
-/// packets carry the previous ring's backend as the alternate hop.
+/// packets carry the history rings' backends as alternate hops.
 pub const VIP_F_GUE: u32 = 2;
 /// VIP flag: packets never read or write the conn table; every one is
 /// balanced by the live ring (and, for GUE TCP, carries the alternate).
 pub const VIP_F_STATELESS: u32 = 4;
-/// VIP flag: `prev_ring_offset` names the previous ring.
-pub const VIP_F_HAS_PREV: u32 = 8;
 
 /// Value of the VIP map. Replaced whole by one map update, which the kernel
 /// makes atomic for hash maps: that is how a ring swap becomes visible.
@@ -164,9 +182,11 @@ pub struct VipMeta {
     pub ring_offset: u32,
     /// Number of slots (a prime); 0 means the VIP has no usable backend.
     pub ring_size: u32,
-    /// First slot of the previous ring (same size), when [`VIP_F_HAS_PREV`]:
-    /// where a GUE packet's alternate hop comes from.
-    pub prev_ring_offset: u32,
+    /// How many of `history` are set.
+    pub history_len: u32,
+    /// First slots of the history rings (same size), newest first: where a
+    /// GUE packet's alternate hops come from (see [`HISTORY_RINGS`]).
+    pub history: [u32; HISTORY_RINGS],
 }
 
 /// One backend, indexed by backend id in the backends array.
@@ -186,8 +206,8 @@ pub struct Backend {
     pub _pad: [u8; 2],
 }
 
-/// Backend flag: removed from its VIP but still named by the previous
-/// ring, so GUE packets may still name it as their alternate hop (its
+/// Backend flag: removed from its VIP but still named by a history
+/// ring, so GUE packets may still name it as an alternate hop (its
 /// connections get their second chance); conn-table entries for it are
 /// not followed, as for a removed backend.
 pub const BACKEND_F_RETIRED: u8 = 1;
@@ -352,7 +372,8 @@ pub mod stat {
     /// `TOO_BIG` packets answered with ICMP "fragmentation needed" /
     /// ICMPv6 "packet too big" (XDP_TX) instead of passed.
     pub const TOO_BIG_ANSWERED: usize = 13;
-    /// GUE packets sent with an alternate hop (the previous ring's backend).
+    /// GUE packets sent with at least one alternate hop (a history ring's
+    /// backend that differs from the live ring's).
     pub const GUE_ALTERNATE: usize = 14;
     pub const COUNT: usize = 15;
     pub const NAMES: [&str; COUNT] = [
@@ -423,7 +444,7 @@ pub mod decap_stat {
     /// GUE packets with an alternate that a local socket owned: passed up.
     pub const ALTERNATE_UNUSED: usize = 1;
     /// GUE packets with an alternate that no local socket owned: sent on to
-    /// the alternate (the second chance), its private data removed.
+    /// the first alternate (the second chance), which it drops from the list.
     pub const REDIRECTED: usize = 2;
     pub const COUNT: usize = 3;
     pub const NAMES: [&str; COUNT] = ["decapsulated", "alternate_unused", "redirected"];

@@ -4,13 +4,14 @@
 //! bound to the VIP. Everything else passes untouched. Needed because the
 //! kernel here has no ipip/ip6tnl/fou devices (see PLATFORM.md).
 //!
-//! The second chance: a GUE packet may name an alternate backend (the one
-//! the balancer's previous ring chose). If it is a TCP packet that is not a
+//! The second chance: a GUE packet may name alternate backends (what the
+//! balancer's history rings chose). If it is a TCP packet that is not a
 //! SYN and no local socket owns it (no established or request socket, and
 //! no listener that takes it as a valid SYN cookie), the connection lives
-//! on the alternate: the packet goes back out (XDP_TX, to the neighbour it
-//! came from) with the alternate as its outer destination and the private
-//! data removed, so it is passed on at most once.
+//! on an alternate: the packet goes back out (XDP_TX, to the neighbour it
+//! came from) with the first alternate as its outer destination and that
+//! alternate removed from the list, so it is passed on at most once per
+//! alternate.
 #![no_std]
 #![no_main]
 
@@ -30,8 +31,9 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
-    decap_stat, DecapAddr, DecapConfig, DecapStats, AF_INET, AF_INET6, ETH_HLEN, GUE_ALTERNATE_KIND, GUE_HLEN,
-    IPPROTO_IPIP, IPPROTO_IPV6, IPPROTO_TCP, IPPROTO_UDP, IPV4_HLEN, IPV6_HLEN, UDP_HLEN,
+    decap_stat, gue_alternates_len, DecapAddr, DecapConfig, DecapStats, AF_INET, AF_INET6, ETH_HLEN,
+    GUE_ALTERNATE_KIND, GUE_HLEN, IPPROTO_IPIP, IPPROTO_IPV6, IPPROTO_TCP, IPPROTO_UDP, IPV4_HLEN, IPV6_HLEN,
+    MAX_ALTERNATES, UDP_HLEN,
 };
 
 use headers::{ptr_at, EthHdr, Ipv4Hdr, Ipv6Hdr, UdpHdr, ETH_P_IP, ETH_P_IPV6};
@@ -82,8 +84,10 @@ struct Outer {
     /// EtherType of the inner packet.
     inner_proto: u16,
     v6: bool,
-    /// GUE private data bytes, when they name an alternate.
+    /// GUE private data bytes, when they name alternates.
     alternate_len: usize,
+    /// How many alternates they name.
+    alternates: u8,
 }
 
 #[inline(always)]
@@ -140,7 +144,7 @@ fn outer(ctx: &XdpContext, next_header: u8, key: &DecapAddr, v6: bool) -> Option
     if next_header != IPPROTO_UDP {
         let inner_proto = inner_ethertype(next_header)?;
         unsafe { DECAP_ADDRS.get(key) }?;
-        return Some(Outer { len: ip_len, inner_proto, v6, alternate_len: 0 });
+        return Some(Outer { len: ip_len, inner_proto, v6, alternate_len: 0, alternates: 0 });
     }
     let udp = unsafe { &*ptr_at::<UdpHdr>(ctx, ETH_HLEN + ip_len)? };
     let port = DECAP_CONFIG.get(0)?.gue_port;
@@ -156,13 +160,27 @@ fn outer(ctx: &XdpContext, next_header: u8, key: &DecapAddr, v6: bool) -> Option
     let inner_proto = inner_ethertype(gue[1])?;
     let private_len = (gue[0] & 0x1f) as usize * 4;
     let private = ETH_HLEN + ip_len + UDP_HLEN + GUE_HLEN;
-    // Ours names an alternate of the outer header's family.
-    let want = if v6 { [GUE_ALTERNATE_KIND, AF_INET6] } else { [GUE_ALTERNATE_KIND, AF_INET] };
-    let alternate_len = match ptr_at::<[u8; 2]>(ctx, private) {
-        Some(head) if private_len == 4 + if v6 { 16 } else { 4 } && unsafe { *head } == want => private_len,
-        _ => 0,
+    // Ours names 1 to MAX_ALTERNATES alternates of the outer header's family
+    // (a count of 0 with one address is what balancers before the ring
+    // history sent: one alternate).
+    let family = if v6 { AF_INET6 } else { AF_INET };
+    let (alternate_len, alternates) = match ptr_at::<[u8; 4]>(ctx, private) {
+        Some(head) => {
+            let head = unsafe { *head };
+            let count = if head[2] == 0 { 1 } else { head[2] };
+            let ours = head[0] == GUE_ALTERNATE_KIND
+                && head[1] == family
+                && count as usize <= MAX_ALTERNATES
+                && private_len == gue_alternates_len(v6, count as usize);
+            if ours {
+                (private_len, count)
+            } else {
+                (0, 0)
+            }
+        }
+        None => (0, 0),
     };
-    Some(Outer { len: ip_len + UDP_HLEN + GUE_HLEN + private_len, inner_proto, v6, alternate_len })
+    Some(Outer { len: ip_len + UDP_HLEN + GUE_HLEN + private_len, inner_proto, v6, alternate_len, alternates })
 }
 
 /// Whether the inner packet at `at` belongs here: anything but a TCP
@@ -220,19 +238,24 @@ fn owned_here(ctx: &XdpContext, at: usize, inner_proto: u16) -> Option<bool> {
     Some(owned)
 }
 
-/// Sends the packet on to its alternate: outer destination rewritten, hop
-/// limit lowered, private data removed (GUE Hlen 0), back to the neighbour
-/// it came from.
+/// Sends the packet on to its first alternate: outer destination
+/// rewritten, hop limit lowered, that address removed from the private
+/// data (the whole private data, GUE Hlen 0, when it was the last), back to
+/// the neighbour it came from.
 #[inline(always)]
 fn redirect(ctx: &XdpContext, outer: &Outer) -> Option<()> {
     let eth = unsafe { *ptr_at::<EthHdr>(ctx, 0)? };
     let ip_len = if outer.v6 { IPV6_HLEN } else { IPV4_HLEN };
-    let cut = outer.alternate_len;
+    let size = if outer.v6 { 16 } else { 4 };
+    let last = outer.alternates <= 1;
+    let cut = if last { outer.alternate_len } else { size };
     let private = ETH_HLEN + ip_len + UDP_HLEN + GUE_HLEN;
     let mut udp = unsafe { *ptr_at::<UdpHdr>(ctx, ETH_HLEN + ip_len)? };
     let mut gue = unsafe { *ptr_at::<[u8; GUE_HLEN]>(ctx, ETH_HLEN + ip_len + UDP_HLEN)? };
+    let mut head = unsafe { *ptr_at::<[u8; 4]>(ctx, private)? };
     udp.len = (u16::from_be(udp.len) - cut as u16).to_be();
-    gue[0] = 0;
+    gue[0] = ((outer.alternate_len - cut) / 4) as u8;
+    head[2] = outer.alternates.wrapping_sub(1);
     if outer.v6 {
         let mut ip = unsafe { *ptr_at::<Ipv6Hdr>(ctx, ETH_HLEN)? };
         ip.daddr = unsafe { *ptr_at::<[u32; 4]>(ctx, private + 4)? };
@@ -253,6 +276,10 @@ fn redirect(ctx: &XdpContext, outer: &Outer) -> Option<()> {
     unsafe {
         *ptr_at::<UdpHdr>(ctx, ETH_HLEN + ip_len)? = udp;
         *ptr_at::<[u8; GUE_HLEN]>(ctx, ETH_HLEN + ip_len + UDP_HLEN)? = gue;
+        // The rest of the list now starts where the first address did end.
+        if !last {
+            *ptr_at::<[u8; 4]>(ctx, private)? = head;
+        }
         *ptr_at::<EthHdr>(ctx, 0)? = EthHdr { dst: eth.src, src: eth.dst, proto: eth.proto };
     }
     Some(())

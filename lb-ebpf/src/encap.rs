@@ -6,19 +6,20 @@
 
 use aya_ebpf::{helpers::bpf_xdp_adjust_head, programs::XdpContext};
 use lb_common::{
-    Backend, Config, AF_INET, AF_INET6, ETH_HLEN, GUE_ALTERNATE_KIND, GUE_ALTERNATE_V4_LEN, GUE_ALTERNATE_V6_LEN,
-    GUE_HLEN, IPPROTO_IPIP, IPPROTO_IPV6, IPPROTO_UDP, IPV4_HLEN, IPV6_HLEN, UDP_HLEN,
+    gue_alternates_len, Backend, Config, AF_INET, AF_INET6, ETH_HLEN, GUE_ALTERNATE_KIND, GUE_HLEN, IPPROTO_IPIP,
+    IPPROTO_IPV6, IPPROTO_UDP, IPV4_HLEN, IPV6_HLEN, UDP_HLEN,
 };
 
+use crate::select::Alternates;
 use crate::headers::{ipv4_checksum, ptr_at, EthHdr, Ipv4Hdr, Ipv6Hdr, UdpHdr, ETH_P_IP, ETH_P_IPV6};
 
 /// How a packet is carried to its backend.
 #[derive(Clone, Copy)]
 pub enum Tunnel {
     Ipip,
-    /// GUE, naming another backend (same family as the destination) that a
-    /// backend without a socket for the packet passes it to.
-    Gue { alternate: Option<[u32; 4]> },
+    /// GUE, naming other backends (same family as the destination) that a
+    /// backend without a socket for the packet passes it to, in turn.
+    Gue { alternates: Alternates },
 }
 
 /// Outer hop limit / TTL.
@@ -34,10 +35,7 @@ pub fn overhead(backend: &Backend, tunnel: Tunnel) -> u32 {
     let ip = if v6 { IPV6_HLEN } else { IPV4_HLEN };
     let gue = match tunnel {
         Tunnel::Ipip => 0,
-        Tunnel::Gue { alternate: None } => UDP_HLEN + GUE_HLEN,
-        Tunnel::Gue { alternate: Some(_) } => {
-            UDP_HLEN + GUE_HLEN + if v6 { GUE_ALTERNATE_V6_LEN } else { GUE_ALTERNATE_V4_LEN }
-        }
+        Tunnel::Gue { alternates } => UDP_HLEN + GUE_HLEN + gue_alternates_len(v6, alternates.len),
     };
     (ip + gue) as u32
 }
@@ -116,13 +114,13 @@ pub fn encapsulate(
         hdr.check = ipv4_checksum(&hdr);
         unsafe { *ip = hdr };
     }
-    if let Tunnel::Gue { alternate } = tunnel {
-        write_gue(ctx, cfg, backend, inner, inner_proto, ip_payload, alternate)?;
+    if let Tunnel::Gue { alternates } = tunnel {
+        write_gue(ctx, cfg, backend, inner, inner_proto, ip_payload, &alternates)?;
     }
     Ok(())
 }
 
-/// The UDP and GUE headers and the alternate, after the outer IP header.
+/// The UDP and GUE headers and the alternates, after the outer IP header.
 /// UDP checksum 0: optional over IPv4 (RFC 768), and allowed over IPv6 for
 /// tunnels whose payload carries its own checksums (RFC 6935, 6936); see
 /// the README for the reasons.
@@ -134,7 +132,7 @@ fn write_gue(
     inner: &Inner,
     inner_proto: u8,
     udp_len: u32,
-    alternate: Option<[u32; 4]>,
+    alternates: &Alternates,
 ) -> Result<(), ()> {
     let v6 = backend.family == AF_INET6;
     let at = ETH_HLEN + if v6 { IPV6_HLEN } else { IPV4_HLEN };
@@ -146,23 +144,35 @@ fn write_gue(
         *udp = UdpHdr { src: src_port.to_be(), dst: cfg.gue_port, len: (udp_len as u16).to_be(), check: 0 };
     }
     // Ver 0, C 0, Hlen in words of private data; Proto; Flags 0.
-    let private_words = match alternate {
-        None => 0,
-        Some(_) if v6 => GUE_ALTERNATE_V6_LEN / 4,
-        Some(_) => GUE_ALTERNATE_V4_LEN / 4,
-    };
+    let private_words = gue_alternates_len(v6, alternates.len) / 4;
     let gue = ptr_at::<[u8; GUE_HLEN]>(ctx, at + UDP_HLEN).ok_or(())?;
     unsafe { *gue = [private_words as u8, inner_proto, 0, 0] };
-    let Some(alt) = alternate else { return Ok(()) };
+    if alternates.len == 0 {
+        return Ok(());
+    }
     let private = at + UDP_HLEN + GUE_HLEN;
+    let family = if v6 { AF_INET6 } else { AF_INET };
+    let head = ptr_at::<[u8; 4]>(ctx, private).ok_or(())?;
+    unsafe { *head = [GUE_ALTERNATE_KIND, family, alternates.len as u8, 0] };
+    // Unrolled: the verifier checks each write at a constant offset.
+    let size = if v6 { 16 } else { 4 };
+    for i in 0..lb_common::MAX_ALTERNATES {
+        if i >= alternates.len {
+            break;
+        }
+        write_addr(ctx, private + 4 + i * size, &alternates.addrs[i], v6)?;
+    }
+    Ok(())
+}
+
+#[inline(always)]
+fn write_addr(ctx: &XdpContext, at: usize, addr: &[u32; 4], v6: bool) -> Result<(), ()> {
     if v6 {
-        let p = ptr_at::<[u32; 5]>(ctx, private).ok_or(())?;
-        let head = u32::from_ne_bytes([GUE_ALTERNATE_KIND, AF_INET6, 0, 0]);
-        unsafe { *p = [head, alt[0], alt[1], alt[2], alt[3]] };
+        let p = ptr_at::<[u32; 4]>(ctx, at).ok_or(())?;
+        unsafe { *p = *addr };
     } else {
-        let p = ptr_at::<[u32; 2]>(ctx, private).ok_or(())?;
-        let head = u32::from_ne_bytes([GUE_ALTERNATE_KIND, AF_INET, 0, 0]);
-        unsafe { *p = [head, alt[0]] };
+        let p = ptr_at::<u32>(ctx, at).ok_or(())?;
+        unsafe { *p = addr[0] };
     }
     Ok(())
 }

@@ -15,9 +15,9 @@
 //! 4. otherwise look up the VIP by (address, port, protocol), then port 0
 //!    (in arrays the kernel inlines; the hash map only for a VIP whose
 //!    array slot another VIP owns), and let its Maglev ring pick; for a GUE
-//!    VIP, a TCP packet that is not a SYN also names the previous ring's
-//!    backend as the alternate hop (and is not remembered: its connection
-//!    may live on that one); other new flows are remembered, unless the VIP
+//!    VIP, a TCP packet that is not a SYN also names the history rings'
+//!    backends as alternate hops (and is not remembered: its connection
+//!    may live on one of those); other new flows are remembered, unless the VIP
 //!    is stateless;
 //! 5. check the MTU, encapsulate (IP-in-IP or GUE) towards the backend,
 //!    XDP_TX.
@@ -136,7 +136,7 @@ fn balance(ctx: &XdpContext, cfg: &Config, stats: &mut [u64; stat::COUNT]) -> (u
         Some((id, backend, conn)) => {
             stats[stat::CONN_HIT] += 1;
             // The remembered backend owns the flow: no alternate needed.
-            let tunnel = if conn.flags & CONN_F_GUE != 0 { Tunnel::Gue { alternate: None } } else { Tunnel::Ipip };
+            let tunnel = if conn.flags & CONN_F_GUE != 0 { Tunnel::Gue { alternates: select::Alternates::NONE } } else { Tunnel::Ipip };
             (id, backend, conn, tunnel)
         }
         None => {
@@ -157,18 +157,18 @@ fn balance(ctx: &XdpContext, cfg: &Config, stats: &mut [u64; stat::COUNT]) -> (u
             let new_flow = !(fragment || icmp_error);
             count_vip(vip.vip_id, &pkt, new_flow as u64);
             // A TCP packet of a GUE VIP that is not a SYN may belong to a
-            // connection made under the previous ring: name its backend.
+            // connection made under an earlier ring: name the history's backends.
             let midstream = pkt.flow.proto == IPPROTO_TCP && !pkt.syn && new_flow;
             let tunnel = if vip.flags & VIP_F_GUE == 0 {
                 Tunnel::Ipip
             } else if midstream {
-                let alternate = select::previous_owner(&vip, &backend, id, slot);
-                if alternate.is_some() {
+                let alternates = select::alternates(&vip, &backend, id, slot);
+                if alternates.len > 0 {
                     stats[stat::GUE_ALTERNATE] += 1;
                 }
-                Tunnel::Gue { alternate }
+                Tunnel::Gue { alternates }
             } else {
-                Tunnel::Gue { alternate: None }
+                Tunnel::Gue { alternates: select::Alternates::NONE }
             };
             // Remember new flows, but not a GUE connection met midstream
             // (its owner may be the alternate), nor any of a stateless VIP.

@@ -69,9 +69,9 @@ fn forward(ctx: &XdpContext) -> Option<u32> {
     let tunnel = if vip.flags & VIP_F_GUE == 0 {
         Tunnel::Ipip
     } else if f.proto == IPPROTO_TCP && !pkt.syn {
-        Tunnel::Gue { alternate: select::previous_owner(&vip, &picked.backend, picked.backend_id, picked.slot) }
+        Tunnel::Gue { alternates: select::alternates(&vip, &picked.backend, picked.backend_id, picked.slot) }
     } else {
-        Tunnel::Gue { alternate: None }
+        Tunnel::Gue { alternates: select::Alternates::NONE }
     };
     // Too big: the host answers with the ICMP error.
     if pkt.ip_len + overhead(&picked.backend, tunnel) > cfg.mtu {

@@ -356,7 +356,8 @@ impl Stats for Api {
             via: via.into(),
             hash: e.hash,
             slot,
-            alternate: e.alternate.map(|a| a.to_string()).unwrap_or_default(),
+            alternate: e.alternates.first().map(|a| a.to_string()).unwrap_or_default(),
+            alternates: e.alternates.iter().map(|a| a.to_string()).collect(),
         }))
     }
 }

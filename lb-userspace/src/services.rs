@@ -15,7 +15,8 @@ use std::{
 
 use lb_common::{
     flow_hash, source_hash, Backend, Config, FlowKey, VipKey, VipMeta, CONFIG_F_PORT0_V4, CONFIG_F_PORT0_V6,
-    FILTER_STATELESS, FILTER_VIP, IPPROTO_TCP, IPPROTO_UDP, MAX_BACKENDS, MAX_VIPS, VIP_F_HASH_SRC_ONLY,
+    FILTER_STATELESS, FILTER_VIP, HISTORY_RINGS, RINGS_PER_VIP, IPPROTO_TCP, IPPROTO_UDP, MAX_BACKENDS, MAX_VIPS,
+    VIP_F_HASH_SRC_ONLY,
 };
 
 use serde::{Deserialize, Serialize};
@@ -218,6 +219,8 @@ pub enum ServiceError {
     FamilyMismatch { vip: VipAddr, backend: IpAddr },
     #[error("prefix length {0} is too long for its address family")]
     BadPrefix(u8),
+    #[error("ring history of VIP {0}: {1}")]
+    History(VipAddr, String),
     #[error(transparent)]
     Dataplane(#[from] DataplaneError),
 }
@@ -240,16 +243,26 @@ impl BackendState {
     }
 }
 
-/// A ring must have been live this long to become the previous ring, the
-/// one GUE packets take their alternate hop from. Rings that lived less
-/// (a flapping health check, a re-weight right after an add) are skipped,
-/// so the alternate stays the ring that most connections were made under.
-pub const PREVIOUS_RING_MIN_LIVE: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// Each VIP owns three ring slots of its ring size: the live ring, the
-/// previous ring, and a free one where the next ring is written before one
-/// VIP-map update makes it live.
-const RING_SLOTS: u32 = 3;
+/// One declared generation of a VIP: the backends the operator wanted
+/// (weight above 0, not drained) with their weights, after a change set
+/// (one API call, one `apply`, one config reload). Health is not part of
+/// it, so every LB host given the same declared changes has the same
+/// generations, whatever its checks saw and whenever it started.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Generation {
+    /// Address -> weight.
+    pub members: BTreeMap<IpAddr, u32>,
+    /// [`ring_fingerprint`] of its ring.
+    pub fingerprint: u64,
+    /// Unix seconds when it became the declared state on this host.
+    pub since: u64,
+    /// Which slot of the VIP's extent holds its ring.
+    slot: u32,
+    /// Its ring by backend id (not saved: rebuilt from `members`).
+    #[serde(skip)]
+    ring: Vec<u32>,
+}
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct VipState {
@@ -258,18 +271,11 @@ pub struct VipState {
     extent: Extent,
     /// Which slot of the extent holds the live ring.
     live_slot: u32,
-    /// Which slot holds the previous ring, if any (the ring map is pinned,
-    /// so after a restart it still holds it).
+    /// The declared generations, newest first, at most [`HISTORY_RINGS`]:
+    /// where GUE packets take their alternate hops from.
     #[serde(default)]
-    prev_slot: Option<u32>,
-    /// When the live ring went live (not saved: a restart counts it as old).
-    #[serde(skip)]
-    live_since: Option<std::time::Instant>,
-    /// The previous ring's backend ids, when known (not saved: after a
-    /// restart they are unknown until the previous ring changes).
-    #[serde(skip)]
-    prev_ring: Option<Vec<u32>>,
-    /// Removed backends the previous ring may still name: kept in the
+    history: Vec<Generation>,
+    /// Removed backends a history ring may still name: kept in the
     /// backends map, marked retired, until no ring does.
     #[serde(default)]
     retired: BTreeMap<u32, IpAddr>,
@@ -286,7 +292,11 @@ pub struct VipState {
 }
 
 impl VipState {
-    fn meta(&self, live: u32, prev: Option<u32>, ring_size: u32) -> VipMeta {
+    fn slot_offset(&self, slot: u32) -> u32 {
+        self.extent.offset + slot * lb_common::ring_stride(self.spec.ring_size)
+    }
+
+    fn meta(&self, live: u32, history: &[Generation], ring_size: u32) -> VipMeta {
         let mut flags = match self.spec.hash {
             HashMode::FiveTuple => 0,
             HashMode::SourceIp => VIP_F_HASH_SRC_ONLY,
@@ -297,22 +307,27 @@ impl VipState {
         if self.spec.stateless {
             flags |= lb_common::VIP_F_STATELESS;
         }
-        if prev.is_some() {
-            flags |= lb_common::VIP_F_HAS_PREV;
+        let mut offsets = [0; HISTORY_RINGS];
+        for (offset, generation) in offsets.iter_mut().zip(history) {
+            *offset = self.slot_offset(generation.slot);
         }
-        let offset = |slot: u32| self.extent.offset + slot * lb_common::ring_stride(self.spec.ring_size);
         VipMeta {
             vip_id: self.id,
             flags,
-            ring_offset: offset(live),
+            ring_offset: self.slot_offset(live),
             ring_size,
-            prev_ring_offset: prev.map(offset).unwrap_or(0),
+            history_len: history.len().min(HISTORY_RINGS) as u32,
+            history: offsets,
         }
     }
 
-    /// The previous ring's slot offset, if there is one (for `explain`).
-    pub fn previous_ring_offset(&self) -> Option<u32> {
-        self.prev_slot.map(|slot| self.extent.offset + slot * lb_common::ring_stride(self.spec.ring_size))
+    /// The history rings' slot offsets, newest first (for `explain`).
+    pub fn history_offsets(&self) -> Vec<u32> {
+        self.history.iter().map(|g| self.slot_offset(g.slot)).collect()
+    }
+
+    pub fn history(&self) -> &[Generation] {
+        &self.history
     }
 
     pub fn ring(&self) -> &[u32] {
@@ -321,12 +336,52 @@ impl VipState {
 
     /// The VIP-map value packets see now.
     fn live_meta(&self) -> VipMeta {
-        self.meta(self.live_slot, self.prev_slot, if self.ring.is_empty() { 0 } else { self.spec.ring_size })
+        self.meta(self.live_slot, &self.history, if self.ring.is_empty() { 0 } else { self.spec.ring_size })
     }
 
     /// Whether a backend is in the ring now.
     pub fn in_ring(&self, backend: &BackendState) -> bool {
         backend.wanted() && (backend.healthy || self.fail_open)
+    }
+
+    /// A slot no ring that packets may read uses: neither the live ring
+    /// nor any history ring (nor `also`).
+    fn free_slot(&self, also: Option<u32>) -> u32 {
+        (0..RINGS_PER_VIP)
+            .find(|s| *s != self.live_slot && Some(*s) != also && self.history.iter().all(|g| g.slot != *s))
+            .expect("a VIP has a slot more than its live and history rings")
+    }
+
+    /// The backend id of an address: a member, else a retired backend.
+    fn id_of(&self, addr: &IpAddr) -> Option<u32> {
+        self.backends.get(addr).map(|b| b.id).or_else(|| self.retired.iter().find(|(_, a)| *a == addr).map(|(id, _)| *id))
+    }
+
+    /// A ring of `members` by backend id (every member must have an id).
+    fn ring_of(&self, members: &BTreeMap<IpAddr, u32>) -> (Vec<u32>, u64) {
+        let (ring, fingerprint) = ring_by_address(members, self.spec.ring_size);
+        let ids: Vec<u32> = members.keys().map(|a| self.id_of(a).expect("every member has an id")).collect();
+        (ring.iter().map(|&i| ids[i as usize]).collect(), fingerprint)
+    }
+}
+
+/// The declared members of a backend set: the wanted ones, by weight.
+fn declared_members(backends: &BTreeMap<IpAddr, BackendState>) -> BTreeMap<IpAddr, u32> {
+    backends.iter().filter(|(_, b)| b.wanted()).map(|(a, b)| (*a, b.weight)).collect()
+}
+
+/// Maglev over `members` (address -> weight): slots as indexes into
+/// `members` in address order, and the ring's fingerprint.
+fn ring_by_address(members: &BTreeMap<IpAddr, u32>, ring_size: u32) -> (Vec<u32>, u64) {
+    let ring_members: Vec<RingMember> =
+        members.iter().map(|(a, w)| RingMember { identity: identity(*a), weight: *w }).collect();
+    match maglev::build(&ring_members, ring_size) {
+        Some(slots) => {
+            let identities: Vec<&[u8]> = slots.iter().map(|&i| ring_members[i as usize].identity.as_slice()).collect();
+            let fingerprint = ring_fingerprint(&identities);
+            (slots, fingerprint)
+        }
+        None => (Vec::new(), 0),
     }
 }
 
@@ -335,19 +390,12 @@ impl VipState {
 /// backend ids (empty if none is wanted) and whether it failed open.
 fn plan_ring(backends: &BTreeMap<IpAddr, BackendState>, ring_size: u32) -> (Vec<u32>, bool, u64) {
     let wanted: Vec<(&IpAddr, &BackendState)> = backends.iter().filter(|(_, b)| b.wanted()).collect();
-    let healthy: Vec<(&IpAddr, &BackendState)> = wanted.iter().copied().filter(|(_, b)| b.healthy).collect();
-    let fail_open = healthy.is_empty() && !wanted.is_empty();
-    let members = if fail_open { wanted } else { healthy };
-    let ring_members: Vec<RingMember> =
-        members.iter().map(|(a, b)| RingMember { identity: identity(**a), weight: b.weight }).collect();
-    match maglev::build(&ring_members, ring_size) {
-        Some(slots) => {
-            let identities: Vec<&[u8]> = slots.iter().map(|&i| ring_members[i as usize].identity.as_slice()).collect();
-            let ring = slots.iter().map(|&i| members[i as usize].1.id).collect();
-            (ring, fail_open, ring_fingerprint(&identities))
-        }
-        None => (Vec::new(), fail_open, 0),
-    }
+    let fail_open = wanted.iter().all(|(_, b)| !b.healthy) && !wanted.is_empty();
+    let members: BTreeMap<IpAddr, u32> =
+        wanted.iter().filter(|(_, b)| b.healthy || fail_open).map(|(a, b)| (**a, b.weight)).collect();
+    let (slots, fingerprint) = ring_by_address(&members, ring_size);
+    let ids: Vec<u32> = members.keys().map(|a| backends[a].id).collect();
+    (slots.iter().map(|&i| ids[i as usize]).collect(), fail_open, fingerprint)
 }
 
 /// A hash of a live ring by the addresses in its slots (not the backend
@@ -363,16 +411,16 @@ fn ring_fingerprint(slots: &[&[u8]]) -> u64 {
 }
 
 /// Where a flow goes, and why.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Explanation {
     pub vip: VipAddr,
     pub backend: IpAddr,
     pub backend_id: u32,
     pub hash: u32,
     pub via: Via,
-    /// GUE VIPs: the previous ring's backend for this flow when it differs,
-    /// carried by TCP packets that are not SYNs (the second chance).
-    pub alternate: Option<IpAddr>,
+    /// GUE VIPs: the history rings' backends for this flow where they
+    /// differ, carried by TCP packets that are not SYNs (the second chance).
+    pub alternates: Vec<IpAddr>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -449,6 +497,10 @@ impl Services {
                 state.ring = ring;
                 state.fingerprint = fingerprint;
                 state.fail_open = fail_open;
+                for i in 0..state.history.len() {
+                    let ring = state.ring_of(&state.history[i].members).0;
+                    state.history[i].ring = ring;
+                }
                 (state.spec.vip, state)
             })
             .collect();
@@ -491,7 +543,7 @@ impl Services {
         }
         check_ring_size(spec.ring_size)?;
         let vip_id = *self.free_vip_ids.front().ok_or(ServiceError::TooManyVips)?;
-        let needed = RING_SLOTS * lb_common::ring_stride(spec.ring_size);
+        let needed = RINGS_PER_VIP * lb_common::ring_stride(spec.ring_size);
         let extent = self
             .ring_space
             .alloc(needed)
@@ -501,10 +553,8 @@ impl Services {
             id: vip_id,
             extent,
             live_slot: 0,
-            prev_slot: None,
-            live_since: None,
+            history: Vec::new(),
             fingerprint: 0,
-            prev_ring: Some(Vec::new()),
             retired: BTreeMap::new(),
             ring: Vec::new(),
             fail_open: false,
@@ -513,7 +563,7 @@ impl Services {
         // The VIP entry first, then the filter slot that lets packets reach it.
         let written = dp
             .reset_vip_stats(vip_id)
-            .and_then(|()| dp.set_vip(&spec.vip.key(), &state.meta(0, None, 0)))
+            .and_then(|()| dp.set_vip(&spec.vip.key(), &state.meta(0, &[], 0)))
             .and_then(|()| dp.set_vip(&address_mark(&spec.vip), &ADDRESS_MARK))
             .and_then(|()| {
                 let slot = filter_slot(&spec.vip);
@@ -560,19 +610,40 @@ impl Services {
         if vip.addr.is_ipv6() && spec.addr.is_ipv4() {
             return Err(ServiceError::FamilyMismatch { vip: *vip, backend: spec.addr });
         }
-        let id = *self.free_backend_ids.front().ok_or(ServiceError::TooManyBackends)?;
+        // A retired backend (removed, still named by a history ring) comes
+        // back under its id: one id per address, so alternates never name
+        // the chosen backend again under another id.
+        let retired = state.retired.iter().find(|(_, a)| **a == spec.addr).map(|(id, _)| *id);
+        let id = match retired {
+            Some(id) => id,
+            None => *self.free_backend_ids.front().ok_or(ServiceError::TooManyBackends)?,
+        };
         let cookie = self.next_cookie;
         let (words, family) = addr::words(spec.addr);
-        dp.reset_backend_stats(id)?;
+        if retired.is_none() {
+            dp.reset_backend_stats(id)?;
+        }
         dp.set_backend(id, &Backend { addr: words, cookie, family, flags: 0, _pad: [0; 2] })?;
         let mut backends = state.backends.clone();
         backends.insert(spec.addr, BackendState { id, cookie, weight: spec.weight, drained: false, healthy: true });
+        if let Some(id) = retired {
+            self.vips.get_mut(vip).expect("looked up above").retired.remove(&id);
+        }
         if let Err(e) = self.swap_ring(dp, vip, backends, "backend added") {
-            // The entry is not in any ring: clearing it undoes the add.
-            let _ = dp.set_backend(id, &Backend::default());
+            // The entry is in no live ring: putting back what it was undoes the add.
+            let undo = match retired {
+                Some(id) => {
+                    self.vips.get_mut(vip).expect("looked up above").retired.insert(id, spec.addr);
+                    Backend { addr: words, cookie, family, flags: lb_common::BACKEND_F_RETIRED, _pad: [0; 2] }
+                }
+                None => Backend::default(),
+            };
+            let _ = dp.set_backend(id, &undo);
             return Err(e);
         }
-        self.free_backend_ids.pop_front();
+        if retired.is_none() {
+            self.free_backend_ids.pop_front();
+        }
         self.next_cookie = self.next_cookie.checked_add(1).unwrap_or(1);
         Ok(())
     }
@@ -594,9 +665,8 @@ impl Services {
     /// Releases the retired backends of `vip` that no ring names any more.
     fn release_retired(&mut self, dp: &mut Dataplane, vip: &VipAddr) -> Result<(), ServiceError> {
         let state = self.vips.get_mut(vip).ok_or(ServiceError::NoSuchVip(*vip))?;
-        let Some(prev_ring) = &state.prev_ring else { return Ok(()) };
-        let unnamed: Vec<u32> =
-            state.retired.keys().copied().filter(|id| !state.ring.contains(id) && !prev_ring.contains(id)).collect();
+        let named = |id: &u32| state.ring.contains(id) || state.history.iter().any(|g| g.ring.contains(id));
+        let unnamed: Vec<u32> = state.retired.keys().copied().filter(|id| !named(id)).collect();
         for id in unnamed {
             self.vips.get_mut(vip).expect("looked up above").retired.remove(&id);
             self.release_backend(dp, id)?;
@@ -649,8 +719,9 @@ impl Services {
         self.swap_ring(dp, vip, backends, cause)
     }
 
-    /// Builds the ring for `backends`, writes it to the free ring slot and
-    /// makes it live with one VIP-map update; then the model takes `backends`.
+    /// Builds the ring for `backends`, writes it to a free ring slot (or
+    /// names the history ring that equals it) and makes it live with one
+    /// VIP-map update; then the model takes `backends`.
     fn swap_ring(
         &mut self,
         dp: &mut Dataplane,
@@ -666,33 +737,18 @@ impl Services {
             state.fail_open = fail_open;
             return Ok(());
         }
-        // The outgoing ring becomes the previous one if it served long
-        // enough (or there is none); the new ring goes in a slot that is
-        // neither, so packets never read a ring being written.
-        let (live, prev) = if ring.is_empty() {
-            (state.live_slot, state.prev_slot)
+        let live = if ring.is_empty() {
+            state.live_slot
+        } else if let Some(same) = state.history.iter().find(|g| g.ring == ring) {
+            same.slot
         } else {
-            let settled = state.live_since.is_none_or(|t| t.elapsed() >= PREVIOUS_RING_MIN_LIVE);
-            let prev = if !state.ring.is_empty() && (settled || state.prev_slot.is_none()) {
-                Some(state.live_slot)
-            } else {
-                state.prev_slot
-            };
-            let free = (0..RING_SLOTS).find(|s| *s != state.live_slot && Some(*s) != state.prev_slot);
-            let live = free.expect("three slots: one is neither live nor previous");
-            dp.write_ring(state.extent.offset + live * lb_common::ring_stride(state.spec.ring_size), &ring)?;
-            (live, prev)
+            let free = state.free_slot(None);
+            dp.write_ring(state.slot_offset(free), &ring)?;
+            free
         };
         let ring_size = if ring.is_empty() { 0 } else { state.spec.ring_size };
-        dp.set_vip(&vip.key(), &state.meta(live, prev, ring_size))?;
-        if !ring.is_empty() {
-            if prev != state.prev_slot {
-                state.prev_ring = Some(std::mem::take(&mut state.ring));
-            }
-            state.live_slot = live;
-            state.prev_slot = prev;
-            state.live_since = Some(std::time::Instant::now());
-        }
+        dp.set_vip(&vip.key(), &state.meta(live, &state.history, ring_size))?;
+        state.live_slot = live;
         let in_ring = backends.values().filter(|b| b.wanted() && (b.healthy || fail_open)).count();
         state.ring = ring;
         state.fingerprint = fingerprint;
@@ -702,6 +758,119 @@ impl Services {
         self.ring_swaps += 1;
         self.ring_swap_seconds += took;
         tracing::info!(%vip, cause, in_ring, fail_open, took_ms = took * 1000.0, "ring swapped");
+        self.sync_fragment_entry(dp, vip)?;
+        self.release_retired(dp, vip)
+    }
+
+    /// Ends a change set: every VIP whose declared members differ from its
+    /// newest generation gets a new one (the oldest beyond
+    /// [`HISTORY_RINGS`] goes). Health changes never make one.
+    pub fn commit_history(&mut self, dp: &mut Dataplane) -> Result<(), ServiceError> {
+        let changed: Vec<(VipAddr, BTreeMap<IpAddr, u32>)> = self
+            .vips
+            .values()
+            .map(|v| (v.spec.vip, declared_members(&v.backends)))
+            .filter(|(vip, members)| {
+                let newest = self.vips[vip].history.first().map(|g| &g.members);
+                !members.is_empty() && newest != Some(members)
+            })
+            .collect();
+        for (vip, members) in changed {
+            self.push_generation(dp, &vip, members, unix_now())?;
+        }
+        Ok(())
+    }
+
+    /// Makes `members` the newest generation of `vip`: its ring goes to a
+    /// free slot (or shares the slot of an equal live or history ring),
+    /// then one VIP-map update names it. Every member must have an id.
+    fn push_generation(
+        &mut self,
+        dp: &mut Dataplane,
+        vip: &VipAddr,
+        members: BTreeMap<IpAddr, u32>,
+        since: u64,
+    ) -> Result<(), ServiceError> {
+        let state = self.vips.get_mut(vip).ok_or(ServiceError::NoSuchVip(*vip))?;
+        let (ring, fingerprint) = state.ring_of(&members);
+        let slot = if ring == state.ring {
+            state.live_slot
+        } else if let Some(same) = state.history.iter().find(|g| g.ring == ring) {
+            same.slot
+        } else {
+            let free = state.free_slot(None);
+            dp.write_ring(state.slot_offset(free), &ring)?;
+            free
+        };
+        let mut history = vec![Generation { members, fingerprint, since, slot, ring }];
+        history.extend(state.history.iter().take(HISTORY_RINGS - 1).cloned());
+        let ring_size = if state.ring.is_empty() { 0 } else { state.spec.ring_size };
+        dp.set_vip(&vip.key(), &state.meta(state.live_slot, &history, ring_size))?;
+        tracing::info!(%vip, fingerprint = %format!("{fingerprint:016x}"), backends = history[0].members.len(), "declared ring recorded in the history");
+        state.history = history;
+        self.sync_fragment_entry(dp, vip)?;
+        self.release_retired(dp, vip)
+    }
+
+    /// Replaces the ring history of `vip` with `generations` (newest
+    /// first), as exported by another LB host or saved before a restart.
+    /// Addresses that are no longer backends come back as retired ones.
+    /// The newest must be the VIP's declared members now, so a host never
+    /// claims a history its own desired state contradicts.
+    pub fn import_history(
+        &mut self,
+        dp: &mut Dataplane,
+        vip: &VipAddr,
+        generations: &[(BTreeMap<IpAddr, u32>, u64)],
+    ) -> Result<(), ServiceError> {
+        let state = self.vip(vip)?;
+        if generations.len() > HISTORY_RINGS {
+            return Err(ServiceError::History(*vip, format!("{} generations, at most {HISTORY_RINGS}", generations.len())));
+        }
+        if let Some((newest, _)) = generations.first() {
+            if *newest != declared_members(&state.backends) {
+                return Err(ServiceError::History(
+                    *vip,
+                    "its newest generation is not this host's declared backends and weights: apply the same \
+                     desired state first"
+                        .into(),
+                ));
+            }
+        }
+        for (members, _) in generations {
+            if members.is_empty() {
+                return Err(ServiceError::History(*vip, "a generation without backends".into()));
+            }
+            for (addr, weight) in members {
+                check_weight(*weight)?;
+                if vip.addr.is_ipv6() && addr.is_ipv4() {
+                    return Err(ServiceError::FamilyMismatch { vip: *vip, backend: *addr });
+                }
+            }
+        }
+        let missing: std::collections::BTreeSet<IpAddr> =
+            generations.iter().flat_map(|(m, _)| m.keys()).filter(|a| state.id_of(a).is_none()).copied().collect();
+        if missing.len() > self.free_backend_ids.len() {
+            return Err(ServiceError::TooManyBackends);
+        }
+        // Entries before any ring names them: retired, as removed backends.
+        for addr in missing {
+            let id = self.free_backend_ids.pop_front().expect("counted above");
+            let (words, family) = addr::words(addr);
+            let cookie = self.next_cookie;
+            self.next_cookie = self.next_cookie.checked_add(1).unwrap_or(1);
+            dp.reset_backend_stats(id)?;
+            dp.set_backend(id, &Backend { addr: words, cookie, family, flags: lb_common::BACKEND_F_RETIRED, _pad: [0; 2] })?;
+            self.vips.get_mut(vip).expect("looked up above").retired.insert(id, addr);
+        }
+        // Oldest first: each push keeps the rings packets read intact.
+        for (members, since) in generations.iter().rev() {
+            self.push_generation(dp, vip, members.clone(), *since)?;
+        }
+        let state = self.vips.get_mut(vip).expect("looked up above");
+        state.history.truncate(generations.len().max(1));
+        let meta = state.live_meta();
+        dp.set_vip(&vip.key(), &meta)?;
         self.sync_fragment_entry(dp, vip)?;
         self.release_retired(dp, vip)
     }
@@ -750,7 +919,7 @@ impl Services {
                     backend_id: conn.backend_id,
                     hash,
                     via: Via::ConnTable,
-                    alternate: None,
+                    alternates: Vec::new(),
                 }));
             }
         }
@@ -760,23 +929,28 @@ impl Services {
         let slot = lb_common::ring_slot(hash, state.spec.ring_size);
         let id = state.ring[slot as usize];
         let (addr, _) = by_id(id).expect("the ring names only this VIP's backends");
-        // As the program does: the previous ring's backend, if it differs,
-        // still exists and has the same family.
-        let alternate = match state.previous_ring_offset() {
-            Some(offset) if state.spec.encap == Encap::Gue => {
-                let prev = dp.ring_slot(offset + slot)?;
-                let named = by_id(prev).map(|(a, _)| *a).or_else(|| state.retired.get(&prev).copied());
-                named.filter(|a| prev != id && a.is_ipv4() == addr.is_ipv4())
+        // As the program does: each history ring's backend, where it
+        // differs from the chosen one and those before it, still exists and
+        // has the same family.
+        let mut alternates = Vec::new();
+        if state.spec.encap == Encap::Gue {
+            let mut named = vec![id];
+            for offset in state.history_offsets() {
+                let other = dp.ring_slot(offset + slot)?;
+                let found = by_id(other).map(|(a, _)| *a).or_else(|| state.retired.get(&other).copied());
+                if let Some(a) = found.filter(|a| !named.contains(&other) && a.is_ipv4() == addr.is_ipv4()) {
+                    named.push(other);
+                    alternates.push(a);
+                }
             }
-            _ => None,
-        };
+        }
         Ok(Some(Explanation {
             vip: state.spec.vip,
             backend: *addr,
             backend_id: id,
             hash,
             via: Via::Ring { slot },
-            alternate,
+            alternates,
         }))
     }
 
@@ -841,7 +1015,12 @@ impl Services {
 }
 
 /// The value of an address mark: no ring, a stats index past the VIPs'.
-const ADDRESS_MARK: VipMeta = VipMeta { vip_id: MAX_VIPS, flags: 0, ring_offset: 0, ring_size: 0, prev_ring_offset: 0 };
+const ADDRESS_MARK: VipMeta =
+    VipMeta { vip_id: MAX_VIPS, flags: 0, ring_offset: 0, ring_size: 0, history_len: 0, history: [0; HISTORY_RINGS] };
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
 
 fn address_mark(vip: &VipAddr) -> VipKey {
     let (addr, family) = addr::words(vip.addr);

@@ -159,8 +159,8 @@ impl Harness {
     pub fn new() -> Self {
         Self::with(LoadOptions {
             conn_table_size: 65_536,
-            // Four VIPs of the default ring size, three slots each.
-            ring_capacity: 12 * lb_common::ring_stride(65_537),
+            // Four VIPs of the default ring size.
+            ring_capacity: 4 * lb_common::RINGS_PER_VIP * lb_common::ring_stride(65_537),
             bench_restore: false,
             offload_flavor: false,
             pin_dir: None,
@@ -189,9 +189,17 @@ impl Harness {
         spec.vip
     }
 
+    /// Adds a backend as one API call does: a change set of its own, so
+    /// the declared ring history records it.
     pub fn backend(&mut self, vip: &VipAddr, addr: &str, weight: u32) {
         let spec = BackendSpec { addr: addr.parse().unwrap(), weight };
         self.services.add_backend(&mut self.dp, vip, spec).expect("backend added");
+        self.commit();
+    }
+
+    /// Ends a change set made through `services` directly.
+    pub fn commit(&mut self) {
+        self.services.commit_history(&mut self.dp).expect("history recorded");
     }
 
     /// Runs one frame; returns the XDP action and the frame as it left.

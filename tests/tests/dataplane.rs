@@ -493,21 +493,22 @@ fn a_conn_entry_for_a_reused_backend_id_is_not_followed() {
 }
 
 #[test]
-fn ring_swaps_write_a_free_slot_and_keep_a_settled_previous_ring() {
+fn ring_swaps_write_a_free_slot_and_the_history_keeps_the_declared_rings() {
     let mut h = Harness::new();
     let vip = h.vip("203.0.113.10:80/tcp", HashMode::FiveTuple);
     h.backend(&vip, "198.51.100.1", 1);
     let key = vip.key();
     let first = h.dp.vip(&key).unwrap().unwrap();
-    assert_eq!(first.flags & lb_common::VIP_F_HAS_PREV, 0, "the first ring has no previous one");
+    assert_eq!(first.history_len, 1, "the first declared set is the history's only generation");
+    assert_eq!(first.history[0], first.ring_offset, "equal to the live ring, so it shares its slot");
     h.backend(&vip, "198.51.100.2", 1);
     let second = h.dp.vip(&key).unwrap().unwrap();
     assert_eq!(first.ring_size, 65537);
     assert_ne!(second.ring_offset, first.ring_offset, "another slot went live");
     // Rings start on whole ring-array words: 65537 slots take 65540.
     assert_eq!(second.ring_offset.abs_diff(first.ring_offset) % 65540, 0);
-    assert_ne!(second.flags & lb_common::VIP_F_HAS_PREV, 0);
-    assert_eq!(second.prev_ring_offset, first.ring_offset, "with no previous ring, the outgoing one becomes it");
+    assert_eq!(second.history_len, 2);
+    assert_eq!(second.history[..2], [second.ring_offset, first.ring_offset], "newest first");
     // The old slot still holds the old ring untouched (packets that read the
     // old VIP entry finish on a complete ring; GUE takes alternates from it).
     let old_slot = h.dp.ring_slot(first.ring_offset + 1234).unwrap();
@@ -518,12 +519,28 @@ fn ring_swaps_write_a_free_slot_and_keep_a_settled_previous_ring() {
         seen.insert(h.forward(&tcp_frame(CLIENT, p, VIP, 80, SYN)).to_string());
     }
     assert_eq!(seen.len(), 2, "new flows use both backends after the swap");
-    // The second ring served for less than PREVIOUS_RING_MIN_LIVE: it does
-    // not become the previous ring; the third goes to the third slot.
-    h.backend(&vip, "198.51.100.3", 1);
-    let third = h.dp.vip(&key).unwrap().unwrap();
-    assert!(third.ring_offset != first.ring_offset && third.ring_offset != second.ring_offset);
-    assert_eq!(third.prev_ring_offset, first.ring_offset, "the settled ring stays the previous one");
+    // A health change swaps the live ring but records no generation.
+    h.services.set_health(&mut h.dp, &vip, "198.51.100.2".parse().unwrap(), false).unwrap();
+    h.commit();
+    let down = h.dp.vip(&key).unwrap().unwrap();
+    assert_eq!(down.ring_offset, first.ring_offset, "the ring of .1 alone is the oldest generation's: its slot");
+    assert_eq!(down.history[..2], second.history[..2], "health is not declared state");
+    h.services.set_health(&mut h.dp, &vip, "198.51.100.2".parse().unwrap(), true).unwrap();
+    // Four more declared sets: the history holds the newest four, each in
+    // a slot of its own, and the VIP's sixth slot stays free for the next write.
+    for last in 3..=6 {
+        h.backend(&vip, &format!("198.51.100.{last}"), 1);
+    }
+    let now = h.dp.vip(&key).unwrap().unwrap();
+    assert_eq!(now.history_len, 4);
+    assert_eq!(now.history[0], now.ring_offset);
+    let mut offsets = now.history.to_vec();
+    offsets.sort();
+    offsets.dedup();
+    assert_eq!(offsets.len(), 4, "four generations, four slots");
+    let history = h.services.vip(&vip).unwrap().history();
+    let sizes: Vec<usize> = history.iter().map(|g| g.members.len()).collect();
+    assert_eq!(sizes, [6, 5, 4, 3], "newest first, the oldest two dropped");
 }
 
 #[test]

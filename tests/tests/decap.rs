@@ -93,11 +93,14 @@ fn everything_else_passes_untouched() {
 }
 
 /// A GUE frame as the balancer sends it over IPv4: UDP to port 6080, GUE
-/// variant 0 with Hlen words of private data naming `alternate` (or none).
-fn gue4(dst: &str, alternate: Option<&str>, inner: &[u8]) -> Vec<u8> {
+/// variant 0 with Hlen words of private data naming `alternates` (kind 1,
+/// family 4, their count, then their addresses), or none.
+fn gue4(dst: &str, alternates: &[&str], inner: &[u8]) -> Vec<u8> {
     let mut private = Vec::new();
-    if let Some(a) = alternate {
-        private.extend_from_slice(&[1, 4, 0, 0]);
+    if !alternates.is_empty() {
+        private.extend_from_slice(&[1, 4, alternates.len() as u8, 0]);
+    }
+    for a in alternates {
         private.extend_from_slice(&a.parse::<std::net::Ipv4Addr>().unwrap().octets());
     }
     let udp_len = 8 + 4 + private.len() + inner.len();
@@ -129,14 +132,14 @@ fn gue_is_stripped_and_a_packet_without_an_alternate_is_never_passed_on() {
     let mut d = decap_for(&["198.51.100.20"]);
     let inner = &tcp_frame("192.0.2.55", 40000, "203.0.113.10", 80, ACK)[14..];
     // Hlen 0 (as after one redirect): decapsulated, even with no socket.
-    let (action, out) = run(&mut d, &gue4("198.51.100.20", None, inner));
+    let (action, out) = run(&mut d, &gue4("198.51.100.20", &[], inner));
     assert_eq!((action, out), (XDP_PASS, expected(inner, ETH_P_IP)));
     // Another UDP port, flags set, or another address: not ours, untouched.
-    let mut other_port = gue4("198.51.100.20", None, inner);
+    let mut other_port = gue4("198.51.100.20", &[], inner);
     other_port[36..38].copy_from_slice(&6081u16.to_be_bytes());
-    let mut flags = gue4("198.51.100.20", None, inner);
+    let mut flags = gue4("198.51.100.20", &[], inner);
     flags[44] = 0x80;
-    for input in [other_port, flags, gue4("198.51.100.21", None, inner)] {
+    for input in [other_port, flags, gue4("198.51.100.21", &[], inner)] {
         assert_eq!(run(&mut d, &input), (XDP_PASS, input.clone()));
     }
     assert_eq!(d.stats().unwrap(), [1, 0, 0], "one decapsulated, nothing passed on");
@@ -154,12 +157,12 @@ fn the_second_chance_follows_the_sockets_of_this_host() {
 
         // An established socket owns its segments: decapsulated, passed up.
         let established = loopback_tcp(client_port, port, 1, 1, ACK);
-        let (action, out) = run(&mut d, &gue4("198.51.100.20", Some("198.51.100.34"), &established));
+        let (action, out) = run(&mut d, &gue4("198.51.100.20", &["198.51.100.34"], &established));
         assert_eq!((action, out), (XDP_PASS, expected(&established, ETH_P_IP)));
 
         // A SYN is never passed on: a new connection starts here.
         let syn = loopback_tcp(40001, port, 1, 0, SYN);
-        let (action, _) = run(&mut d, &gue4("198.51.100.20", Some("198.51.100.34"), &syn));
+        let (action, _) = run(&mut d, &gue4("198.51.100.20", &["198.51.100.34"], &syn));
         assert_eq!(action, XDP_PASS);
 
         // No socket but the listener, and not a SYN-cookie ACK: the
@@ -167,7 +170,7 @@ fn the_second_chance_follows_the_sockets_of_this_host() {
         // neighbour it came from, to the alternate, TTL 63, the private data
         // gone (Hlen 0, lengths 8 bytes shorter, checksum redone).
         let stray = loopback_tcp(40002, port, 5, 5, ACK | PSH);
-        let input = gue4("198.51.100.20", Some("198.51.100.34"), &stray);
+        let input = gue4("198.51.100.20", &["198.51.100.34"], &stray);
         let (action, out) = run(&mut d, &input);
         assert_eq!(action, XDP_TX);
         let mut ip = input[14..34].to_vec();
@@ -188,20 +191,56 @@ fn the_second_chance_follows_the_sockets_of_this_host() {
         let mut again = decap_for(&["198.51.100.34"]);
         let (action, _) = run(&mut again, &out);
         assert_eq!(action, XDP_PASS, "passed on at most once");
+        // A balancer from before the ring history wrote count 0 for its one
+        // alternate: read as one.
+        let mut old = input.clone();
+        old[48] = 0;
+        let (action, old_out) = run(&mut d, &old);
+        assert_eq!((action, old_out), (XDP_TX, out.clone()));
+
+        // Two alternates: the packet goes to the first, which is dropped from
+        // the list (count 1, Hlen 2, lengths 4 shorter); from there to the
+        // second with no private data left; there it is passed up.
+        let input = gue4("198.51.100.20", &["198.51.100.34", "198.51.100.35"], &stray);
+        let (action, out) = run(&mut d, &input);
+        assert_eq!(action, XDP_TX);
+        let mut ip = input[14..34].to_vec();
+        ip[2..4].copy_from_slice(&((20 + 8 + 4 + 8 + stray.len()) as u16).to_be_bytes());
+        ip[8] = 63;
+        ip[10..12].copy_from_slice(&[0, 0]);
+        ip[16..20].copy_from_slice(&[198, 51, 100, 34]);
+        let sum = checksum(&ip);
+        ip[10..12].copy_from_slice(&sum.to_be_bytes());
+        let mut want = eth(NEXT_HOP_MAC, BACKEND_MAC, ETH_P_IP);
+        want.extend_from_slice(&ip);
+        want.extend_from_slice(&[0xc1, 0x23, 0x17, 0xc0]);
+        want.extend_from_slice(&((8 + 4 + 8 + stray.len()) as u16).to_be_bytes());
+        want.extend_from_slice(&[0, 0, 0x02, 0x04, 0x00, 0x00]);
+        want.extend_from_slice(&[0x01, 0x04, 0x01, 0x00, 198, 51, 100, 35]);
+        want.extend_from_slice(&stray);
+        assert_eq!(out, want);
+        let (action, second) = run(&mut again, &out);
+        assert_eq!(action, XDP_TX, "no socket at the first alternate either");
+        assert_eq!(&second[30..34], &[198, 51, 100, 35]);
+        assert_eq!(second[22], 62, "TTL lowered at each hop");
+        assert_eq!(&second[42..46], &[0x00, 0x04, 0x00, 0x00], "no private data left");
+        assert_eq!(&second[46..], &stray[..]);
+        let (action, _) = run(&mut decap_for(&["198.51.100.35"]), &second);
+        assert_eq!(action, XDP_PASS, "the last alternate passes it up");
 
         // A listener with a valid SYN-cookie ACK owns it.
         let cookie_ack = syn_cookie_ack(port);
-        let (action, out) = run(&mut d, &gue4("198.51.100.20", Some("198.51.100.34"), &cookie_ack));
+        let (action, out) = run(&mut d, &gue4("198.51.100.20", &["198.51.100.34"], &cookie_ack));
         assert_eq!((action, out), (XDP_PASS, expected(&cookie_ack, ETH_P_IP)));
         // The same ACK with a wrong acknowledgment number is not a cookie.
         let mut forged = cookie_ack.clone();
         forged[28] ^= 0x55;
-        let (action, _) = run(&mut d, &gue4("198.51.100.20", Some("198.51.100.34"), &forged));
+        let (action, _) = run(&mut d, &gue4("198.51.100.20", &["198.51.100.34"], &forged));
         assert_eq!(action, XDP_TX);
 
         // Established, SYN and cookie ACK named an alternate that was not
-        // needed; the stray and the forged ACK were passed on.
-        assert_eq!(d.stats().unwrap(), [0, 3, 2], "decapsulated, alternate unused, redirected");
+        // needed; the stray (three times) and the forged ACK were passed on.
+        assert_eq!(d.stats().unwrap(), [0, 3, 4], "decapsulated, alternate unused, redirected");
     });
 }
 

@@ -1354,10 +1354,9 @@ fn ring_changes(lab: &Lab, streams: &Streams) {
 }
 
 /// Brings up the echo VIP with `vip_args` on both LB hosts, be1 and be2
-/// behind it, and 40 connections streaming through it by the LB hosts
-/// `through`; then waits until the ring they were made under has served
-/// long enough to be the previous ring when it changes
-/// (PREVIOUS_RING_MIN_LIVE, 5 s, by design).
+/// behind it (one API call each: two declared generations), and 40
+/// connections streaming through it by the LB hosts `through`, opened
+/// under a ring that is only moments old.
 fn streams_on(lab: &Lab, vip_args: &[&str], first_port: u16, through: &[usize]) -> Streams {
     let mut args = vec!["vip", "add", ECHO4];
     args.extend_from_slice(vip_args);
@@ -1367,7 +1366,6 @@ fn streams_on(lab: &Lab, vip_args: &[&str], first_port: u16, through: &[usize]) 
     }
     lab.route_through(through, VIP4).unwrap();
     let streams = Streams::start(40, first_port);
-    std::thread::sleep(lb_userspace::services::PREVIOUS_RING_MIN_LIVE + Duration::from_secs(1));
     streams.more_rounds(2);
     streams
 }

@@ -78,9 +78,9 @@ fn a_midstream_tcp_packet_names_the_previous_rings_backend() {
     want.extend_from_slice(&[192, 0, 2, 1, 198, 51, 100, 2]);
     want.extend_from_slice(&gue_source_port(&input));
     want.extend_from_slice(&[0x17, 0xc0, 0x00, 0x3c, 0x00, 0x00]);
-    // Hlen 2 words of private data: kind 1, family 4, then 198.51.100.1.
+    // Hlen 2 words of private data: kind 1, family 4, count 1, then 198.51.100.1.
     want.extend_from_slice(&[0x02, 0x04, 0x00, 0x00]);
-    want.extend_from_slice(&[0x01, 0x04, 0x00, 0x00, 198, 51, 100, 1]);
+    want.extend_from_slice(&[0x01, 0x04, 0x01, 0x00, 198, 51, 100, 1]);
     want.extend_from_slice(&input[14..]);
     assert_eq!(out, want);
     // A midstream packet is not remembered (its owner may be the alternate);
@@ -130,9 +130,9 @@ fn gue_over_ipv6_with_an_alternate_and_a_stateless_vip_leaves_the_conn_table_alo
     // UDP checksum 0 (RFC 6935 / 6936: the inner packet carries its own).
     want.extend_from_slice(&gue_source_port(&input));
     want.extend_from_slice(&[0x17, 0xc0, 0x00, 0x5c, 0x00, 0x00]);
-    // Hlen 5 words; proto 41 (IPv6 inside); kind 1, family 6, the alternate.
+    // Hlen 5 words; proto 41 (IPv6 inside); kind 1, family 6, count 1, the alternate.
     want.extend_from_slice(&[0x05, 0x29, 0x00, 0x00]);
-    want.extend_from_slice(&[0x01, 0x06, 0x00, 0x00]);
+    want.extend_from_slice(&[0x01, 0x06, 0x01, 0x00]);
     want.extend_from_slice(&"2001:db8:b1::2".parse::<std::net::Ipv6Addr>().unwrap().octets());
     want.extend_from_slice(&input[14..]);
     assert_eq!(out, want);
@@ -145,14 +145,47 @@ fn gue_over_ipv6_with_an_alternate_and_a_stateless_vip_leaves_the_conn_table_alo
     assert_eq!(h.dp.conn(&flow_of(&input)).unwrap(), None);
 }
 
-#[test]
-fn the_alternate_is_present_exactly_when_the_previous_ring_names_another_backend() {
-    let mut h = Harness::new();
-    let vip = gue_vip(&mut h, "203.0.113.10:80/tcp", true);
+/// A GUE VIP whose declared history is (.1, .2, .3), (.1, .2), (.1): the
+/// backends added one at a time, each by an API call of its own.
+fn three_generations(h: &mut Harness, stateless: bool) -> lb_userspace::services::VipAddr {
+    let vip = gue_vip(h, "203.0.113.10:80/tcp", stateless);
     h.backend(&vip, "198.51.100.1", 1);
     h.backend(&vip, "198.51.100.2", 1);
-    // The (.1, .2) ring becomes the previous one; .3 takes a third of the flows.
     h.backend(&vip, "198.51.100.3", 1);
+    vip
+}
+
+#[test]
+fn a_flow_moved_twice_names_both_earlier_owners_newest_first() {
+    let mut h = Harness::new();
+    three_generations(&mut h, false);
+    // A flow on .3 now that the (.1, .2) ring gave to .2 (the (.1) ring gave
+    // every flow to .1): it names two alternates.
+    let two = (40000..42000)
+        .map(|p| (p, h.run(&tcp_frame(CLIENT, p, VIP, 80, ACK))))
+        .find(|(_, (_, out))| outer_dst(out).to_string() == "198.51.100.3" && out.len() == 14 + 20 + 8 + 4 + 12 + 40)
+        .map(|(p, _)| p)
+        .expect("some flow moved .1 -> .2 -> .3");
+    let input = tcp_frame(CLIENT, two, VIP, 80, ACK);
+    let (action, out) = h.run(&input);
+    assert_eq!(action, XDP_TX);
+    let mut want = eth(NEXT_HOP_MAC, LB_MAC, ETH_P_IP);
+    // 20 + 8 + 4 + 12 (head word, two addresses) + 40 = 84; checksum by RFC 1071.
+    want.extend_from_slice(&[0x45, 0x00, 0x00, 0x54, 0x00, 0x00, 0x40, 0x00, 0x40, 0x11, 0x4e, 0x61]);
+    want.extend_from_slice(&[192, 0, 2, 1, 198, 51, 100, 3]);
+    want.extend_from_slice(&gue_source_port(&input));
+    want.extend_from_slice(&[0x17, 0xc0, 0x00, 0x40, 0x00, 0x00]);
+    // Hlen 3; kind 1, family 4, count 2; .2 (the newer ring's) before .1.
+    want.extend_from_slice(&[0x03, 0x04, 0x00, 0x00]);
+    want.extend_from_slice(&[0x01, 0x04, 0x02, 0x00, 198, 51, 100, 2, 198, 51, 100, 1]);
+    want.extend_from_slice(&input[14..]);
+    assert_eq!(out, want);
+}
+
+#[test]
+fn alternates_are_the_history_rings_other_owners_and_retired_backends_stay_until_no_ring_names_them() {
+    let mut h = Harness::new();
+    let vip = three_generations(&mut h, true);
     let ids: std::collections::HashMap<u32, [u8; 4]> = h
         .services
         .vip(&vip)
@@ -161,47 +194,74 @@ fn the_alternate_is_present_exactly_when_the_previous_ring_names_another_backend
         .iter()
         .map(|(a, b)| (b.id, if let std::net::IpAddr::V4(a) = a { a.octets() } else { unreachable!() }))
         .collect();
-    // Counts the flows that carried an alternate, checking each flow: one
-    // exactly when the rings differ, naming the previous ring's backend.
-    let check = |h: &mut Harness, seed: u64| -> (u32, u32) {
+    // Checks each flow against the rings in the maps: the private data names
+    // each history ring's owner that differs from the live one and from
+    // those named before it, newest ring first. Returns how many flows
+    // carried alternates, how many carried two, and how many named .1.
+    let check = |h: &mut Harness, seed: u64| -> (u32, u32, u32) {
         let meta = h.dp.vip(&vip.key()).unwrap().unwrap();
-        let (mut with, mut from_1) = (0, 0);
+        let (mut with, mut two, mut from_1) = (0, 0, 0);
         let mut rng = XorShift(seed);
         for _ in 0..3000 {
             let port = 1024 + (rng.next_u64() % 60000) as u16;
             let input = tcp_frame(CLIENT, port, VIP, 80, ACK | PSH);
             let slot = lb_common::ring_slot(hash_of(&input), meta.ring_size);
-            let now = h.dp.ring_slot(meta.ring_offset + slot).unwrap();
-            let before = h.dp.ring_slot(meta.prev_ring_offset + slot).unwrap();
-            let (_, out) = h.run(&input);
-            if now == before {
-                assert_eq!(out[42], 0x00, "port {port}: same owner in both rings");
-            } else {
-                assert_eq!(out[42], 0x02, "port {port}: the rings differ");
-                assert_eq!(&out[50..54], &ids[&before], "port {port}: the previous owner is named");
-                with += 1;
-                from_1 += (ids[&before] == [198, 51, 100, 1]) as u32;
+            let mut named = vec![h.dp.ring_slot(meta.ring_offset + slot).unwrap()];
+            let mut want: Vec<u8> = Vec::new();
+            for offset in &meta.history[..meta.history_len as usize] {
+                let owner = h.dp.ring_slot(offset + slot).unwrap();
+                if !named.contains(&owner) {
+                    named.push(owner);
+                    want.extend_from_slice(&ids[&owner]);
+                }
             }
+            let (_, out) = h.run(&input);
+            let count = want.len() / 4;
+            if count == 0 {
+                assert_eq!(out[42], 0x00, "port {port}: same owner in every ring");
+                continue;
+            }
+            assert_eq!(out[42] as usize, 1 + count, "port {port}: Hlen");
+            assert_eq!(&out[46..50], &[0x01, 0x04, count as u8, 0x00], "port {port}");
+            assert_eq!(&out[50..50 + 4 * count], &want[..], "port {port}: the earlier owners");
+            with += 1;
+            two += (count == 2) as u32;
+            from_1 += want.chunks(4).any(|a| a == [198, 51, 100, 1]) as u32;
         }
-        (with, from_1)
+        (with, two, from_1)
     };
-    let (with, _) = check(&mut h, 0x5eed);
-    println!("after an add: {with} of 3000 flows carried an alternate");
-    assert!(with > 500, "about a third of the flows moved to .3: {with}");
-    // .1 is removed right away: the (.1, .2) ring stays the previous one
-    // (the last ring lived too short), so .1 is retired, not released, and
-    // its connections still get their second chance.
+    let (with, two, _) = check(&mut h, 0x5eed);
+    println!("after two adds: {with} of 3000 flows carried alternates, {two} of them two");
+    // Two thirds of the flows moved off .1 (the first ring's only owner).
+    assert!(with > 1500, "{with}");
+    assert!(two > 300, "about a sixth moved .1 -> .2 -> .3: {two}");
+    // .1 removed: the history still names it, so it is retired, not released,
+    // and its connections keep their second chance.
     let id_1 = h.services.vip(&vip).unwrap().backends[&"198.51.100.1".parse().unwrap()].id;
     h.services.remove_backend(&mut h.dp, &vip, "198.51.100.1".parse().unwrap()).unwrap();
+    h.commit();
     let retired = h.dp.backend(id_1).unwrap();
     assert_eq!(retired.flags, lb_common::BACKEND_F_RETIRED);
     assert_ne!(retired.cookie, 0);
-    let (with, from_1) = check(&mut h, 0xfeed);
-    println!("after a removal: {with} flows carried an alternate, {from_1} naming the removed .1");
-    assert!(from_1 > 500, "about half of the flows were on .1: {from_1}");
-    // A backend that no ring names any more is released at once.
+    let (with, _, from_1) = check(&mut h, 0xfeed);
+    println!("after a removal: {with} flows carried alternates, {from_1} naming the removed .1");
+    assert!(from_1 > 500, "about a third of the flows were on .1: {from_1}");
+    // .4 added and removed: retired while a generation names it.
     h.backend(&vip, "198.51.100.4", 1);
     let id_4 = h.services.vip(&vip).unwrap().backends[&"198.51.100.4".parse().unwrap()].id;
     h.services.remove_backend(&mut h.dp, &vip, "198.51.100.4".parse().unwrap()).unwrap();
-    assert_eq!(h.dp.backend(id_4).unwrap().cookie, 0, ".4 was never in the previous ring");
+    h.commit();
+    assert_eq!(h.dp.backend(id_4).unwrap().flags, lb_common::BACKEND_F_RETIRED);
+    // Each declared change pushes the oldest generation out: the one
+    // naming .1 goes with the next, the one naming .4 two later.
+    let reweigh = |h: &mut Harness, weight: u32| {
+        h.services.set_weight(&mut h.dp, &vip, "198.51.100.2".parse().unwrap(), weight).unwrap();
+        h.commit();
+    };
+    reweigh(&mut h, 2);
+    assert_eq!(h.dp.backend(id_1).unwrap().cookie, 0, "no generation names .1 any more");
+    reweigh(&mut h, 3);
+    assert_eq!(h.dp.backend(id_4).unwrap().flags, lb_common::BACKEND_F_RETIRED, "the oldest generation names .4");
+    reweigh(&mut h, 4);
+    assert_eq!(h.dp.backend(id_4).unwrap().cookie, 0, "no generation names .4 any more");
 }
