@@ -16,7 +16,7 @@ fn build_proto() {
     println!("cargo:rerun-if-changed=proto/lb.proto");
     let fds = protox::compile(["lb.proto"], ["proto"]).expect("proto/lb.proto compiles");
     tonic_prost_build::configure()
-        .type_attribute(".", "#[derive(serde::Serialize)]")
+        .type_attribute(".", "#[derive(serde::Serialize, serde::Deserialize)]")
         .compile_fds(fds)
         .expect("gRPC code generated");
 }

@@ -13,7 +13,7 @@ use crate::{
     controller::{ApiError, Controller},
     desired::{self, BackendWish},
     netlink::format_mac,
-    services::{Via, VipAddr, VipState},
+    services::{Generation, Via, VipAddr, VipState},
 };
 
 pub mod pb {
@@ -144,6 +144,7 @@ impl Api {
             encap: state.spec.encap.to_string(),
             stateless: state.spec.stateless,
             ring_fingerprint: fingerprint_text(state.fingerprint),
+            history_fingerprints: state.history().iter().map(|g| fingerprint_text(g.fingerprint)).collect(),
             announced: match &self.0.announcer {
                 None => "off".into(),
                 Some(a) if a.state().announced.contains(&state.spec.vip.addr) => "yes".into(),
@@ -225,6 +226,60 @@ impl Vips for Api {
         let changes = self.0.apply(&want, r.dry_run)?;
         Ok(Response::new(pb::ApplyReply { changes: changes.iter().map(|c| c.to_string()).collect() }))
     }
+
+    async fn export_history(&self, _: Request<pb::Empty>) -> Result<Response<pb::RingHistory>, Status> {
+        Ok(Response::new(history_message(self.0.history())))
+    }
+
+    async fn import_history(&self, req: Request<pb::RingHistory>) -> Result<Response<pb::RingHistory>, Status> {
+        let histories = req.into_inner().vips.iter().map(history_of).collect::<Result<Vec<_>, Status>>()?;
+        self.0.import_history(&histories)?;
+        Ok(Response::new(history_message(self.0.history())))
+    }
+}
+
+fn history_message(histories: Vec<(VipAddr, Vec<Generation>)>) -> pb::RingHistory {
+    let vips = histories
+        .into_iter()
+        .map(|(vip, generations)| pb::VipHistory {
+            vip: vip.to_string(),
+            generations: generations
+                .into_iter()
+                .map(|g| pb::Generation {
+                    fingerprint: fingerprint_text(g.fingerprint),
+                    since_unix: g.since,
+                    backends: g
+                        .members
+                        .iter()
+                        .map(|(a, w)| pb::DeclaredBackend { address: a.to_string(), weight: *w })
+                        .collect(),
+                })
+                .collect(),
+        })
+        .collect();
+    pb::RingHistory { vips }
+}
+
+/// One VIP's history as a client sent it, its words checked.
+fn history_of(message: &pb::VipHistory) -> Result<(VipAddr, Vec<Generation>), Status> {
+    let vip = vip_of(&message.vip)?;
+    let generations = message
+        .generations
+        .iter()
+        .map(|g| {
+            let fingerprint = u64::from_str_radix(&g.fingerprint, 16).map_err(|_| {
+                Status::invalid_argument(format!("{vip}: fingerprint '{}' is not 16 hex digits", g.fingerprint))
+            })?;
+            let mut members = std::collections::BTreeMap::new();
+            for b in &g.backends {
+                if members.insert(backend_of(&vip, &b.address)?, b.weight).is_some() {
+                    return Err(Status::invalid_argument(format!("{vip}: backend {} twice in a generation", b.address)));
+                }
+            }
+            Ok(Generation::declared(members, g.since_unix, fingerprint))
+        })
+        .collect::<Result<_, Status>>()?;
+    Ok((vip, generations))
 }
 
 #[tonic::async_trait]

@@ -1,7 +1,12 @@
 //! The controller behind `lbctl up`: owns the data plane and the model,
 //! validates every request before touching a map, runs health checks,
 //! saves its state after every change so that a restart (even after
-//! SIGKILL) adopts the running program without disturbing traffic.
+//! SIGKILL) adopts the running program without disturbing traffic, and a
+//! start on a fresh program (after a clean stop or a reboot) replays it.
+//!
+//! Each API call is one change set, and so is an `apply`: at its end the
+//! VIPs' declared ring history records what changed (see
+//! [`Services::commit_history`]).
 
 use std::{
     collections::BTreeMap,
@@ -21,7 +26,9 @@ use crate::{
     dataplane::{Dataplane, DataplaneError},
     desired::{self, BackendWish, Change, Desired, VipWish},
     health::{self, CheckSpec, Probe, Tracker},
-    services::{BackendSpec, Explanation, ServiceError, Services, Settings, Snapshot, VipAddr, VipSpec, VipState},
+    services::{
+        BackendSpec, Explanation, Generation, ServiceError, Services, Settings, Snapshot, VipAddr, VipSpec, VipState,
+    },
 };
 
 /// An error for an API caller: what kind, and a message naming the input.
@@ -82,12 +89,14 @@ pub struct Saved {
     pub maintenance: bool,
 }
 
-/// The map layout a state file describes. 3: the conn table is an array
+/// The map layout a state file describes. 4: six ring slots per VIP (live,
+/// four declared history rings, next) and the VIP entry names the history
+/// rings; 3: the conn table is an array
 /// of buckets, and the flow hash and ring slot changed (32-bit hash lanes,
 /// multiply-shift slot), so older maps' entries and rings cannot be
 /// followed; 2: three ring slots per VIP (live, previous, next) and the
 /// GUE fields; 1 had two.
-pub const STATE_LAYOUT: u32 = 3;
+pub const STATE_LAYOUT: u32 = 4;
 
 fn first_layout() -> u32 {
     1
@@ -108,6 +117,14 @@ pub struct State {
     pub dp: Dataplane,
     pub services: Services,
     pub checks: BTreeMap<(VipAddr, IpAddr), Checked>,
+    /// An `apply` is under way: its changes are one change set.
+    pub in_apply: bool,
+}
+
+impl State {
+    pub fn new(dp: Dataplane, services: Services, checks: BTreeMap<(VipAddr, IpAddr), Checked>) -> Self {
+        Self { dp, services, checks, in_apply: false }
+    }
 }
 
 pub struct Controller {
@@ -116,6 +133,9 @@ pub struct Controller {
     pub announcer: Option<Arc<Announcer>>,
     tasks: Mutex<BTreeMap<(VipAddr, IpAddr), JoinHandle<()>>>,
     state_file: PathBuf,
+    /// A replay is under way: the state file keeps what it replays until
+    /// the replay has succeeded.
+    replaying: std::sync::atomic::AtomicBool,
     ring_capacity: u32,
     pub info: RunInfo,
     pub started: Instant,
@@ -134,6 +154,7 @@ impl Controller {
             announcer,
             tasks: Mutex::new(BTreeMap::new()),
             state_file,
+            replaying: false.into(),
             ring_capacity,
             info,
             started: Instant::now(),
@@ -154,6 +175,9 @@ impl Controller {
 
     /// Saves the state file (write to a temporary file, then rename).
     fn save(&self, state: &State) {
+        if self.replaying.load(std::sync::atomic::Ordering::Relaxed) {
+            return;
+        }
         let saved = Saved {
             layout: STATE_LAYOUT,
             services: state.services.snapshot(),
@@ -180,12 +204,24 @@ impl Controller {
         self.save(&self.lock());
     }
 
+    /// Ends a change set (unless an `apply` is under way, which ends its
+    /// own): the ring history records the declared changes, then the
+    /// state is saved.
+    fn commit(&self, st: &mut State) {
+        if !st.in_apply {
+            if let Err(e) = st.services.commit_history(&mut st.dp) {
+                warn!(error = %e, "cannot record the declared rings: GUE alternates miss this change");
+            }
+        }
+        self.save(st);
+    }
+
     pub fn add_vip(&self, spec: VipSpec) -> Result<(), ApiError> {
         let mut guard = self.lock();
         let st = &mut *guard;
         st.services.add_vip(&mut st.dp, spec)?;
         info!(vip = %spec.vip, hash = ?spec.hash, ring_size = spec.ring_size, "VIP added");
-        self.save(st);
+        self.commit(st);
         Ok(())
     }
 
@@ -202,7 +238,7 @@ impl Controller {
             keep
         });
         info!(%vip, "VIP removed");
-        self.save(st);
+        self.commit(st);
         Ok(())
     }
 
@@ -218,7 +254,7 @@ impl Controller {
                 st.checks.insert((*vip, addr), Checked { spec: wish.check.clone(), tracker: Tracker::new(true) });
             }
             info!(%vip, backend = %addr, weight = wish.weight, check = %wish.check.probe, "backend added");
-            self.save(st);
+            self.commit(st);
         }
         if wish.check.probe != Probe::None {
             self.spawn_check(*vip, addr, wish.check);
@@ -235,7 +271,7 @@ impl Controller {
             task.abort();
         }
         info!(%vip, backend = %addr, "backend removed");
-        self.save(st);
+        self.commit(st);
         Ok(())
     }
 
@@ -244,7 +280,7 @@ impl Controller {
         let st = &mut *guard;
         st.services.drain_backend(&mut st.dp, vip, addr)?;
         info!(%vip, backend = %addr, "backend drained: keeps its flows, gets no new ones");
-        self.save(st);
+        self.commit(st);
         Ok(())
     }
 
@@ -254,7 +290,7 @@ impl Controller {
         let st = &mut *guard;
         st.services.set_weight(&mut st.dp, vip, addr, weight)?;
         info!(%vip, backend = %addr, weight, "weight set");
-        self.save(st);
+        self.commit(st);
         Ok(())
     }
 
@@ -272,11 +308,21 @@ impl Controller {
         if dry_run {
             return Ok(changes);
         }
-        for change in &changes {
+        self.lock().in_apply = true;
+        let result = self.execute_all(&changes, &before);
+        let mut guard = self.lock();
+        guard.in_apply = false;
+        self.commit(&mut guard);
+        result.map(|()| changes)
+    }
+
+    /// Executes `changes`; on a failure, brings the state back to `before`.
+    fn execute_all(self: &Arc<Self>, changes: &[Change], before: &Desired) -> Result<(), ApiError> {
+        for change in changes {
             if let Err(e) = self.execute(change) {
                 warn!(%change, error = %e, "apply failed; restoring the previous state");
                 let now = self.current();
-                for undo in desired::plan(&now, &before) {
+                for undo in desired::plan(&now, before) {
                     if let Err(e2) = self.execute(&undo) {
                         warn!(change = %undo, error = %e2, "could not undo");
                     }
@@ -284,7 +330,7 @@ impl Controller {
                 return Err(ApiError::Invalid(format!("{change}: {e} (nothing was changed)")));
             }
         }
-        Ok(changes)
+        Ok(())
     }
 
     fn execute(self: &Arc<Self>, change: &Change) -> Result<(), ApiError> {
@@ -308,7 +354,7 @@ impl Controller {
                     } else {
                         st.services.undrain_backend(&mut st.dp, vip, *addr)?;
                     }
-                    self.save(st);
+                    self.commit(st);
                 }
                 if old.check != wish.check {
                     self.replace_check(vip, *addr, wish.check.clone());
@@ -332,7 +378,7 @@ impl Controller {
             } else {
                 st.checks.insert((*vip, addr), Checked { spec: spec.clone(), tracker: Tracker::new(true) });
             }
-            self.save(st);
+            self.commit(st);
         }
         if spec.probe != Probe::None {
             self.spawn_check(*vip, addr, spec);
@@ -451,6 +497,61 @@ impl Controller {
         Ok(self.lock().dp.global_stats()?)
     }
 
+    /// The declared ring history of every VIP, newest generation first.
+    pub fn history(&self) -> Vec<(VipAddr, Vec<Generation>)> {
+        self.lock().services.vips().map(|v| (v.spec.vip, v.history().to_vec())).collect()
+    }
+
+    /// Makes each VIP's ring history the one given (as another LB host
+    /// exported it): every VIP is checked before any changes, so a bad one
+    /// changes nothing.
+    pub fn import_history(&self, histories: &[(VipAddr, Vec<Generation>)]) -> Result<(), ApiError> {
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        for (vip, generations) in histories {
+            st.services.check_history(vip, generations)?;
+        }
+        for (vip, generations) in histories.iter().filter(|(_, g)| !g.is_empty()) {
+            st.services.import_history(&mut st.dp, vip, generations)?;
+            let fingerprints: Vec<String> = generations.iter().map(|g| format!("{:016x}", g.fingerprint)).collect();
+            info!(%vip, history = %fingerprints.join(" "), "ring history imported");
+        }
+        self.save(st);
+        Ok(())
+    }
+
+    /// Rebuilds a saved state on a fresh program (after a clean stop, a
+    /// reboot, or an upgrade across a map-layout change): the VIPs and
+    /// backends as one change set, then each VIP's ring history as it was
+    /// saved, and the health verdicts, so the rings come out as they were.
+    pub fn replay(self: &Arc<Self>, saved: &Saved) -> Result<(), ApiError> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let checks: BTreeMap<(VipAddr, IpAddr), Checked> =
+            saved.checks.iter().map(|(v, a, c)| ((*v, *a), c.clone())).collect();
+        let vips = saved.services.vips();
+        self.replaying.store(true, Relaxed);
+        let applied = self.apply(&desired_of(vips.iter(), &checks), false);
+        self.replaying.store(false, Relaxed);
+        applied?;
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        for vip in vips.iter().filter(|v| !v.history().is_empty()) {
+            if let Err(e) = st.services.import_history(&mut st.dp, &vip.spec.vip, vip.history()) {
+                warn!(vip = %vip.spec.vip, error = %e, "the saved ring history is not restored: GUE alternates start afresh");
+            }
+        }
+        for (key, saved_check) in checks {
+            let Some(checked) = st.checks.get_mut(&key) else { continue };
+            checked.tracker = saved_check.tracker;
+            if !checked.tracker.healthy {
+                st.services.set_health(&mut st.dp, &key.0, key.1, false)?;
+            }
+        }
+        info!(vips = vips.len(), "saved state replayed");
+        self.save(st);
+        Ok(())
+    }
+
     /// Stops every health check (shutdown).
     pub fn stop_checks(&self) {
         for (_, task) in std::mem::take(&mut *self.tasks.lock().unwrap()) {
@@ -460,18 +561,21 @@ impl Controller {
 }
 
 fn current_of(st: &State) -> Desired {
-    st.services
-        .vips()
-        .map(|v: &VipState| {
-            let backends = v
-                .backends
-                .iter()
-                .map(|(addr, b)| {
-                    let check = st.checks.get(&(v.spec.vip, *addr)).map(|c| c.spec.clone()).unwrap_or_default();
-                    (*addr, BackendWish { weight: b.weight, drained: b.drained, check })
-                })
-                .collect();
-            (v.spec.vip, VipWish { spec: v.spec, backends })
-        })
-        .collect()
+    desired_of(st.services.vips(), &st.checks)
+}
+
+/// `vips` and their checks in the desired-state form.
+fn desired_of<'a>(vips: impl Iterator<Item = &'a VipState>, checks: &BTreeMap<(VipAddr, IpAddr), Checked>) -> Desired {
+    vips.map(|v| {
+        let backends = v
+            .backends
+            .iter()
+            .map(|(addr, b)| {
+                let check = checks.get(&(v.spec.vip, *addr)).map(|c| c.spec.clone()).unwrap_or_default();
+                (*addr, BackendWish { weight: b.weight, drained: b.drained, check })
+            })
+            .collect();
+        (v.spec.vip, VipWish { spec: v.spec, backends })
+    })
+    .collect()
 }

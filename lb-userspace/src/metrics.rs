@@ -224,7 +224,7 @@ fn snapshot(ctrl: &Controller) -> Result<Snapshot, ApiError> {
     let mut untracked = counter("lb_new_flows_untracked", "New flows not remembered: SYN-flood guard over its rate.");
     untracked.samples.push((vec![], Value::Counter(global[stat::CONN_UNTRACKED])));
     let mut alternates =
-        counter("lb_gue_alternate", "GUE packets sent with an alternate hop (the previous ring's backend).");
+        counter("lb_gue_alternate", "GUE packets sent with alternate hops (the ring history's backends).");
     alternates.samples.push((vec![], Value::Counter(global[stat::GUE_ALTERNATE])));
     let (entries, capacity) = st.dp.conn_count()?;
     let mut conn_entries = gauge("lb_conn_table_entries", "Flows in the conn table.");

@@ -264,6 +264,13 @@ pub struct Generation {
     ring: Vec<u32>,
 }
 
+impl Generation {
+    /// A generation as another host exported it, to import.
+    pub fn declared(members: BTreeMap<IpAddr, u32>, since: u64, fingerprint: u64) -> Self {
+        Self { members, fingerprint, since, slot: 0, ring: Vec::new() }
+    }
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct VipState {
     pub spec: VipSpec,
@@ -441,6 +448,12 @@ pub struct Snapshot {
     free_backend_ids: VecDeque<u32>,
     ring_space: RingSpace,
     next_cookie: u32,
+}
+
+impl Snapshot {
+    pub fn vips(&self) -> &[VipState] {
+        &self.vips
+    }
 }
 
 /// The VIPs and backends of one balancer, kept in step with its maps.
@@ -665,8 +678,12 @@ impl Services {
     /// Releases the retired backends of `vip` that no ring names any more.
     fn release_retired(&mut self, dp: &mut Dataplane, vip: &VipAddr) -> Result<(), ServiceError> {
         let state = self.vips.get_mut(vip).ok_or(ServiceError::NoSuchVip(*vip))?;
-        let named = |id: &u32| state.ring.contains(id) || state.history.iter().any(|g| g.ring.contains(id));
-        let unnamed: Vec<u32> = state.retired.keys().copied().filter(|id| !named(id)).collect();
+        // Named by a ring, or a member of a generation (too light to be in
+        // its ring, but restore rebuilds the ring from the members).
+        let named = |id: &u32, addr: &IpAddr| {
+            state.ring.contains(id) || state.history.iter().any(|g| g.ring.contains(id) || g.members.contains_key(addr))
+        };
+        let unnamed: Vec<u32> = state.retired.iter().filter(|(id, a)| !named(id, a)).map(|(id, _)| *id).collect();
         for id in unnamed {
             self.vips.get_mut(vip).expect("looked up above").retired.remove(&id);
             self.release_backend(dp, id)?;
@@ -812,50 +829,66 @@ impl Services {
         self.release_retired(dp, vip)
     }
 
-    /// Replaces the ring history of `vip` with `generations` (newest
-    /// first), as exported by another LB host or saved before a restart.
-    /// Addresses that are no longer backends come back as retired ones.
-    /// The newest must be the VIP's declared members now, so a host never
-    /// claims a history its own desired state contradicts.
-    pub fn import_history(
-        &mut self,
-        dp: &mut Dataplane,
-        vip: &VipAddr,
-        generations: &[(BTreeMap<IpAddr, u32>, u64)],
-    ) -> Result<(), ServiceError> {
+    /// Whether `generations` (newest first) may become the ring history of
+    /// `vip`: at most [`HISTORY_RINGS`], none empty, weights and families
+    /// valid, each ring's fingerprint the one given (the same ring size and
+    /// Maglev), and the newest the VIP's declared backends now, so a host
+    /// never claims a history its own desired state contradicts.
+    pub fn check_history(&self, vip: &VipAddr, generations: &[Generation]) -> Result<(), ServiceError> {
         let state = self.vip(vip)?;
+        let bad = |why: String| Err(ServiceError::History(*vip, why));
         if generations.len() > HISTORY_RINGS {
-            return Err(ServiceError::History(*vip, format!("{} generations, at most {HISTORY_RINGS}", generations.len())));
+            return bad(format!("{} generations, at most {HISTORY_RINGS}", generations.len()));
         }
-        if let Some((newest, _)) = generations.first() {
-            if *newest != declared_members(&state.backends) {
-                return Err(ServiceError::History(
-                    *vip,
-                    "its newest generation is not this host's declared backends and weights: apply the same \
-                     desired state first"
-                        .into(),
-                ));
+        if let Some(newest) = generations.first() {
+            if newest.members != declared_members(&state.backends) {
+                return bad("its newest generation is not this host's backends and weights: apply the same \
+                            desired state first"
+                    .into());
             }
         }
-        for (members, _) in generations {
-            if members.is_empty() {
-                return Err(ServiceError::History(*vip, "a generation without backends".into()));
+        for generation in generations {
+            if generation.members.is_empty() {
+                return bad("a generation without backends".into());
             }
-            for (addr, weight) in members {
+            for (addr, weight) in &generation.members {
                 check_weight(*weight)?;
                 if vip.addr.is_ipv6() && addr.is_ipv4() {
                     return Err(ServiceError::FamilyMismatch { vip: *vip, backend: *addr });
                 }
             }
+            let fingerprint = ring_by_address(&generation.members, state.spec.ring_size).1;
+            if fingerprint != generation.fingerprint {
+                return bad(format!(
+                    "generation {:016x} gives ring {fingerprint:016x} here (ring size {}): the VIPs differ",
+                    generation.fingerprint, state.spec.ring_size
+                ));
+            }
         }
-        let missing: std::collections::BTreeSet<IpAddr> =
-            generations.iter().flat_map(|(m, _)| m.keys()).filter(|a| state.id_of(a).is_none()).copied().collect();
-        if missing.len() > self.free_backend_ids.len() {
+        let missing = generations.iter().flat_map(|g| g.members.keys()).filter(|a| state.id_of(a).is_none());
+        if missing.collect::<std::collections::BTreeSet<_>>().len() > self.free_backend_ids.len() {
             return Err(ServiceError::TooManyBackends);
         }
+        Ok(())
+    }
+
+    /// Replaces the ring history of `vip` with `generations` (newest
+    /// first, see [`Self::check_history`]), as exported by another LB host
+    /// or saved before a restart. Addresses that are no longer backends come
+    /// back as retired ones.
+    pub fn import_history(
+        &mut self,
+        dp: &mut Dataplane,
+        vip: &VipAddr,
+        generations: &[Generation],
+    ) -> Result<(), ServiceError> {
+        self.check_history(vip, generations)?;
+        let state = self.vip(vip)?;
+        let missing: std::collections::BTreeSet<IpAddr> =
+            generations.iter().flat_map(|g| g.members.keys()).filter(|a| state.id_of(a).is_none()).copied().collect();
         // Entries before any ring names them: retired, as removed backends.
         for addr in missing {
-            let id = self.free_backend_ids.pop_front().expect("counted above");
+            let id = self.free_backend_ids.pop_front().expect("counted by check_history");
             let (words, family) = addr::words(addr);
             let cookie = self.next_cookie;
             self.next_cookie = self.next_cookie.checked_add(1).unwrap_or(1);
@@ -864,8 +897,8 @@ impl Services {
             self.vips.get_mut(vip).expect("looked up above").retired.insert(id, addr);
         }
         // Oldest first: each push keeps the rings packets read intact.
-        for (members, since) in generations.iter().rev() {
-            self.push_generation(dp, vip, members.clone(), *since)?;
+        for generation in generations.iter().rev() {
+            self.push_generation(dp, vip, generation.members.clone(), generation.since)?;
         }
         let state = self.vips.get_mut(vip).expect("looked up above");
         state.history.truncate(generations.len().max(1));

@@ -15,7 +15,7 @@ use tracing::{info, warn};
 use crate::{
     announce::{self, Announcer, RouteTable},
     api,
-    controller::{Controller, RunInfo, Saved, State},
+    controller::{Controller, RunInfo, Saved, State, STATE_LAYOUT},
     dataplane::{Dataplane, LoadOptions},
     desired,
     netlink::{self, Netlink},
@@ -94,34 +94,34 @@ pub async fn run(opts: UpOptions) -> Result<()> {
     std::fs::create_dir_all(&opts.state_dir)?;
     let state_file = opts.state_dir.join(format!("{}.json", opts.iface));
 
-    // Adopt what a previous controller left running, if it left its state.
-    let saved: Option<Saved> = if link_pin.exists() && state_file.exists() {
-        let text = std::fs::read(&state_file)?;
-        let layout = serde_json::from_slice::<serde_json::Value>(&text)
-            .ok()
-            .map(|v| v.get("layout").and_then(|l| l.as_u64()).unwrap_or(1));
-        if let Some(layout) = layout.filter(|l| *l != crate::controller::STATE_LAYOUT as u64) {
-            bail!(
-                "{} was left by an lbctl whose maps have another layout ({layout}, this one reads {}): it cannot \
-                 be adopted; stop that balancer without --keep (or remove {} and the state file), then start this one",
-                state_file.display(),
-                crate::controller::STATE_LAYOUT,
-                pin_dir.display()
-            );
+    // Adopt what a previous controller left running, if it left its state;
+    // else start a fresh program and replay the state file, if any.
+    let saved = read_state(&state_file)?;
+    let adopted = match &saved {
+        Some((layout, _)) if link_pin.exists() => {
+            if *layout != STATE_LAYOUT {
+                bail!(
+                    "{} holds the maps of an lbctl with another layout ({layout}; this one's is {STATE_LAYOUT}): \
+                     they cannot be adopted. Stop that balancer cleanly (SIGTERM, without --keep): its state \
+                     file stays, and this lbctl replays it on a fresh program",
+                    pin_dir.display()
+                );
+            }
+            true
         }
-        Some(serde_json::from_slice(&text).with_context(|| format!("state file {} is damaged", state_file.display()))?)
-    } else {
-        if pin_dir.exists() {
-            warn!(dir = %pin_dir.display(), "removing pins without a state file: starting afresh");
-            remove_pins(&pin_dir);
+        _ => {
+            if pin_dir.exists() {
+                warn!(dir = %pin_dir.display(), "removing pins without a state file: starting afresh");
+                remove_pins(&pin_dir);
+            }
+            false
         }
-        None
     };
-    let adopted = saved.is_some();
+    let saved = saved.map(|(_, saved)| saved);
     let maintenance = saved.as_ref().is_some_and(|s| s.maintenance);
     let (conn_table_size, ring_capacity) = match &saved {
-        Some(s) => (s.conn_table_size, s.ring_capacity),
-        None => (opts.conn_table_size, opts.ring_capacity),
+        Some(s) if adopted => (s.conn_table_size, s.ring_capacity),
+        _ => (opts.conn_table_size, opts.ring_capacity),
     };
     std::fs::create_dir_all(&pin_dir)?;
     // --xdp-mode offload: the flavor is loaded for the NIC first (the
@@ -162,13 +162,13 @@ pub async fn run(opts: UpOptions) -> Result<()> {
         new_flow_limit: opts.new_flow_limit,
         gue_port: opts.gue_port,
     };
-    let (services, checks) = match saved {
-        Some(saved) => {
+    let (services, checks, replay) = match saved {
+        Some(saved) if adopted => {
             let mut services = Services::restore(saved.services);
             services.set_settings(&mut dp, settings)?;
-            (services, saved.checks.into_iter().map(|(v, a, c)| ((v, a), c)).collect())
+            (services, saved.checks.into_iter().map(|(v, a, c)| ((v, a), c)).collect(), None)
         }
-        None => (Services::new(&mut dp, settings)?, Default::default()),
+        saved => (Services::new(&mut dp, settings)?, Default::default(), saved),
     };
 
     // Without a saved state the pins were removed above, so this attaches
@@ -216,7 +216,19 @@ pub async fn run(opts: UpOptions) -> Result<()> {
         }
         None => None,
     };
-    let ctrl = Controller::new(State { dp, services, checks }, state_file.clone(), ring_capacity, info, announcer);
+    let ctrl = Controller::new(State::new(dp, services, checks), state_file.clone(), ring_capacity, info, announcer);
+    if let Some(saved) = replay {
+        // Nothing is announced yet. A state that does not fit (a smaller
+        // --ring-capacity, say) stops the start and stays as it was.
+        if let Err(e) = ctrl.replay(&saved) {
+            remove_pins(&pin_dir);
+            bail!(
+                "cannot replay {} on a fresh program: {e}. Nothing was changed; fix the cause (or move the \
+                 file away to start empty) and start again",
+                state_file.display()
+            );
+        }
+    }
     if let Some(path) = &opts.config {
         apply_config(&ctrl, path)?;
         tokio::spawn(reapply_on_sighup(Arc::clone(&ctrl), path.clone()));
@@ -268,9 +280,9 @@ pub async fn run(opts: UpOptions) -> Result<()> {
         info!("--keep: the program stays attached with its maps; `lbctl up` adopts it");
     } else {
         // Removing the link pin lets the link go when this process closes it.
+        // The state file stays: the next start replays it.
         remove_pins(&pin_dir);
-        let _ = std::fs::remove_file(&state_file);
-        info!("detached and unpinned");
+        info!(state = %state_file.display(), "detached and unpinned; the state stays for the next start");
     }
     served
 }
@@ -380,6 +392,24 @@ pub fn remove_pins(dir: &Path) {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// The state file and the layout it names, if there is one. Files of older
+/// layouts are read too: their declared part replays on a fresh program.
+fn read_state(path: &Path) -> Result<Option<(u32, Saved)>> {
+    let text = match std::fs::read(path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e).with_context(|| format!("reading the state file {}", path.display())),
+    };
+    let saved: Saved = serde_json::from_slice(&text).with_context(|| {
+        format!("the state file {} is damaged or too old to read: move it away to start empty", path.display())
+    })?;
+    Ok(Some((saved.layout, saved)))
+}
+
+/// Makes sure `pin_root` is on bpffs, mounting it at /sys/fs/bpf if need
+/// be, but not in a mount namespace of this process alone (`ip netns exec`
+/// makes one, with a /sys of its own): pins there vanish with the process,
+/// so a controller restarted after a crash would find nothing to adopt.
 pub fn ensure_bpffs(pin_root: &Path) -> Result<()> {
     let mounts = std::fs::read_to_string("/proc/mounts")?;
     let is_bpffs = |p: &Path| mounts.lines().any(|l| l.split_whitespace().nth(1) == p.to_str() && l.contains(" bpf "));
@@ -390,12 +420,30 @@ pub fn ensure_bpffs(pin_root: &Path) -> Result<()> {
         }
         p = dir.parent();
     }
+    if private_mount_namespace() {
+        bail!(
+            "{} is not on bpffs, and this process runs in a mount namespace of its own (as under `ip netns exec`, \
+             which mounts a fresh /sys): pins made here would vanish when it exits, and a restart after a crash \
+             would start empty. Enter the network namespace only (`nsenter --net=/var/run/netns/NAME lbctl up \
+             ...`), or give --pin-dir on a bpffs the host mounted",
+            pin_root.display()
+        );
+    }
     let mount_point = Path::new("/sys/fs/bpf");
     let status = std::process::Command::new("mount").args(["-t", "bpf", "bpf"]).arg(mount_point).status()?;
     if !status.success() {
         bail!("bpffs is not mounted at {} and mounting it failed", mount_point.display());
     }
     std::fs::create_dir_all(pin_root).context("creating the pin directory")
+}
+
+/// Whether this process's mount namespace differs from PID 1's (unknown
+/// counts as not).
+fn private_mount_namespace() -> bool {
+    match (std::fs::read_link("/proc/self/ns/mnt"), std::fs::read_link("/proc/1/ns/mnt")) {
+        (Ok(own), Ok(init)) => own != init,
+        _ => false,
+    }
 }
 
 async fn resolve_next_hop(nl: &Netlink) -> Result<[u8; 6]> {

@@ -6,6 +6,7 @@ mod apply;
 mod backend;
 mod client;
 mod decap;
+mod history;
 mod offload;
 mod output;
 mod stats;
@@ -76,6 +77,11 @@ enum Command {
     },
     /// Bring the running state to a desired-state file, printing the changes.
     Apply(apply::ApplyArgs),
+    /// Show, export or import the declared ring history (GUE alternates).
+    History {
+        #[command(subcommand)]
+        command: history::HistoryCommand,
+    },
     /// The controller's interface, mode, next hop, VIPs and fail-open state.
     Status,
     /// Counters: global reasons, per VIP and per backend.
@@ -122,6 +128,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Vip { command } => vip::run(command, &client).await,
         Command::Backend { command } => backend::run(command, &client).await,
         Command::Apply(args) => apply::run(args, &client).await,
+        Command::History { command } => history::run(command, &client).await,
         Command::Status => status::status(&client).await,
         Command::Stats { watch } => stats::stats(watch, &client).await,
         Command::Explain { client_addr, vip } => stats::explain(client_addr, vip, &client).await,

@@ -23,6 +23,7 @@ pub fn print_vips(vips: &[pb::Vip], format: Format) -> Result<()> {
             "bytes",
             "new flows",
             "fingerprint",
+            "history",
             "announced",
         ],
         vips.iter().map(|v| {
@@ -40,11 +41,19 @@ pub fn print_vips(vips: &[pb::Vip], format: Format) -> Result<()> {
                 v.bytes.to_string(),
                 v.new_flows.to_string(),
                 v.ring_fingerprint.clone(),
+                short_fingerprints(&v.history_fingerprints),
                 v.announced.clone(),
             ]
         }),
     );
     Ok(())
+}
+
+/// The history's fingerprints, newest first, by their first 8 digits
+/// (`-o json` has them whole).
+fn short_fingerprints(fingerprints: &[String]) -> String {
+    let short: Vec<&str> = fingerprints.iter().map(|f| f.get(..8).unwrap_or(f)).collect();
+    short.join(",")
 }
 
 pub fn print_backends(backends: &[pb::Backend], format: Format) -> Result<()> {

@@ -73,8 +73,11 @@ pub async fn explain(client_addr: String, vip: String, client: &ClientOpts) -> R
             r.backend, r.slot, r.hash
         ),
     }
-    if !r.alternate.is_empty() {
-        println!("  alternate hop {} (the previous ring's backend, carried in GUE by TCP after the SYN)", r.alternate);
+    if !r.alternates.is_empty() {
+        println!(
+            "  alternate hop {} (the ring history's backends, carried in GUE by TCP after the SYN)",
+            r.alternates.join(", then ")
+        );
     }
     Ok(())
 }

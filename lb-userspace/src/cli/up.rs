@@ -41,7 +41,8 @@ pub struct UpArgs {
     /// Conn-table entries (16 bytes each; hold at most half as many flows, see the README).
     #[arg(long, default_value_t = DEFAULT_CONN_TABLE_SIZE)]
     conn_table_size: u32,
-    /// Ring slots shared by all VIPs (each VIP takes three times its ring size).
+    /// Ring slots shared by all VIPs (each VIP takes six times its ring size:
+    /// live, four history rings, next).
     #[arg(long, default_value_t = DEFAULT_RING_CAPACITY)]
     ring_capacity: u32,
     /// On exit, leave the program attached and its maps pinned, so that the
@@ -51,8 +52,9 @@ pub struct UpArgs {
     /// bpffs directory for pins (the interface name is appended).
     #[arg(long, default_value = "/sys/fs/bpf/lbctl")]
     pin_dir: PathBuf,
-    /// Directory of the state file used to restore state on restart.
-    #[arg(long, default_value = "/run/lbctl")]
+    /// Directory of the state file (IFACE.json): what a restart adopts, or
+    /// replays on a fresh program after a clean stop or a reboot.
+    #[arg(long, default_value = "/var/lib/lbctl")]
     state_dir: PathBuf,
     /// Log format.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]

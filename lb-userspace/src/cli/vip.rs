@@ -16,12 +16,12 @@ pub enum VipCommand {
         /// Maglev ring size (a prime).
         #[arg(long, default_value_t = lb_common::DEFAULT_RING_SIZE)]
         ring_size: u32,
-        /// Encapsulation: ipip, or gue (UDP, with the previous ring's
-        /// backend as the alternate hop for TCP: the second chance).
+        /// Encapsulation: ipip, or gue (UDP; TCP packets name the backends
+        /// the ring history gives their flow as alternate hops: the second chance).
         #[arg(long, default_value = "ipip", value_parser = ["ipip", "gue"])]
         encap: String,
         /// Never read or write the conn table: every packet follows the
-        /// live ring (with gue, TCP packets carry the alternate hop).
+        /// live ring (with gue, TCP packets carry the alternate hops).
         #[arg(long)]
         stateless: bool,
     },
