@@ -76,10 +76,10 @@ pub const fn ring_stride(size: u32) -> u32 {
     size.div_ceil(RING_SLOTS_PER_WORD) * RING_SLOTS_PER_WORD
 }
 
-/// Ring slots each VIP owns: the live ring, the [`HISTORY_RINGS`], and a
+/// Ring slots each VIP owns: the live ring, the [`ALTERNATE_RINGS`], and a
 /// free one where the next ring is written before it goes live (rings that
 /// are equal share one).
-pub const RINGS_PER_VIP: u32 = 2 + HISTORY_RINGS as u32;
+pub const RINGS_PER_VIP: u32 = 2 + ALTERNATE_RINGS as u32;
 /// Default number of ring slots in the shared ring array: enough for 32
 /// VIPs at the default size. Userspace may raise it.
 pub const DEFAULT_RING_CAPACITY: u32 = RINGS_PER_VIP * 32 * ring_stride(DEFAULT_RING_SIZE);
@@ -115,20 +115,28 @@ pub const DEFAULT_GUE_PORT: u16 = 6080;
 /// `count` (the whole private data when it was the last), so a packet is
 /// passed on at most `count` times.
 pub const GUE_ALTERNATE_KIND: u8 = 1;
-/// Declared rings of a VIP that packets read (the ring history): the
-/// current declared ring (every wanted backend, health ignored) and the
-/// previous ones. Their choices, where they differ from the live ring's,
-/// are a GUE packet's alternates.
+/// Declared rings a VIP keeps (its ring history): the current declared
+/// ring (every wanted backend, health ignored) and the previous ones. Every
+/// LB host given the same declared changes has the same history.
 pub const HISTORY_RINGS: usize = 4;
-/// At most one alternate per history ring.
-pub const MAX_ALTERNATES: usize = HISTORY_RINGS;
+/// Rings a GUE packet's alternates come from: the history and the
+/// previous live ring (which health changes make; it is this host's own).
+/// Their choices, where they differ from the live ring's, are the
+/// alternates.
+pub const ALTERNATE_RINGS: usize = HISTORY_RINGS + 1;
+/// At most one alternate per alternate ring.
+pub const MAX_ALTERNATES: usize = ALTERNATE_RINGS;
 
 /// Bytes of GUE private data naming `count` alternates (0: none at all).
 pub const fn gue_alternates_len(v6: bool, count: usize) -> usize {
+    // One constant factor per branch: shifts, no multiply (NIC JITs
+    // take no 64-bit multiply).
     if count == 0 {
         0
+    } else if v6 {
+        4 + count * 16
     } else {
-        4 + count * if v6 { 16 } else { 4 }
+        4 + count * 4
     }
 }
 
@@ -182,11 +190,12 @@ pub struct VipMeta {
     pub ring_offset: u32,
     /// Number of slots (a prime); 0 means the VIP has no usable backend.
     pub ring_size: u32,
-    /// How many of `history` are set.
-    pub history_len: u32,
-    /// First slots of the history rings (same size), newest first: where a
-    /// GUE packet's alternate hops come from (see [`HISTORY_RINGS`]).
-    pub history: [u32; HISTORY_RINGS],
+    /// How many of `alt_rings` are set.
+    pub alt_rings_len: u32,
+    /// First slots of the rings (same size) a GUE packet's alternate hops
+    /// come from, in the order they are named: the history, newest first,
+    /// then the previous live ring (see [`ALTERNATE_RINGS`]).
+    pub alt_rings: [u32; ALTERNATE_RINGS],
 }
 
 /// One backend, indexed by backend id in the backends array.

@@ -5,7 +5,7 @@
 //! kernel here has no ipip/ip6tnl/fou devices (see PLATFORM.md).
 //!
 //! The second chance: a GUE packet may name alternate backends (what the
-//! balancer's history rings chose). If it is a TCP packet that is not a
+//! balancer's alternate rings chose). If it is a TCP packet that is not a
 //! SYN and no local socket owns it (no established or request socket, and
 //! no listener that takes it as a valid SYN cookie), the connection lives
 //! on an alternate: the packet goes back out (XDP_TX, to the neighbour it

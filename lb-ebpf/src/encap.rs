@@ -154,13 +154,17 @@ fn write_gue(
     let family = if v6 { AF_INET6 } else { AF_INET };
     let head = ptr_at::<[u8; 4]>(ctx, private).ok_or(())?;
     unsafe { *head = [GUE_ALTERNATE_KIND, family, alternates.len as u8, 0] };
-    // Unrolled: the verifier checks each write at a constant offset.
+    // Unrolled: the verifier checks each write at a constant offset (and
+    // no multiply: the NIC's JIT takes none of a 64-bit operand).
     let size = if v6 { 16 } else { 4 };
+    let mut at = private + 4;
     for i in 0..lb_common::MAX_ALTERNATES {
         if i >= alternates.len {
             break;
         }
-        write_addr(ctx, private + 4 + i * size, &alternates.addrs[i], v6)?;
+        let addr = crate::select::backend_addr(alternates.ids[i]).ok_or(())?;
+        write_addr(ctx, at, &addr, v6)?;
+        at += size;
     }
     Ok(())
 }

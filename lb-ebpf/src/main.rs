@@ -15,7 +15,7 @@
 //! 4. otherwise look up the VIP by (address, port, protocol), then port 0
 //!    (in arrays the kernel inlines; the hash map only for a VIP whose
 //!    array slot another VIP owns), and let its Maglev ring pick; for a GUE
-//!    VIP, a TCP packet that is not a SYN also names the history rings'
+//!    VIP, a TCP packet that is not a SYN also names the alternate rings'
 //!    backends as alternate hops (and is not remembered: its connection
 //!    may live on one of those); other new flows are remembered, unless the VIP
 //!    is stateless;

@@ -10,7 +10,7 @@ use aya_ebpf::{
 use lb_common::{
     fragment_key, ring_slot, source_hash, Backend, Config, FlowKey, RingWord, VipEntry, VipKey, VipMeta, AF_INET,
     CONFIG_F_PORT0_V4, CONFIG_F_PORT0_V6, DEFAULT_RING_CAPACITY, MAX_BACKENDS, MAX_VIPS, RING_SLOTS_PER_WORD,
-    VIP_FILTER_SLOTS, VIP_F_HASH_SRC_ONLY, HISTORY_RINGS, MAX_ALTERNATES,
+    VIP_FILTER_SLOTS, VIP_F_HASH_SRC_ONLY, ALTERNATE_RINGS, MAX_ALTERNATES,
 };
 
 use crate::parse::Packet;
@@ -77,7 +77,7 @@ pub fn lookup_fragment_vip(flow: &FlowKey) -> Option<VipMeta> {
 pub struct Picked {
     pub backend_id: u32,
     pub backend: Backend,
-    /// The ring slot (the history rings are read at the same one).
+    /// The ring slot (the alternate rings are read at the same one).
     pub slot: u32,
     /// The hash the slot came from: outer source bits, IPv6 flow label.
     pub hash: u32,
@@ -107,34 +107,46 @@ fn ring_at(slot: u32) -> Option<u32> {
     Some(word[(slot % RING_SLOTS_PER_WORD) as usize] as u32)
 }
 
-/// The alternate hops of a GUE packet, in the order a backend tries them.
+/// The alternate hops of a GUE packet, in the order a backend tries them:
+/// backend ids, whose addresses go into the packet as it is written (ids
+/// keep the stack small).
 #[derive(Clone, Copy)]
 pub struct Alternates {
-    pub addrs: [[u32; 4]; MAX_ALTERNATES],
+    pub ids: [u32; MAX_ALTERNATES],
     pub len: usize,
 }
 
 impl Alternates {
-    pub const NONE: Alternates = Alternates { addrs: [[0; 4]; MAX_ALTERNATES], len: 0 };
+    /// Zeroed, not a sentinel: the offload loader leaves .rodata (where a
+    /// non-zero initializer would live) empty. Only the first `len` count.
+    pub const NONE: Alternates = Alternates { ids: [0; MAX_ALTERNATES], len: 0 };
+
+    #[inline(always)]
+    fn names(&self, id: u32) -> bool {
+        let mut named = false;
+        for j in 0..MAX_ALTERNATES {
+            named |= j < self.len && self.ids[j] == id;
+        }
+        named
+    }
 }
 
-/// The alternate hops: what each history ring (newest first) gives this
-/// slot, when it differs from the chosen backend and from the alternates
-/// before it, still exists (a removed backend stays, retired, while a
-/// history ring names it), and has the chosen one's address family (the
-/// outer header is built for it). One array read per history ring, and a
-/// backend read for each id not named yet.
+/// The alternate hops: what each alternate ring (the history newest
+/// first, then the previous live ring) gives this slot, when it differs
+/// from the chosen backend and from the alternates before it, still exists
+/// (a removed backend stays, retired, while an alternate ring names it),
+/// and has the chosen one's address family (the outer header is built for
+/// it). One array read per alternate ring, and a backend read for each id
+/// not named yet.
 #[inline(always)]
 pub fn alternates(vip: &VipMeta, chosen: &Backend, chosen_id: u32, slot: u32) -> Alternates {
     let mut out = Alternates::NONE;
-    // Ids named so far; u32::MAX is no backend id.
-    let mut named = [u32::MAX; MAX_ALTERNATES];
-    for i in 0..HISTORY_RINGS {
-        if i as u32 >= vip.history_len {
+    for i in 0..ALTERNATE_RINGS {
+        if i as u32 >= vip.alt_rings_len {
             break;
         }
-        let Some(id) = ring_at(vip.history[i] + slot) else { continue };
-        if id == chosen_id || named.contains(&id) {
+        let Some(id) = ring_at(vip.alt_rings[i] + slot) else { continue };
+        if id == chosen_id || out.names(id) {
             continue;
         }
         let Some(backend) = BACKENDS.get(id) else { continue };
@@ -143,11 +155,16 @@ pub fn alternates(vip: &VipMeta, chosen: &Backend, chosen_id: u32, slot: u32) ->
         }
         // The i-th ring adds at most the i-th alternate (len <= i); get_mut
         // rather than indexing: no panic path for the verifier to reject.
-        if let (Some(addr), Some(name)) = (out.addrs.get_mut(out.len), named.get_mut(out.len)) {
-            *addr = backend.addr;
-            *name = id;
+        if let Some(named) = out.ids.get_mut(out.len) {
+            *named = id;
             out.len += 1;
         }
     }
     out
+}
+
+/// The address of backend `id`, as the GUE private data carries it.
+#[inline(always)]
+pub fn backend_addr(id: u32) -> Option<[u32; 4]> {
+    BACKENDS.get(id).map(|b| b.addr)
 }

@@ -15,7 +15,7 @@ use std::{
 
 use lb_common::{
     flow_hash, source_hash, Backend, Config, FlowKey, VipKey, VipMeta, CONFIG_F_PORT0_V4, CONFIG_F_PORT0_V6,
-    FILTER_STATELESS, FILTER_VIP, HISTORY_RINGS, RINGS_PER_VIP, IPPROTO_TCP, IPPROTO_UDP, MAX_BACKENDS, MAX_VIPS,
+    ALTERNATE_RINGS, FILTER_STATELESS, FILTER_VIP, HISTORY_RINGS, RINGS_PER_VIP, IPPROTO_TCP, IPPROTO_UDP, MAX_BACKENDS, MAX_VIPS,
     VIP_F_HASH_SRC_ONLY,
 };
 
@@ -282,7 +282,12 @@ pub struct VipState {
     /// where GUE packets take their alternate hops from.
     #[serde(default)]
     history: Vec<Generation>,
-    /// Removed backends a history ring may still name: kept in the
+    /// The live ring before the last swap, when health or a declared change
+    /// replaced it: GUE packets name its backends last. This host's own
+    /// (health is not declared), so it is not exported.
+    #[serde(default)]
+    prev_live: Option<Generation>,
+    /// Removed backends an alternate ring may still name: kept in the
     /// backends map, marked retired, until no ring does.
     #[serde(default)]
     retired: BTreeMap<u32, IpAddr>,
@@ -303,7 +308,17 @@ impl VipState {
         self.extent.offset + slot * lb_common::ring_stride(self.spec.ring_size)
     }
 
-    fn meta(&self, live: u32, history: &[Generation], ring_size: u32) -> VipMeta {
+    /// The slot offsets of the rings GUE alternates come from: the history,
+    /// then the previous live ring unless it shares a slot with one of those.
+    fn alt_rings(&self, live: u32, history: &[Generation], prev_live: Option<&Generation>) -> Vec<u32> {
+        let mut slots: Vec<u32> = history.iter().map(|g| g.slot).collect();
+        if let Some(prev) = prev_live.filter(|p| p.slot != live && !slots.contains(&p.slot)) {
+            slots.push(prev.slot);
+        }
+        slots.iter().map(|s| self.slot_offset(*s)).collect()
+    }
+
+    fn meta(&self, live: u32, history: &[Generation], prev_live: Option<&Generation>, ring_size: u32) -> VipMeta {
         let mut flags = match self.spec.hash {
             HashMode::FiveTuple => 0,
             HashMode::SourceIp => VIP_F_HASH_SRC_ONLY,
@@ -314,23 +329,22 @@ impl VipState {
         if self.spec.stateless {
             flags |= lb_common::VIP_F_STATELESS;
         }
-        let mut offsets = [0; HISTORY_RINGS];
-        for (offset, generation) in offsets.iter_mut().zip(history) {
-            *offset = self.slot_offset(generation.slot);
-        }
+        let alt_rings = self.alt_rings(live, history, prev_live);
+        let mut offsets = [0; ALTERNATE_RINGS];
+        offsets[..alt_rings.len()].copy_from_slice(&alt_rings);
         VipMeta {
             vip_id: self.id,
             flags,
             ring_offset: self.slot_offset(live),
             ring_size,
-            history_len: history.len().min(HISTORY_RINGS) as u32,
-            history: offsets,
+            alt_rings_len: alt_rings.len() as u32,
+            alt_rings: offsets,
         }
     }
 
-    /// The history rings' slot offsets, newest first (for `explain`).
-    pub fn history_offsets(&self) -> Vec<u32> {
-        self.history.iter().map(|g| self.slot_offset(g.slot)).collect()
+    /// The alternate rings' slot offsets, as packets read them.
+    pub fn alt_ring_offsets(&self) -> Vec<u32> {
+        self.alt_rings(self.live_slot, &self.history, self.prev_live.as_ref())
     }
 
     pub fn history(&self) -> &[Generation] {
@@ -343,7 +357,8 @@ impl VipState {
 
     /// The VIP-map value packets see now.
     fn live_meta(&self) -> VipMeta {
-        self.meta(self.live_slot, &self.history, if self.ring.is_empty() { 0 } else { self.spec.ring_size })
+        let ring_size = if self.ring.is_empty() { 0 } else { self.spec.ring_size };
+        self.meta(self.live_slot, &self.history, self.prev_live.as_ref(), ring_size)
     }
 
     /// Whether a backend is in the ring now.
@@ -352,11 +367,14 @@ impl VipState {
     }
 
     /// A slot no ring that packets may read uses: neither the live ring
-    /// nor any history ring (nor `also`).
-    fn free_slot(&self, also: Option<u32>) -> u32 {
-        (0..RINGS_PER_VIP)
-            .find(|s| *s != self.live_slot && Some(*s) != also && self.history.iter().all(|g| g.slot != *s))
-            .expect("a VIP has a slot more than its live and history rings")
+    /// nor any alternate ring.
+    fn free_slot(&self) -> u32 {
+        let used = |s: u32| {
+            s == self.live_slot
+                || self.history.iter().any(|g| g.slot == s)
+                || self.prev_live.as_ref().is_some_and(|p| p.slot == s)
+        };
+        (0..RINGS_PER_VIP).find(|s| !used(*s)).expect("a VIP has a slot more than its live and alternate rings")
     }
 
     /// The backend id of an address: a member, else a retired backend.
@@ -396,13 +414,20 @@ fn ring_by_address(members: &BTreeMap<IpAddr, u32>, ring_size: u32) -> (Vec<u32>
 /// wanted one is unhealthy, all wanted ones (fail open). Returns the ring of
 /// backend ids (empty if none is wanted) and whether it failed open.
 fn plan_ring(backends: &BTreeMap<IpAddr, BackendState>, ring_size: u32) -> (Vec<u32>, bool, u64) {
-    let wanted: Vec<(&IpAddr, &BackendState)> = backends.iter().filter(|(_, b)| b.wanted()).collect();
-    let fail_open = wanted.iter().all(|(_, b)| !b.healthy) && !wanted.is_empty();
-    let members: BTreeMap<IpAddr, u32> =
-        wanted.iter().filter(|(_, b)| b.healthy || fail_open).map(|(a, b)| (**a, b.weight)).collect();
+    let (members, fail_open) = live_members(backends);
     let (slots, fingerprint) = ring_by_address(&members, ring_size);
     let ids: Vec<u32> = members.keys().map(|a| backends[a].id).collect();
     (slots.iter().map(|&i| ids[i as usize]).collect(), fail_open, fingerprint)
+}
+
+/// The members of the live ring (address -> weight): the wanted and
+/// healthy backends or, when every wanted one is unhealthy, all wanted ones;
+/// and whether it failed open.
+fn live_members(backends: &BTreeMap<IpAddr, BackendState>) -> (BTreeMap<IpAddr, u32>, bool) {
+    let wanted = declared_members(backends);
+    let fail_open = !wanted.is_empty() && wanted.keys().all(|a| !backends[a].healthy);
+    let members = wanted.into_iter().filter(|(a, _)| backends[a].healthy || fail_open).collect();
+    (members, fail_open)
 }
 
 /// A hash of a live ring by the addresses in its slots (not the backend
@@ -514,6 +539,10 @@ impl Services {
                     let ring = state.ring_of(&state.history[i].members).0;
                     state.history[i].ring = ring;
                 }
+                if let Some(members) = state.prev_live.as_ref().map(|p| p.members.clone()) {
+                    let ring = state.ring_of(&members).0;
+                    state.prev_live.as_mut().expect("just read").ring = ring;
+                }
                 (state.spec.vip, state)
             })
             .collect();
@@ -567,6 +596,7 @@ impl Services {
             extent,
             live_slot: 0,
             history: Vec::new(),
+            prev_live: None,
             fingerprint: 0,
             retired: BTreeMap::new(),
             ring: Vec::new(),
@@ -576,7 +606,7 @@ impl Services {
         // The VIP entry first, then the filter slot that lets packets reach it.
         let written = dp
             .reset_vip_stats(vip_id)
-            .and_then(|()| dp.set_vip(&spec.vip.key(), &state.meta(0, &[], 0)))
+            .and_then(|()| dp.set_vip(&spec.vip.key(), &state.meta(0, &[], None, 0)))
             .and_then(|()| dp.set_vip(&address_mark(&spec.vip), &ADDRESS_MARK))
             .and_then(|()| {
                 let slot = filter_slot(&spec.vip);
@@ -681,7 +711,8 @@ impl Services {
         // Named by a ring, or a member of a generation (too light to be in
         // its ring, but restore rebuilds the ring from the members).
         let named = |id: &u32, addr: &IpAddr| {
-            state.ring.contains(id) || state.history.iter().any(|g| g.ring.contains(id) || g.members.contains_key(addr))
+            state.ring.contains(id)
+                || state.history.iter().chain(&state.prev_live).any(|g| g.ring.contains(id) || g.members.contains_key(addr))
         };
         let unnamed: Vec<u32> = state.retired.iter().filter(|(id, a)| !named(id, a)).map(|(id, _)| *id).collect();
         for id in unnamed {
@@ -756,15 +787,30 @@ impl Services {
         }
         let live = if ring.is_empty() {
             state.live_slot
-        } else if let Some(same) = state.history.iter().find(|g| g.ring == ring) {
+        } else if let Some(same) = state.history.iter().chain(&state.prev_live).find(|g| g.ring == ring) {
             same.slot
         } else {
-            let free = state.free_slot(None);
+            let free = state.free_slot();
             dp.write_ring(state.slot_offset(free), &ring)?;
             free
         };
+        // The outgoing ring becomes the previous live one: connections made
+        // under it (while a backend was down, say) keep an alternate.
+        let prev_live = (!state.ring.is_empty()).then(|| Generation {
+            members: live_members(&state.backends).0,
+            fingerprint: state.fingerprint,
+            since: unix_now(),
+            slot: state.live_slot,
+            ring: std::mem::take(&mut state.ring),
+        });
         let ring_size = if ring.is_empty() { 0 } else { state.spec.ring_size };
-        dp.set_vip(&vip.key(), &state.meta(live, &state.history, ring_size))?;
+        if let Err(e) = dp.set_vip(&vip.key(), &state.meta(live, &state.history, prev_live.as_ref(), ring_size)) {
+            state.ring = prev_live.map(|p| p.ring).unwrap_or_default();
+            return Err(e.into());
+        }
+        if prev_live.is_some() {
+            state.prev_live = prev_live;
+        }
         state.live_slot = live;
         let in_ring = backends.values().filter(|b| b.wanted() && (b.healthy || fail_open)).count();
         state.ring = ring;
@@ -815,14 +861,14 @@ impl Services {
         } else if let Some(same) = state.history.iter().find(|g| g.ring == ring) {
             same.slot
         } else {
-            let free = state.free_slot(None);
+            let free = state.free_slot();
             dp.write_ring(state.slot_offset(free), &ring)?;
             free
         };
         let mut history = vec![Generation { members, fingerprint, since, slot, ring }];
         history.extend(state.history.iter().take(HISTORY_RINGS - 1).cloned());
         let ring_size = if state.ring.is_empty() { 0 } else { state.spec.ring_size };
-        dp.set_vip(&vip.key(), &state.meta(state.live_slot, &history, ring_size))?;
+        dp.set_vip(&vip.key(), &state.meta(state.live_slot, &history, state.prev_live.as_ref(), ring_size))?;
         tracing::info!(%vip, fingerprint = %format!("{fingerprint:016x}"), backends = history[0].members.len(), "declared ring recorded in the history");
         state.history = history;
         self.sync_fragment_entry(dp, vip)?;
@@ -962,13 +1008,13 @@ impl Services {
         let slot = lb_common::ring_slot(hash, state.spec.ring_size);
         let id = state.ring[slot as usize];
         let (addr, _) = by_id(id).expect("the ring names only this VIP's backends");
-        // As the program does: each history ring's backend, where it
+        // As the program does: each alternate ring's backend, where it
         // differs from the chosen one and those before it, still exists and
         // has the same family.
         let mut alternates = Vec::new();
         if state.spec.encap == Encap::Gue {
             let mut named = vec![id];
-            for offset in state.history_offsets() {
+            for offset in state.alt_ring_offsets() {
                 let other = dp.ring_slot(offset + slot)?;
                 let found = by_id(other).map(|(a, _)| *a).or_else(|| state.retired.get(&other).copied());
                 if let Some(a) = found.filter(|a| !named.contains(&other) && a.is_ipv4() == addr.is_ipv4()) {
@@ -1049,7 +1095,7 @@ impl Services {
 
 /// The value of an address mark: no ring, a stats index past the VIPs'.
 const ADDRESS_MARK: VipMeta =
-    VipMeta { vip_id: MAX_VIPS, flags: 0, ring_offset: 0, ring_size: 0, history_len: 0, history: [0; HISTORY_RINGS] };
+    VipMeta { vip_id: MAX_VIPS, flags: 0, ring_offset: 0, ring_size: 0, alt_rings_len: 0, alt_rings: [0; ALTERNATE_RINGS] };
 
 fn unix_now() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())

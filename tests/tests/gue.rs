@@ -183,6 +183,35 @@ fn a_flow_moved_twice_names_both_earlier_owners_newest_first() {
 }
 
 #[test]
+fn a_connection_opened_while_a_backend_was_down_keeps_its_backend_as_an_alternate_when_it_returns() {
+    let mut h = Harness::new();
+    let vip = three_generations(&mut h, true);
+    let three = "198.51.100.3".parse().unwrap();
+    // .3 fails its checks: flows of .3 go to .1 and .2 (a ring in no
+    // generation: health is not declared).
+    h.services.set_health(&mut h.dp, &vip, three, false).unwrap();
+    let opened: Vec<(u16, String)> = (40000..40300)
+        .map(|p| (p, h.forward(&tcp_frame(CLIENT, p, VIP, 80, SYN)).to_string()))
+        .collect();
+    h.services.set_health(&mut h.dp, &vip, three, true).unwrap();
+    let mut moved = 0;
+    for (port, owner) in opened {
+        let (_, out) = h.run(&tcp_frame(CLIENT, port, VIP, 80, ACK));
+        if outer_dst(&out).to_string() == owner {
+            continue;
+        }
+        // Back on .3 now: the ring it was opened under names its owner.
+        assert_eq!(outer_dst(&out).to_string(), "198.51.100.3");
+        let count = out[48] as usize;
+        let named: Vec<String> =
+            out[50..50 + 4 * count].chunks(4).map(|a| std::net::Ipv4Addr::new(a[0], a[1], a[2], a[3]).to_string()).collect();
+        assert!(named.contains(&owner), "port {port}: opened on {owner}, alternates {named:?}");
+        moved += 1;
+    }
+    assert!(moved > 50, "about a third of the flows are .3's again: {moved}");
+}
+
+#[test]
 fn alternates_are_the_history_rings_other_owners_and_retired_backends_stay_until_no_ring_names_them() {
     let mut h = Harness::new();
     let vip = three_generations(&mut h, true);
@@ -195,8 +224,8 @@ fn alternates_are_the_history_rings_other_owners_and_retired_backends_stay_until
         .map(|(a, b)| (b.id, if let std::net::IpAddr::V4(a) = a { a.octets() } else { unreachable!() }))
         .collect();
     // Checks each flow against the rings in the maps: the private data names
-    // each history ring's owner that differs from the live one and from
-    // those named before it, newest ring first. Returns how many flows
+    // each alternate ring's owner that differs from the live one and from
+    // those named before it, in the alternate rings' order. Returns how many flows
     // carried alternates, how many carried two, and how many named .1.
     let check = |h: &mut Harness, seed: u64| -> (u32, u32, u32) {
         let meta = h.dp.vip(&vip.key()).unwrap().unwrap();
@@ -208,7 +237,7 @@ fn alternates_are_the_history_rings_other_owners_and_retired_backends_stay_until
             let slot = lb_common::ring_slot(hash_of(&input), meta.ring_size);
             let mut named = vec![h.dp.ring_slot(meta.ring_offset + slot).unwrap()];
             let mut want: Vec<u8> = Vec::new();
-            for offset in &meta.history[..meta.history_len as usize] {
+            for offset in &meta.alt_rings[..meta.alt_rings_len as usize] {
                 let owner = h.dp.ring_slot(offset + slot).unwrap();
                 if !named.contains(&owner) {
                     named.push(owner);

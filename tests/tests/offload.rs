@@ -18,8 +18,8 @@ use lb_userspace::{
 fn pair() -> (Harness, Harness) {
     let opts = |offload_flavor| LoadOptions {
         conn_table_size: 65_536,
-        // Five VIPs, three ring slots each.
-        ring_capacity: 15 * lb_common::ring_stride(65_537),
+        // Five VIPs.
+        ring_capacity: 5 * lb_common::RINGS_PER_VIP * lb_common::ring_stride(65_537),
         bench_restore: false,
         offload_flavor,
         pin_dir: None,
@@ -154,7 +154,7 @@ fn the_controller_writes_both_programs_maps_and_a_write_failing_half_way_leaves_
     // joins: the NIC gets a copy of what the host has.
     let mut h = Harness::with(LoadOptions {
         conn_table_size: 65_536,
-        ring_capacity: 6 * stride,
+        ring_capacity: 2 * lb_common::RINGS_PER_VIP * stride,
         bench_restore: false,
         offload_flavor: false,
         pin_dir: None,
@@ -171,7 +171,7 @@ fn the_controller_writes_both_programs_maps_and_a_write_failing_half_way_leaves_
     // The flavor loaded as `--xdp-mode offload` loads it for a NIC, through
     // the same raw bpf(2) calls, for the host (ifindex 0) so that frames can
     // be run through it; its ring array holds one VIP's rings only.
-    let words = 3 * stride / lb_common::RING_SLOTS_PER_WORD;
+    let words = lb_common::RINGS_PER_VIP * stride / lb_common::RING_SLOTS_PER_WORD;
     let mut nic = nic::load_for_device(0, words, None).unwrap();
     let maps = std::mem::take(&mut nic.maps);
     h.dp.set_mirror(lb_userspace::Dataplane::on_nic(maps).unwrap()).unwrap();
@@ -242,7 +242,7 @@ fn the_nic_attach_is_refused_by_a_veth_in_hardware_mode_and_its_calls_work_in_na
     let pins = Pins(format!("/sys/fs/bpf/lb-test-nic-{}", std::process::id()).into());
     std::fs::create_dir_all(&pins.0).unwrap();
     let link = pins.0.join("link");
-    let words = 3 * lb_common::ring_stride(65_537) / lb_common::RING_SLOTS_PER_WORD;
+    let words = lb_common::RINGS_PER_VIP * lb_common::ring_stride(65_537) / lb_common::RING_SLOTS_PER_WORD;
     in_fresh_netns(|| {
         let ip = |args: &[&str]| assert!(std::process::Command::new("ip").args(args).status().unwrap().success());
         ip(&["link", "add", "nic-a", "type", "veth", "peer", "name", "nic-b"]);
