@@ -260,6 +260,13 @@ fn history_message(histories: Vec<(VipAddr, Vec<Generation>)>) -> pb::RingHistor
     pb::RingHistory { vips }
 }
 
+/// A ring history as `lbctl history export` writes it (JSON).
+pub fn parse_history(text: &str) -> Result<Vec<(VipAddr, Vec<Generation>)>, String> {
+    let message: pb::RingHistory =
+        serde_json::from_str(text).map_err(|e| format!("not a ring history (`lbctl history export` writes one): {e}"))?;
+    message.vips.iter().map(|v| history_of(v).map_err(|s| s.message().to_string())).collect()
+}
+
 /// One VIP's history as a client sent it, its words checked.
 fn history_of(message: &pb::VipHistory) -> Result<(VipAddr, Vec<Generation>), Status> {
     let vip = vip_of(&message.vip)?;

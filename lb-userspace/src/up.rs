@@ -36,6 +36,10 @@ pub struct UpOptions {
     pub iface: String,
     pub mode: ModeChoice,
     pub config: Option<PathBuf>,
+    /// A ring history another LB host exported, imported after `config`.
+    pub join: Option<PathBuf>,
+    /// Announce nothing until `lbctl announce restore`.
+    pub withdrawn: bool,
     pub socket: PathBuf,
     pub next_hop_mac: Option<[u8; 6]>,
     pub encap_src_v4: Option<(Ipv4Addr, u8)>,
@@ -118,7 +122,7 @@ pub async fn run(opts: UpOptions) -> Result<()> {
         }
     };
     let saved = saved.map(|(_, saved)| saved);
-    let maintenance = saved.as_ref().is_some_and(|s| s.maintenance);
+    let maintenance = opts.withdrawn || saved.as_ref().is_some_and(|s| s.maintenance);
     let (conn_table_size, ring_capacity) = match &saved {
         Some(s) if adopted => (s.conn_table_size, s.ring_capacity),
         _ => (opts.conn_table_size, opts.ring_capacity),
@@ -232,6 +236,14 @@ pub async fn run(opts: UpOptions) -> Result<()> {
     if let Some(path) = &opts.config {
         apply_config(&ctrl, path)?;
         tokio::spawn(reapply_on_sighup(Arc::clone(&ctrl), path.clone()));
+    }
+    if let Some(path) = &opts.join {
+        // Before anything is announced: flows that ECMP moves here find the
+        // tier's alternates from the first packet on.
+        if let Err(e) = join(&ctrl, path) {
+            remove_pins(&pin_dir);
+            return Err(e.context("--join: nothing is announced; start again once it is fixed"));
+        }
     }
     // Save once so that a restart adopts even an unchanged balancer.
     ctrl.save_now();
@@ -509,6 +521,15 @@ fn apply_config(ctrl: &Arc<Controller>, path: &Path) -> Result<()> {
     for change in changes {
         info!(%change, "config applied");
     }
+    Ok(())
+}
+
+/// Imports the ring history file `path` (`lbctl history export` on a peer).
+fn join(ctrl: &Controller, path: &Path) -> Result<()> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let histories = api::parse_history(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    ctrl.import_history(&histories)?;
+    info!(file = %path.display(), vips = histories.len(), "joined the tier: its ring history imported");
     Ok(())
 }
 

@@ -28,6 +28,15 @@ pub struct UpArgs {
     /// Desired state (TOML) applied at start.
     #[arg(long)]
     config: Option<PathBuf>,
+    /// Join a tier: import this ring history (`lbctl history export > FILE`
+    /// on a running LB host) after --config and before announcing, so flows
+    /// moved here keep their alternates. Its VIPs need the same desired state.
+    #[arg(long, value_name = "FILE")]
+    join: Option<PathBuf>,
+    /// With --announce-table: start withdrawn (as `lbctl announce withdraw`),
+    /// announcing nothing until `lbctl announce restore`.
+    #[arg(long)]
+    withdrawn: bool,
     /// MAC of the next hop towards backends; default: the default gateway's, kept fresh.
     #[arg(long, value_parser = netlink::parse_mac)]
     next_hop_mac: Option<[u8; 6]>,
@@ -167,6 +176,8 @@ pub async fn run(args: UpArgs, client: &ClientOpts) -> Result<()> {
         iface: args.iface,
         mode: args.xdp_mode,
         config: args.config,
+        join: args.join,
+        withdrawn: args.withdrawn,
         socket: client.socket.clone(),
         next_hop_mac: args.next_hop_mac,
         encap_src_v4: v4,
