@@ -110,6 +110,17 @@ pub fn birdc(netns: &str, command: &str) -> String {
     out.map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default()
 }
 
+/// Kills the daemon of LB host `i` with `signal` (SIGKILL: no goodbye to
+/// its peers; only BFD tells the router).
+pub fn kill_lb(i: usize, signal: i32) {
+    crate::kill_pid_file(&pid_file(&lb_ns(i)), signal);
+}
+
+/// Starts the daemon of LB host `i` again, as the lab first started it.
+pub fn start_lb(i: usize) -> Result<()> {
+    start(&lb_ns(i), &lb_config(i))
+}
+
 /// Stops the daemon in `netns` (if running).
 pub fn stop(netns: &str) {
     crate::kill_pid_file(&pid_file(netns), libc::SIGTERM);
