@@ -309,11 +309,15 @@ impl VipState {
     }
 
     /// The slot offsets of the rings GUE alternates come from: the history,
-    /// then the previous live ring unless it shares a slot with one of those.
+    /// newest first, then the previous live ring; a ring in the live ring's
+    /// slot or one already listed is left out (it would name nothing new,
+    /// and each costs packets a read).
     fn alt_rings(&self, live: u32, history: &[Generation], prev_live: Option<&Generation>) -> Vec<u32> {
-        let mut slots: Vec<u32> = history.iter().map(|g| g.slot).collect();
-        if let Some(prev) = prev_live.filter(|p| p.slot != live && !slots.contains(&p.slot)) {
-            slots.push(prev.slot);
+        let mut slots: Vec<u32> = Vec::new();
+        for slot in history.iter().chain(prev_live).map(|g| g.slot) {
+            if slot != live && !slots.contains(&slot) {
+                slots.push(slot);
+            }
         }
         slots.iter().map(|s| self.slot_offset(*s)).collect()
     }

@@ -449,13 +449,17 @@ pub fn ensure_bpffs(pin_root: &Path) -> Result<()> {
     std::fs::create_dir_all(pin_root).context("creating the pin directory")
 }
 
-/// Whether this process's mount namespace differs from PID 1's (unknown
-/// counts as not).
+/// Whether this process's mount namespace differs from PID 1's or, where
+/// PID 1's cannot be read (a sandbox), from its parent's: `ip netns exec`
+/// unshares it and then runs the command. Unknown counts as not.
 fn private_mount_namespace() -> bool {
-    match (std::fs::read_link("/proc/self/ns/mnt"), std::fs::read_link("/proc/1/ns/mnt")) {
-        (Ok(own), Ok(init)) => own != init,
-        _ => false,
-    }
+    let own = std::fs::read_link("/proc/self/ns/mnt");
+    let parent = std::fs::read_to_string("/proc/self/status").ok().and_then(|status| {
+        status.lines().find_map(|l| l.strip_prefix("PPid:")).and_then(|p| p.trim().parse::<u32>().ok())
+    });
+    let other = std::fs::read_link("/proc/1/ns/mnt")
+        .or_else(|e| parent.filter(|p| *p > 1).map_or(Err(e), |p| std::fs::read_link(format!("/proc/{p}/ns/mnt"))));
+    matches!((own, other), (Ok(own), Ok(other)) if own != other)
 }
 
 async fn resolve_next_hop(nl: &Netlink) -> Result<[u8; 6]> {

@@ -152,7 +152,7 @@ fn a_clean_stop_keeps_every_vip_backend_drain_and_maintenance_added_through_the_
     ok(lab, 1, &["vip", "add", HTTP4, "--hash", "src-ip"]);
     for j in 1..=BACKENDS {
         let addr = backend_v4(j);
-        ok(lab, 1, &["backend", "add", ECHO4, &addr, "--check", "tcp:80", "--interval", "500ms"]);
+        ok(lab, 1, &["backend", "add", ECHO4, &addr, "--check", "tcp:80", "--interval", "500ms", "--timeout", "500ms"]);
         ok(lab, 1, &["backend", "add", HTTP4, &addr]);
     }
     ok(lab, 1, &["backend", "set-weight", ECHO4, &backend_v4(2), "3"]);
@@ -387,8 +387,8 @@ fn chaos(lab: &Lab, vip_args: &[&str], first_port: u16) -> (Vec<String>, u64, Ve
     fresh.during("be3's health port blocked");
     let block = |name: &str, from: &str| {
         let rule = format!(
-            "table inet {name} {{ chain input {{ type filter hook input priority 0; {from} tcp dport 80 ip daddr {} \
-             drop; }} }}",
+            "table inet {name} {{\n  chain input {{\n    type filter hook input priority 0;\n    \
+             {from} tcp dport 80 ip daddr {} drop;\n  }}\n}}\n",
             backend_v4(3)
         );
         nft(&backend_ns(3), name, &rule);
