@@ -1,8 +1,9 @@
-//! Space in the shared ring array. Each VIP owns one extent of three ring
-//! slots (each its ring size rounded up to whole array words): the live
-//! ring, the previous ring, and a free one where the next ring is written
-//! before a single VIP-map update makes it live. A packet therefore reads
-//! the old ring or the new one, never a mix.
+//! Space in the shared ring array. Each VIP owns one extent of
+//! `RINGS_PER_VIP` ring slots (each its ring size rounded up to whole array
+//! words): the live ring, the rings GUE alternates come from, and a free
+//! one where the next ring is written before a single VIP-map update makes
+//! it live. A packet therefore reads the old ring or the new one, never a
+//! mix.
 
 /// A run of slots `[offset, offset + len)`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

@@ -699,7 +699,7 @@ impl Services {
         let mut backends = self.vip(vip)?.backends.clone();
         let removed = backends.remove(&addr).ok_or(ServiceError::NoSuchBackend(*vip, addr))?;
         self.swap_ring(dp, vip, backends, "backend removed")?;
-        // Retired, not released: the previous ring may name it as the
+        // Retired, not released: an alternate ring may name it as the
         // alternate of connections that still live on it.
         let (words, family) = addr::words(addr);
         let retired =

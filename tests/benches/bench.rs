@@ -88,8 +88,9 @@ fn run_ns(prog: &Xdp, frame: &[u8], repeat: u32) -> f64 {
 
 /// The benchmarks' balancer: IP-in-IP conntrack VIPs, and GUE ones,
 /// stateless (.20) and conntrack (.30), ten backends each, added one by
-/// one: the previous ring of the GUE VIPs stays the first (one backend),
-/// so most of their flows carry an alternate.
+/// one in four change sets (after the 1st, 4th, 7th and 10th): the ring
+/// history is (1-10), (1-7), (1-4), (1), so most GUE flows carry
+/// alternates, many of them two or three (the costly case).
 fn balancer(conn_table_size: u32) -> anyhow::Result<(Dataplane, Services)> {
     balancer_of(conn_table_size, false)
 }
@@ -98,7 +99,7 @@ fn balancer(conn_table_size: u32) -> anyhow::Result<(Dataplane, Services)> {
 fn balancer_of(conn_table_size: u32, offload_flavor: bool) -> anyhow::Result<(Dataplane, Services)> {
     let mut dp = Dataplane::load(LoadOptions {
         conn_table_size,
-        ring_capacity: 16 * 65537,
+        ring_capacity: 5 * lb_common::RINGS_PER_VIP * lb_common::ring_stride(65537),
         bench_restore: true,
         offload_flavor,
         pin_dir: None,
@@ -121,6 +122,9 @@ fn balancer_of(conn_table_size: u32, offload_flavor: bool) -> anyhow::Result<(Da
                 format!("198.51.100.{i}").parse()?
             };
             svc.add_backend(&mut dp, &vip, BackendSpec { addr, weight: 1 })?;
+            if i % 3 == 1 {
+                svc.commit_history(&mut dp)?;
+            }
         }
     }
     Ok((dp, svc))
@@ -211,15 +215,16 @@ fn dataplane_on_cpu0(r: &mut Results, opts: &Opts) -> anyhow::Result<()> {
         assert_eq!(action, XDP_TX);
     }
     let mut dp = h.dp;
-    // A stateless GUE flow that carries an alternate (the bench build
-    // restores its output, so ask explain, which follows the same rings).
+    // A stateless GUE flow that carries three alternates, the costly case
+    // (the bench build restores its output, so ask explain, which follows
+    // the same rings).
     let gue_ack = (40000..41000)
         .map(|p| tcp_frame("192.0.2.55", p, "203.0.113.20", 80, ACK))
         .find(|f| {
             let explained = h.services.explain(&mut dp, &flow_of(f));
-            explained.ok().flatten().is_some_and(|e| e.alternate.is_some())
+            explained.ok().flatten().is_some_and(|e| e.alternates.len() == 3)
         })
-        .expect("a flow whose previous owner differs");
+        .expect("a flow moved by each of the last three change sets");
 
     // The same table at capacity: four times its size in flows, so that
     // all but a few buckets are full and every insert evicts.

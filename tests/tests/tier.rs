@@ -227,14 +227,14 @@ fn an_empty_lb_host_joined_with_the_tiers_history_forwards_every_moved_connectio
     }
 }
 
-/// New connections, one after another from the four client addresses,
-/// each echoing one line, until stopped. Each failure is kept with the
-/// fault under way at the time.
+/// New connections from the four client addresses, on two threads, each
+/// echoing one line, until stopped. Each failure is kept with the fault
+/// under way at the time.
 struct NewConnections {
     stop: Arc<AtomicBool>,
     made: Arc<AtomicU64>,
     fault: Arc<Mutex<String>>,
-    worker: std::thread::JoinHandle<Vec<String>>,
+    workers: Vec<std::thread::JoinHandle<Vec<String>>>,
 }
 
 impl NewConnections {
@@ -242,26 +242,28 @@ impl NewConnections {
         let stop = Arc::new(AtomicBool::new(false));
         let made = Arc::new(AtomicU64::new(0));
         let fault = Arc::new(Mutex::new("none".to_string()));
-        let (stop2, made2, fault2) = (stop.clone(), made.clone(), fault.clone());
-        let worker = std::thread::spawn(move || {
-            in_ns(CLIENT_NS, move || {
-                let mut failures = Vec::new();
-                let mut n: u64 = 0;
-                while !stop2.load(Ordering::SeqCst) {
-                    let src = sock(&client_v4((n % 4) as usize), 0);
-                    if let Err(e) = one_exchange(src, n) {
-                        failures.push(format!("during '{}': {src}: {e}", fault2.lock().unwrap()));
-                    }
-                    n += 1;
-                    made2.store(n, Ordering::SeqCst);
-                    // Bounded: a few hundred connections a second.
-                    std::thread::sleep(Duration::from_millis(2));
-                }
-                failures
+        let workers = (0..2u64)
+            .map(|worker| {
+                let (stop, made, fault) = (stop.clone(), made.clone(), fault.clone());
+                std::thread::spawn(move || {
+                    in_ns(CLIENT_NS, move || {
+                        let mut failures = Vec::new();
+                        let mut n = worker;
+                        while !stop.load(Ordering::SeqCst) {
+                            let src = sock(&client_v4((n % 4) as usize), 0);
+                            if let Err(e) = one_exchange(src, n) {
+                                failures.push(format!("during '{}': {src}: {e}", fault.lock().unwrap()));
+                            }
+                            n += 2;
+                            made.fetch_add(1, Ordering::SeqCst);
+                        }
+                        failures
+                    })
+                    .unwrap()
+                })
             })
-            .unwrap()
-        });
-        NewConnections { stop, made, fault, worker }
+            .collect();
+        NewConnections { stop, made, fault, workers }
     }
 
     fn during(&self, fault: &str) {
@@ -272,7 +274,7 @@ impl NewConnections {
     /// Stops; returns how many connections were made and the failures.
     fn finish(self) -> (u64, Vec<String>) {
         self.stop.store(true, Ordering::SeqCst);
-        let failures = self.worker.join().unwrap();
+        let failures = self.workers.into_iter().flat_map(|w| w.join().unwrap()).collect();
         (self.made.load(Ordering::SeqCst), failures)
     }
 }
