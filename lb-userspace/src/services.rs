@@ -287,6 +287,11 @@ pub struct VipState {
     /// (health is not declared), so it is not exported.
     #[serde(default)]
     prev_live: Option<Generation>,
+    /// The live ring has lasted beyond a change set (or came from a health
+    /// change): when it is replaced it becomes `prev_live`. Rings that only
+    /// lived inside one `apply` do not (they served for microseconds).
+    #[serde(skip, default = "settled")]
+    live_settled: bool,
     /// Removed backends an alternate ring may still name: kept in the
     /// backends map, marked retired, until no ring does.
     #[serde(default)]
@@ -301,6 +306,10 @@ pub struct VipState {
     #[serde(skip)]
     pub fingerprint: u64,
     pub backends: BTreeMap<IpAddr, BackendState>,
+}
+
+fn settled() -> bool {
+    true
 }
 
 impl VipState {
@@ -601,6 +610,7 @@ impl Services {
             live_slot: 0,
             history: Vec::new(),
             prev_live: None,
+            live_settled: true,
             fingerprint: 0,
             retired: BTreeMap::new(),
             ring: Vec::new(),
@@ -744,7 +754,10 @@ impl Services {
         healthy: bool,
     ) -> Result<(), ServiceError> {
         let cause = if healthy { "backend up" } else { "backend down" };
-        self.change_backend(dp, vip, addr, cause, |b| b.healthy = healthy)
+        self.change_backend(dp, vip, addr, cause, |b| b.healthy = healthy)?;
+        // A health change is a change set of its own.
+        self.vips.get_mut(vip).expect("changed above").live_settled = true;
+        Ok(())
     }
 
     pub fn set_weight(
@@ -800,7 +813,7 @@ impl Services {
         };
         // The outgoing ring becomes the previous live one: connections made
         // under it (while a backend was down, say) keep an alternate.
-        let prev_live = (!state.ring.is_empty()).then(|| Generation {
+        let prev_live = (state.live_settled && !state.ring.is_empty()).then(|| Generation {
             members: live_members(&state.backends).0,
             fingerprint: state.fingerprint,
             since: unix_now(),
@@ -815,6 +828,7 @@ impl Services {
         if prev_live.is_some() {
             state.prev_live = prev_live;
         }
+        state.live_settled = false;
         state.live_slot = live;
         let in_ring = backends.values().filter(|b| b.wanted() && (b.healthy || fail_open)).count();
         state.ring = ring;
@@ -831,7 +845,8 @@ impl Services {
 
     /// Ends a change set: every VIP whose declared members differ from its
     /// newest generation gets a new one (the oldest beyond
-    /// [`HISTORY_RINGS`] goes). Health changes never make one.
+    /// [`HISTORY_RINGS`] goes), and every live ring is settled. Health
+    /// changes never make a generation.
     pub fn commit_history(&mut self, dp: &mut Dataplane) -> Result<(), ServiceError> {
         let changed: Vec<(VipAddr, BTreeMap<IpAddr, u32>)> = self
             .vips
@@ -844,13 +859,18 @@ impl Services {
             .collect();
         for (vip, members) in changed {
             self.push_generation(dp, &vip, members, unix_now())?;
+            self.release_retired(dp, &vip)?;
+        }
+        for state in self.vips.values_mut() {
+            state.live_settled = true;
         }
         Ok(())
     }
 
     /// Makes `members` the newest generation of `vip`: its ring goes to a
     /// free slot (or shares the slot of an equal live or history ring),
-    /// then one VIP-map update names it. Every member must have an id.
+    /// then one VIP-map update names it. Every member must have an id; the
+    /// caller releases what no ring names any more.
     fn push_generation(
         &mut self,
         dp: &mut Dataplane,
@@ -875,8 +895,7 @@ impl Services {
         dp.set_vip(&vip.key(), &state.meta(state.live_slot, &history, state.prev_live.as_ref(), ring_size))?;
         tracing::info!(%vip, fingerprint = %format!("{fingerprint:016x}"), backends = history[0].members.len(), "declared ring recorded in the history");
         state.history = history;
-        self.sync_fragment_entry(dp, vip)?;
-        self.release_retired(dp, vip)
+        self.sync_fragment_entry(dp, vip)
     }
 
     /// Whether `generations` (newest first) may become the ring history of

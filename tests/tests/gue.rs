@@ -6,7 +6,7 @@
 use lb_common::{flow_hash, stat};
 use lb_tests::*;
 use lb_userspace::{
-    services::{Encap, VipSpec},
+    services::{Encap, Generation, VipSpec},
     HashMode,
 };
 
@@ -293,4 +293,56 @@ fn alternates_are_the_history_rings_other_owners_and_retired_backends_stay_until
     assert_eq!(h.dp.backend(id_4).unwrap().flags, lb_common::BACKEND_F_RETIRED, "the oldest generation names .4");
     reweigh(&mut h, 4);
     assert_eq!(h.dp.backend(id_4).unwrap().cookie, 0, "no generation names .4 any more");
+}
+
+#[test]
+fn a_ring_history_imported_from_another_host_names_the_same_alternates_and_a_bad_one_changes_nothing() {
+    // The first host lived through seven change sets, two of them adding
+    // and removing .4 and .5 (retired now, each named by one generation).
+    let mut first = Harness::new();
+    let vip = three_generations(&mut first, true);
+    for gone in ["198.51.100.4", "198.51.100.5"] {
+        first.backend(&vip, gone, 1);
+        first.services.remove_backend(&mut first.dp, &vip, gone.parse().unwrap()).unwrap();
+        first.commit();
+    }
+    // The second got the same backends in one change set.
+    let mut second = Harness::new();
+    let vip2 = gue_vip(&mut second, "203.0.113.10:80/tcp", true);
+    for b in ["198.51.100.1", "198.51.100.2", "198.51.100.3"] {
+        let spec = lb_userspace::BackendSpec { addr: b.parse().unwrap(), weight: 1 };
+        second.services.add_backend(&mut second.dp, &vip2, spec).unwrap();
+    }
+    second.commit();
+    let exported: Vec<Generation> = first
+        .services
+        .vip(&vip)
+        .unwrap()
+        .history()
+        .iter()
+        .map(|g| Generation::declared(g.members.clone(), g.since, g.fingerprint))
+        .collect();
+    assert_eq!(exported.len(), 4);
+    let frames: Vec<Vec<u8>> = (40000..42000).map(|p| tcp_frame(CLIENT, p, VIP, 80, ACK)).collect();
+    let outputs = |h: &mut Harness| frames.iter().map(|f| h.run(f)).collect::<Vec<_>>();
+    let before = outputs(&mut second);
+    // Refused, naming the reason, with nothing changed.
+    let mut wrong_print = exported.clone();
+    wrong_print[2].fingerprint ^= 1;
+    let five = [exported.clone(), vec![exported[3].clone()]].concat();
+    for (bad, why) in [(&exported[1..], "newest generation"), (&wrong_print[..], "gives ring"), (&five[..], "at most 4")] {
+        let err = second.services.import_history(&mut second.dp, &vip2, bad).unwrap_err().to_string();
+        assert!(err.contains(why), "{err}");
+        assert_eq!(second.services.vip(&vip2).unwrap().history().len(), 1);
+        assert_eq!(outputs(&mut second), before, "a refused import changes no packet");
+    }
+    // Imported: every packet leaves both hosts byte for byte the same.
+    second.services.import_history(&mut second.dp, &vip2, &exported).unwrap();
+    let (a, b) = (outputs(&mut first), outputs(&mut second));
+    if let Some(k) = (0..a.len()).find(|k| a[*k] != b[*k]) {
+        panic!("port {}: {:?} on the first host, {:?} on the second", 40000 + k, a[k], b[k]);
+    }
+    let two = a.iter().filter(|(_, out)| out[42] >= 3).count();
+    println!("{two} of 2000 flows name two alternates or more");
+    assert!(two > 100, "{two}");
 }

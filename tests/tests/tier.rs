@@ -157,6 +157,11 @@ fn a_clean_stop_keeps_every_vip_backend_drain_and_maintenance_added_through_the_
     }
     ok(lab, 1, &["backend", "set-weight", ECHO4, &backend_v4(2), "3"]);
     ok(lab, 1, &["backend", "drain", HTTP4, &backend_v4(3)]);
+    // Two backends added and removed: the history names them, retired.
+    for gone in ["198.51.100.201", "198.51.100.202"] {
+        ok(lab, 1, &["backend", "add", HTTP4, gone]);
+        ok(lab, 1, &["backend", "del", HTTP4, gone]);
+    }
     ok(lab, 1, &["announce", "withdraw"]);
     let backends = |i: usize| {
         [ECHO4, HTTP4].map(|vip| {
