@@ -89,9 +89,9 @@ pub struct Saved {
     pub maintenance: bool,
 }
 
-/// The map layout a state file describes. 4: six ring slots per VIP (live,
-/// four declared history rings, next) and the VIP entry names the history
-/// rings; 3: the conn table is an array
+/// The map layout a state file describes. 4: seven ring slots per VIP
+/// (live, four history rings, the previous live ring, next) and the VIP
+/// entry names the alternate rings; 3: the conn table is an array
 /// of buckets, and the flow hash and ring slot changed (32-bit hash lanes,
 /// multiply-shift slot), so older maps' entries and rings cannot be
 /// followed; 2: three ring slots per VIP (live, previous, next) and the

@@ -242,6 +242,11 @@ fn snapshot(ctrl: &Controller) -> Result<Snapshot, ApiError> {
         "lb_vip_ring_info",
         "1, labelled with the live ring's fingerprint: equal on LB hosts whose rings are equal.",
     );
+    let mut vip_history = gauge(
+        "lb_vip_history_info",
+        "1, labelled with the ring history's fingerprints, newest first: equal on LB hosts that name the same GUE \
+         alternates.",
+    );
     let mut be_packets = counter("lb_backend_packets", "Packets forwarded to a backend.");
     let mut be_bytes = counter("lb_backend_bytes", "Bytes (inner IP length) forwarded to a backend.");
     let mut be_up = gauge("lb_backend_up", "Health-check verdict: 1 up (or unchecked), 0 down.");
@@ -256,6 +261,8 @@ fn snapshot(ctrl: &Controller) -> Result<Snapshot, ApiError> {
         vip_fail_open.samples.push((vip.clone(), Value::Gauge(v.fail_open as i64)));
         let fingerprint = vec![vip[0].clone(), ("fingerprint", crate::api::fingerprint_text(v.fingerprint))];
         vip_ring.samples.push((fingerprint, Value::Gauge(1)));
+        let history: Vec<String> = v.history().iter().map(|g| crate::api::fingerprint_text(g.fingerprint)).collect();
+        vip_history.samples.push((vec![vip[0].clone(), ("history", history.join(","))], Value::Gauge(1)));
         for (addr, b) in &v.backends {
             let labels = vec![("vip", v.spec.vip.to_string()), ("backend", addr.to_string())];
             let s = st.dp.backend_stats(b.id)?;
@@ -326,6 +333,7 @@ fn snapshot(ctrl: &Controller) -> Result<Snapshot, ApiError> {
         vip_new_flows,
         vip_fail_open,
         vip_ring,
+        vip_history,
         be_packets,
         be_bytes,
         be_up,

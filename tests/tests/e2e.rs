@@ -306,6 +306,17 @@ fn a_flow_moved_between_lb_hosts_by_the_router_keeps_its_backend() {
     assert_eq!(sample(&scrape(1, &[]), &metric), 1.0);
     ok(lab, 2, &["backend", "set-weight", ECHO4, &backend_v4(1), "2"]);
     assert_eq!(fingerprint(1), fingerprint(2), "the same again");
+    // And so do their ring histories (the same change sets on both).
+    let history = |i: usize| {
+        let list: serde_json::Value = serde_json::from_str(&ok(lab, i, &["-o", "json", "vip", "list"])).unwrap();
+        let prints: Vec<&str> =
+            list[0]["history_fingerprints"].as_array().unwrap().iter().map(|f| f.as_str().unwrap()).collect();
+        prints.join(",")
+    };
+    assert_eq!(history(1).split(',').count(), 4, "four change sets: {}", history(1));
+    assert_eq!(history(1), history(2));
+    let metric = format!("lb_vip_history_info{{vip=\"{ECHO4}\",history=\"{}\"}}", history(2));
+    assert_eq!(sample(&scrape(2, &[]), &metric), 1.0);
     let pin = |i: usize| lab.route_through(&[i], VIP4).unwrap();
     pin(1);
     let mut stream = connect(sock(&client_v4(3), 51000), sock(VIP4, ECHO_PORT));
