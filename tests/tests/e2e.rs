@@ -47,15 +47,6 @@ fn explained(lab: &Lab, i: usize, client: &str, vip: &str) -> String {
     format!("be{j}")
 }
 
-/// The health column of lab backend `j` of `vip` on LB host `i`, from
-/// `lbctl -o json backend list`.
-fn backend_health(lab: &Lab, i: usize, vip: &str, j: usize) -> String {
-    let list: serde_json::Value = serde_json::from_str(&ok(lab, i, &["-o", "json", "backend", "list", vip])).unwrap();
-    let want = if vip.starts_with('[') { backend_v6(j) } else { backend_v4(j) };
-    let row = list.as_array().unwrap().iter().find(|b| b["address"] == want.as_str()).expect("the backend is listed");
-    row["health"].as_str().unwrap().to_string()
-}
-
 #[test]
 fn tcp_http_and_udp_reach_the_chosen_backend_over_both_families_with_direct_return() {
     let s = lab();

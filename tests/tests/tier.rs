@@ -189,6 +189,44 @@ fn a_clean_stop_keeps_every_vip_backend_drain_and_maintenance_added_through_the_
 }
 
 #[test]
+fn an_upgrade_across_a_map_layout_change_replays_the_old_releases_state_file() {
+    let s = lab();
+    let lab = &s.lab;
+    // A state file the previous layout's lbctl wrote (layout 3, before the
+    // ring history): a GUE VIP with checked backends, one re-weighted, and
+    // an IP-in-IP VIP with a drained backend. Stopped cleanly, upgraded.
+    lab.stop_lb(1, libc::SIGTERM).unwrap();
+    let fixture = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/state-layout-3.json");
+    std::fs::copy(fixture, format!("{DIR}/state/{}.json", lb_iface(1))).unwrap();
+    lab.start_lb(1, &[]).unwrap();
+    let list: serde_json::Value = serde_json::from_str(&ok(lab, 1, &["-o", "json", "backend", "list", ECHO4])).unwrap();
+    let rows: Vec<String> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| format!("{} {} {} {}", b["address"], b["weight"], b["drained"], b["check"]))
+        .collect();
+    let want: Vec<String> = (1..=BACKENDS)
+        .map(|j| format!("\"{}\" {} false \"tcp:80\"", backend_v4(j), if j == 2 { 3 } else { 1 }))
+        .collect();
+    assert_eq!(rows, want);
+    let http = ok(lab, 1, &["backend", "list", HTTP4]);
+    assert!(http.lines().any(|l| l.contains(&backend_v4(3)) && l.contains("drained")), "{http}");
+    let log = std::fs::read_to_string(format!("{DIR}/lb1.log")).unwrap();
+    assert!(log.contains("saved state replayed"), "{log}");
+    // The old file's "down" verdicts (its host had no route to the
+    // backends) hold until this lab's checks bring them up; then it serves.
+    wait_for(PATIENCE, || (1..=BACKENDS).all(|j| backend_health(lab, 1, ECHO4, j) == "up")).unwrap();
+    lab.route_through(&[1], VIP4).unwrap();
+    let mut c = connect(sock(&client_v4(1), 21100), sock(VIP4, ECHO_PORT));
+    echo(&mut c, "after the upgrade");
+    // The next save is in this release's layout.
+    let saved: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(format!("{DIR}/state/{}.json", lb_iface(1))).unwrap()).unwrap();
+    assert_eq!(saved["layout"], 4);
+}
+
+#[test]
 fn under_ip_netns_exec_lbctl_up_refuses_pins_that_would_vanish_and_says_what_to_do() {
     let s = lab();
     let out = std::process::Command::new("ip")
@@ -320,15 +358,9 @@ fn nft(netns: &str, name: &str, rules: &str) {
     ns(netns, &["nft", "-f", &path]).unwrap();
 }
 
-/// The health of be3 on ECHO4 as LB host `i` sees it.
-fn be3_health(lab: &Lab, i: usize) -> String {
-    let list: serde_json::Value = serde_json::from_str(&ok(lab, i, &["-o", "json", "backend", "list", ECHO4])).unwrap();
-    let row = list.as_array().unwrap().iter().find(|b| b["address"] == backend_v4(3).as_str()).unwrap().clone();
-    row["health"].as_str().unwrap().to_string()
-}
-
+/// Waits until every LB host of `hosts` sees be3 of ECHO4 `health`.
 fn wait_health(lab: &Lab, hosts: &[usize], health: &str) {
-    wait_for(PATIENCE, || hosts.iter().all(|&i| be3_health(lab, i) == health))
+    wait_for(PATIENCE, || hosts.iter().all(|&i| backend_health(lab, i, ECHO4, 3) == health))
         .unwrap_or_else(|_| panic!("be3 is not {health} on LB hosts {hosts:?}"));
 }
 

@@ -328,3 +328,12 @@ pub fn ring_changes(lab: &Lab, streams: &Streams) {
     all(lab, &["backend", "set-weight", ECHO4, &backend_v4(2), "3"]);
     streams.more_rounds(3);
 }
+
+/// The health column of lab backend `j` of `vip` on LB host `i`, from
+/// `lbctl -o json backend list`.
+pub fn backend_health(lab: &Lab, i: usize, vip: &str, j: usize) -> String {
+    let list: serde_json::Value = serde_json::from_str(&ok(lab, i, &["-o", "json", "backend", "list", vip])).unwrap();
+    let want = if vip.starts_with('[') { backend_v6(j) } else { backend_v4(j) };
+    let row = list.as_array().unwrap().iter().find(|b| b["address"] == want.as_str()).expect("the backend is listed");
+    row["health"].as_str().unwrap().to_string()
+}
