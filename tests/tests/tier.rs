@@ -253,12 +253,29 @@ fn an_empty_lb_host_joined_with_the_tiers_history_forwards_every_moved_connectio
         // lb2 is replaced by a host with an empty state directory.
         lab.stop_lb(2, libc::SIGTERM).unwrap();
         std::fs::remove_file(format!("{DIR}/state/{}.json", lb_iface(2))).unwrap();
-        // The README's procedure: the peer's history, the same desired state.
+        // The README's procedures: the peer's history, the same desired state.
         let history = format!("{DIR}/history.json");
         std::fs::write(&history, ok(lab, 1, &["history", "export"])).unwrap();
-        let toml = tier_toml(vip_args, [1, 2, 1], "");
-        lab.start_lb(2, &["--config", &toml, "--join", &history]).unwrap();
-        assert_eq!(vip_identity(lab, 2), vip_identity(lab, 1), "the hosts agree: rings and history");
+        if vip_args.contains(&"--stateless") {
+            // A tier driven by API calls: start withdrawn, make the calls,
+            // import the history, compare, announce.
+            lab.start_lb(2, &["--withdrawn"]).unwrap();
+            let mut args = vec!["vip", "add", ECHO4];
+            args.extend_from_slice(vip_args);
+            ok(lab, 2, &args);
+            for (j, weight) in [(1, "1"), (2, "2"), (3, "1")] {
+                ok(lab, 2, &["backend", "add", ECHO4, &backend_v4(j), "--weight", weight]);
+            }
+            assert_ne!(vip_identity(lab, 2), vip_identity(lab, 1), "other change sets, another history");
+            ok(lab, 2, &["history", "import", &history]);
+            assert!(ok(lab, 2, &["status"]).contains("withdrawn for maintenance"));
+            assert_eq!(vip_identity(lab, 2), vip_identity(lab, 1), "the hosts agree: rings and history");
+            ok(lab, 2, &["announce", "restore"]);
+        } else {
+            let toml = tier_toml(vip_args, [1, 2, 1], "");
+            lab.start_lb(2, &["--config", &toml, "--join", &history]).unwrap();
+            assert_eq!(vip_identity(lab, 2), vip_identity(lab, 1), "the hosts agree: rings and history");
+        }
         lab.wait_routes(VIP4, &[1, 2]).unwrap();
         streams.more_rounds(3);
         lab.route_through(&[2], VIP4).unwrap();
