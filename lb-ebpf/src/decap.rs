@@ -20,8 +20,7 @@ mod object;
 
 use aya_ebpf::{
     bindings::{
-        bpf_sock_tuple, bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1,
-        bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2,
+        bpf_sock_tuple, bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1, bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2,
         xdp_action::{XDP_PASS, XDP_TX},
         BPF_F_CURRENT_NETNS,
     },
@@ -225,9 +224,8 @@ fn owned_here(ctx: &XdpContext, at: usize, inner_proto: u16) -> Option<bool> {
     let ip = ptr_at::<u8>(ctx, at)?;
     // Between lookup and release nothing may return early: the verifier
     // refuses a socket reference that could leak.
-    let sk = unsafe {
-        bpf_skc_lookup_tcp(ctx.ctx as *mut _, &mut tuple, tuple_len as u32, BPF_F_CURRENT_NETNS as u64, 0)
-    };
+    let sk =
+        unsafe { bpf_skc_lookup_tcp(ctx.ctx as *mut _, &mut tuple, tuple_len as u32, BPF_F_CURRENT_NETNS as u64, 0) };
     if sk.is_null() {
         return Some(false);
     }

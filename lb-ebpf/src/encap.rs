@@ -10,8 +10,8 @@ use lb_common::{
     IPPROTO_IPV6, IPPROTO_UDP, IPV4_HLEN, IPV6_HLEN, UDP_HLEN,
 };
 
-use crate::select::Alternates;
 use crate::headers::{ipv4_checksum, ptr_at, EthHdr, Ipv4Hdr, Ipv6Hdr, UdpHdr, ETH_P_IP, ETH_P_IPV6};
+use crate::select::Alternates;
 
 /// How a packet is carried to its backend.
 #[derive(Clone, Copy)]
@@ -19,7 +19,9 @@ pub enum Tunnel {
     Ipip,
     /// GUE, naming other backends (same family as the destination) that a
     /// backend without a socket for the packet passes it to, in turn.
-    Gue { alternates: Alternates },
+    Gue {
+        alternates: Alternates,
+    },
 }
 
 /// Outer hop limit / TTL.
@@ -51,13 +53,7 @@ pub struct Inner {
 /// Encapsulates the packet towards `backend`. `Err` if the kernel refused to
 /// grow the packet; the packet is then unchanged.
 #[inline(always)]
-pub fn encapsulate(
-    ctx: &XdpContext,
-    cfg: &Config,
-    backend: &Backend,
-    inner: &Inner,
-    tunnel: Tunnel,
-) -> Result<(), ()> {
+pub fn encapsulate(ctx: &XdpContext, cfg: &Config, backend: &Backend, inner: &Inner, tunnel: Tunnel) -> Result<(), ()> {
     // Our own MAC is the destination of the frame we received; read it
     // before the headers move.
     let eth = ptr_at::<EthHdr>(ctx, 0).ok_or(())?;

@@ -46,10 +46,10 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
-    address_mark, conntrack, flow_digest, flow_hash, source_hash, stat, vip_filter_slot, Backend, BackendStats, Config, ConnBucket, ConnValue,
-    FloodBucket, GlobalStats, VipMeta, VipStats, AF_INET, BACKEND_F_RETIRED, CONFIG_F_DEBUG, CONN_F_GUE,
-    CONN_F_SOURCE_HASH, CONN_WAYS, DEFAULT_CONN_TABLE_SIZE, FILTER_STATELESS, FILTER_VIP, IPPROTO_TCP, MAX_BACKENDS,
-    MAX_VIPS, VIP_F_GUE, VIP_F_HASH_SRC_ONLY, VIP_F_STATELESS,
+    address_mark, conntrack, flow_digest, flow_hash, source_hash, stat, vip_filter_slot, Backend, BackendStats, Config,
+    ConnBucket, ConnValue, FloodBucket, GlobalStats, VipMeta, VipStats, AF_INET, BACKEND_F_RETIRED, CONFIG_F_DEBUG,
+    CONN_F_GUE, CONN_F_SOURCE_HASH, CONN_WAYS, DEFAULT_CONN_TABLE_SIZE, FILTER_STATELESS, FILTER_VIP, IPPROTO_TCP,
+    MAX_BACKENDS, MAX_VIPS, VIP_F_GUE, VIP_F_HASH_SRC_ONLY, VIP_F_STATELESS,
 };
 
 use aya_log_ebpf::info;
@@ -136,14 +136,19 @@ fn balance(ctx: &XdpContext, cfg: &Config, stats: &mut [u64; stat::COUNT]) -> (u
         Some((id, backend, conn)) => {
             stats[stat::CONN_HIT] += 1;
             // The remembered backend owns the flow: no alternate needed.
-            let tunnel = if conn.flags & CONN_F_GUE != 0 { Tunnel::Gue { alternates: select::Alternates::NONE } } else { Tunnel::Ipip };
+            let tunnel = if conn.flags & CONN_F_GUE != 0 {
+                Tunnel::Gue { alternates: select::Alternates::NONE }
+            } else {
+                Tunnel::Ipip
+            };
             (id, backend, conn, tunnel)
         }
         None => {
             let vip = if looked_up {
                 early
             } else {
-                let found = if fragment { select::lookup_fragment_vip(&pkt.flow) } else { select::lookup_vip(cfg, &pkt.flow) };
+                let found =
+                    if fragment { select::lookup_fragment_vip(&pkt.flow) } else { select::lookup_vip(cfg, &pkt.flow) };
                 match found {
                     Some(vip) => vip,
                     None => return (XDP_PASS, not_for_us),
@@ -286,10 +291,16 @@ fn pick_from_ring(vip: &VipMeta, pkt: &Packet, digest: u64) -> Option<(u32, Back
     let flags = if vip.flags & VIP_F_GUE != 0 { CONN_F_GUE } else { 0 }
         | if vip.flags & VIP_F_HASH_SRC_ONLY != 0 { CONN_F_SOURCE_HASH } else { 0 };
     let (id, backend) = (picked.backend_id, picked.backend);
-    let conn = ConnValue { backend_id: id, cookie: backend.cookie, vip_id: vip.vip_id as u16, flags, _pad: 0, hash: picked.hash };
+    let conn = ConnValue {
+        backend_id: id,
+        cookie: backend.cookie,
+        vip_id: vip.vip_id as u16,
+        flags,
+        _pad: 0,
+        hash: picked.hash,
+    };
     Some((id, backend, conn, picked.slot))
 }
-
 
 /// The SYN-flood guard: whether this CPU may remember one more new flow.
 /// Costs one helper call (the clock), and only when a limit is set.

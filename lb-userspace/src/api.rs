@@ -262,8 +262,8 @@ fn history_message(histories: Vec<(VipAddr, Vec<Generation>)>) -> pb::RingHistor
 
 /// A ring history as `lbctl history export` writes it (JSON).
 pub fn parse_history(text: &str) -> Result<Vec<(VipAddr, Vec<Generation>)>, String> {
-    let message: pb::RingHistory =
-        serde_json::from_str(text).map_err(|e| format!("not a ring history (`lbctl history export` writes one): {e}"))?;
+    let message: pb::RingHistory = serde_json::from_str(text)
+        .map_err(|e| format!("not a ring history (`lbctl history export` writes one): {e}"))?;
     message.vips.iter().map(|v| history_of(v).map_err(|s| s.message().to_string())).collect()
 }
 
@@ -280,7 +280,10 @@ fn history_of(message: &pb::VipHistory) -> Result<(VipAddr, Vec<Generation>), St
             let mut members = std::collections::BTreeMap::new();
             for b in &g.backends {
                 if members.insert(backend_of(&vip, &b.address)?, b.weight).is_some() {
-                    return Err(Status::invalid_argument(format!("{vip}: backend {} twice in a generation", b.address)));
+                    return Err(Status::invalid_argument(format!(
+                        "{vip}: backend {} twice in a generation",
+                        b.address
+                    )));
                 }
             }
             Ok(Generation::declared(members, g.since_unix, fingerprint))

@@ -14,9 +14,9 @@ use std::{
 };
 
 use lb_common::{
-    flow_hash, source_hash, Backend, Config, FlowKey, VipKey, VipMeta, CONFIG_F_PORT0_V4, CONFIG_F_PORT0_V6,
-    ALTERNATE_RINGS, FILTER_STATELESS, FILTER_VIP, HISTORY_RINGS, RINGS_PER_VIP, IPPROTO_TCP, IPPROTO_UDP, MAX_BACKENDS, MAX_VIPS,
-    VIP_F_HASH_SRC_ONLY,
+    flow_hash, source_hash, Backend, Config, FlowKey, VipKey, VipMeta, ALTERNATE_RINGS, CONFIG_F_PORT0_V4,
+    CONFIG_F_PORT0_V6, FILTER_STATELESS, FILTER_VIP, HISTORY_RINGS, IPPROTO_TCP, IPPROTO_UDP, MAX_BACKENDS, MAX_VIPS,
+    RINGS_PER_VIP, VIP_F_HASH_SRC_ONLY,
 };
 
 use serde::{Deserialize, Serialize};
@@ -243,7 +243,6 @@ impl BackendState {
     }
 }
 
-
 /// One declared generation of a VIP: the backends the operator wanted
 /// (weight above 0, not drained) with their weights, after a change set
 /// (one API call, one `apply`, one config reload). Health is not part of
@@ -392,7 +391,10 @@ impl VipState {
 
     /// The backend id of an address: a member, else a retired backend.
     fn id_of(&self, addr: &IpAddr) -> Option<u32> {
-        self.backends.get(addr).map(|b| b.id).or_else(|| self.retired.iter().find(|(_, a)| *a == addr).map(|(id, _)| *id))
+        self.backends
+            .get(addr)
+            .map(|b| b.id)
+            .or_else(|| self.retired.iter().find(|(_, a)| *a == addr).map(|(id, _)| *id))
     }
 
     /// A ring of `members` by backend id (every member must have an id).
@@ -726,7 +728,11 @@ impl Services {
         // its ring, but restore rebuilds the ring from the members).
         let named = |id: &u32, addr: &IpAddr| {
             state.ring.contains(id)
-                || state.history.iter().chain(&state.prev_live).any(|g| g.ring.contains(id) || g.members.contains_key(addr))
+                || state
+                    .history
+                    .iter()
+                    .chain(&state.prev_live)
+                    .any(|g| g.ring.contains(id) || g.members.contains_key(addr))
         };
         let unnamed: Vec<u32> = state.retired.iter().filter(|(id, a)| !named(id, a)).map(|(id, _)| *id).collect();
         for id in unnamed {
@@ -962,7 +968,10 @@ impl Services {
             let cookie = self.next_cookie;
             self.next_cookie = self.next_cookie.checked_add(1).unwrap_or(1);
             dp.reset_backend_stats(id)?;
-            dp.set_backend(id, &Backend { addr: words, cookie, family, flags: lb_common::BACKEND_F_RETIRED, _pad: [0; 2] })?;
+            dp.set_backend(
+                id,
+                &Backend { addr: words, cookie, family, flags: lb_common::BACKEND_F_RETIRED, _pad: [0; 2] },
+            )?;
             self.vips.get_mut(vip).expect("looked up above").retired.insert(id, addr);
         }
         // Oldest first: each push keeps the rings packets read intact.
@@ -1117,8 +1126,14 @@ impl Services {
 }
 
 /// The value of an address mark: no ring, a stats index past the VIPs'.
-const ADDRESS_MARK: VipMeta =
-    VipMeta { vip_id: MAX_VIPS, flags: 0, ring_offset: 0, ring_size: 0, alt_rings_len: 0, alt_rings: [0; ALTERNATE_RINGS] };
+const ADDRESS_MARK: VipMeta = VipMeta {
+    vip_id: MAX_VIPS,
+    flags: 0,
+    ring_offset: 0,
+    ring_size: 0,
+    alt_rings_len: 0,
+    alt_rings: [0; ALTERNATE_RINGS],
+};
 
 fn unix_now() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())

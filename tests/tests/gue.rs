@@ -190,9 +190,8 @@ fn a_connection_opened_while_a_backend_was_down_keeps_its_backend_as_an_alternat
     // .3 fails its checks: flows of .3 go to .1 and .2 (a ring in no
     // generation: health is not declared).
     h.services.set_health(&mut h.dp, &vip, three, false).unwrap();
-    let opened: Vec<(u16, String)> = (40000..40300)
-        .map(|p| (p, h.forward(&tcp_frame(CLIENT, p, VIP, 80, SYN)).to_string()))
-        .collect();
+    let opened: Vec<(u16, String)> =
+        (40000..40300).map(|p| (p, h.forward(&tcp_frame(CLIENT, p, VIP, 80, SYN)).to_string())).collect();
     h.services.set_health(&mut h.dp, &vip, three, true).unwrap();
     let mut moved = 0;
     for (port, owner) in opened {
@@ -203,8 +202,10 @@ fn a_connection_opened_while_a_backend_was_down_keeps_its_backend_as_an_alternat
         // Back on .3 now: the ring it was opened under names its owner.
         assert_eq!(outer_dst(&out).to_string(), "198.51.100.3");
         let count = out[48] as usize;
-        let named: Vec<String> =
-            out[50..50 + 4 * count].chunks(4).map(|a| std::net::Ipv4Addr::new(a[0], a[1], a[2], a[3]).to_string()).collect();
+        let named: Vec<String> = out[50..50 + 4 * count]
+            .chunks(4)
+            .map(|a| std::net::Ipv4Addr::new(a[0], a[1], a[2], a[3]).to_string())
+            .collect();
         assert!(named.contains(&owner), "port {port}: opened on {owner}, alternates {named:?}");
         moved += 1;
     }
@@ -330,7 +331,9 @@ fn a_ring_history_imported_from_another_host_names_the_same_alternates_and_a_bad
     let mut wrong_print = exported.clone();
     wrong_print[2].fingerprint ^= 1;
     let five = [exported.clone(), vec![exported[3].clone()]].concat();
-    for (bad, why) in [(&exported[1..], "newest generation"), (&wrong_print[..], "gives ring"), (&five[..], "at most 4")] {
+    for (bad, why) in
+        [(&exported[1..], "newest generation"), (&wrong_print[..], "gives ring"), (&five[..], "at most 4")]
+    {
         let err = second.services.import_history(&mut second.dp, &vip2, bad).unwrap_err().to_string();
         assert!(err.contains(why), "{err}");
         assert_eq!(second.services.vip(&vip2).unwrap().history().len(), 1);

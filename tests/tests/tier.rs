@@ -346,7 +346,15 @@ fn one_exchange(src: SocketAddr, n: u64) -> std::io::Result<()> {
     let socket = libc_socket(libc::AF_INET);
     // A SYN lost to a fault is sent again (1 s, 3 s); no more.
     let syn_retries: i32 = 2;
-    unsafe { libc::setsockopt(socket.as_raw_fd(), libc::IPPROTO_TCP, libc::TCP_SYNCNT, &syn_retries as *const i32 as *const _, 4) };
+    unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_SYNCNT,
+            &syn_retries as *const i32 as *const _,
+            4,
+        )
+    };
     let mut c = bind_and_connect(socket, src, sock(VIP4, ECHO_PORT))?;
     let line = format!("new {n}");
     c.write_all(format!("{line}\n").as_bytes())?;

@@ -36,8 +36,9 @@ pub async fn run(command: HistoryCommand, client: &ClientOpts) -> Result<()> {
             } else {
                 std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?
             };
-            let history: pb::RingHistory = serde_json::from_str(&text)
-                .with_context(|| format!("{} is not a ring history (`lbctl history export` writes one)", file.display()))?;
+            let history: pb::RingHistory = serde_json::from_str(&text).with_context(|| {
+                format!("{} is not a ring history (`lbctl history export` writes one)", file.display())
+            })?;
             let now = api.import_history(history).await?.into_inner();
             print_history(&now, client.output)
         }
