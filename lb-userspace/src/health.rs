@@ -50,7 +50,9 @@ pub enum Probe {
 pub enum Trust {
     /// Signed by a CA of the system's store (/etc/ssl/certs), for HOST.
     System,
-    /// Signed by one of these CAs (PEM), for HOST.
+    /// Signed by one of these CAs (PEM), for HOST; or one of these
+    /// certificates itself, whatever its name (pinned: a self-signed
+    /// backend, even one marked CA:TRUE as `openssl req -x509` makes it).
     Ca(String),
     /// Any certificate: for self-signed backends, by explicit choice.
     Insecure,
@@ -229,7 +231,7 @@ impl Prober {
                         Some(connector) => {
                             let name = ServerName::try_from(host.trim_matches(|c| c == '[' || c == ']').to_string())
                                 .map_err(|e| e.to_string())?;
-                            let tls = connector.connect(name, tcp).await.map_err(|e| format!("TLS: {e}"))?;
+                            let tls = connector.connect(name, tcp).await.map_err(|e| tls_failure(e, host))?;
                             http_get(tls, &authority, path, spec.expect).await
                         }
                     }
@@ -304,13 +306,105 @@ fn tls_config(trust: &Trust) -> Result<rustls::ClientConfig, String> {
         .map_err(|e| e.to_string())?;
     let config = match trust {
         Trust::System => builder.with_root_certificates(system_roots()?).with_no_client_auth(),
-        Trust::Ca(pem) => builder.with_root_certificates(parse_ca(pem)?).with_no_client_auth(),
+        Trust::Ca(pem) => {
+            builder.dangerous().with_custom_certificate_verifier(Arc::new(CaOrPinned::new(pem)?)).with_no_client_auth()
+        }
         Trust::Insecure => builder
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(AnyCertificate(provider())))
             .with_no_client_auth(),
     };
     Ok(config)
+}
+
+/// `--check-ca FILE`: a certificate signed by a CA in the file, as webpki
+/// judges it, or one that is itself in the file, byte for byte (pinned:
+/// what curl's --cacert and HAProxy's ca-file also take). The handshake's
+/// signatures are checked either way.
+#[derive(Debug)]
+struct CaOrPinned {
+    pinned: Vec<CertificateDer<'static>>,
+    by_ca: Arc<rustls::client::WebPkiServerVerifier>,
+}
+
+impl CaOrPinned {
+    fn new(pem: &str) -> Result<Self, String> {
+        let pinned = CertificateDer::pem_slice_iter(pem.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| format!("the check CA is not PEM: {e}"))?;
+        let by_ca = rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(parse_ca(pem)?), provider())
+            .build()
+            .map_err(|e| format!("the check CA: {e}"))?;
+        Ok(Self { pinned, by_ca })
+    }
+}
+
+impl ServerCertVerifier for CaOrPinned {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        name: &ServerName<'_>,
+        ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        if self.pinned.iter().any(|c| c.as_ref() == end_entity.as_ref()) {
+            return Ok(ServerCertVerified::assertion());
+        }
+        self.by_ca.verify_server_cert(end_entity, intermediates, name, ocsp, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.by_ca.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.by_ca.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.by_ca.supported_verify_schemes()
+    }
+}
+
+/// Why a TLS handshake failed, in words that say what to do where the
+/// certificate was refused; rustls's own text otherwise.
+fn tls_failure(e: std::io::Error, host: &str) -> String {
+    use rustls::{CertificateError, OtherError};
+    let Some(rustls::Error::InvalidCertificate(refused)) = e.get_ref().and_then(|e| e.downcast_ref()) else {
+        return format!("TLS: {e}");
+    };
+    let advice = match refused {
+        CertificateError::UnknownIssuer => {
+            "not signed by a trusted CA: give --check-ca the CA that signed it, or the backend's own certificate to \
+             pin it"
+                .to_string()
+        }
+        // webpki's error, by name (its crate is not a dependency of ours).
+        CertificateError::Other(OtherError(other)) if other.to_string().contains("CaUsedAsEndEntity") => {
+            "the backend presents a CA certificate (CA:TRUE, as `openssl req -x509` makes by default): put that very \
+             certificate in the --check-ca file to pin it"
+                .to_string()
+        }
+        CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. } => {
+            format!("the certificate is not for '{host}' (the check URL's host): use a name it carries")
+        }
+        CertificateError::Expired | CertificateError::ExpiredContext { .. } => {
+            "the certificate has expired".to_string()
+        }
+        _ => return format!("TLS: {e}"),
+    };
+    format!("TLS: invalid peer certificate: {advice}")
 }
 
 /// `--check-insecure`: any certificate is taken, but the handshake's
@@ -569,12 +663,76 @@ mod tests {
         assert_eq!(sni_rx.recv().await.unwrap().as_deref(), Some("backend.example"), "SNI is the check's host");
         assert_eq!(check(Some(&ca), false, (200, 299)).await, Err("HTTP status 302".into()), "not followed");
         let wrong = check(Some(&other_ca), false, DEFAULT_EXPECT).await.unwrap_err();
-        assert!(wrong.starts_with("TLS: ") && wrong.contains("UnknownIssuer"), "{wrong}");
+        assert!(wrong.starts_with("TLS: ") && wrong.contains("not signed by a trusted CA"), "{wrong}");
         assert_eq!(check(None, true, DEFAULT_EXPECT).await, Ok(()), "insecure takes a certificate of any CA");
         // Trust options only make sense for https, and not both at once.
         assert!(Probe::parse("http://x/", 80).unwrap().with_trust(None, true).is_err());
         assert!(Probe::parse("https://x/", 80).unwrap().with_trust(Some(&ca), true).is_err());
         assert!(Probe::parse("https://x/", 80).unwrap().with_trust(Some("not pem"), false).is_err());
         assert_eq!(Probe::parse("https://x/", 80).unwrap().to_string(), "https://x:443/");
+    }
+
+    /// Serves TLS with `cert` and `key` on a local port, answering 200 to
+    /// any request; returns the port.
+    async fn serve_tls(cert: CertificateDer<'static>, key: rustls::pki_types::PrivateKeyDer<'static>) -> u16 {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let config = rustls::ServerConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![cert], key)
+            .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let Ok(mut tls) = acceptor.accept(tcp).await else { continue };
+                let mut buf = [0u8; 1024];
+                let _ = tls.read(&mut buf).await;
+                let _ = tls.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n").await;
+                let _ = tls.shutdown().await;
+            }
+        });
+        port
+    }
+
+    #[tokio::test]
+    async fn a_self_signed_ca_certificate_in_the_check_ca_file_is_pinned_and_refusals_say_what_to_do() {
+        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+        // As `openssl req -x509` makes it: self-signed, CA:TRUE, for its name.
+        let self_signed = |name: &str| {
+            let mut params = CertificateParams::new(vec![name.to_string()]).unwrap();
+            params.distinguished_name.push(DnType::CommonName, name);
+            params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            let key = KeyPair::generate().unwrap();
+            let cert = params.self_signed(&key).unwrap();
+            (cert.pem(), cert.der().clone(), rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der()).unwrap())
+        };
+        let (pem, cert, key) = self_signed("backend.example");
+        let (other_pem, _, _) = self_signed("backend.example");
+        let port = serve_tls(cert, key).await;
+        let check = |host: &str, ca: String| {
+            let url = format!("https://{host}:{port}/");
+            let probe = Probe::parse(&url, 443).unwrap().with_trust(Some(&ca), false).unwrap();
+            let prober = Prober::new(&CheckSpec { probe, ..CheckSpec::default() }).unwrap();
+            async move { prober.probe("127.0.0.1".parse().unwrap()).await }
+        };
+        assert_eq!(check("backend.example", pem.clone()).await, Ok(()), "the file holds that very certificate");
+        // Pinned means its bytes, whatever name the check uses.
+        assert_eq!(check("other.example", pem.clone()).await, Ok(()));
+        // Among other certificates in the file too.
+        assert_eq!(check("backend.example", format!("{other_pem}{pem}")).await, Ok(()));
+        // Another self-signed certificate in the file: refused, saying how to pin.
+        let refused = check("backend.example", other_pem).await.unwrap_err();
+        assert!(refused.starts_with("TLS: invalid peer certificate: ") && refused.contains("to pin it"), "{refused}");
+        // A certificate signed by the file's CA but for another name.
+        let (ca, cert, key) = pki("backends' CA", "backend.example");
+        let port2 = serve_tls(cert, key).await;
+        let url = format!("https://elsewhere.example:{port2}/");
+        let probe = Probe::parse(&url, 443).unwrap().with_trust(Some(&ca), false).unwrap();
+        let prober = Prober::new(&CheckSpec { probe, ..CheckSpec::default() }).unwrap();
+        let refused = prober.probe("127.0.0.1".parse().unwrap()).await.unwrap_err();
+        assert!(refused.contains("not for 'elsewhere.example'"), "{refused}");
     }
 }
