@@ -101,13 +101,15 @@ pub fn put_front(bucket: &mut ConnBucket, from: usize, digest: u64, value: u64) 
 
 /// Remembers a flow: where it is already (a new SYN replaces it), else in
 /// the first empty slot, else in place of the least recently used.
+/// Returns the value it replaced for this flow, if there was one.
 #[inline(always)]
-pub fn insert(bucket: &mut ConnBucket, digest: u64, value: u64) {
-    let from = match find(bucket, digest) {
-        Some((way, _)) => way,
-        None => first_empty(bucket),
+pub fn insert(bucket: &mut ConnBucket, digest: u64, value: u64) -> Option<u64> {
+    let (from, old) = match find(bucket, digest) {
+        Some((way, old)) => (way, Some(old)),
+        None => (first_empty(bucket), None),
     };
     put_front(bucket, from, digest, value);
+    old
 }
 
 /// The first slot without a flow ([`CONN_WAYS`] when all hold one).
@@ -165,9 +167,9 @@ mod tests {
     fn inserting_a_known_flow_replaces_it_without_evicting_another() {
         let mut b = ConnBucket::default();
         for d in 1..=4u64 {
-            insert(&mut b, d, value(d as u32));
+            assert_eq!(insert(&mut b, d, value(d as u32)), None, "a new flow replaces none of its own");
         }
-        insert(&mut b, 2, value(20));
+        assert_eq!(insert(&mut b, 2, value(20)), Some(value(2)), "the value it replaced");
         assert_eq!(find(&b, 2), Some((0, value(20))));
         for d in [1, 3, 4] {
             assert!(find(&b, d).is_some());

@@ -426,6 +426,21 @@ pub struct VipStats {
 pub struct BackendStats {
     pub packets: u64,
     pub bytes: u64,
+    /// SYNs of a flow the conn table already sent to this backend: the
+    /// client did not get a SYN-ACK and tried again (or reused the ports).
+    /// With direct return, the first sign of a backend that takes packets
+    /// and answers none. Conntrack VIPs only.
+    pub syn_repeats: u64,
+}
+
+impl BackendStats {
+    pub fn plus(self, other: BackendStats) -> BackendStats {
+        BackendStats {
+            packets: self.packets + other.packets,
+            bytes: self.bytes + other.bytes,
+            syn_repeats: self.syn_repeats + other.syn_repeats,
+        }
+    }
 }
 
 /// Key of the decap program's address map: an outer destination it strips.

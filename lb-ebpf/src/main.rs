@@ -182,7 +182,9 @@ fn balance(ctx: &XdpContext, cfg: &Config, stats: &mut [u64; stat::COUNT]) -> (u
                 if may_track(cfg.new_flow_limit) {
                     // A full table evicts its least recently used entry; an error
                     // only means the flow is re-picked next time, to the same backend.
-                    remember(cfg, digest, &conn);
+                    if remember(cfg, digest, &conn) && pkt.syn {
+                        count_syn_repeat(id);
+                    }
                 } else {
                     stats[stat::CONN_UNTRACKED] += 1;
                 }
@@ -275,11 +277,23 @@ fn lookup_conn(cfg: &Config, pkt: &Packet, digest: u64) -> Option<(u32, Backend,
 }
 
 /// Remembers the flow's backend (a full bucket forgets its least recently
-/// used flow).
+/// used flow). Returns whether the table already sent the flow there.
 #[inline(always)]
-fn remember(cfg: &Config, digest: u64, conn: &ConnValue) {
-    if let Some(bucket) = CONNS.get_ptr_mut(conntrack::bucket_index(digest, cfg.conn_buckets)) {
-        conntrack::insert(unsafe { &mut *bucket }, digest, conntrack::pack(conn));
+fn remember(cfg: &Config, digest: u64, conn: &ConnValue) -> bool {
+    let Some(bucket) = CONNS.get_ptr_mut(conntrack::bucket_index(digest, cfg.conn_buckets)) else {
+        return false;
+    };
+    let word = conntrack::pack(conn);
+    conntrack::insert(unsafe { &mut *bucket }, digest, word) == Some(word)
+}
+
+/// A SYN again for a flow the table already sent to `backend_id` (the
+/// passive signal: no map lookup beyond the backend's counters, which the
+/// packet updates anyway).
+#[inline(always)]
+fn count_syn_repeat(backend_id: u32) {
+    if let Some(s) = BACKEND_STATS.get_ptr_mut(backend_id) {
+        unsafe { (*s).syn_repeats += 1 };
     }
 }
 

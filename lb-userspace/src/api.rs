@@ -179,6 +179,7 @@ impl Api {
                     bytes: stats.bytes,
                     in_ring: state.in_ring(b),
                     reason: reason.to_string(),
+                    syn_repeats: stats.syn_repeats,
                 }
             })
             .collect())

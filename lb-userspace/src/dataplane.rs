@@ -535,7 +535,7 @@ impl Dataplane {
         let here = self.backend_stats_here(backend_id)?;
         let Some(nic) = self.mirror() else { return Ok(here) };
         let there = nic.backend_stats_here(backend_id)?;
-        Ok(BackendStats { packets: here.packets + there.packets, bytes: here.bytes + there.bytes })
+        Ok(here.plus(there))
     }
 
     fn backend_stats_here(&mut self, backend_id: u32) -> Result<BackendStats, DataplaneError> {
@@ -547,10 +547,7 @@ impl Dataplane {
             .per_cpu::<BackendStats>(map_names::BACKEND_STATS)?
             .get(&backend_id, 0)
             .map_err(map_err(map_names::BACKEND_STATS))?;
-        Ok(values.iter().fold(BackendStats::default(), |a, v| BackendStats {
-            packets: a.packets + v.packets,
-            bytes: a.bytes + v.bytes,
-        }))
+        Ok(values.iter().fold(BackendStats::default(), |a, v| a.plus(*v)))
     }
 
     /// Zeroes the counters of a VIP id before it is given to a new VIP.

@@ -249,6 +249,10 @@ fn snapshot(ctrl: &Controller) -> Result<Snapshot, ApiError> {
     );
     let mut be_packets = counter("lb_backend_packets", "Packets forwarded to a backend.");
     let mut be_bytes = counter("lb_backend_bytes", "Bytes (inner IP length) forwarded to a backend.");
+    let mut be_syn_repeats = counter(
+        "lb_backend_syn_repeats",
+        "SYNs of flows already sent to this backend (no SYN-ACK reached the client): conntrack VIPs.",
+    );
     let mut be_up = gauge("lb_backend_up", "Health-check verdict: 1 up (or unchecked), 0 down.");
     let mut be_in_ring = gauge("lb_backend_in_ring", "1 when the backend takes new flows.");
     let vips: Vec<_> = st.services.vips().cloned().collect();
@@ -269,6 +273,7 @@ fn snapshot(ctrl: &Controller) -> Result<Snapshot, ApiError> {
             let up = st.checks.get(&(v.spec.vip, *addr)).map(|c| c.tracker.healthy).unwrap_or(true);
             be_packets.samples.push((labels.clone(), Value::Counter(s.packets)));
             be_bytes.samples.push((labels.clone(), Value::Counter(s.bytes)));
+            be_syn_repeats.samples.push((labels.clone(), Value::Counter(s.syn_repeats)));
             be_up.samples.push((labels.clone(), Value::Gauge(up as i64)));
             be_in_ring.samples.push((labels, Value::Gauge(v.in_ring(b) as i64)));
         }
@@ -336,6 +341,7 @@ fn snapshot(ctrl: &Controller) -> Result<Snapshot, ApiError> {
         vip_history,
         be_packets,
         be_bytes,
+        be_syn_repeats,
         be_up,
         be_in_ring,
         latency,

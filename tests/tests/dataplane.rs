@@ -595,6 +595,35 @@ fn counters_account_for_every_packet() {
 }
 
 #[test]
+fn a_syn_again_for_a_flow_the_table_sent_to_a_backend_counts_for_that_backend() {
+    let mut h = Harness::new();
+    let vip = h.vip("203.0.113.10:80/tcp", HashMode::FiveTuple);
+    h.backend(&vip, "198.51.100.1", 1);
+    h.backend(&vip, "198.51.100.2", 1);
+    let repeats = |h: &mut Harness| -> Vec<u64> {
+        let ids: Vec<u32> = h.services.vip(&vip).unwrap().backends.values().map(|b| b.id).collect();
+        ids.iter().map(|id| h.dp.backend_stats(*id).unwrap().syn_repeats).collect()
+    };
+    let syn = tcp_frame(CLIENT, 40000, VIP, 80, SYN);
+    let owner = h.forward(&syn);
+    assert_eq!(repeats(&mut h), [0, 0], "a first SYN");
+    h.forward(&tcp_frame(CLIENT, 40000, VIP, 80, ACK));
+    h.forward(&tcp_frame(CLIENT, 40001, VIP, 80, SYN));
+    assert_eq!(repeats(&mut h), [0, 0], "an ACK, another flow's SYN");
+    assert_eq!(h.forward(&syn), owner);
+    assert_eq!(h.forward(&syn), owner);
+    let on = if owner.to_string() == "198.51.100.1" { [2, 0] } else { [0, 2] };
+    assert_eq!(repeats(&mut h), on, "two retransmissions, counted for the backend that got them");
+    // The owner removed: the SYN goes elsewhere, which is no repeat there.
+    h.services.remove_backend(&mut h.dp, &vip, owner).unwrap();
+    h.commit();
+    let other = h.forward(&syn);
+    assert_ne!(other, owner);
+    let other_id = h.services.vip(&vip).unwrap().backends[&other].id;
+    assert_eq!(h.dp.backend_stats(other_id).unwrap().syn_repeats, 0);
+}
+
+#[test]
 fn program_and_userspace_agree_on_10000_random_flows() {
     let mut h = Harness::new();
     let v4 = h.vip("203.0.113.10:80/tcp", HashMode::FiveTuple);

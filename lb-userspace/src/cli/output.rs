@@ -61,7 +61,7 @@ pub fn print_backends(backends: &[pb::Backend], format: Format) -> Result<()> {
         return print_json(&backends);
     }
     print_table(
-        &["vip", "backend", "weight", "state", "health", "check", "packets", "bytes", "reason"],
+        &["vip", "backend", "weight", "state", "health", "check", "packets", "bytes", "syn repeats", "reason"],
         backends.iter().map(|b| {
             let state = if b.drained {
                 "drained"
@@ -79,6 +79,7 @@ pub fn print_backends(backends: &[pb::Backend], format: Format) -> Result<()> {
                 b.check.clone(),
                 b.packets.to_string(),
                 b.bytes.to_string(),
+                b.syn_repeats.to_string(),
                 b.reason.clone(),
             ]
         }),
