@@ -337,3 +337,38 @@ pub fn backend_health(lab: &Lab, i: usize, vip: &str, j: usize) -> String {
     let row = list.as_array().unwrap().iter().find(|b| b["address"] == want.as_str()).expect("the backend is listed");
     row["health"].as_str().unwrap().to_string()
 }
+
+/// A CA that signs a server certificate for 127.0.0.1 and a client
+/// certificate, written as PEM files under `dir`; returns (ca, cert, key)
+/// paths for the server and the client.
+pub fn make_pki(dir: &str, name: &str) -> [String; 5] {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+    std::fs::create_dir_all(dir).unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
+    let write = |file: &str, text: String| {
+        let path = format!("{dir}/{name}-{file}");
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    let server_key = KeyPair::generate().unwrap();
+    let server = CertificateParams::new(vec!["127.0.0.1".to_string()]).unwrap().signed_by(&server_key, &ca).unwrap();
+    let client_key = KeyPair::generate().unwrap();
+    let client = CertificateParams::new(vec!["lbctl-client".to_string()]).unwrap().signed_by(&client_key, &ca).unwrap();
+    [
+        write("ca.pem", ca.pem()),
+        write("server.pem", server.pem()),
+        write("server.key", server_key.serialize_pem()),
+        write("client.pem", client.pem()),
+        write("client.key", client_key.serialize_pem()),
+    ]
+}
+
+/// The backend `lbctl explain` names, as the lab's backend name (be1..).
+pub fn explained(lab: &Lab, i: usize, client: &str, vip: &str) -> String {
+    let out = ok(lab, i, &["-o", "json", "explain", client, vip]);
+    let addr = out.split("\"backend\": \"").nth(1).unwrap().split('"').next().unwrap().to_string();
+    let j = (1..=BACKENDS).find(|&j| backend_v4(j) == addr || backend_v6(j) == addr).expect("a lab backend");
+    format!("be{j}")
+}
