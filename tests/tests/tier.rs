@@ -260,9 +260,16 @@ fn an_empty_lb_host_joined_with_the_tiers_history_forwards_every_moved_connectio
             // A tier driven by API calls: start withdrawn, make the calls,
             // import the history, compare, announce.
             lab.start_lb(2, &["--withdrawn"]).unwrap();
+            let refused = |why: &str| {
+                let out = lab.lbctl(2, &["history", "import", &history]);
+                let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+                assert!(!out.status.success() && stderr.contains(why), "{stderr}");
+            };
+            refused("no VIP");
             let mut args = vec!["vip", "add", ECHO4];
             args.extend_from_slice(vip_args);
             ok(lab, 2, &args);
+            refused("apply the same desired state first");
             for (j, weight) in [(1, "1"), (2, "2"), (3, "1")] {
                 ok(lab, 2, &["backend", "add", ECHO4, &backend_v4(j), "--weight", weight]);
             }
