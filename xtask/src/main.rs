@@ -1,8 +1,9 @@
-//! Developer and CI entry points: `cargo xtask setup|build|test`.
+//! Developer and CI entry points: `cargo xtask setup|build|test|package|...`.
 //! Every command runs `setup` first; it is quick when nothing is missing.
 
 mod bench;
 mod demo;
+mod package;
 mod setup;
 
 use std::{
@@ -48,6 +49,8 @@ enum Cmd {
     /// The offload checker: the offload flavor must pass the rules of the
     /// nfp XDP offload JIT, and the full balancer is shown refused.
     OffloadCheck,
+    /// A Debian package of lbctl: target/lbctl_VERSION_ARCH.deb.
+    Package,
     /// The demo: lab up, VIPs through lbctl, HTTP traffic, stats, a
     /// health-check failover, lab down.
     Demo,
@@ -115,10 +118,12 @@ fn main() -> Result<()> {
         },
         Cmd::Test { args } => {
             offload_check(&root)?;
+            package::check(&root)?;
             // One test binary at a time; inside one, tests run in parallel.
             run(Command::new("cargo").current_dir(&root).args(["test", "--workspace"]).arg("--").args(&args))
         }
         Cmd::OffloadCheck => offload_check(&root),
+        Cmd::Package => package::package(&root).map(|_| ()),
     }
 }
 
