@@ -52,9 +52,10 @@ impl From<ServiceError> for ApiError {
         match e {
             ServiceError::NoSuchVip(_) | ServiceError::NoSuchBackend(..) => ApiError::NotFound(msg),
             ServiceError::VipExists(_) | ServiceError::BackendExists(..) => ApiError::Exists(msg),
-            ServiceError::TooManyVips | ServiceError::TooManyBackends | ServiceError::RingSpaceFull { .. } => {
-                ApiError::Exhausted(msg)
-            }
+            ServiceError::TooManyVips
+            | ServiceError::TooManyBackends
+            | ServiceError::RingSpaceFull { .. }
+            | ServiceError::RingSpaceWanting { .. } => ApiError::Exhausted(msg),
             ServiceError::Dataplane(_) => ApiError::Internal(msg),
             _ => ApiError::Invalid(msg),
         }
@@ -305,6 +306,11 @@ impl Controller {
     pub fn apply(self: &Arc<Self>, want: &Desired, dry_run: bool) -> Result<Vec<Change>, ApiError> {
         let before = self.current();
         let changes = desired::plan(&before, want);
+        let removed: Vec<VipAddr> =
+            changes.iter().filter_map(|c| if let Change::RemoveVip(v) = c { Some(*v) } else { None }).collect();
+        let added: Vec<VipSpec> =
+            changes.iter().filter_map(|c| if let Change::AddVip(s) = c { Some(*s) } else { None }).collect();
+        self.lock().services.check_ring_space(&removed, &added)?;
         if dry_run {
             return Ok(changes);
         }

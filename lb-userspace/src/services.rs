@@ -209,6 +209,11 @@ pub enum ServiceError {
     RingSizeTooLarge(u32),
     #[error("no room for a ring of {needed} slots (largest free run {free}); remove a VIP or load with a larger ring capacity")]
     RingSpaceFull { needed: u32, free: u32 },
+    #[error(
+        "the ring capacity takes {fit} of the {vips} VIPs to add (each needs {needed} slots: {RINGS_PER_VIP} rings); \
+         nothing was changed: start lbctl up with a larger --ring-capacity"
+    )]
+    RingSpaceWanting { fit: usize, vips: usize, needed: u32 },
     #[error("all {MAX_VIPS} VIP slots are in use")]
     TooManyVips,
     #[error("all {MAX_BACKENDS} backend slots are in use")]
@@ -592,6 +597,25 @@ impl Services {
 
     pub fn vip(&self, vip: &VipAddr) -> Result<&VipState, ServiceError> {
         self.vips.get(vip).ok_or(ServiceError::NoSuchVip(*vip))
+    }
+
+    /// Whether the ring space takes `added` once `removed` are gone, as the
+    /// allocator will place them: checked before a change set writes
+    /// anything, so a state that does not fit is refused at once, whole.
+    pub fn check_ring_space(&self, removed: &[VipAddr], added: &[VipSpec]) -> Result<(), ServiceError> {
+        let mut space = self.ring_space.clone();
+        for vip in removed {
+            if let Some(state) = self.vips.get(vip) {
+                space.free(state.extent);
+            }
+        }
+        for (placed, spec) in added.iter().enumerate() {
+            let needed = RINGS_PER_VIP * lb_common::ring_stride(spec.ring_size);
+            if space.alloc(needed).is_none() {
+                return Err(ServiceError::RingSpaceWanting { fit: placed, vips: added.len(), needed });
+            }
+        }
+        Ok(())
     }
 
     pub fn add_vip(&mut self, dp: &mut Dataplane, spec: VipSpec) -> Result<(), ServiceError> {

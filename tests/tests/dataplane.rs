@@ -4,7 +4,10 @@
 
 use lb_common::stat;
 use lb_tests::*;
-use lb_userspace::{services::Via, HashMode};
+use lb_userspace::{
+    services::{Encap, Via, VipSpec},
+    HashMode,
+};
 
 const CLIENT: &str = "192.0.2.55";
 const VIP: &str = "203.0.113.10";
@@ -621,6 +624,25 @@ fn a_syn_again_for_a_flow_the_table_sent_to_a_backend_counts_for_that_backend() 
     assert_ne!(other, owner);
     let other_id = h.services.vip(&vip).unwrap().backends[&other].id;
     assert_eq!(h.dp.backend_stats(other_id).unwrap().syn_repeats, 0);
+}
+
+#[test]
+fn the_ring_space_a_change_set_needs_is_checked_before_anything_is_written() {
+    let mut h = Harness::new(); // room for four VIPs of ring 65537
+    let first = h.vip("203.0.113.10:80/tcp", HashMode::FiveTuple);
+    let spec = |port: u16| VipSpec {
+        vip: format!("203.0.113.10:{port}/tcp").parse().unwrap(),
+        hash: HashMode::FiveTuple,
+        ring_size: 65537,
+        encap: Encap::Ipip,
+        stateless: false,
+    };
+    let four: Vec<VipSpec> = (81..85).map(spec).collect();
+    let err = h.services.check_ring_space(&[], &four).unwrap_err().to_string();
+    assert!(err.contains("takes 3 of the 4 VIPs") && err.contains("--ring-capacity"), "{err}");
+    // With the first VIP removed in the same change set, they fit.
+    h.services.check_ring_space(&[first], &four).unwrap();
+    h.services.check_ring_space(&[], &four[..3]).unwrap();
 }
 
 #[test]
