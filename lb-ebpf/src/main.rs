@@ -132,6 +132,9 @@ fn balance(ctx: &XdpContext, cfg: &Config, stats: &mut [u64; stat::COUNT]) -> (u
         flow_digest(&f.src, &f.dst, f.src_port, f.dst_port, f.proto)
     };
     let known = if untracked { None } else { lookup_conn(cfg, &pkt, digest) };
+    // A SYN again for a flow the table already sent to this backend: the
+    // passive signal, counted with the backend's other counters below.
+    let mut syn_repeat = false;
     let (backend_id, backend, conn, tunnel) = match known {
         Some((id, backend, conn)) => {
             stats[stat::CONN_HIT] += 1;
@@ -182,9 +185,7 @@ fn balance(ctx: &XdpContext, cfg: &Config, stats: &mut [u64; stat::COUNT]) -> (u
                 if may_track(cfg.new_flow_limit) {
                     // A full table evicts its least recently used entry; an error
                     // only means the flow is re-picked next time, to the same backend.
-                    if remember(cfg, digest, &conn) && pkt.syn {
-                        count_syn_repeat(id);
-                    }
+                    syn_repeat = remember(cfg, digest, &conn) && pkt.syn;
                 } else {
                     stats[stat::CONN_UNTRACKED] += 1;
                 }
@@ -214,6 +215,7 @@ fn balance(ctx: &XdpContext, cfg: &Config, stats: &mut [u64; stat::COUNT]) -> (u
         unsafe {
             (*s).packets += 1;
             (*s).bytes += pkt.ip_len as u64;
+            (*s).syn_repeats += syn_repeat as u64;
         }
     }
     if fragment {
@@ -285,16 +287,6 @@ fn remember(cfg: &Config, digest: u64, conn: &ConnValue) -> bool {
     };
     let word = conntrack::pack(conn);
     conntrack::insert(unsafe { &mut *bucket }, digest, word) == Some(word)
-}
-
-/// A SYN again for a flow the table already sent to `backend_id` (the
-/// passive signal: no map lookup beyond the backend's counters, which the
-/// packet updates anyway).
-#[inline(always)]
-fn count_syn_repeat(backend_id: u32) {
-    if let Some(s) = BACKEND_STATS.get_ptr_mut(backend_id) {
-        unsafe { (*s).syn_repeats += 1 };
-    }
 }
 
 /// Maglev (`select::pick`), with the conn-table entry that would remember

@@ -306,40 +306,47 @@ fn tls_config(trust: &Trust) -> Result<rustls::ClientConfig, String> {
         .map_err(|e| e.to_string())?;
     let config = match trust {
         Trust::System => builder.with_root_certificates(system_roots()?).with_no_client_auth(),
-        Trust::Ca(pem) => {
-            builder.dangerous().with_custom_certificate_verifier(Arc::new(CaOrPinned::new(pem)?)).with_no_client_auth()
-        }
+        Trust::Ca(pem) => builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(CheckVerifier::ca_or_pinned(pem)?))
+            .with_no_client_auth(),
         Trust::Insecure => builder
             .dangerous()
-            .with_custom_certificate_verifier(Arc::new(AnyCertificate(provider())))
+            .with_custom_certificate_verifier(Arc::new(CheckVerifier::any_certificate()))
             .with_no_client_auth(),
     };
     Ok(config)
 }
 
-/// `--check-ca FILE`: a certificate signed by a CA in the file, as webpki
-/// judges it, or one that is itself in the file, byte for byte (pinned:
-/// what curl's --cacert and HAProxy's ca-file also take). The handshake's
-/// signatures are checked either way.
+/// The checks' own certificate rules. `--check-ca FILE`: a certificate
+/// signed by a CA in the file, as webpki judges it, or one that is itself
+/// in the file, byte for byte (pinned: what curl's --cacert and HAProxy's
+/// ca-file also take). `--check-insecure` (no CA): any certificate. The
+/// handshake's signatures are checked either way, so it is TLS all the same.
 #[derive(Debug)]
-struct CaOrPinned {
+struct CheckVerifier {
     pinned: Vec<CertificateDer<'static>>,
-    by_ca: Arc<rustls::client::WebPkiServerVerifier>,
+    by_ca: Option<Arc<rustls::client::WebPkiServerVerifier>>,
+    provider: Arc<CryptoProvider>,
 }
 
-impl CaOrPinned {
-    fn new(pem: &str) -> Result<Self, String> {
+impl CheckVerifier {
+    fn ca_or_pinned(pem: &str) -> Result<Self, String> {
         let pinned = CertificateDer::pem_slice_iter(pem.as_bytes())
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| format!("the check CA is not PEM: {e}"))?;
         let by_ca = rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(parse_ca(pem)?), provider())
             .build()
             .map_err(|e| format!("the check CA: {e}"))?;
-        Ok(Self { pinned, by_ca })
+        Ok(Self { pinned, by_ca: Some(by_ca), provider: provider() })
+    }
+
+    fn any_certificate() -> Self {
+        Self { pinned: Vec::new(), by_ca: None, provider: provider() }
     }
 }
 
-impl ServerCertVerifier for CaOrPinned {
+impl ServerCertVerifier for CheckVerifier {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -348,10 +355,12 @@ impl ServerCertVerifier for CaOrPinned {
         ocsp: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        if self.pinned.iter().any(|c| c.as_ref() == end_entity.as_ref()) {
-            return Ok(ServerCertVerified::assertion());
+        match &self.by_ca {
+            Some(by_ca) if !self.pinned.iter().any(|c| c.as_ref() == end_entity.as_ref()) => {
+                by_ca.verify_server_cert(end_entity, intermediates, name, ocsp, now)
+            }
+            _ => Ok(ServerCertVerified::assertion()),
         }
-        self.by_ca.verify_server_cert(end_entity, intermediates, name, ocsp, now)
     }
 
     fn verify_tls12_signature(
@@ -360,7 +369,7 @@ impl ServerCertVerifier for CaOrPinned {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.by_ca.verify_tls12_signature(message, cert, dss)
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
     }
 
     fn verify_tls13_signature(
@@ -369,11 +378,11 @@ impl ServerCertVerifier for CaOrPinned {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.by_ca.verify_tls13_signature(message, cert, dss)
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
     }
 
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.by_ca.supported_verify_schemes()
+        self.provider.signature_verification_algorithms.supported_schemes()
     }
 }
 
@@ -405,46 +414,6 @@ fn tls_failure(e: std::io::Error, host: &str) -> String {
         _ => return format!("TLS: {e}"),
     };
     format!("TLS: invalid peer certificate: {advice}")
-}
-
-/// `--check-insecure`: any certificate is taken, but the handshake's
-/// signatures are still checked, so the connection is TLS all the same.
-#[derive(Debug)]
-struct AnyCertificate(Arc<CryptoProvider>);
-
-impl ServerCertVerifier for AnyCertificate {
-    fn verify_server_cert(
-        &self,
-        _: &CertificateDer<'_>,
-        _: &[CertificateDer<'_>],
-        _: &ServerName<'_>,
-        _: &[u8],
-        _: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
 }
 
 /// Upper bounds of the probe-latency histogram buckets, in seconds.

@@ -394,6 +394,25 @@ impl VipState {
         (0..RINGS_PER_VIP).find(|s| !used(*s)).expect("a VIP has a slot more than its live and alternate rings")
     }
 
+    /// A slot that holds `ring`: the live ring's or an alternate ring's when
+    /// it is equal, else a free one, written now (no packet reads it yet).
+    fn slot_for(&self, dp: &mut Dataplane, ring: &[u32]) -> Result<u32, ServiceError> {
+        if *ring == self.ring {
+            return Ok(self.live_slot);
+        }
+        if let Some(same) = self.history.iter().chain(&self.prev_live).find(|g| g.ring == ring) {
+            return Ok(same.slot);
+        }
+        let free = self.free_slot();
+        dp.write_ring(self.slot_offset(free), ring)?;
+        Ok(free)
+    }
+
+    /// Addresses `generations` name that have no backend id here.
+    fn unknown_members(&self, generations: &[Generation]) -> std::collections::BTreeSet<IpAddr> {
+        generations.iter().flat_map(|g| g.members.keys()).filter(|a| self.id_of(a).is_none()).copied().collect()
+    }
+
     /// The backend id of an address: a member, else a retired backend.
     fn id_of(&self, addr: &IpAddr) -> Option<u32> {
         self.backends
@@ -832,15 +851,7 @@ impl Services {
             state.fail_open = fail_open;
             return Ok(());
         }
-        let live = if ring.is_empty() {
-            state.live_slot
-        } else if let Some(same) = state.history.iter().chain(&state.prev_live).find(|g| g.ring == ring) {
-            same.slot
-        } else {
-            let free = state.free_slot();
-            dp.write_ring(state.slot_offset(free), &ring)?;
-            free
-        };
+        let live = if ring.is_empty() { state.live_slot } else { state.slot_for(dp, &ring)? };
         // The outgoing ring becomes the previous live one: connections made
         // under it (while a backend was down, say) keep an alternate.
         let prev_live = (state.live_settled && !state.ring.is_empty()).then(|| Generation {
@@ -910,15 +921,7 @@ impl Services {
     ) -> Result<(), ServiceError> {
         let state = self.vips.get_mut(vip).ok_or(ServiceError::NoSuchVip(*vip))?;
         let (ring, fingerprint) = state.ring_of(&members);
-        let slot = if ring == state.ring {
-            state.live_slot
-        } else if let Some(same) = state.history.iter().find(|g| g.ring == ring) {
-            same.slot
-        } else {
-            let free = state.free_slot();
-            dp.write_ring(state.slot_offset(free), &ring)?;
-            free
-        };
+        let slot = state.slot_for(dp, &ring)?;
         let mut history = vec![Generation { members, fingerprint, since, slot, ring }];
         history.extend(state.history.iter().take(HISTORY_RINGS - 1).cloned());
         let ring_size = if state.ring.is_empty() { 0 } else { state.spec.ring_size };
@@ -964,8 +967,7 @@ impl Services {
                 ));
             }
         }
-        let missing = generations.iter().flat_map(|g| g.members.keys()).filter(|a| state.id_of(a).is_none());
-        if missing.collect::<std::collections::BTreeSet<_>>().len() > self.free_backend_ids.len() {
+        if state.unknown_members(generations).len() > self.free_backend_ids.len() {
             return Err(ServiceError::TooManyBackends);
         }
         Ok(())
@@ -982,11 +984,8 @@ impl Services {
         generations: &[Generation],
     ) -> Result<(), ServiceError> {
         self.check_history(vip, generations)?;
-        let state = self.vip(vip)?;
-        let missing: std::collections::BTreeSet<IpAddr> =
-            generations.iter().flat_map(|g| g.members.keys()).filter(|a| state.id_of(a).is_none()).copied().collect();
         // Entries before any ring names them: retired, as removed backends.
-        for addr in missing {
+        for addr in self.vip(vip)?.unknown_members(generations) {
             let id = self.free_backend_ids.pop_front().expect("counted by check_history");
             let (words, family) = addr::words(addr);
             let cookie = self.next_cookie;

@@ -102,7 +102,7 @@ pub async fn run(opts: UpOptions) -> Result<()> {
     // else start a fresh program and replay the state file, if any.
     let saved = read_state(&state_file)?;
     let adopted = match &saved {
-        Some((layout, _)) if link_pin.exists() => {
+        Some(Saved { layout, .. }) if link_pin.exists() => {
             if *layout != STATE_LAYOUT {
                 bail!(
                     "{} holds the maps of an lbctl with another layout ({layout}; this one's is {STATE_LAYOUT}): \
@@ -121,7 +121,6 @@ pub async fn run(opts: UpOptions) -> Result<()> {
             false
         }
     };
-    let saved = saved.map(|(_, saved)| saved);
     let maintenance = opts.withdrawn || saved.as_ref().is_some_and(|s| s.maintenance);
     let (conn_table_size, ring_capacity) = match &saved {
         Some(s) if adopted => (s.conn_table_size, s.ring_capacity),
@@ -410,18 +409,17 @@ pub fn remove_pins(dir: &Path) {
     let _ = std::fs::remove_dir_all(dir);
 }
 
-/// The state file and the layout it names, if there is one. Files of older
-/// layouts are read too: their declared part replays on a fresh program.
-fn read_state(path: &Path) -> Result<Option<(u32, Saved)>> {
+/// The state file, if there is one. Files of older layouts are read too:
+/// their declared part replays on a fresh program.
+fn read_state(path: &Path) -> Result<Option<Saved>> {
     let text = match std::fs::read(path) {
         Ok(text) => text,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e).with_context(|| format!("reading the state file {}", path.display())),
     };
-    let saved: Saved = serde_json::from_slice(&text).with_context(|| {
+    serde_json::from_slice(&text).map(Some).with_context(|| {
         format!("the state file {} is damaged or too old to read: move it away to start empty", path.display())
-    })?;
-    Ok(Some((saved.layout, saved)))
+    })
 }
 
 /// Makes sure `pin_root` is on bpffs, mounting it at /sys/fs/bpf if need
