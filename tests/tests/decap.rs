@@ -115,6 +115,29 @@ fn gue4(dst: &str, alternates: &[&str], inner: &[u8]) -> Vec<u8> {
     f
 }
 
+/// `input` (a GUE frame over IPv4) as a backend passes it on: back to the
+/// neighbour it came from, outer destination `to`, TTL 63, the IPv4
+/// checksum redone (RFC 1071), lengths for `private` then `inner`. The GUE
+/// header word (bytes 42..46) is left for the caller to write.
+fn passed_on(input: &[u8], to: [u8; 4], private: &[u8], inner: &[u8]) -> Vec<u8> {
+    let udp_len = 8 + 4 + private.len() + inner.len();
+    let mut ip = input[14..34].to_vec();
+    ip[2..4].copy_from_slice(&((20 + udp_len) as u16).to_be_bytes());
+    ip[8] = 63;
+    ip[10..12].copy_from_slice(&[0, 0]);
+    ip[16..20].copy_from_slice(&to);
+    let sum = checksum(&ip);
+    ip[10..12].copy_from_slice(&sum.to_be_bytes());
+    let mut want = eth(NEXT_HOP_MAC, BACKEND_MAC, ETH_P_IP);
+    want.extend_from_slice(&ip);
+    want.extend_from_slice(&[0xc1, 0x23, 0x17, 0xc0]);
+    want.extend_from_slice(&(udp_len as u16).to_be_bytes());
+    want.extend_from_slice(&[0, 0, 0, 0, 0, 0]);
+    want.extend_from_slice(private);
+    want.extend_from_slice(inner);
+    want
+}
+
 /// IPv4 + TCP (20 bytes each) from 127.0.0.1:`sport` to 127.0.0.1:`dport`.
 fn loopback_tcp(sport: u16, dport: u16, seq: u32, ack: u32, flags: u8) -> Vec<u8> {
     let lo = "127.0.0.1".parse().unwrap();
@@ -173,19 +196,8 @@ fn the_second_chance_follows_the_sockets_of_this_host() {
         let input = gue4("198.51.100.20", &["198.51.100.34"], &stray);
         let (action, out) = run(&mut d, &input);
         assert_eq!(action, XDP_TX);
-        let mut ip = input[14..34].to_vec();
-        ip[2..4].copy_from_slice(&((20 + 8 + 4 + stray.len()) as u16).to_be_bytes());
-        ip[8] = 63;
-        ip[10..12].copy_from_slice(&[0, 0]);
-        ip[16..20].copy_from_slice(&[198, 51, 100, 34]);
-        let sum = checksum(&ip);
-        ip[10..12].copy_from_slice(&sum.to_be_bytes());
-        let mut want = eth(NEXT_HOP_MAC, BACKEND_MAC, ETH_P_IP);
-        want.extend_from_slice(&ip);
-        want.extend_from_slice(&[0xc1, 0x23, 0x17, 0xc0]);
-        want.extend_from_slice(&((8 + 4 + stray.len()) as u16).to_be_bytes());
-        want.extend_from_slice(&[0, 0, 0x00, 0x04, 0x00, 0x00]);
-        want.extend_from_slice(&stray);
+        let mut want = passed_on(&input, [198, 51, 100, 34], &[], &stray);
+        want[42..46].copy_from_slice(&[0x00, 0x04, 0x00, 0x00]);
         assert_eq!(out, want);
         // At the alternate, the same packet has no alternate left: passed up.
         let mut again = decap_for(&["198.51.100.34"]);
@@ -204,20 +216,8 @@ fn the_second_chance_follows_the_sockets_of_this_host() {
         let input = gue4("198.51.100.20", &["198.51.100.34", "198.51.100.35"], &stray);
         let (action, out) = run(&mut d, &input);
         assert_eq!(action, XDP_TX);
-        let mut ip = input[14..34].to_vec();
-        ip[2..4].copy_from_slice(&((20 + 8 + 4 + 8 + stray.len()) as u16).to_be_bytes());
-        ip[8] = 63;
-        ip[10..12].copy_from_slice(&[0, 0]);
-        ip[16..20].copy_from_slice(&[198, 51, 100, 34]);
-        let sum = checksum(&ip);
-        ip[10..12].copy_from_slice(&sum.to_be_bytes());
-        let mut want = eth(NEXT_HOP_MAC, BACKEND_MAC, ETH_P_IP);
-        want.extend_from_slice(&ip);
-        want.extend_from_slice(&[0xc1, 0x23, 0x17, 0xc0]);
-        want.extend_from_slice(&((8 + 4 + 8 + stray.len()) as u16).to_be_bytes());
-        want.extend_from_slice(&[0, 0, 0x02, 0x04, 0x00, 0x00]);
-        want.extend_from_slice(&[0x01, 0x04, 0x01, 0x00, 198, 51, 100, 35]);
-        want.extend_from_slice(&stray);
+        let mut want = passed_on(&input, [198, 51, 100, 34], &[0x01, 0x04, 0x01, 0x00, 198, 51, 100, 35], &stray);
+        want[42..46].copy_from_slice(&[0x02, 0x04, 0x00, 0x00]);
         assert_eq!(out, want);
         let (action, second) = run(&mut again, &out);
         assert_eq!(action, XDP_TX, "no socket at the first alternate either");

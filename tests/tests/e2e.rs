@@ -1118,16 +1118,7 @@ fn bfd_takes_a_cut_lb_host_out_and_every_connection_goes_on_through_the_other() 
     let s = lab();
     let lab = &s.lab;
     let streams = streams_on(lab, &[], 58000, &[1, 2]);
-    // Cut lb1 without a carrier change (which would tell the router at
-    // once): the router drops every packet to or from lb1 (BFD, BGP and
-    // the traffic both ways); only BFD can notice.
-    let cut = "table inet cut {
-      chain cut_forward { type filter hook forward priority 0; iifname \"rt-lb1\" drop; oifname \"rt-lb1\" drop; }
-      chain cut_input { type filter hook input priority 0; iifname \"rt-lb1\" drop; }
-      chain cut_output { type filter hook output priority 0; oifname \"rt-lb1\" drop; }
-    }";
-    std::fs::write(format!("{DIR}/cut.nft"), cut).unwrap();
-    ns(ROUTER_NS, &["nft", "-f", &format!("{DIR}/cut.nft")]).unwrap();
+    cut_lb1();
     let started = Instant::now();
     lab.wait_routes(VIP4, &[2]).unwrap();
     println!("BFD: the router dropped the cut lb1 after {} ms", started.elapsed().as_millis());
@@ -1135,7 +1126,7 @@ fn bfd_takes_a_cut_lb_host_out_and_every_connection_goes_on_through_the_other() 
     let stall = streams.longest_stall();
     println!("longest stall of a round of all 40 connections: {} ms", stall.as_millis());
     // lb1 comes back: announced again, flows spread again, none breaks.
-    ns(ROUTER_NS, &["nft", "delete", "table", "inet", "cut"]).unwrap();
+    heal_lb1();
     let started = Instant::now();
     lab.wait_routes(VIP4, &[1, 2]).unwrap();
     println!("lb1 back in ECMP {} ms after the link healed (BGP session set-up)", started.elapsed().as_millis());

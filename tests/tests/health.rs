@@ -156,8 +156,7 @@ fn a_backend_that_drops_the_vips_packets_shows_syn_repeats_while_its_check_stays
         "table inet blackhole {{\n  chain input {{\n    type filter hook input priority 0;\n    \
          ip daddr {VIP4} drop;\n  }}\n}}\n"
     );
-    std::fs::write(format!("{DIR}/blackhole.nft"), rule).unwrap();
-    ns(&backend_ns(2), &["nft", "-f", &format!("{DIR}/blackhole.nft")]).unwrap();
+    nft(&backend_ns(2), "blackhole", &rule);
     // Connections whose flows the ring gives be2 time out (their SYN is
     // sent again in a second); the others work.
     let mut failed = 0;

@@ -352,16 +352,7 @@ fn one_exchange(src: SocketAddr, n: u64) -> std::io::Result<()> {
     use std::os::fd::AsRawFd;
     let socket = libc_socket(libc::AF_INET);
     // A SYN lost to a fault is sent again (1 s, 3 s); no more.
-    let syn_retries: i32 = 2;
-    unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_SYNCNT,
-            &syn_retries as *const i32 as *const _,
-            4,
-        )
-    };
+    set_syn_retries(&socket, 2);
     let mut c = bind_and_connect(socket, src, sock(VIP4, ECHO_PORT))?;
     let line = format!("new {n}");
     c.write_all(format!("{line}\n").as_bytes())?;
@@ -381,13 +372,6 @@ fn one_exchange(src: SocketAddr, n: u64) -> std::io::Result<()> {
         )
     };
     Ok(())
-}
-
-/// `nft -f` of `rules` in namespace `netns` (as a file: one transaction).
-fn nft(netns: &str, name: &str, rules: &str) {
-    let path = format!("{DIR}/{name}.nft");
-    std::fs::write(&path, rules).unwrap();
-    ns(netns, &["nft", "-f", &path]).unwrap();
 }
 
 /// Waits until every LB host of `hosts` sees be3 of ECHO4 `health`.
@@ -433,16 +417,11 @@ fn chaos(lab: &Lab, vip_args: &[&str], first_port: u16) -> (Vec<String>, u64, Ve
     streams.more_rounds(3);
 
     fresh.during("lb1 cut off in the router (BFD)");
-    let cut = "table inet cut {
-      chain cut_forward { type filter hook forward priority 0; iifname \"rt-lb1\" drop; oifname \"rt-lb1\" drop; }
-      chain cut_input { type filter hook input priority 0; iifname \"rt-lb1\" drop; }
-      chain cut_output { type filter hook output priority 0; oifname \"rt-lb1\" drop; }
-    }";
-    nft(ROUTER_NS, "cut", cut);
+    cut_lb1();
     lab.wait_routes(VIP4, &[2]).unwrap();
     streams.more_rounds(3);
     fresh.during("lb1 healed");
-    ns(ROUTER_NS, &["nft", "delete", "table", "inet", "cut"]).unwrap();
+    heal_lb1();
     lab.wait_routes(VIP4, &[1, 2]).unwrap();
     streams.more_rounds(3);
 

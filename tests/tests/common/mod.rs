@@ -91,20 +91,42 @@ pub fn try_connect(src: SocketAddr, dst: SocketAddr) -> std::io::Result<TcpStrea
             SocketAddr::V6(_) => libc_socket(libc::AF_INET6),
         };
         // Give up after about 3 s instead of the kernel's two minutes.
-        let retries: i32 = 1;
-        unsafe {
-            use std::os::fd::AsRawFd;
-            libc::setsockopt(
-                socket.as_raw_fd(),
-                libc::IPPROTO_TCP,
-                libc::TCP_SYNCNT,
-                &retries as *const i32 as *const _,
-                4,
-            )
-        };
+        set_syn_retries(&socket, 1);
         bind_and_connect(socket, src, dst)
     })
     .unwrap()
+}
+
+/// How often a connect sends its SYN again before it gives up.
+pub fn set_syn_retries(socket: &std::os::fd::OwnedFd, retries: i32) {
+    use std::os::fd::AsRawFd;
+    unsafe {
+        libc::setsockopt(socket.as_raw_fd(), libc::IPPROTO_TCP, libc::TCP_SYNCNT, &retries as *const i32 as *const _, 4)
+    };
+}
+
+/// `nft -f` of `rules` in namespace `netns` (as a file: one transaction).
+pub fn nft(netns: &str, name: &str, rules: &str) {
+    let path = format!("{DIR}/{name}.nft");
+    std::fs::write(&path, rules).unwrap();
+    ns(netns, &["nft", "-f", &path]).unwrap();
+}
+
+/// Cuts lb1 off in the router without a carrier change (which would tell
+/// the router at once): every packet to or from lb1 (BFD, BGP and the
+/// traffic both ways) is dropped; only BFD can notice.
+pub fn cut_lb1() {
+    let cut = "table inet cut {
+      chain cut_forward { type filter hook forward priority 0; iifname \"rt-lb1\" drop; oifname \"rt-lb1\" drop; }
+      chain cut_input { type filter hook input priority 0; iifname \"rt-lb1\" drop; }
+      chain cut_output { type filter hook output priority 0; oifname \"rt-lb1\" drop; }
+    }";
+    nft(ROUTER_NS, "cut", cut);
+}
+
+/// Undoes [`cut_lb1`].
+pub fn heal_lb1() {
+    ns(ROUTER_NS, &["nft", "delete", "table", "inet", "cut"]).unwrap();
 }
 
 pub fn libc_socket(family: i32) -> std::os::fd::OwnedFd {
