@@ -28,6 +28,7 @@ pub mod map_names {
     pub const DECAP_STATS: &str = "DECAP_STATS";
     pub const VIP_FILTER: &str = "VIP_FILTER";
     pub const FLOOD: &str = "FLOOD";
+    pub const PROBE_ROUTES: &str = "PROBE_ROUTES";
     /// The offload flavor's counters: plain arrays, written by atomic adds.
     pub const OFFLOAD_VIP_STATS: &str = "OFFLOAD_VIP_STATS";
     pub const OFFLOAD_BACKEND_STATS: &str = "OFFLOAD_BACKEND_STATS";
@@ -461,6 +462,31 @@ pub struct DecapConfig {
     pub _pad: [u8; 2],
 }
 
+/// Data-path health checks: a check's socket carries the mark
+/// `PROBE_MARK_BASE + id`, and the egress program (`lb-probe`) encapsulates
+/// its packets as `PROBE_ROUTES[id]` says, so that they reach the backend
+/// the way the VIP's packets do. Marks outside the range are not touched.
+pub const PROBE_MARK_BASE: u32 = 0x4c42_0000;
+/// Data-path checks one LB host can run at once (ids 0..MAX_PROBES).
+pub const MAX_PROBES: u32 = 16384;
+
+/// Where one data-path check's packets go, with every field the egress
+/// program writes already resolved by the controller.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProbeRoute {
+    /// Outer source and destination, network order (IPv4: word 0).
+    pub saddr: [u32; 4],
+    pub daddr: [u32; 4],
+    pub next_hop_mac: [u8; 6],
+    /// GUE destination port, network order; 0: IP-in-IP.
+    pub gue_port: u16,
+    /// Outer family, [`AF_INET`] or [`AF_INET6`]; 0: no check has this id
+    /// (its packets are dropped, never sent unencapsulated).
+    pub family: u8,
+    pub _pad: [u8; 3],
+}
+
 /// The decap program's counters: one per-CPU array entry of [`DecapStats`].
 pub mod decap_stat {
     /// IP-in-IP or GUE packets for this host, stripped and passed up.
@@ -501,6 +527,7 @@ mod pod {
     use super::*;
     // SAFETY: all are repr(C), made of integers, with explicit padding.
     unsafe impl aya::Pod for VipKey {}
+    unsafe impl aya::Pod for ProbeRoute {}
     unsafe impl aya::Pod for VipMeta {}
     unsafe impl aya::Pod for VipEntry {}
     unsafe impl aya::Pod for Backend {}

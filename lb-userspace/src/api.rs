@@ -174,7 +174,7 @@ impl Api {
                     weight: b.weight,
                     drained: b.drained,
                     health: health.into(),
-                    check: check.map(|c| c.spec.probe.to_string()).unwrap_or_else(|| "none".into()),
+                    check: check.map(|c| c.spec.to_string()).unwrap_or_else(|| "none".into()),
                     packets: stats.packets,
                     bytes: stats.bytes,
                     in_ring: state.in_ring(b),
@@ -315,6 +315,8 @@ impl Backends for Api {
                 expect_status: (!h.expect_status.is_empty()).then_some(h.expect_status.as_str()),
                 ca_pem: (!h.check_ca_pem.is_empty()).then_some(h.check_ca_pem.as_str()),
                 insecure: h.check_insecure,
+                path: Some(h.check_path.as_str()),
+                eject_syn_repeats: Some(h.eject_syn_repeats),
             },
         )
         .map_err(Status::invalid_argument)?;
@@ -361,7 +363,7 @@ impl Health for Api {
             .map(|((vip, addr), c)| pb::HealthState {
                 vip: vip.to_string(),
                 address: addr.to_string(),
-                check: c.spec.probe.to_string(),
+                check: c.spec.to_string(),
                 health: if c.tracker.healthy { "up" } else { "down" }.into(),
                 checks: c.tracker.checks,
                 failures: c.tracker.failures,

@@ -25,7 +25,8 @@ use crate::{
     announce::Announcer,
     dataplane::{Dataplane, DataplaneError},
     desired::{self, BackendWish, Change, Desired, VipWish},
-    health::{self, CheckSpec, Probe, Tracker},
+    health::{self, CheckPath, CheckSpec, Probe, Tracker},
+    probe_path::{self, ProbePaths},
     services::{
         BackendSpec, Explanation, Generation, ServiceError, Services, Settings, Snapshot, VipAddr, VipSpec, VipState,
     },
@@ -118,13 +119,20 @@ pub struct State {
     pub dp: Dataplane,
     pub services: Services,
     pub checks: BTreeMap<(VipAddr, IpAddr), Checked>,
+    /// The routes of the data-path checks.
+    pub probes: ProbePaths,
     /// An `apply` is under way: its changes are one change set.
     pub in_apply: bool,
 }
 
 impl State {
-    pub fn new(dp: Dataplane, services: Services, checks: BTreeMap<(VipAddr, IpAddr), Checked>) -> Self {
-        Self { dp, services, checks, in_apply: false }
+    pub fn new(
+        dp: Dataplane,
+        services: Services,
+        checks: BTreeMap<(VipAddr, IpAddr), Checked>,
+        probes: ProbePaths,
+    ) -> Self {
+        Self { dp, services, checks, probes, in_apply: false }
     }
 }
 
@@ -251,13 +259,13 @@ impl Controller {
             if wish.drained {
                 st.services.drain_backend(&mut st.dp, vip, addr)?;
             }
-            if wish.check.probe != Probe::None {
+            if wish.check.runs() {
                 st.checks.insert((*vip, addr), Checked { spec: wish.check.clone(), tracker: Tracker::new(true) });
             }
-            info!(%vip, backend = %addr, weight = wish.weight, check = %wish.check.probe, "backend added");
+            info!(%vip, backend = %addr, weight = wish.weight, check = %wish.check, "backend added");
             self.commit(st);
         }
-        if wish.check.probe != Probe::None {
+        if wish.check.runs() {
             self.spawn_check(*vip, addr, wish.check);
         }
         Ok(())
@@ -377,7 +385,7 @@ impl Controller {
         {
             let mut guard = self.lock();
             let st = &mut *guard;
-            if spec.probe == Probe::None {
+            if !spec.runs() {
                 st.checks.remove(&(*vip, addr));
                 // Unchecked backends count as healthy.
                 let _ = st.services.set_health(&mut st.dp, vip, addr, true);
@@ -386,7 +394,7 @@ impl Controller {
             }
             self.commit(st);
         }
-        if spec.probe != Probe::None {
+        if spec.runs() {
             self.spawn_check(*vip, addr, spec);
         }
     }
@@ -399,10 +407,12 @@ impl Controller {
             let prober = health::Prober::new(&spec);
             loop {
                 tokio::time::sleep(spec.interval + health::jitter(spec.interval)).await;
+                let target = ctrl.probe_target(&vip, addr, &spec);
                 let started = Instant::now();
-                let result = match &prober {
-                    Ok(prober) => prober.probe(addr).await,
-                    Err(e) => Err(e.clone()),
+                let result = match (&prober, target) {
+                    (Ok(prober), Ok((to, mark))) => prober.probe(to, mark).await,
+                    (Err(e), _) => Err(e.clone()),
+                    (_, Err(e)) => Err(e),
                 };
                 ctrl.record_check(&vip, addr, &spec, result, started.elapsed().as_secs_f64());
             }
@@ -412,12 +422,49 @@ impl Controller {
         }
     }
 
+    /// Where a round of a check goes: the backend's own address, or (a
+    /// data-path check) the VIP, through the check's route, from a socket
+    /// with the mark that names the route.
+    fn probe_target(&self, vip: &VipAddr, addr: IpAddr, spec: &CheckSpec) -> Result<(IpAddr, Option<u32>), String> {
+        if spec.path == CheckPath::Direct || spec.probe == Probe::None {
+            return Ok((addr, None));
+        }
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        let encap = st.services.vip(vip).map_err(|e| e.to_string())?.spec.encap;
+        let settings = *st.services.settings();
+        let checks = &st.checks;
+        // Written every round, so a new next-hop MAC reaches it too.
+        let mark = st.probes.open(
+            vip,
+            addr,
+            |key| checks.get(key).is_some_and(|c| c.spec.path == CheckPath::Data),
+            |id| probe_path::route(&settings, encap, addr, id),
+        )?;
+        Ok((vip.addr, Some(mark)))
+    }
+
     fn record_check(&self, vip: &VipAddr, addr: IpAddr, spec: &CheckSpec, result: Result<(), String>, seconds: f64) {
         let mut guard = self.lock();
         let st = &mut *guard;
+        let repeats = st
+            .services
+            .vip(vip)
+            .ok()
+            .and_then(|v| v.backends.get(&addr))
+            .and_then(|b| st.dp.backend_stats(b.id).ok())
+            .map_or(0, |stats| stats.syn_repeats);
         let Some(checked) = st.checks.get_mut(&(*vip, addr)) else { return };
         checked.tracker.latency.observe(seconds);
-        let Some(healthy) = checked.tracker.record(spec, &result) else { return };
+        let now = Instant::now();
+        // The probe's failure is the reason if both fail.
+        let passive = checked.tracker.passive(spec, repeats, now);
+        let result = result.and(passive.clone());
+        let changed = checked.tracker.record(spec, &result);
+        if changed == Some(false) && passive.is_err() {
+            checked.tracker.eject(now);
+        }
+        let Some(healthy) = changed else { return };
         let cause = result.err().unwrap_or_else(|| format!("{} checks passed", spec.rise));
         match st.services.set_health(&mut st.dp, vip, addr, healthy) {
             Ok(()) => {

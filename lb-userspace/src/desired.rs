@@ -9,6 +9,7 @@
 //! ring_size = 65537             # a prime; optional
 //! encap = "gue"                 # or "ipip" (default)
 //! stateless = true              # never use the conn table; optional
+//! check_path = "data"           # default of its backends' check_path
 //!
 //! [[vip.backend]]
 //! address = "198.51.100.1"
@@ -22,6 +23,11 @@
 //! expect_status = "200-399"     # HTTP checks: healthy statuses
 //! check_ca = "/etc/lbctl/backend-ca.pem"  # https checks: CA file (default: system CAs)
 //! check_insecure = false        # https checks: take any certificate
+//! check_path = "data"           # "direct" (default): to the backend's own
+//!                               # address; "data": to the VIP, encapsulated
+//!                               # as its packets are (the answer comes by DSR)
+//! eject_syn_repeats = 20        # passive signal: this many client SYN
+//!                               # repeats in one interval fail a round (0: off)
 //!
 //! [announce]                    # lbctl up --config only, read at start
 //! table = 100                   # as --announce-table (the flag wins)
@@ -35,7 +41,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use crate::{
-    health::{self, CheckSpec, Probe},
+    health::{self, CheckPath, CheckSpec, Probe},
     services::{check_ring_size, HashMode, VipAddr, VipSpec, MAX_WEIGHT},
 };
 
@@ -71,6 +77,7 @@ struct VipEntry {
     encap: Option<Spanned<String>>,
     #[serde(default)]
     stateless: bool,
+    check_path: Option<Spanned<String>>,
     #[serde(default)]
     backend: Vec<BackendEntry>,
 }
@@ -90,6 +97,8 @@ struct BackendEntry {
     check_ca: Option<Spanned<String>>,
     #[serde(default)]
     check_insecure: bool,
+    check_path: Option<Spanned<String>>,
+    eject_syn_repeats: Option<u32>,
 }
 
 /// A backend as the operator wants it.
@@ -155,6 +164,8 @@ pub fn parse(text: &str) -> Result<Desired, String> {
             .map_err(|e| format!("{}: {e}", at(entry.vip.span())))?;
         let mut backends = BTreeMap::new();
         for b in entry.backend {
+            // The VIP's check_path is the default of its checked backends.
+            let path = b.check_path.as_ref().or(entry.check_path.as_ref().filter(|_| b.check.is_some()));
             let line = at(b.address.span());
             // The CA file is read here, so that the plan, the state file and
             // every LB host carry the certificates themselves.
@@ -182,6 +193,8 @@ pub fn parse(text: &str) -> Result<Desired, String> {
                     expect_status: b.expect_status.as_ref().map(|e| e.get_ref().as_str()),
                     ca_pem: ca_pem.as_deref(),
                     insecure: b.check_insecure,
+                    path: path.map(|p| p.get_ref().as_str()),
+                    eject_syn_repeats: b.eject_syn_repeats,
                 },
             )
             .map_err(|e| format!("{line}: {e}"))?;
@@ -241,11 +254,16 @@ pub struct CheckText<'a> {
     pub ca_pem: Option<&'a str>,
     /// https checks: take any certificate.
     pub insecure: bool,
+    /// `direct` (default) or `data`.
+    pub path: Option<&'a str>,
+    /// The passive signal's threshold (default 0: off).
+    pub eject_syn_repeats: Option<u32>,
 }
 
 /// A health check from its text parts; `None` parts take the defaults.
 pub fn check_spec(vip: &VipAddr, text: &CheckText) -> Result<CheckSpec, String> {
-    let CheckText { check, interval, timeout, rise, fall, expect_status, ca_pem, insecure } = *text;
+    let CheckText { check, interval, timeout, rise, fall, expect_status, ca_pem, insecure, path, eject_syn_repeats } =
+        *text;
     let check = if check.is_empty() { "none" } else { check };
     let duration = |text: Option<&str>, default: Duration, what: &str| -> Result<Duration, String> {
         match text {
@@ -261,12 +279,17 @@ pub fn check_spec(vip: &VipAddr, text: &CheckText) -> Result<CheckSpec, String> 
     };
     let spec = CheckSpec {
         probe: Probe::parse(check, vip.port)?.with_trust(ca_pem, insecure)?,
+        path: path.unwrap_or("").parse()?,
+        eject_syn_repeats: eject_syn_repeats.unwrap_or(0),
         interval: duration(interval, health::DEFAULT_INTERVAL, "interval")?,
         timeout: duration(timeout, health::DEFAULT_TIMEOUT, "timeout")?,
         rise: rise.unwrap_or(health::DEFAULT_RISE),
         fall: fall.unwrap_or(health::DEFAULT_FALL),
         expect: expect_status.map(health::parse_status_range).transpose()?.unwrap_or(health::DEFAULT_EXPECT),
     };
+    if spec.path == CheckPath::Data && spec.probe == Probe::None {
+        return Err("check path 'data' needs a check to send (tcp, http:// or https://)".into());
+    }
     if spec.rise == 0 || spec.fall == 0 {
         return Err("rise and fall must be at least 1".into());
     }
@@ -294,7 +317,7 @@ impl std::fmt::Display for Change {
             Change::RemoveBackend(v, a) => write!(f, "- backend {a} of {v}"),
             Change::AddBackend(v, a, w) | Change::UpdateBackend(v, a, w) => {
                 let sign = if matches!(self, Change::AddBackend(..)) { "+" } else { "~" };
-                write!(f, "{sign} backend {a} of {v} (weight {}, check {}", w.weight, w.check.probe)?;
+                write!(f, "{sign} backend {a} of {v} (weight {}, check {}", w.weight, w.check)?;
                 if w.drained {
                     write!(f, ", drained")?;
                 }

@@ -6,7 +6,7 @@
 use std::{
     net::IpAddr,
     sync::{Arc, OnceLock},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use bytes::Bytes;
@@ -22,7 +22,7 @@ use rustls::{
 use serde::{Deserialize, Serialize};
 use tokio::{
     io::{AsyncRead, AsyncWrite},
-    net::TcpStream,
+    net::{TcpSocket, TcpStream},
 };
 use tokio_rustls::TlsConnector;
 
@@ -58,9 +58,39 @@ pub enum Trust {
     Insecure,
 }
 
+/// Which way a check's packets go.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CheckPath {
+    /// To the backend's own address: tests the server, not the way there.
+    #[default]
+    Direct,
+    /// To the VIP, encapsulated to the backend as the VIP's packets are;
+    /// the answer comes straight back from the VIP (DSR). Tests the
+    /// backend's decap, its VIP on `lo`, its server and its route back.
+    Data,
+}
+
+impl std::str::FromStr for CheckPath {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "" | "direct" => Ok(CheckPath::Direct),
+            "data" => Ok(CheckPath::Data),
+            other => Err(format!("check path '{other}' is not direct or data")),
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CheckSpec {
     pub probe: Probe,
+    #[serde(default)]
+    pub path: CheckPath,
+    /// The passive signal: SYNs repeated by clients within one interval
+    /// that count as a failed round (0: off). See [`Tracker::record`].
+    #[serde(default)]
+    pub eject_syn_repeats: u32,
     pub interval: Duration,
     pub timeout: Duration,
     /// Successes in a row that bring a down backend up.
@@ -92,12 +122,36 @@ impl Default for CheckSpec {
     fn default() -> Self {
         Self {
             probe: Probe::None,
+            path: CheckPath::Direct,
+            eject_syn_repeats: 0,
             interval: DEFAULT_INTERVAL,
             timeout: DEFAULT_TIMEOUT,
             rise: DEFAULT_RISE,
             fall: DEFAULT_FALL,
             expect: DEFAULT_EXPECT,
         }
+    }
+}
+
+impl CheckSpec {
+    /// Whether anything is checked: a probe, or the passive signal.
+    pub fn runs(&self) -> bool {
+        self.probe != Probe::None || self.eject_syn_repeats > 0
+    }
+}
+
+impl std::fmt::Display for CheckSpec {
+    /// The probe, the way it goes, and the passive signal, as `backend list`
+    /// shows them: `tcp:80 via VIP, eject at 3 SYN repeats`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.probe)?;
+        if self.path == CheckPath::Data && self.probe != Probe::None {
+            write!(f, " via VIP")?;
+        }
+        if self.eject_syn_repeats > 0 {
+            write!(f, ", eject at {} SYN repeats", self.eject_syn_repeats)?;
+        }
+        Ok(())
     }
 }
 
@@ -216,15 +270,16 @@ impl Prober {
         Ok(Prober { spec: spec.clone(), tls })
     }
 
-    /// One probe of `addr`. `Err` says why it failed.
-    pub async fn probe(&self, addr: IpAddr) -> Result<(), String> {
+    /// One probe of `addr`, from a socket marked `mark` if given (a
+    /// data-path check: `addr` is the VIP). `Err` says why it failed.
+    pub async fn probe(&self, addr: IpAddr, mark: Option<u32>) -> Result<(), String> {
         let spec = &self.spec;
         let work = async {
             match &spec.probe {
                 Probe::None => Ok(()),
-                Probe::Tcp { port } => TcpStream::connect((addr, *port)).await.map(|_| ()).map_err(|e| e.to_string()),
+                Probe::Tcp { port } => connect(addr, *port, mark).await.map(|_| ()),
                 Probe::Http { host, port, path, .. } => {
-                    let tcp = TcpStream::connect((addr, *port)).await.map_err(|e| e.to_string())?;
+                    let tcp = connect(addr, *port, mark).await?;
                     let authority = if [80, 443].contains(port) { host.clone() } else { format!("{host}:{port}") };
                     match &self.tls {
                         None => http_get(tcp, &authority, path, spec.expect).await,
@@ -243,6 +298,27 @@ impl Prober {
             Err(_) => Err(format!("timed out after {:?}", spec.timeout)),
         }
     }
+}
+
+/// A TCP connection to `addr`:`port`, its packets marked `mark` if given.
+async fn connect(addr: IpAddr, port: u16, mark: Option<u32>) -> Result<TcpStream, String> {
+    let socket = if addr.is_ipv4() { TcpSocket::new_v4() } else { TcpSocket::new_v6() }.map_err(|e| e.to_string())?;
+    if let Some(mark) = mark {
+        use std::os::fd::AsRawFd;
+        let set = unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_MARK,
+                &mark as *const u32 as *const libc::c_void,
+                std::mem::size_of::<u32>() as libc::socklen_t,
+            )
+        };
+        if set != 0 {
+            return Err(format!("cannot mark the check's socket: {}", std::io::Error::last_os_error()));
+        }
+    }
+    socket.connect((addr, port).into()).await.map_err(|e| e.to_string())
 }
 
 /// One HTTP/1.1 GET on `io`: healthy when the response's status is within
@@ -451,11 +527,57 @@ pub struct Tracker {
     /// Not saved: it starts again with the process, as counters do.
     #[serde(skip)]
     pub latency: Histogram,
+    /// The passive signal: the backend's SYN-repeat counter at the last
+    /// round, passive ejections in a row, and until when the last holds.
+    #[serde(skip)]
+    syn_repeats_seen: Option<u64>,
+    #[serde(skip)]
+    ejections: u32,
+    #[serde(skip)]
+    held_until: Option<Instant>,
 }
+
+/// A passive ejection keeps a backend out this long, doubled with each
+/// ejection in a row (up to [`EJECT_HOLD_MAX`]): out of the ring it gets
+/// no new flows, so the signal goes quiet whether it was repaired or not,
+/// and only the hold keeps a dead backend from flapping back in.
+pub const EJECT_HOLD: Duration = Duration::from_secs(10);
+pub const EJECT_HOLD_MAX: Duration = Duration::from_secs(300);
 
 impl Tracker {
     pub fn new(healthy: bool) -> Self {
         Self { healthy, ..Self::default() }
+    }
+
+    /// The passive signal's verdict on this round, from the backend's
+    /// SYN-repeat counter (`syn_repeats`, its total): `eject_syn_repeats`
+    /// or more since the last round fail it, and so does a hold in force.
+    pub fn passive(&mut self, spec: &CheckSpec, syn_repeats: u64, now: Instant) -> Result<(), String> {
+        let seen = self.syn_repeats_seen.replace(syn_repeats).unwrap_or(syn_repeats);
+        if spec.eject_syn_repeats == 0 {
+            return Ok(());
+        }
+        if let Some(left) = self.held_until.and_then(|until| until.checked_duration_since(now)) {
+            return Err(format!(
+                "ejected by the passive signal ({} in a row): held out for {}s more",
+                self.ejections,
+                left.as_secs() + 1
+            ));
+        }
+        let repeated = syn_repeats.saturating_sub(seen);
+        if repeated >= spec.eject_syn_repeats as u64 {
+            return Err(format!("{repeated} SYNs repeated by clients in one interval: no answers (passive signal)"));
+        }
+        Ok(())
+    }
+
+    /// A passive ejection took the backend out: hold it out, twice as long
+    /// as last time if the last hold ended less than [`EJECT_HOLD_MAX`] ago.
+    pub fn eject(&mut self, now: Instant) {
+        let recent = self.held_until.is_some_and(|until| now.saturating_duration_since(until) < EJECT_HOLD_MAX);
+        self.ejections = if recent { self.ejections + 1 } else { 1 };
+        let hold = EJECT_HOLD.saturating_mul(1 << (self.ejections - 1).min(16)).min(EJECT_HOLD_MAX);
+        self.held_until = Some(now + hold);
     }
 
     /// Records one result; returns the new verdict if it changed.
@@ -567,7 +689,7 @@ mod tests {
         };
         let probe = |addr: IpAddr, spec: &CheckSpec| {
             let prober = Prober::new(spec).unwrap();
-            async move { prober.probe(addr).await }
+            async move { prober.probe(addr, None).await }
         };
         assert_eq!(probe(localhost, &http).await, Ok(()));
         assert_eq!(probe(localhost, &http).await, Err("HTTP status 503".into()));
@@ -626,7 +748,7 @@ mod tests {
             let url = format!("https://backend.example:{port}/health");
             let probe = Probe::parse(&url, 443).unwrap().with_trust(ca_pem, insecure).unwrap();
             let prober = Prober::new(&CheckSpec { probe, expect, ..CheckSpec::default() }).unwrap();
-            async move { prober.probe(localhost).await }
+            async move { prober.probe(localhost, None).await }
         };
         assert_eq!(check(Some(&ca), false, DEFAULT_EXPECT).await, Ok(()), "trusted CA, 302 within 200-399");
         assert_eq!(sni_rx.recv().await.unwrap().as_deref(), Some("backend.example"), "SNI is the check's host");
@@ -685,7 +807,7 @@ mod tests {
             let url = format!("https://{host}:{port}/");
             let probe = Probe::parse(&url, 443).unwrap().with_trust(Some(&ca), false).unwrap();
             let prober = Prober::new(&CheckSpec { probe, ..CheckSpec::default() }).unwrap();
-            async move { prober.probe("127.0.0.1".parse().unwrap()).await }
+            async move { prober.probe("127.0.0.1".parse().unwrap(), None).await }
         };
         assert_eq!(check("backend.example", pem.clone()).await, Ok(()), "the file holds that very certificate");
         // Pinned means its bytes, whatever name the check uses.
@@ -701,7 +823,7 @@ mod tests {
         let url = format!("https://elsewhere.example:{port2}/");
         let probe = Probe::parse(&url, 443).unwrap().with_trust(Some(&ca), false).unwrap();
         let prober = Prober::new(&CheckSpec { probe, ..CheckSpec::default() }).unwrap();
-        let refused = prober.probe("127.0.0.1".parse().unwrap()).await.unwrap_err();
+        let refused = prober.probe("127.0.0.1".parse().unwrap(), None).await.unwrap_err();
         assert!(refused.contains("not for 'elsewhere.example'"), "{refused}");
     }
 }

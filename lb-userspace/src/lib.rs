@@ -15,6 +15,7 @@ pub mod netlink;
 pub mod nic;
 pub mod object;
 pub mod offload_check;
+pub mod probe_path;
 pub mod rings;
 pub mod services;
 mod sys;

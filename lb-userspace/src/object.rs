@@ -10,5 +10,7 @@ pub static BALANCER_BENCH: &[u8] = include_bytes_aligned!(concat!(env!("OUT_DIR"
 pub static OFFLOAD: &[u8] = include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-offload.o"));
 pub static OFFLOAD_BENCH: &[u8] = include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-offload-bench.o"));
 pub static DECAP: &[u8] = include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-decap.o"));
+/// The data-path checks' tc egress program (`probe_encap`).
+pub static PROBE: &[u8] = include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-probe.o"));
 /// Benchmark floors: `floor_pass`, `floor_tx`, `floor_restore`.
 pub static FLOOR: &[u8] = include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-floor.o"));

@@ -20,6 +20,7 @@ use crate::{
     desired,
     netlink::{self, Netlink},
     nic::{self, NicProgram},
+    probe_path::ProbePaths,
     services::{Services, Settings},
 };
 
@@ -211,6 +212,12 @@ pub async fn run(opts: UpOptions) -> Result<()> {
         Err(e) => warn!(error = %e, "no data-plane decision logs: `lbctl debug on` will log nothing"),
     }
 
+    // The data-path checks' egress program: without it the balancer runs,
+    // and data-path checks fail saying why.
+    let probes = ProbePaths::attach(&opts.iface);
+    if let Some(why) = probes.unavailable() {
+        warn!("{why}");
+    }
     let info = RunInfo {
         interface: opts.iface.clone(),
         xdp_mode,
@@ -225,7 +232,8 @@ pub async fn run(opts: UpOptions) -> Result<()> {
         }
         None => None,
     };
-    let ctrl = Controller::new(State::new(dp, services, checks), state_file.clone(), ring_capacity, info, announcer);
+    let ctrl =
+        Controller::new(State::new(dp, services, checks, probes), state_file.clone(), ring_capacity, info, announcer);
     if let Some(saved) = replay {
         // Nothing is announced yet. A state that does not fit (a smaller
         // --ring-capacity, say) stops the start and stays as it was.

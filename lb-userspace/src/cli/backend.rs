@@ -38,6 +38,16 @@ pub enum BackendCommand {
         /// HTTPS checks: take any certificate (self-signed backends).
         #[arg(long, conflicts_with = "check_ca")]
         check_insecure: bool,
+        /// Which way the check goes: direct (to the backend's own address)
+        /// or data (to the VIP, encapsulated to this backend as the VIP's
+        /// packets are; the answer comes back from the VIP by DSR).
+        #[arg(long, value_name = "direct|data", default_value = "direct")]
+        check_path: String,
+        /// Passive signal: this many client SYN repeats for flows sent to
+        /// the backend within one interval fail a round (0: off). Out by
+        /// it, the backend is held out 10 s, doubled each time in a row.
+        #[arg(long, value_name = "N", default_value_t = 0)]
+        eject_syn_repeats: u32,
     },
     /// Remove a backend: its flows move to others.
     Del { vip: String, address: String },
@@ -65,6 +75,8 @@ pub async fn run(command: BackendCommand, client: &ClientOpts) -> Result<()> {
             expect_status,
             check_ca,
             check_insecure,
+            check_path,
+            eject_syn_repeats,
         } => {
             let check_ca_pem = match check_ca {
                 None => String::new(),
@@ -81,6 +93,8 @@ pub async fn run(command: BackendCommand, client: &ClientOpts) -> Result<()> {
                 expect_status: expect_status.unwrap_or_default(),
                 check_ca_pem,
                 check_insecure,
+                check_path,
+                eject_syn_repeats,
             };
             one(api
                 .add_backend(pb::AddBackendRequest { vip, address, weight: Some(weight), health: Some(health) })

@@ -1,0 +1,133 @@
+//! Data-path checks, the host side: the `lb-probe` tc egress program beside
+//! the balancer, and one route per running data-path check. A check's
+//! socket is marked `PROBE_MARK_BASE + id`; the program encapsulates its
+//! packets as `PROBE_ROUTES[id]` says (see lb-ebpf/src/probe.rs).
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+};
+
+use aya::{
+    maps::{Array, MapData},
+    programs::{tc::TcAttachType, SchedClassifier},
+    Ebpf,
+};
+use lb_common::{map_names, ProbeRoute, AF_INET, AF_INET6, MAX_PROBES, PROBE_MARK_BASE};
+
+use crate::services::{Encap, Settings, VipAddr};
+
+/// The egress program, attached for as long as this value lives (a tcx
+/// link: it goes with the process, and a new controller attaches anew).
+struct Attached {
+    _ebpf: Ebpf,
+    routes: Array<MapData, ProbeRoute>,
+}
+
+/// The running data-path checks and the ids their marks carry.
+pub struct ProbePaths {
+    attached: Result<Attached, String>,
+    ids: BTreeMap<(VipAddr, IpAddr), u32>,
+}
+
+impl ProbePaths {
+    /// Loads the egress program and attaches it to `iface`. A failure is
+    /// kept, not returned: the balancer runs without it, and every
+    /// data-path check then fails with this reason.
+    pub fn attach(iface: &str) -> Self {
+        let attached = attach(iface)
+            .map_err(|e| format!("data-path checks cannot run: the probe program is not attached to {iface} ({e})"));
+        Self { attached, ids: BTreeMap::new() }
+    }
+
+    /// The reason data-path checks cannot run, if they cannot.
+    pub fn unavailable(&self) -> Option<&str> {
+        self.attached.as_ref().err().map(String::as_str)
+    }
+
+    /// Routes the check of `backend` on `vip` (`route` makes its route
+    /// from the id) and returns the mark its socket carries. A check keeps
+    /// its id; ids of checks not `running` are freed first.
+    pub fn open(
+        &mut self,
+        vip: &VipAddr,
+        backend: IpAddr,
+        running: impl Fn(&(VipAddr, IpAddr)) -> bool,
+        route: impl Fn(u32) -> ProbeRoute,
+    ) -> Result<u32, String> {
+        let attached = self.attached.as_mut().map_err(|e| e.clone())?;
+        let id = match self.ids.get(&(*vip, backend)) {
+            Some(id) => *id,
+            None => {
+                // Ended checks leave their ids here; a new one frees them
+                // (their routes then drop whatever a late packet carries).
+                for (key, id) in std::mem::take(&mut self.ids) {
+                    if running(&key) {
+                        self.ids.insert(key, id);
+                    } else {
+                        let _ = attached.routes.set(id, ProbeRoute::default(), 0);
+                    }
+                }
+                let used: BTreeSet<u32> = self.ids.values().copied().collect();
+                (0..MAX_PROBES)
+                    .find(|id| !used.contains(id))
+                    .ok_or_else(|| format!("more than {MAX_PROBES} data-path checks on one LB host"))?
+            }
+        };
+        attached.routes.set(id, route(id), 0).map_err(|e| format!("cannot write the check's route: {e}"))?;
+        self.ids.insert((*vip, backend), id);
+        Ok(PROBE_MARK_BASE + id)
+    }
+}
+
+fn attach(iface: &str) -> Result<Attached, String> {
+    let mut ebpf = Ebpf::load(crate::object::PROBE).map_err(|e| e.to_string())?;
+    let program: &mut SchedClassifier = ebpf
+        .program_mut("probe_encap")
+        .ok_or("no probe_encap in the object")?
+        .try_into()
+        .map_err(|e: aya::programs::ProgramError| e.to_string())?;
+    program.load().map_err(|e| e.to_string())?;
+    program.attach(iface, TcAttachType::Egress).map_err(|e| e.to_string())?;
+    let map = ebpf.take_map(map_names::PROBE_ROUTES).ok_or("no PROBE_ROUTES map")?;
+    let routes = Array::try_from(map).map_err(|e| e.to_string())?;
+    Ok(Attached { _ebpf: ebpf, routes })
+}
+
+/// The route a data-path check to `backend` takes: as the balancer sends
+/// the VIP's packets (its encapsulation, the tier's outer source, the next
+/// hop). The outer source's host bits, which carry flow-hash bits in data
+/// packets, carry the check's id here.
+pub fn route(settings: &Settings, encap: Encap, backend: IpAddr, id: u32) -> ProbeRoute {
+    let mut route = ProbeRoute {
+        next_hop_mac: settings.next_hop_mac,
+        gue_port: if encap == Encap::Gue { settings.gue_port.to_be() } else { 0 },
+        ..ProbeRoute::default()
+    };
+    match backend {
+        IpAddr::V4(addr) => {
+            let (prefix, len) = settings.encap_src_v4;
+            let host_mask = u32::MAX.checked_shr(len as u32).unwrap_or(0);
+            let source = Ipv4Addr::from(u32::from(prefix) | (id & host_mask));
+            route.family = AF_INET;
+            route.saddr[0] = u32::from_ne_bytes(source.octets());
+            route.daddr[0] = u32::from_ne_bytes(addr.octets());
+        }
+        IpAddr::V6(addr) => {
+            let (prefix, len) = settings.encap_src_v6;
+            let host_mask = u32::MAX.checked_shr(len.saturating_sub(96) as u32).unwrap_or(0);
+            let mut source = prefix.octets();
+            let last = u32::from_be_bytes(source[12..].try_into().unwrap()) | (id & host_mask);
+            source[12..].copy_from_slice(&last.to_be_bytes());
+            route.family = AF_INET6;
+            route.saddr = words(&Ipv6Addr::from(source));
+            route.daddr = words(&addr);
+        }
+    }
+    route
+}
+
+fn words(addr: &Ipv6Addr) -> [u32; 4] {
+    let o = addr.octets();
+    std::array::from_fn(|i| u32::from_ne_bytes(o[4 * i..4 * i + 4].try_into().unwrap()))
+}
