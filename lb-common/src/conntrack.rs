@@ -38,6 +38,10 @@ pub struct ConnBucket {
 pub const CONN_F_GUE: u8 = 1;
 /// Conn-table flag: the flow's hash (outer source bits) is its source's.
 pub const CONN_F_SOURCE_HASH: u8 = 2;
+/// Conn-table flag: the flow sent more than its SYN (an ACK, data), so a
+/// SYN for it again opens a new connection on the same ports; without it,
+/// that SYN is the client's retransmission (the passive signal).
+pub const CONN_F_PAST_SYN: u8 = 4;
 
 const _: () = assert!(crate::MAX_BACKENDS <= 1 << 16 && crate::MAX_VIPS <= 1 << 12);
 

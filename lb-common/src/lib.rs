@@ -10,7 +10,7 @@
 pub mod conntrack;
 pub mod hash;
 
-pub use conntrack::{ConnBucket, ConnSlot, CONN_F_GUE, CONN_F_SOURCE_HASH, CONN_WAYS};
+pub use conntrack::{ConnBucket, ConnSlot, CONN_F_GUE, CONN_F_PAST_SYN, CONN_F_SOURCE_HASH, CONN_WAYS};
 pub use hash::{flow_digest, flow_hash, ring_slot, source_hash};
 
 /// Map names, as the programs declare them and userspace looks them up.

@@ -48,7 +48,7 @@ use aya_ebpf::{
 use lb_common::{
     address_mark, conntrack, flow_digest, flow_hash, source_hash, stat, vip_filter_slot, Backend, BackendStats, Config,
     ConnBucket, ConnValue, FloodBucket, GlobalStats, VipMeta, VipStats, AF_INET, BACKEND_F_RETIRED, CONFIG_F_DEBUG,
-    CONN_F_GUE, CONN_F_SOURCE_HASH, CONN_WAYS, DEFAULT_CONN_TABLE_SIZE, FILTER_STATELESS, FILTER_VIP, IPPROTO_TCP,
+    CONN_F_GUE, CONN_F_PAST_SYN, CONN_F_SOURCE_HASH, CONN_WAYS, DEFAULT_CONN_TABLE_SIZE, FILTER_STATELESS, FILTER_VIP, IPPROTO_TCP,
     MAX_BACKENDS, MAX_VIPS, VIP_F_GUE, VIP_F_HASH_SRC_ONLY, VIP_F_STATELESS,
 };
 
@@ -132,8 +132,9 @@ fn balance(ctx: &XdpContext, cfg: &Config, stats: &mut [u64; stat::COUNT]) -> (u
         flow_digest(&f.src, &f.dst, f.src_port, f.dst_port, f.proto)
     };
     let known = if untracked { None } else { lookup_conn(cfg, &pkt, digest) };
-    // A SYN again for a flow the table already sent to this backend: the
-    // passive signal, counted with the backend's other counters below.
+    // A SYN again for a flow the table already sent to this backend, with
+    // nothing from the client in between: the passive signal, counted with
+    // the backend's other counters below.
     let mut syn_repeat = false;
     let (backend_id, backend, conn, tunnel) = match known {
         Some((id, backend, conn)) => {
@@ -263,8 +264,11 @@ fn lookup_conn(cfg: &Config, pkt: &Packet, digest: u64) -> Option<(u32, Backend,
         return None;
     }
     let bucket = unsafe { &mut *CONNS.get_ptr_mut(conntrack::bucket_index(digest, cfg.conn_buckets))? };
-    let (way, word) = conntrack::find(bucket, digest)?;
-    if way > 0 {
+    let (way, found) = conntrack::find(bucket, digest)?;
+    // Written once per flow for the flag (and on an LRU move): a SYN that
+    // comes again after this is a new connection, not a retransmission.
+    let word = found | ((CONN_F_PAST_SYN as u64) << 60);
+    if way > 0 || word != found {
         conntrack::put_front(bucket, way, digest, word);
     }
     let hash = if (word >> 60) as u8 & CONN_F_SOURCE_HASH != 0 { source_hash(&pkt.flow.src) } else { digest as u32 };

@@ -457,13 +457,17 @@ impl Controller {
         let Some(checked) = st.checks.get_mut(&(*vip, addr)) else { return };
         checked.tracker.latency.observe(seconds);
         let now = Instant::now();
-        // The probe's failure is the reason if both fail.
-        let passive = checked.tracker.passive(spec, repeats, now);
-        let result = result.and(passive.clone());
-        let changed = checked.tracker.record(spec, &result);
-        if changed == Some(false) && passive.is_err() {
-            checked.tracker.eject(now);
-        }
+        let (changed, result) = match checked.tracker.passive(spec, repeats, now) {
+            Err(why) if checked.tracker.healthy => {
+                checked.tracker.eject(why.clone(), now);
+                (Some(false), Err(why))
+            }
+            // A hold in force fails the round; else the probe decides.
+            passive => {
+                let result = result.and(passive);
+                (checked.tracker.record(spec, &result), result)
+            }
+        };
         let Some(healthy) = changed else { return };
         let cause = result.err().unwrap_or_else(|| format!("{} checks passed", spec.rise));
         match st.services.set_health(&mut st.dp, vip, addr, healthy) {

@@ -26,8 +26,8 @@
 //! check_path = "data"           # "direct" (default): to the backend's own
 //!                               # address; "data": to the VIP, encapsulated
 //!                               # as its packets are (the answer comes by DSR)
-//! eject_syn_repeats = 20        # passive signal: this many client SYN
-//!                               # repeats in one interval fail a round (0: off)
+//! eject_syn_repeats = 20        # passive signal: this many client SYN repeats
+//!                               # in one interval take the backend out (0: off)
 //!
 //! [announce]                    # lbctl up --config only, read at start
 //! table = 100                   # as --announce-table (the flag wins)

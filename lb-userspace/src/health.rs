@@ -88,7 +88,7 @@ pub struct CheckSpec {
     #[serde(default)]
     pub path: CheckPath,
     /// The passive signal: SYNs repeated by clients within one interval
-    /// that count as a failed round (0: off). See [`Tracker::record`].
+    /// that take the backend out (0: off). See [`Tracker::eject`].
     #[serde(default)]
     pub eject_syn_repeats: u32,
     pub interval: Duration,
@@ -557,11 +557,11 @@ impl Tracker {
         if spec.eject_syn_repeats == 0 {
             return Ok(());
         }
-        if let Some(left) = self.held_until.and_then(|until| until.checked_duration_since(now)) {
+        if let Some(left) = self.held_until.filter(|until| *until > now).map(|until| until - now) {
             return Err(format!(
                 "ejected by the passive signal ({} in a row): held out for {}s more",
                 self.ejections,
-                left.as_secs() + 1
+                left.as_secs_f64().ceil() as u64
             ));
         }
         let repeated = syn_repeats.saturating_sub(seen);
@@ -571,13 +571,21 @@ impl Tracker {
         Ok(())
     }
 
-    /// A passive ejection took the backend out: hold it out, twice as long
-    /// as last time if the last hold ended less than [`EJECT_HOLD_MAX`] ago.
-    pub fn eject(&mut self, now: Instant) {
+    /// The passive signal fired: the backend is out at once (the threshold
+    /// is its fall: retransmissions come in bursts, seconds apart, so
+    /// rounds in a row would rarely all see them). It is held out, twice as
+    /// long as last time if the last hold ended less than
+    /// [`EJECT_HOLD_MAX`] ago; then probes (if any) bring it back by rise.
+    pub fn eject(&mut self, why: String, now: Instant) {
         let recent = self.held_until.is_some_and(|until| now.saturating_duration_since(until) < EJECT_HOLD_MAX);
         self.ejections = if recent { self.ejections + 1 } else { 1 };
         let hold = EJECT_HOLD.saturating_mul(1 << (self.ejections - 1).min(16)).min(EJECT_HOLD_MAX);
         self.held_until = Some(now + hold);
+        self.checks += 1;
+        self.failures += 1;
+        self.last_error = why;
+        self.healthy = false;
+        self.streak = 0;
     }
 
     /// Records one result; returns the new verdict if it changed.
@@ -665,6 +673,39 @@ mod tests {
         assert_eq!(t.record(&spec, &Ok(())), None);
         assert_eq!(t.record(&spec, &Ok(())), Some(true));
         assert_eq!((t.checks, t.failures, t.last_error.as_str()), (8, 5, "refused"));
+    }
+
+    #[test]
+    fn the_passive_signal_ejects_at_once_holds_and_doubles_the_hold_in_a_row() {
+        let spec = CheckSpec { eject_syn_repeats: 5, rise: 2, ..CheckSpec::default() };
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let mut t = Tracker::new(true);
+        assert_eq!(t.passive(&spec, 100, at(0)), Ok(()), "the first round only reads the counter");
+        assert_eq!(t.passive(&spec, 104, at(1)), Ok(()), "4 repeats: below 5");
+        let why = t.passive(&spec, 109, at(2)).unwrap_err();
+        assert!(why.starts_with("5 SYNs repeated"), "{why}");
+        t.eject(why, at(2));
+        assert!(!t.healthy);
+        // Held 10 s: quiet rounds (no flows reach it) do not bring it back.
+        let held = t.passive(&spec, 109, at(11)).unwrap_err();
+        assert!(held.contains("held out for 1s more"), "{held}");
+        assert_eq!(t.record(&spec, &Err(held)), None);
+        assert_eq!(t.passive(&spec, 109, at(12)), Ok(()));
+        assert_eq!(t.record(&spec, &Ok(())), None);
+        assert_eq!(t.record(&spec, &Ok(())), Some(true), "back by rise once the hold ended");
+        // Out again soon after: held twice as long.
+        t.eject("again".into(), at(20));
+        assert!(t.passive(&spec, 109, at(39)).unwrap_err().contains("(2 in a row)"));
+        assert_eq!(t.passive(&spec, 109, at(40)), Ok(()));
+        // Long after the last hold: 10 s again.
+        t.eject("much later".into(), at(40 + 301));
+        assert!(t.passive(&spec, 109, at(341 + 10)).is_ok());
+        // Off: never fails.
+        let off = CheckSpec::default();
+        let mut t = Tracker::new(true);
+        assert_eq!(t.passive(&off, 0, at(0)), Ok(()));
+        assert_eq!(t.passive(&off, 1_000_000, at(1)), Ok(()));
     }
 
     #[tokio::test]

@@ -114,3 +114,102 @@ fn a_backend_without_the_vip_on_lo_passes_the_plain_check_and_fails_the_data_pat
     let back = wait_health(lab, HTTP4, 2, "up");
     println!("be2 repaired: back in {back:?}");
 }
+
+/// `lbctl decap ARGS` on backend `j`.
+fn decap(lab: &Lab, j: usize, args: &[&str]) {
+    let iface = format!("be{j}-eth");
+    let mut full = vec!["decap", args[0], iface.as_str()];
+    full.extend_from_slice(&args[1..]);
+    lab.lbctl_in(&backend_ns(j), &full).unwrap();
+}
+
+/// New connections through the VIP for a while: none may fail.
+fn assert_no_errors(when: &str) {
+    let (requests, errors, report) = wrk_new_connections("http://203.0.113.10/", 3);
+    assert!(requests > 0 && errors == 0, "{when}: {requests} requests, {errors} errors: {report}");
+}
+
+#[test]
+fn a_detached_decap_and_another_gue_port_take_backends_out_in_turn_and_repairs_bring_them_back() {
+    let s = lab();
+    let lab = &s.lab;
+    all(lab, &["vip", "add", HTTP4, "--encap", "gue"]);
+    add_backends(lab, HTTP4, &DATA_CHECK);
+    wait_checks_pass(HTTP4);
+    assert_no_errors("all backends serve");
+
+    // Fault 1: be3's decap detached. Its own address still answers.
+    decap(lab, 3, &["down"]);
+    let detected = wait_health(lab, HTTP4, 3, "down");
+    println!("be3 with its decap detached: out in {detected:?}");
+    assert_no_errors("be3 out");
+
+    // Fault 2, with be3 still out: be1 decapsulates GUE on another port.
+    decap(lab, 1, &["down"]);
+    decap(lab, 1, &["up", "--xdp-mode", "native", "--gue-port", "6081"]);
+    let detected = wait_health(lab, HTTP4, 1, "down");
+    println!("be1 on GUE port 6081 (the LB hosts send to 6080): out in {detected:?}");
+    assert_eq!((1..=LBS).map(|i| backend_health(lab, i, HTTP4, 2)).collect::<Vec<_>>(), ["up", "up"]);
+    assert_no_errors("be1 and be3 out, be2 serving alone");
+
+    // Repairs, in turn.
+    decap(lab, 3, &["up", "--xdp-mode", "native"]);
+    let back = wait_health(lab, HTTP4, 3, "up");
+    println!("be3's decap attached again: back in {back:?}");
+    decap(lab, 1, &["down"]);
+    decap(lab, 1, &["up", "--xdp-mode", "native"]);
+    let back = wait_health(lab, HTTP4, 1, "up");
+    println!("be1 on port 6080 again: back in {back:?}");
+    assert_no_errors("all repaired");
+    for j in 1..=BACKENDS {
+        let (served, _) = (1..=LBS).fold((0, 0), |acc, i| {
+            let page = scrape(i, &[]);
+            let line = format!("lb_backend_packets_total{{vip=\"{HTTP4}\",backend=\"{}\"}}", backend_v4(j));
+            (acc.0 + sample(&page, &line) as u64, acc.1)
+        });
+        assert!(served > 0, "be{j} takes flows again");
+    }
+}
+
+#[test]
+fn a_backend_that_drops_the_vips_packets_is_ejected_by_the_passive_signal_and_returns_once_repaired() {
+    let s = lab();
+    let lab = &s.lab;
+    all(lab, &["vip", "add", HTTP4]);
+    // A plain check of the backend's own address (it keeps answering), and
+    // the passive signal: 3 client SYN repeats in a 1 s interval take it out.
+    let passive = ["--check", "http://lab/", "--interval", "1s", "--timeout", "500ms", "--fall", "2"];
+    add_backends(lab, HTTP4, &[&passive[..], &["--eject-syn-repeats", "3"]].concat());
+    assert_no_errors("all backends serve");
+
+    // be2 drops every packet to the VIP; its own address keeps answering.
+    let drop_vip = format!(
+        "table inet blackhole {{\n chain input {{ type filter hook input priority 0; ip daddr {VIP4} drop; }}\n}}\n"
+    );
+    nft(&backend_ns(2), "blackhole", &drop_vip);
+    let broke = Instant::now();
+    // New connections keep coming until be2 is out; those sent to be2
+    // repeat their SYNs (wrk stopped by its pid: it runs as `ip netns exec`).
+    let mut load = std::process::Command::new("ip")
+        .args(["netns", "exec", CLIENT_NS, "wrk", "-t1", "-c32", "-d60s", "-H", "Connection: close"])
+        .arg("http://203.0.113.10/")
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let ejected = wait_for(PATIENCE, || (1..=LBS).all(|i| backend_health(lab, i, HTTP4, 2) == "down"));
+    let _ = load.kill();
+    let _ = load.wait();
+    ejected.expect("the passive signal takes be2 out on both LB hosts");
+    println!("be2 dropping the VIP's packets: ejected in {:?}", broke.elapsed());
+    for i in 1..=LBS {
+        let why = reason(lab, i, HTTP4, 2);
+        assert!(why.contains("passive signal"), "lb{i} says why: {why}");
+    }
+    assert_no_errors("be2 ejected, still dropping");
+
+    // Repaired during its hold: it returns when the hold ends.
+    ns(&backend_ns(2), &["nft", "delete", "table", "inet", "blackhole"]).unwrap();
+    let back = wait_health(lab, HTTP4, 2, "up");
+    println!("be2 repaired: back in {back:?} (hold 10 s, then rise 2 x 1 s)");
+    assert_no_errors("be2 back");
+}

@@ -44,8 +44,9 @@ pub enum BackendCommand {
         #[arg(long, value_name = "direct|data", default_value = "direct")]
         check_path: String,
         /// Passive signal: this many client SYN repeats for flows sent to
-        /// the backend within one interval fail a round (0: off). Out by
-        /// it, the backend is held out 10 s, doubled each time in a row.
+        /// the backend within one check interval take it out at once (0:
+        /// off). It is held out 10 s, doubled each time in a row (up to
+        /// 5 min), then comes back by its check's rise.
         #[arg(long, value_name = "N", default_value_t = 0)]
         eject_syn_repeats: u32,
     },
