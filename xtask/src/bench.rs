@@ -73,7 +73,7 @@ fn print_table(r: &BTreeMap<String, f64>) {
         ("dataplane.v4_udp_ns", floor_tx, true),
         ("dataplane.v4_new_flow_ns", floor_tx, true),
         ("dataplane.v4_new_flow_full_table_ns", floor_tx, true),
-        ("dataplane.v4_syn_known_flow_ns", floor_tx, true),
+        ("dataplane.v4_syn_repeat_ns", floor_tx, true),
         ("dataplane.gue_stateless_established_ns", floor_tx, true),
         ("dataplane.gue_stateless_new_flow_ns", floor_tx, true),
         ("dataplane.gue_conntrack_established_ns", floor_tx, true),
@@ -81,6 +81,7 @@ fn print_table(r: &BTreeMap<String, f64>) {
         ("dataplane.offload_gue_stateless_new_flow_ns", floor_tx, true),
         ("dataplane.non_vip_ns", floor_pass, false),
         ("dataplane.non_ip_ns", floor_pass, false),
+        ("dataplane.probe_egress_unmarked_ns", floor_pass, false),
     ] {
         let v = get(key);
         // Forwarding paths run the bench build: take its undo step off.

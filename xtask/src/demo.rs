@@ -1,6 +1,7 @@
 //! `cargo xtask demo`: the lab up, VIPs configured through lbctl, real HTTP
 //! from many client addresses and ports, the spread over backends, the LB's
-//! counters, a health-check failover and recovery, and the lab removed.
+//! counters, a health-check failover and recovery, a backend without its
+//! VIP caught by the data-path checks, and the lab removed.
 
 use std::{
     collections::BTreeMap,
@@ -81,6 +82,22 @@ pub fn demo(root: &Path, lbctl: &Path) -> Result<()> {
         println!("    be3 back after {:.1} s (rise 2)", t.elapsed().as_secs_f64());
         print_spread(&spread(&lab, 100, false)?);
         Ok("be3 serves again".into())
+    })?;
+    step("data-path checks: be2 loses the VIP from its lo (its own address still answers)", || {
+        let be2 = lb_lab::backend_ns(2);
+        let vip = format!("{}/32", lb_lab::VIP4);
+        lb_lab::ns(&be2, &["ip", "addr", "del", &vip, "dev", "lo"])?;
+        let t = Instant::now();
+        wait_for(Duration::from_secs(5), || backend_is(&lab, "198.51.100.34", "down"))?;
+        println!("    be2 out of the ring on both LB hosts after {:.1} s", t.elapsed().as_secs_f64());
+        let counts = spread(&lab, 100, false)?;
+        print_spread(&counts);
+        lb_lab::ns(&be2, &["ip", "addr", "add", &vip, "dev", "lo"])?;
+        wait_for(Duration::from_secs(5), || backend_is(&lab, "198.51.100.34", "up"))?;
+        if counts.contains_key("be2") {
+            bail!("be2 answered without the VIP");
+        }
+        Ok("the check to the VIP through be2 failed; the VIP back on lo, be2 is up again".into())
     })?;
     step("tear down", || {
         drop(lab);
