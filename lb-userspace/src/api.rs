@@ -459,6 +459,7 @@ impl StatusService for Api {
             announced: announce.announced.iter().map(|a| a.to_string()).collect(),
             announce_error: announce.error.unwrap_or_default(),
             programs,
+            data_path_checks: st.probes.summary(),
         }))
     }
 

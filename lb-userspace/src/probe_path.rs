@@ -45,6 +45,14 @@ impl ProbePaths {
         self.attached.as_ref().err().map(String::as_str)
     }
 
+    /// For `status`: ready, or why data-path checks cannot run.
+    pub fn summary(&self) -> String {
+        match &self.attached {
+            Ok(_) => "ready (tc egress program attached)".to_string(),
+            Err(why) => why.clone(),
+        }
+    }
+
     /// Routes the check of `backend` on `vip` (`route` makes its route
     /// from the id) and returns the mark its socket carries. A check keeps
     /// its id; ids of checks not `running` are freed first.

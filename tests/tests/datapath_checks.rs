@@ -106,6 +106,9 @@ fn a_backend_without_the_vip_on_lo_passes_the_plain_check_and_fails_the_data_pat
     add_backends(lab, HTTP4, &DATA_CHECK);
     add_backends(lab, HTTP6, &DATA_CHECK);
     add_backends(lab, ECHO4, &["--check", "http://lab/", "--interval", "1s", "--timeout", "500ms", "--fall", "2"]);
+    for i in 1..=LBS {
+        assert!(ok(lab, i, &["status"]).contains("data-path checks ready"), "lb{i} runs the probe program");
+    }
     wait_checks_pass(HTTP4);
     wait_checks_pass(HTTP6);
     assert_no_errors("all backends serve");

@@ -25,6 +25,7 @@ pub async fn status(client: &ClientOpts) -> Result<()> {
         ("debug logging", if s.debug { "on" } else { "off" }.to_string()),
         ("announce", announce_summary(&s)),
         ("programs", if s.programs.is_empty() { "none attached".into() } else { s.programs.join("; ") }),
+        ("data-path checks", s.data_path_checks.clone()),
         ("uptime", format!("{} s", s.uptime_seconds)),
         ("version", s.version.clone()),
     ] {
