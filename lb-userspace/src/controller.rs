@@ -217,10 +217,11 @@ impl Controller {
     /// own): the ring history records the declared changes, then the
     /// state is saved.
     fn commit(&self, st: &mut State) {
-        if !st.in_apply {
-            if let Err(e) = st.services.commit_history(&mut st.dp) {
-                warn!(error = %e, "cannot record the declared rings: GUE alternates miss this change");
-            }
+        if st.in_apply {
+            return;
+        }
+        if let Err(e) = st.services.commit_history(&mut st.dp) {
+            warn!(error = %e, "cannot record the declared rings: GUE alternates miss this change");
         }
         self.save(st);
     }
@@ -322,12 +323,36 @@ impl Controller {
         if dry_run {
             return Ok(changes);
         }
-        self.lock().in_apply = true;
-        let result = self.execute_all(&changes, &before);
-        let mut guard = self.lock();
-        guard.in_apply = false;
-        self.commit(&mut guard);
+        // One change set: each changed VIP's ring is built once, at the end,
+        // and the state saved once.
+        {
+            let mut st = self.lock();
+            st.in_apply = true;
+            st.services.defer_rings();
+        }
+        let mut result = self.execute_all(&changes, &before);
+        let built = {
+            let mut guard = self.lock();
+            let st = &mut *guard;
+            st.in_apply = false;
+            st.services.build_deferred_rings(&mut st.dp)
+        };
+        if let Err(e) = built {
+            warn!(error = %e, "apply failed building its rings; restoring the previous state");
+            self.undo_to(&before);
+            result = Err(ApiError::Invalid(format!("building the rings: {e} (nothing was changed)")));
+        }
+        self.commit(&mut self.lock());
         result.map(|()| changes)
+    }
+
+    /// Brings the state back to `before`, one change at a time.
+    fn undo_to(self: &Arc<Self>, before: &Desired) {
+        for undo in desired::plan(&self.current(), before) {
+            if let Err(e) = self.execute(&undo) {
+                warn!(change = %undo, error = %e, "could not undo");
+            }
+        }
     }
 
     /// Executes `changes`; on a failure, brings the state back to `before`.
@@ -335,12 +360,7 @@ impl Controller {
         for change in changes {
             if let Err(e) = self.execute(change) {
                 warn!(%change, error = %e, "apply failed; restoring the previous state");
-                let now = self.current();
-                for undo in desired::plan(&now, before) {
-                    if let Err(e2) = self.execute(&undo) {
-                        warn!(change = %undo, error = %e2, "could not undo");
-                    }
-                }
+                self.undo_to(before);
                 return Err(ApiError::Invalid(format!("{change}: {e} (nothing was changed)")));
             }
         }

@@ -532,6 +532,10 @@ pub struct Services {
     /// Rings built and made live since start, and the time that took.
     pub ring_swaps: u64,
     pub ring_swap_seconds: f64,
+    /// While a change set defers its rings ([`Services::defer_rings`]): the
+    /// VIPs whose ring waits, each with the backends its live ring was
+    /// built from.
+    deferred: Option<BTreeMap<VipAddr, BTreeMap<IpAddr, BackendState>>>,
 }
 
 impl Services {
@@ -546,6 +550,7 @@ impl Services {
             next_cookie: 1,
             ring_swaps: 0,
             ring_swap_seconds: 0.0,
+            deferred: None,
         };
         services.write_config(dp)?;
         Ok(services)
@@ -594,6 +599,7 @@ impl Services {
             next_cookie: snapshot.next_cookie,
             ring_swaps: 0,
             ring_swap_seconds: 0.0,
+            deferred: None,
         }
     }
 
@@ -687,6 +693,9 @@ impl Services {
         }
         dp.remove_vip(&vip.key())?;
         let state = self.vips.remove(vip).expect("checked above");
+        if let Some(deferred) = &mut self.deferred {
+            deferred.remove(vip);
+        }
         self.sync_fragment_entry(dp, vip)?;
         // Other VIPs may share the address (other ports) or the slot.
         if !self.vips.keys().any(|v| v.addr == vip.addr) {
@@ -833,9 +842,45 @@ impl Services {
         self.swap_ring(dp, vip, backends, cause)
     }
 
-    /// Builds the ring for `backends`, writes it to a free ring slot (or
-    /// names the history ring that equals it) and makes it live with one
-    /// VIP-map update; then the model takes `backends`.
+    /// From now until [`Services::build_deferred_rings`], backend changes
+    /// update the model only: each VIP's ring is built once, at the end of
+    /// the change set, however many of its backends changed.
+    pub fn defer_rings(&mut self) {
+        self.deferred.get_or_insert_with(BTreeMap::new);
+    }
+
+    /// Builds the rings of the VIPs changed since [`Services::defer_rings`]
+    /// (Maglev on every core, as each ring is its own work) and makes each
+    /// live in turn. Rings are not deferred after this.
+    pub fn build_deferred_rings(&mut self, dp: &mut Dataplane) -> Result<(), ServiceError> {
+        let Some(deferred) = self.deferred.take() else { return Ok(()) };
+        let work: Vec<(VipAddr, &BTreeMap<IpAddr, BackendState>, u32)> = deferred
+            .keys()
+            .filter_map(|vip| self.vips.get(vip).map(|s| (*vip, &s.backends, s.spec.ring_size)))
+            .collect();
+        let started = std::time::Instant::now();
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let planned: Vec<(VipAddr, (Vec<u32>, bool, u64))> = std::thread::scope(|scope| {
+            let workers: Vec<_> = work
+                .chunks(work.len().div_ceil(cores).max(1))
+                .map(|chunk| {
+                    scope.spawn(move || {
+                        chunk.iter().map(|(vip, b, size)| (*vip, plan_ring(b, *size))).collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            workers.into_iter().flat_map(|w| w.join().expect("a ring build does not panic")).collect()
+        });
+        self.ring_swap_seconds += started.elapsed().as_secs_f64();
+        for ((vip, plan), live_backends) in planned.into_iter().zip(deferred.into_values()) {
+            let backends = self.vips[&vip].backends.clone();
+            self.install_ring(dp, &vip, backends, &live_backends, plan, "change set", std::time::Instant::now())?;
+        }
+        Ok(())
+    }
+
+    /// Makes `backends` the VIP's: its ring built and made live now, or,
+    /// while rings are deferred, at the end of the change set.
     fn swap_ring(
         &mut self,
         dp: &mut Dataplane,
@@ -843,9 +888,34 @@ impl Services {
         backends: BTreeMap<IpAddr, BackendState>,
         cause: &str,
     ) -> Result<(), ServiceError> {
-        let started = std::time::Instant::now();
         let state = self.vips.get_mut(vip).ok_or(ServiceError::NoSuchVip(*vip))?;
-        let (ring, fail_open, fingerprint) = plan_ring(&backends, state.spec.ring_size);
+        if let Some(deferred) = &mut self.deferred {
+            deferred.entry(*vip).or_insert_with(|| state.backends.clone());
+            state.backends = backends;
+            return Ok(());
+        }
+        let started = std::time::Instant::now();
+        let live_backends = state.backends.clone();
+        let plan = plan_ring(&backends, state.spec.ring_size);
+        self.install_ring(dp, vip, backends, &live_backends, plan, cause, started)
+    }
+
+    /// Writes a planned ring to a free ring slot (or names the history ring
+    /// that equals it) and makes it live with one VIP-map update; then the
+    /// model takes `backends`. `live_backends` built the outgoing ring;
+    /// the time since `started` counts as this swap's.
+    #[allow(clippy::too_many_arguments)]
+    fn install_ring(
+        &mut self,
+        dp: &mut Dataplane,
+        vip: &VipAddr,
+        backends: BTreeMap<IpAddr, BackendState>,
+        live_backends: &BTreeMap<IpAddr, BackendState>,
+        (ring, fail_open, fingerprint): (Vec<u32>, bool, u64),
+        cause: &str,
+        started: std::time::Instant,
+    ) -> Result<(), ServiceError> {
+        let state = self.vips.get_mut(vip).ok_or(ServiceError::NoSuchVip(*vip))?;
         if ring == state.ring {
             state.backends = backends;
             state.fail_open = fail_open;
@@ -855,7 +925,7 @@ impl Services {
         // The outgoing ring becomes the previous live one: connections made
         // under it (while a backend was down, say) keep an alternate.
         let prev_live = (state.live_settled && !state.ring.is_empty()).then(|| Generation {
-            members: live_members(&state.backends).0,
+            members: live_members(live_backends).0,
             fingerprint: state.fingerprint,
             since: unix_now(),
             slot: state.live_slot,

@@ -13,7 +13,10 @@
 //!   a program that only bounces; HTTP requests per second with wrk through
 //!   the LB and through HAProxy (TCP mode) on the same LB host.
 //!
-//! Usage: bench [--quick] [--json PATH] [--skip-e2e]
+//! - scale: one controller in a namespace of its own, VIPs x 100 backends
+//!   applied, changed, re-applied and adopted after SIGKILL (scale.rs).
+//!
+//! Usage: bench [--quick] [--json PATH] [--skip-e2e] [--only-scale]
 
 use std::{collections::BTreeMap, net::IpAddr, path::PathBuf, time::Instant};
 
@@ -31,30 +34,41 @@ use lb_userspace::{
     BackendSpec, Dataplane, HashMode, LoadOptions, Services,
 };
 
+mod scale;
+
 type Results = BTreeMap<String, f64>;
 
 struct Opts {
     quick: bool,
     json: Option<PathBuf>,
     skip_e2e: bool,
+    only_scale: bool,
 }
 
 fn main() -> anyhow::Result<()> {
-    let mut opts = Opts { quick: false, json: None, skip_e2e: false };
+    let mut opts = Opts { quick: false, json: None, skip_e2e: false, only_scale: false };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
             "--quick" => opts.quick = true,
             "--json" => opts.json = args.next().map(PathBuf::from),
             "--skip-e2e" => opts.skip_e2e = true,
+            "--only-scale" => opts.only_scale = true,
             "--bench" => {}
             other => anyhow::bail!("unknown argument {other}"),
         }
     }
     let mut r = Results::new();
-    conn_table_occupancy(&mut r);
-    dataplane(&mut r, &opts)?;
+    if !opts.only_scale {
+        conn_table_occupancy(&mut r);
+        dataplane(&mut r, &opts)?;
+    }
     if !opts.skip_e2e {
+        // As many VIPs of 100 backends as the backend table holds.
+        let vips = if opts.quick { 32 } else { lb_common::MAX_BACKENDS as usize / 100 };
+        scale::scale(&mut r, lbctl_release()?, vips)?;
+    }
+    if !opts.skip_e2e && !opts.only_scale {
         lab_benches(&mut r, &opts)?;
     }
     let json = serde_json::to_string_pretty(&r)?;
@@ -352,9 +366,14 @@ fn syn_of(frame: &[u8]) -> Vec<u8> {
 }
 
 /// Benchmarks that need the lab: control-plane latency, pps, HTTP rps.
-fn lab_benches(r: &mut Results, opts: &Opts) -> anyhow::Result<()> {
+fn lbctl_release() -> anyhow::Result<PathBuf> {
     let lbctl = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/release/lbctl");
     anyhow::ensure!(lbctl.exists(), "build lbctl first: cargo build --release -p lb-userspace");
+    Ok(lbctl)
+}
+
+fn lab_benches(r: &mut Results, opts: &Opts) -> anyhow::Result<()> {
+    let lbctl = lbctl_release()?;
     eprintln!("lab: up");
     let lab = Lab::up(&lbctl, &mut |_| {})?;
     control(r, &lab, opts)?;
