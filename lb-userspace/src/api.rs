@@ -224,7 +224,11 @@ impl Vips for Api {
     async fn apply(&self, req: Request<pb::ApplyRequest>) -> Result<Response<pb::ApplyReply>, Status> {
         let r = req.into_inner();
         let want = desired::parse(&r.toml).map_err(Status::invalid_argument)?;
-        let changes = self.0.apply(&want, r.dry_run)?;
+        // Building rings takes milliseconds each: off the async workers.
+        let ctrl = Arc::clone(&self.0);
+        let changes = tokio::task::spawn_blocking(move || ctrl.apply(&want, r.dry_run))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))??;
         Ok(Response::new(pb::ApplyReply { changes: changes.iter().map(|c| c.to_string()).collect() }))
     }
 

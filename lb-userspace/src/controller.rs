@@ -313,6 +313,7 @@ impl Controller {
     /// Brings the running state to `want`. On a failure part-way, the
     /// previous state is put back and the error returned.
     pub fn apply(self: &Arc<Self>, want: &Desired, dry_run: bool) -> Result<Vec<Change>, ApiError> {
+        let started = Instant::now();
         let before = self.current();
         let changes = desired::plan(&before, want);
         let removed: Vec<VipAddr> =
@@ -343,6 +344,10 @@ impl Controller {
             result = Err(ApiError::Invalid(format!("building the rings: {e} (nothing was changed)")));
         }
         self.commit(&mut self.lock());
+        if result.is_ok() && !changes.is_empty() {
+            let took_ms = started.elapsed().as_secs_f64() * 1000.0;
+            info!(changes = changes.len(), took_ms, "desired state applied");
+        }
         result.map(|()| changes)
     }
 

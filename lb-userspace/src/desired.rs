@@ -166,7 +166,9 @@ pub fn parse(text: &str) -> Result<Desired, String> {
         for b in entry.backend {
             // The VIP's check_path is the default of its checked backends.
             let path = b.check_path.as_ref().or(entry.check_path.as_ref().filter(|_| b.check.is_some()));
-            let line = at(b.address.span());
+            // Counted only for an error: counting lines for every backend
+            // of a large file would cost more than the rest of the parse.
+            let line = || at(b.address.span());
             // The CA file is read here, so that the plan, the state file and
             // every LB host carry the certificates themselves.
             let ca_pem = match &b.check_ca {
@@ -177,7 +179,7 @@ pub fn parse(text: &str) -> Result<Desired, String> {
                 ),
             };
             let addr: IpAddr =
-                parse_backend_addr(&spec.vip, b.address.get_ref()).map_err(|e| format!("{line}: {e}"))?;
+                parse_backend_addr(&spec.vip, b.address.get_ref()).map_err(|e| format!("{}: {e}", line()))?;
             let weight = b.weight.as_ref().map(|w| *w.get_ref()).unwrap_or(1);
             if let Some(w) = &b.weight {
                 check_weight(weight).map_err(|e| format!("{}: {e}", at(w.span())))?;
@@ -197,10 +199,10 @@ pub fn parse(text: &str) -> Result<Desired, String> {
                     eject_syn_repeats: b.eject_syn_repeats,
                 },
             )
-            .map_err(|e| format!("{line}: {e}"))?;
+            .map_err(|e| format!("{}: {e}", line()))?;
             let wish = BackendWish { weight, drained: b.drained.unwrap_or(false), check };
             if backends.insert(addr, wish).is_some() {
-                return Err(format!("{line}: backend {addr} appears twice in VIP {}", spec.vip));
+                return Err(format!("{}: backend {addr} appears twice in VIP {}", line(), spec.vip));
             }
         }
         let vip = spec.vip;

@@ -421,6 +421,19 @@ impl VipState {
             .or_else(|| self.retired.iter().find(|(_, a)| *a == addr).map(|(id, _)| *id))
     }
 
+    /// [`VipState::ring_of`], taken from the live ring or a generation when
+    /// one has the same members (Maglev is deterministic): a declared
+    /// ring is most often the live one.
+    fn ring_of_known(&self, members: &BTreeMap<IpAddr, u32>) -> (Vec<u32>, u64) {
+        if !self.ring.is_empty() && live_members(&self.backends).0 == *members {
+            return (self.ring.clone(), self.fingerprint);
+        }
+        match self.history.iter().chain(&self.prev_live).find(|g| g.members == *members && !g.ring.is_empty()) {
+            Some(same) => (same.ring.clone(), same.fingerprint),
+            None => self.ring_of(members),
+        }
+    }
+
     /// A ring of `members` by backend id (every member must have an id).
     fn ring_of(&self, members: &BTreeMap<IpAddr, u32>) -> (Vec<u32>, u64) {
         let (ring, fingerprint) = ring_by_address(members, self.spec.ring_size);
@@ -457,6 +470,21 @@ fn plan_ring(backends: &BTreeMap<IpAddr, BackendState>, ring_size: u32) -> (Vec<
     let (slots, fingerprint) = ring_by_address(&members, ring_size);
     let ids: Vec<u32> = members.keys().map(|a| backends[a].id).collect();
     (slots.iter().map(|&i| ids[i as usize]).collect(), fail_open, fingerprint)
+}
+
+/// `f` on every item, the items shared out over the machine's cores (ring
+/// builds: each is its own work, milliseconds long); results in order.
+fn on_every_core<T: Send, R: Send>(items: &mut [T], f: impl Fn(&mut T) -> R + Sync) -> Vec<R> {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let chunk = items.len().div_ceil(cores).max(1);
+    let f = &f;
+    std::thread::scope(|scope| {
+        let workers: Vec<_> = items
+            .chunks_mut(chunk)
+            .map(|part| scope.spawn(move || part.iter_mut().map(f).collect::<Vec<R>>()))
+            .collect();
+        workers.into_iter().flat_map(|w| w.join().expect("a ring build does not panic")).collect()
+    })
 }
 
 /// The members of the live ring (address -> weight): the wanted and
@@ -571,25 +599,22 @@ impl Services {
     /// rebuilt in memory (Maglev is deterministic) and nothing is written,
     /// so packets and conn-table entries are not disturbed.
     pub fn restore(snapshot: Snapshot) -> Self {
-        let vips = snapshot
-            .vips
-            .into_iter()
-            .map(|mut state| {
-                let (ring, fail_open, fingerprint) = plan_ring(&state.backends, state.spec.ring_size);
-                state.ring = ring;
-                state.fingerprint = fingerprint;
-                state.fail_open = fail_open;
-                for i in 0..state.history.len() {
-                    let ring = state.ring_of(&state.history[i].members).0;
-                    state.history[i].ring = ring;
-                }
-                if let Some(members) = state.prev_live.as_ref().map(|p| p.members.clone()) {
-                    let ring = state.ring_of(&members).0;
-                    state.prev_live.as_mut().expect("just read").ring = ring;
-                }
-                (state.spec.vip, state)
-            })
-            .collect();
+        let mut states = snapshot.vips;
+        on_every_core(&mut states, |state| {
+            let (ring, fail_open, fingerprint) = plan_ring(&state.backends, state.spec.ring_size);
+            state.ring = ring;
+            state.fingerprint = fingerprint;
+            state.fail_open = fail_open;
+            for i in 0..state.history.len() {
+                let ring = state.ring_of_known(&state.history[i].members).0;
+                state.history[i].ring = ring;
+            }
+            if let Some(members) = state.prev_live.as_ref().map(|p| p.members.clone()) {
+                let ring = state.ring_of_known(&members).0;
+                state.prev_live.as_mut().expect("just read").ring = ring;
+            }
+        });
+        let vips = states.into_iter().map(|state| (state.spec.vip, state)).collect();
         Self {
             settings: snapshot.settings,
             vips,
@@ -853,26 +878,16 @@ impl Services {
     /// (Maglev on every core, as each ring is its own work) and makes each
     /// live in turn. Rings are not deferred after this.
     pub fn build_deferred_rings(&mut self, dp: &mut Dataplane) -> Result<(), ServiceError> {
-        let Some(deferred) = self.deferred.take() else { return Ok(()) };
-        let work: Vec<(VipAddr, &BTreeMap<IpAddr, BackendState>, u32)> = deferred
+        let Some(mut deferred) = self.deferred.take() else { return Ok(()) };
+        let started = std::time::Instant::now();
+        let mut work: Vec<(VipAddr, &BTreeMap<IpAddr, BackendState>, u32)> = deferred
             .keys()
             .filter_map(|vip| self.vips.get(vip).map(|s| (*vip, &s.backends, s.spec.ring_size)))
             .collect();
-        let started = std::time::Instant::now();
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let planned: Vec<(VipAddr, (Vec<u32>, bool, u64))> = std::thread::scope(|scope| {
-            let workers: Vec<_> = work
-                .chunks(work.len().div_ceil(cores).max(1))
-                .map(|chunk| {
-                    scope.spawn(move || {
-                        chunk.iter().map(|(vip, b, size)| (*vip, plan_ring(b, *size))).collect::<Vec<_>>()
-                    })
-                })
-                .collect();
-            workers.into_iter().flat_map(|w| w.join().expect("a ring build does not panic")).collect()
-        });
+        let planned = on_every_core(&mut work, |(vip, backends, size)| (*vip, plan_ring(backends, *size)));
         self.ring_swap_seconds += started.elapsed().as_secs_f64();
-        for ((vip, plan), live_backends) in planned.into_iter().zip(deferred.into_values()) {
+        for (vip, plan) in planned {
+            let live_backends = deferred.remove(&vip).unwrap_or_default();
             let backends = self.vips[&vip].backends.clone();
             self.install_ring(dp, &vip, backends, &live_backends, plan, "change set", std::time::Instant::now())?;
         }
@@ -990,7 +1005,7 @@ impl Services {
         since: u64,
     ) -> Result<(), ServiceError> {
         let state = self.vips.get_mut(vip).ok_or(ServiceError::NoSuchVip(*vip))?;
-        let (ring, fingerprint) = state.ring_of(&members);
+        let (ring, fingerprint) = state.ring_of_known(&members);
         let slot = state.slot_for(dp, &ring)?;
         let mut history = vec![Generation { members, fingerprint, since, slot, ring }];
         history.extend(state.history.iter().take(HISTORY_RINGS - 1).cloned());

@@ -75,6 +75,8 @@ impl Site {
     }
 
     fn remove(&self) {
+        // The controller's log outlives the site, for a look afterwards.
+        let _ = std::fs::copy(format!("{DIR}/lb.log"), "/tmp/lbs-scale.log");
         let _ = sh("ip", &["netns", "del", NETNS]);
         let _ = std::fs::remove_dir_all(PINS);
         let _ = std::fs::remove_dir_all(DIR);
@@ -133,7 +135,12 @@ pub fn scale(r: &mut Results, lbctl: PathBuf, vips: usize) -> anyhow::Result<()>
         for k in 0..5 {
             let vip = format!("203.0.113.10:{}/tcp", 1000 + k);
             let t = Instant::now();
-            let add = pb::AddBackendRequest { vip: vip.clone(), address: "198.51.100.250".into(), weight: Some(1), health: None };
+            let add = pb::AddBackendRequest {
+                vip: vip.clone(),
+                address: "198.51.100.250".into(),
+                weight: Some(1),
+                health: None,
+            };
             backend_api.add_backend(add).await?;
             change.push(ms(t));
             backend_api.delete_backend(pb::BackendRef { vip, address: "198.51.100.250".into() }).await?;
@@ -163,7 +170,12 @@ pub fn scale(r: &mut Results, lbctl: PathBuf, vips: usize) -> anyhow::Result<()>
     r.insert(key("noop_reapply_ms"), noop);
     r.insert(key("sigkill_adopt_ms"), adopted);
     r.insert(key("controller_rss_mib"), rss);
-    eprintln!("  apply from empty {load:.0} ms; one backend added {:.1} ms (median of 5); no-op re-apply {noop:.0} ms", change[2]);
-    eprintln!("  SIGKILL, then adopted by a new controller, API answering: {adopted:.0} ms; controller RSS {rss:.0} MiB");
+    eprintln!(
+        "  apply from empty {load:.0} ms; one backend added {:.1} ms (median of 5); no-op re-apply {noop:.0} ms",
+        change[2]
+    );
+    eprintln!(
+        "  SIGKILL, then adopted by a new controller, API answering: {adopted:.0} ms; controller RSS {rss:.0} MiB"
+    );
     Ok(())
 }

@@ -6,7 +6,7 @@ use lb_common::stat;
 use lb_tests::*;
 use lb_userspace::{
     services::{Encap, Via, VipSpec},
-    HashMode,
+    BackendSpec, HashMode,
 };
 
 const CLIENT: &str = "192.0.2.55";
@@ -1003,4 +1003,48 @@ fn vips_that_share_an_array_slot_are_both_served_and_removals_keep_the_other() {
     assert_eq!(spread(&mut h, port), ["198.51.100.2"].map(String::from).into());
     h.services.remove_vip(&mut h.dp, &b).unwrap();
     assert_eq!(h.run(&tcp_frame(CLIENT, 40000, VIP, port, SYN)).0, XDP_PASS);
+}
+
+#[test]
+fn a_change_set_that_defers_its_rings_builds_each_once_and_forwards_as_one_built_change_by_change() {
+    // The same changes on two balancers: one change by change (each a ring
+    // build), one deferred to the end of the change set, as `apply` does.
+    let changes = |h: &mut Harness| {
+        let vips: Vec<_> =
+            (0..2).map(|k| h.vip(&format!("203.0.113.10:{}/tcp", 80 + k), HashMode::FiveTuple)).collect();
+        for vip in &vips {
+            for j in 1..=8 {
+                let spec = BackendSpec { addr: format!("198.51.100.{j}").parse().unwrap(), weight: 1 };
+                h.services.add_backend(&mut h.dp, vip, spec).unwrap();
+            }
+            h.services.remove_backend(&mut h.dp, vip, "198.51.100.3".parse().unwrap()).unwrap();
+            h.services.set_weight(&mut h.dp, vip, "198.51.100.5".parse().unwrap(), 4).unwrap();
+        }
+        vips
+    };
+    let mut one_by_one = Harness::new();
+    let vips = changes(&mut one_by_one);
+    one_by_one.commit();
+    let mut deferred = Harness::new();
+    deferred.services.defer_rings();
+    changes(&mut deferred);
+    // Nothing is live before the end of the change set: no ring yet.
+    let (action, _) = deferred.run(&tcp_frame(CLIENT, 40000, VIP, 80, SYN));
+    assert_eq!(action, XDP_DROP, "no ring before the change set ends");
+    deferred.services.build_deferred_rings(&mut deferred.dp).unwrap();
+    deferred.commit();
+    assert_eq!(deferred.services.ring_swaps, 2, "one ring per VIP");
+    assert!(one_by_one.services.ring_swaps >= 2 * 10, "a ring per change: {}", one_by_one.services.ring_swaps);
+    for vip in &vips {
+        let fingerprint = |h: &Harness| h.services.vip(vip).unwrap().fingerprint;
+        assert_eq!(fingerprint(&deferred), fingerprint(&one_by_one), "{vip}: the same ring");
+        assert_ne!(fingerprint(&deferred), 0);
+    }
+    // And the same backend for every flow of both VIPs.
+    for port in 40000..40200 {
+        for vip_port in [80, 81] {
+            let syn = tcp_frame(CLIENT, port, VIP, vip_port, SYN);
+            assert_eq!(deferred.forward(&syn), one_by_one.forward(&syn));
+        }
+    }
 }
