@@ -116,6 +116,10 @@ fn print_table(r: &BTreeMap<String, f64>) {
     println!("{:<34} {:>10.2} ms", "control.update_to_dataplane_ms", get("control.update_to_dataplane_ms"));
     let (lb, floor) = (get("e2e.lb_pps"), get("e2e.floor_pps"));
     println!("{:<34} {:>10.0} pps  ({:.2}x the bounce-only floor, {floor:.0} pps)", "e2e.lb_pps", lb, lb / floor);
+    for (key, value) in r.iter().filter(|(k, _)| k.starts_with("scale.")) {
+        let unit = if key.ends_with("_mib") { "MiB" } else { "ms" };
+        println!("{key:<34} {value:>10.1} {unit}");
+    }
     let (lb_rps, ha) = (get("e2e.http_rps_lb"), get("e2e.http_rps_haproxy"));
     println!("{:<34} {:>10.0} req/s ({:.2}x HAProxy TCP mode, {ha:.0} req/s)", "e2e.http_rps_lb", lb_rps, lb_rps / ha);
 }
