@@ -15,6 +15,8 @@ use std::{
 use common::*;
 use lb_lab::*;
 
+const HTTPS4: &str = "203.0.113.10:443/tcp";
+
 /// A data-path check: HTTP to the VIP, encapsulated to each backend.
 const DATA_CHECK: [&str; 10] =
     ["--check", "http://lab/", "--check-path", "data", "--interval", "1s", "--timeout", "500ms", "--fall", "2"];
@@ -100,20 +102,23 @@ fn wrk_new_connections(url: &str, secs: u32) -> (u64, u64, String) {
 fn a_backend_without_the_vip_on_lo_passes_the_plain_check_and_fails_the_data_path_check() {
     let s = lab();
     let lab = &s.lab;
-    // The same backends behind three VIPs: HTTP over IPv4 and IPv6 checked
-    // through the data path, echo checked the plain way (nginx on the
-    // backend's own address).
-    for vip in [HTTP4, HTTP6, ECHO4] {
+    // The same backends behind four VIPs: HTTP over IPv4 and IPv6 and HTTPS
+    // checked through the data path, echo checked the plain way (nginx on
+    // the backend's own address).
+    for vip in [HTTP4, HTTP6, HTTPS4, ECHO4] {
         all(lab, &["vip", "add", vip]);
     }
     add_backends(lab, HTTP4, &DATA_CHECK);
     add_backends(lab, HTTP6, &DATA_CHECK);
+    let https = ["--check", "https://lab/", "--check-ca", BACKEND_CA];
+    add_backends(lab, HTTPS4, &[&https[..], &DATA_CHECK[2..]].concat());
     add_backends(lab, ECHO4, &["--check", "http://lab/", "--interval", "1s", "--timeout", "500ms", "--fall", "2"]);
     for i in 1..=LBS {
         assert!(ok(lab, i, &["status"]).contains("data-path checks ready"), "lb{i} runs the probe program");
     }
     wait_checks_pass(HTTP4);
     wait_checks_pass(HTTP6);
+    wait_checks_pass(HTTPS4);
     assert_no_errors("all backends serve");
 
     ns(&backend_ns(2), &["ip", "addr", "del", &format!("{VIP4}/32"), "dev", "lo"]).unwrap();
@@ -121,8 +126,9 @@ fn a_backend_without_the_vip_on_lo_passes_the_plain_check_and_fails_the_data_pat
     let detected = wait_health(lab, HTTP4, 2, "down");
     println!("be2 without the VIP on lo: out of the ring in {detected:?} (interval 1 s, timeout 500 ms, fall 2)");
     wait_health(lab, HTTP6, 2, "down");
+    wait_health(lab, HTTPS4, 2, "down");
     for i in 1..=LBS {
-        for vip in [HTTP4, HTTP6] {
+        for vip in [HTTP4, HTTP6, HTTPS4] {
             let why = reason(lab, i, vip, 2);
             assert!(why.contains("timed out"), "lb{i} says why be2 of {vip} is down: {why}");
         }
@@ -135,6 +141,7 @@ fn a_backend_without_the_vip_on_lo_passes_the_plain_check_and_fails_the_data_pat
     let back = wait_health(lab, HTTP4, 2, "up");
     println!("be2 repaired: back in {back:?}");
     wait_health(lab, HTTP6, 2, "up");
+    wait_health(lab, HTTPS4, 2, "up");
     assert_no_errors("be2 back");
 }
 

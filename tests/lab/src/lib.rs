@@ -373,6 +373,8 @@ impl Lab {
              http {{\n  access_log off;\n  client_body_temp_path {dir}/tmp;\n  proxy_temp_path {dir}/tmp;\n  \
              fastcgi_temp_path {dir}/tmp;\n  uwsgi_temp_path {dir}/tmp;\n  scgi_temp_path {dir}/tmp;\n  \
              server {{\n    listen {VIP4}:80;\n    listen [{VIP6}]:80;\n    \
+             listen {VIP4}:443 ssl;\n    listen [{VIP6}]:443 ssl;\n    \
+             ssl_certificate {DIR}/tls/backend.pem;\n    ssl_certificate_key {DIR}/tls/backend.key;\n    \
              location / {{ default_type text/plain; return 200 \"be{j}\\n\"; }}\n  }}\n  \
              server {{\n    listen {b4}:80;\n    listen [{b6}]:80;\n    \
              listen {b4}:443 ssl;\n    listen [{b6}]:443 ssl;\n    \
