@@ -974,6 +974,9 @@ impl Services {
     /// [`HISTORY_RINGS`] goes), and every live ring is settled. Health
     /// changes never make a generation.
     pub fn commit_history(&mut self, dp: &mut Dataplane) -> Result<(), ServiceError> {
+        // The declared rings are taken from the live ones where they are
+        // the same: those must be built first.
+        self.build_deferred_rings(dp)?;
         let changed: Vec<(VipAddr, BTreeMap<IpAddr, u32>)> = self
             .vips
             .values()
