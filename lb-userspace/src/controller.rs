@@ -430,8 +430,9 @@ impl Controller {
             // Specs are validated before they get here; a prober that cannot
             // be made still fails every probe with the reason.
             let prober = health::Prober::new(&spec);
+            // The first probe within one interval, at this check's phase.
+            tokio::time::sleep(health::phase(spec.interval, &(vip, addr))).await;
             loop {
-                tokio::time::sleep(spec.interval + health::jitter(spec.interval)).await;
                 let target = ctrl.probe_target(&vip, addr, &spec);
                 let started = Instant::now();
                 let result = match (&prober, target) {
@@ -440,6 +441,7 @@ impl Controller {
                     (_, Err(e)) => Err(e),
                 };
                 ctrl.record_check(&vip, addr, &spec, result, started.elapsed().as_secs_f64());
+                tokio::time::sleep(spec.interval + health::jitter(spec.interval)).await;
             }
         });
         if let Some(old) = self.tasks.lock().unwrap().insert((vip, addr), task) {

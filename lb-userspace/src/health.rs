@@ -611,6 +611,15 @@ impl Tracker {
     }
 }
 
+/// Where in its interval a check first probes: spread evenly by a hash of
+/// what it checks, so thousands of checks started together (at start, or
+/// by one `apply`) do not all probe in the same instant.
+pub fn phase(interval: Duration, key: &impl std::hash::Hash) -> Duration {
+    use std::hash::BuildHasher;
+    let hash = xxhash_rust::xxh3::Xxh3DefaultBuilder.hash_one(key);
+    interval.mul_f64((hash % 10_000) as f64 / 10_000.0)
+}
+
 /// Up to 10% of the interval, from a cheap per-call source.
 pub fn jitter(interval: Duration) -> Duration {
     let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().subsec_nanos();
@@ -648,6 +657,20 @@ mod tests {
         assert_eq!(h.buckets, [1, 1, 3, 3, 3, 3, 3, 4]);
         assert_eq!(h.count, 5);
         assert!((h.sum - 6.0065).abs() < 1e-9);
+    }
+
+    #[test]
+    fn first_probes_spread_over_the_interval() {
+        let interval = Duration::from_secs(1);
+        let mut tenths = [0u32; 10];
+        for port in 0..10_000u16 {
+            let at = phase(interval, &("198.51.100.34", port));
+            assert!(at < interval);
+            tenths[(at.as_millis() / 100) as usize] += 1;
+        }
+        // 1,000 a tenth if even; a herd would put them all in one.
+        assert!(tenths.iter().all(|n| (800..1200).contains(n)), "{tenths:?}");
+        assert_eq!(phase(interval, &("a", 1)), phase(interval, &("a", 1)), "the same check, the same phase");
     }
 
     #[test]
