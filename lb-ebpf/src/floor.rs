@@ -1,6 +1,6 @@
 //! Floors for the benchmarks: the least an XDP program can do on each path,
 //! measured in the same run as the balancer so that numbers from these noisy
-//! machines can be read as ratios.
+//! machines can be read as ratios; and the per-core benchmark's sink.
 #![no_std]
 #![no_main]
 
@@ -9,7 +9,7 @@ mod headers;
 mod object;
 
 use aya_ebpf::{
-    bindings::xdp_action::{XDP_PASS, XDP_TX},
+    bindings::xdp_action::{XDP_DROP, XDP_PASS, XDP_TX},
     helpers::bpf_xdp_adjust_head,
     macros::xdp,
     programs::XdpContext,
@@ -21,6 +21,13 @@ use headers::{ptr_at, EthHdr};
 #[xdp]
 pub fn floor_pass(_ctx: XdpContext) -> u32 {
     XDP_PASS
+}
+
+/// Drops the frame: the far end of the per-core benchmark's veth, so what
+/// the program under test transmits is received and thrown away at once.
+#[xdp]
+pub fn floor_drop(_ctx: XdpContext) -> u32 {
+    XDP_DROP
 }
 
 /// Swaps the MACs and bounces the frame: the least a forwarder does.

@@ -34,6 +34,7 @@ use lb_userspace::{
     BackendSpec, Dataplane, HashMode, LoadOptions, Services,
 };
 
+mod per_core;
 mod scale;
 
 type Results = BTreeMap<String, f64>;
@@ -293,6 +294,12 @@ fn dataplane_on_cpu0(r: &mut Results, opts: &Opts) -> anyhow::Result<()> {
         };
         record(r, &key, &mut s);
     }
+    per_core::per_core(
+        r,
+        dp.program(),
+        &[("v4_established", &ack4), ("v4_new_flow", &syn4), ("gue_stateless_established", &gue_ack)],
+        opts.quick,
+    )?;
     // The data-path checks' tc egress program, on a packet that is not a
     // check's: what every packet the LB host itself sends pays for it.
     let mut probe = EbpfLoader::new().load(object::PROBE)?;

@@ -116,6 +116,12 @@ fn print_table(r: &BTreeMap<String, f64>) {
     println!("{:<34} {:>10.2} ms", "control.update_to_dataplane_ms", get("control.update_to_dataplane_ms"));
     let (lb, floor) = (get("e2e.lb_pps"), get("e2e.floor_pps"));
     println!("{:<34} {:>10.0} pps  ({:.2}x the bounce-only floor, {floor:.0} pps)", "e2e.lb_pps", lb, lb / floor);
+    let floor_mpps = get("per_core.floor_restore_mpps");
+    for (key, value) in
+        r.iter().filter(|(k, _)| k.starts_with("per_core.") && !k.contains(".min") && !k.contains(".max"))
+    {
+        println!("{key:<34} {value:>10.2} Mpps on one core ({:.2}x the floor)", value / floor_mpps);
+    }
     for (key, value) in r.iter().filter(|(k, _)| k.starts_with("scale.")) {
         let unit = if key.ends_with("_mib") { "MiB" } else { "ms" };
         println!("{key:<34} {value:>10.1} {unit}");
