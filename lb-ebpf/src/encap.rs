@@ -10,7 +10,8 @@ use lb_common::{
     IPPROTO_IPV6, IPPROTO_UDP, IPV4_HLEN, IPV6_HLEN, UDP_HLEN,
 };
 
-use crate::headers::{ipv4_checksum, ptr_at, EthHdr, Ipv4Hdr, Ipv6Hdr, UdpHdr, ETH_P_IP, ETH_P_IPV6};
+use crate::headers::{ptr_at, EthHdr, Ipv4Hdr, Ipv6Hdr, UdpHdr, ETH_P_IP, ETH_P_IPV6};
+use crate::outer;
 use crate::select::Alternates;
 
 /// How a packet is carried to its backend.
@@ -23,12 +24,6 @@ pub enum Tunnel {
         alternates: Alternates,
     },
 }
-
-/// Outer hop limit / TTL.
-const OUTER_TTL: u8 = 64;
-/// IPv4 Don't Fragment (RFC 791), wire order: a fragmented outer packet could
-/// not be reassembled by the backends' XDP decap, so it must not happen.
-const IPV4_DF: u16 = 0x4000u16.to_be();
 
 /// Bytes the outer headers add for this backend.
 #[inline(always)]
@@ -78,37 +73,13 @@ pub fn encapsulate(ctx: &XdpContext, cfg: &Config, backend: &Backend, inner: &In
     let ip_payload = inner.ip_len + outer_len as u32 - if backend.family == AF_INET6 { 40 } else { 20 };
     if backend.family == AF_INET6 {
         let ip = ptr_at::<Ipv6Hdr>(ctx, ETH_HLEN).ok_or(())?;
-        // The flow label carries the flow hash so that routers on the way to
-        // the backend can spread flows (RFC 6438).
-        let first = (6u32 << 28) | ((inner.tos as u32) << 20) | (inner.hash & 0x000f_ffff);
         let mut saddr = cfg.encap_src_v6;
         saddr[3] |= inner.hash & cfg.encap_src_v6_host_mask;
-        unsafe {
-            *ip = Ipv6Hdr {
-                ver_tc_flow: first.to_be(),
-                payload_len: (ip_payload as u16).to_be(),
-                next_hdr: next_header,
-                hop_limit: OUTER_TTL,
-                saddr,
-                daddr: backend.addr,
-            };
-        }
+        unsafe { *ip = outer::ipv6(inner.tos, inner.hash, ip_payload, next_header, saddr, backend.addr) };
     } else {
         let ip = ptr_at::<Ipv4Hdr>(ctx, ETH_HLEN).ok_or(())?;
-        let mut hdr = Ipv4Hdr {
-            ver_ihl: 0x45,
-            tos: inner.tos,
-            tot_len: ((ip_payload + IPV4_HLEN as u32) as u16).to_be(),
-            id: 0,
-            frag_off: IPV4_DF,
-            ttl: OUTER_TTL,
-            proto: next_header,
-            check: 0,
-            saddr: cfg.encap_src_v4 | (inner.hash & cfg.encap_src_v4_host_mask),
-            daddr: backend.addr[0],
-        };
-        hdr.check = ipv4_checksum(&hdr);
-        unsafe { *ip = hdr };
+        let saddr = cfg.encap_src_v4 | (inner.hash & cfg.encap_src_v4_host_mask);
+        unsafe { *ip = outer::ipv4(inner.tos, ip_payload, next_header, saddr, backend.addr[0]) };
     }
     if let Tunnel::Gue { alternates } = tunnel {
         write_gue(ctx, cfg, backend, inner, inner_proto, ip_payload, &alternates)?;
@@ -117,9 +88,6 @@ pub fn encapsulate(ctx: &XdpContext, cfg: &Config, backend: &Backend, inner: &In
 }
 
 /// The UDP and GUE headers and the alternates, after the outer IP header.
-/// UDP checksum 0: optional over IPv4 (RFC 768), and allowed over IPv6 for
-/// tunnels whose payload carries its own checksums (RFC 6935, 6936); see
-/// the README for the reasons.
 #[inline(always)]
 fn write_gue(
     ctx: &XdpContext,
@@ -133,12 +101,7 @@ fn write_gue(
     let v6 = backend.family == AF_INET6;
     let at = ETH_HLEN + if v6 { IPV6_HLEN } else { IPV4_HLEN };
     let udp = ptr_at::<UdpHdr>(ctx, at).ok_or(())?;
-    // Source port from the flow hash, in the ephemeral range (RFC 6335), so
-    // backends' NICs spread flows over their queues (RFC 8086 section 3.2).
-    let src_port = 0xc000 | (inner.hash & 0x3fff) as u16;
-    unsafe {
-        *udp = UdpHdr { src: src_port.to_be(), dst: cfg.gue_port, len: (udp_len as u16).to_be(), check: 0 };
-    }
+    unsafe { *udp = outer::gue_udp(inner.hash, cfg.gue_port, udp_len) };
     // Ver 0, C 0, Hlen in words of private data; Proto; Flags 0.
     let private_words = gue_alternates_len(v6, alternates.len) / 4;
     let gue = ptr_at::<[u8; GUE_HLEN]>(ctx, at + UDP_HLEN).ok_or(())?;

@@ -35,6 +35,7 @@ mod encap;
 mod headers;
 mod icmp;
 mod object;
+mod outer;
 mod parse;
 mod select;
 
@@ -48,8 +49,8 @@ use aya_ebpf::{
 use lb_common::{
     address_mark, conntrack, flow_digest, flow_hash, source_hash, stat, vip_filter_slot, Backend, BackendStats, Config,
     ConnBucket, ConnValue, FloodBucket, GlobalStats, VipMeta, VipStats, AF_INET, BACKEND_F_RETIRED, CONFIG_F_DEBUG,
-    CONN_F_GUE, CONN_F_PAST_SYN, CONN_F_SOURCE_HASH, CONN_WAYS, DEFAULT_CONN_TABLE_SIZE, FILTER_STATELESS, FILTER_VIP, IPPROTO_TCP,
-    MAX_BACKENDS, MAX_VIPS, VIP_F_GUE, VIP_F_HASH_SRC_ONLY, VIP_F_STATELESS,
+    CONN_F_GUE, CONN_F_PAST_SYN, CONN_F_SOURCE_HASH, CONN_WAYS, DEFAULT_CONN_TABLE_SIZE, FILTER_STATELESS, FILTER_VIP,
+    IPPROTO_TCP, MAX_BACKENDS, MAX_VIPS, VIP_F_GUE, VIP_F_HASH_SRC_ONLY, VIP_F_STATELESS,
 };
 
 use aya_log_ebpf::info;

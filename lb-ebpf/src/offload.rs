@@ -23,6 +23,8 @@ mod encap;
 mod headers;
 mod object;
 #[allow(dead_code)]
+mod outer;
+#[allow(dead_code)]
 mod parse;
 #[allow(dead_code)]
 mod select;

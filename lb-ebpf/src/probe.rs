@@ -14,6 +14,7 @@
 #[allow(dead_code)] // the probe writes headers; it parses none
 mod headers;
 mod object;
+mod outer;
 
 use aya_ebpf::{
     bindings::{
@@ -25,19 +26,14 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use lb_common::{
-    ProbeRoute, AF_INET, AF_INET6, ETH_HLEN, GUE_HLEN, IPPROTO_IPIP, IPPROTO_IPV6, IPPROTO_UDP, IPV4_HLEN,
-    IPV6_HLEN, MAX_PROBES, PROBE_MARK_BASE, UDP_HLEN,
+    ProbeRoute, AF_INET, AF_INET6, ETH_HLEN, GUE_HLEN, IPPROTO_IPIP, IPPROTO_IPV6, IPPROTO_UDP, IPV4_HLEN, IPV6_HLEN,
+    MAX_PROBES, PROBE_MARK_BASE, UDP_HLEN,
 };
 
-use headers::{ipv4_checksum, EthHdr, Ipv4Hdr, Ipv6Hdr, UdpHdr, ETH_P_IP, ETH_P_IPV6};
+use headers::{EthHdr, Ipv4Hdr, Ipv6Hdr, UdpHdr, ETH_P_IP, ETH_P_IPV6};
 
 #[map]
 static PROBE_ROUTES: Array<ProbeRoute> = Array::with_max_entries(MAX_PROBES, 0);
-
-/// Outer TTL / hop limit, as the balancer's.
-const OUTER_TTL: u8 = 64;
-/// IPv4 Don't Fragment, wire order (the backends' decap reassembles nothing).
-const IPV4_DF: u16 = 0x4000u16.to_be();
 
 #[classifier]
 pub fn probe_encap(ctx: TcContext) -> i32 {
@@ -88,41 +84,18 @@ fn encapsulate(ctx: &TcContext, id: u32) -> Option<()> {
         (*eth).proto = if v6 { ETH_P_IPV6 } else { ETH_P_IP };
     }
     let next_header = if gue { IPPROTO_UDP } else { inner_proto };
+    // Outer headers as the balancer's (`outer`), TOS 0: the check's own.
     if v6 {
         let ip = ptr_at::<Ipv6Hdr>(ctx, ETH_HLEN)?;
-        unsafe {
-            *ip = Ipv6Hdr {
-                ver_tc_flow: ((6u32 << 28) | (hash & 0x000f_ffff)).to_be(),
-                payload_len: (ip_payload as u16).to_be(),
-                next_hdr: next_header,
-                hop_limit: OUTER_TTL,
-                saddr: route.saddr,
-                daddr: route.daddr,
-            }
-        };
+        unsafe { *ip = outer::ipv6(0, hash, ip_payload, next_header, route.saddr, route.daddr) };
     } else {
-        let mut hdr = Ipv4Hdr {
-            ver_ihl: 0x45,
-            tos: 0,
-            tot_len: ((ip_payload + IPV4_HLEN as u32) as u16).to_be(),
-            id: 0,
-            frag_off: IPV4_DF,
-            ttl: OUTER_TTL,
-            proto: next_header,
-            check: 0,
-            saddr: route.saddr[0],
-            daddr: route.daddr[0],
-        };
-        hdr.check = ipv4_checksum(&hdr);
         let ip = ptr_at::<Ipv4Hdr>(ctx, ETH_HLEN)?;
-        unsafe { *ip = hdr };
+        unsafe { *ip = outer::ipv4(0, ip_payload, next_header, route.saddr[0], route.daddr[0]) };
     }
     if gue {
         let at = ETH_HLEN + ip_hlen;
         let udp = ptr_at::<UdpHdr>(ctx, at)?;
-        // As the balancer's: source port from the flow hash, checksum 0.
-        let src = 0xc000 | (hash & 0x3fff) as u16;
-        unsafe { *udp = UdpHdr { src: src.to_be(), dst: route.gue_port, len: (ip_payload as u16).to_be(), check: 0 } };
+        unsafe { *udp = outer::gue_udp(hash, route.gue_port, ip_payload) };
         // GUE variant 0, no private data: a check names no alternates.
         let head = ptr_at::<[u8; GUE_HLEN]>(ctx, at + UDP_HLEN)?;
         unsafe { *head = [0, inner_proto, 0, 0] };
