@@ -474,27 +474,14 @@ impl Controller {
     fn record_check(&self, vip: &VipAddr, addr: IpAddr, spec: &CheckSpec, result: Result<(), String>, seconds: f64) {
         let mut guard = self.lock();
         let st = &mut *guard;
-        let repeats = st
-            .services
-            .vip(vip)
-            .ok()
-            .and_then(|v| v.backends.get(&addr))
-            .and_then(|b| st.dp.backend_stats(b.id).ok())
-            .map_or(0, |stats| stats.syn_repeats);
+        // The passive signal's counter, read only where it is on.
+        let repeats = match st.services.vip(vip).ok().and_then(|v| v.backends.get(&addr)) {
+            Some(b) if spec.eject_syn_repeats > 0 => st.dp.backend_stats(b.id).map_or(0, |s| s.syn_repeats),
+            _ => 0,
+        };
         let Some(checked) = st.checks.get_mut(&(*vip, addr)) else { return };
         checked.tracker.latency.observe(seconds);
-        let now = Instant::now();
-        let (changed, result) = match checked.tracker.passive(spec, repeats, now) {
-            Err(why) if checked.tracker.healthy => {
-                checked.tracker.eject(why.clone(), now);
-                (Some(false), Err(why))
-            }
-            // A hold in force fails the round; else the probe decides.
-            passive => {
-                let result = result.and(passive);
-                (checked.tracker.record(spec, &result), result)
-            }
-        };
+        let (changed, result) = checked.tracker.round(spec, result, repeats, Instant::now());
         let Some(healthy) = changed else { return };
         let cause = result.err().unwrap_or_else(|| format!("{} checks passed", spec.rise));
         match st.services.set_health(&mut st.dp, vip, addr, healthy) {

@@ -549,10 +549,34 @@ impl Tracker {
         Self { healthy, ..Self::default() }
     }
 
+    /// Records one round: the probe's `result` and, with the passive
+    /// signal on, the backend's SYN-repeat counter (`syn_repeats`, its
+    /// total). The signal takes an up backend out at once; a hold in force
+    /// fails the round; otherwise the probe decides, by rise and fall.
+    /// Returns the new verdict if it changed, and the round's result.
+    pub fn round(
+        &mut self,
+        spec: &CheckSpec,
+        result: Result<(), String>,
+        syn_repeats: u64,
+        now: Instant,
+    ) -> (Option<bool>, Result<(), String>) {
+        match self.passive(spec, syn_repeats, now) {
+            Err(why) if self.healthy => {
+                self.eject(why.clone(), now);
+                (Some(false), Err(why))
+            }
+            passive => {
+                let result = result.and(passive);
+                (self.record(spec, &result), result)
+            }
+        }
+    }
+
     /// The passive signal's verdict on this round, from the backend's
     /// SYN-repeat counter (`syn_repeats`, its total): `eject_syn_repeats`
     /// or more since the last round fail it, and so does a hold in force.
-    pub fn passive(&mut self, spec: &CheckSpec, syn_repeats: u64, now: Instant) -> Result<(), String> {
+    fn passive(&mut self, spec: &CheckSpec, syn_repeats: u64, now: Instant) -> Result<(), String> {
         let seen = self.syn_repeats_seen.replace(syn_repeats).unwrap_or(syn_repeats);
         if spec.eject_syn_repeats == 0 {
             return Ok(());
@@ -576,7 +600,7 @@ impl Tracker {
     /// rounds in a row would rarely all see them). It is held out, twice as
     /// long as last time if the last hold ended less than
     /// [`EJECT_HOLD_MAX`] ago; then probes (if any) bring it back by rise.
-    pub fn eject(&mut self, why: String, now: Instant) {
+    fn eject(&mut self, why: String, now: Instant) {
         let recent = self.held_until.is_some_and(|until| now.saturating_duration_since(until) < EJECT_HOLD_MAX);
         self.ejections = if recent { self.ejections + 1 } else { 1 };
         let hold = EJECT_HOLD.saturating_mul(1 << (self.ejections - 1).min(16)).min(EJECT_HOLD_MAX);
@@ -783,43 +807,25 @@ mod tests {
 
     #[tokio::test]
     async fn https_probes_check_the_certificate_send_sni_and_do_not_follow_redirects() {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let (ca, cert, key) = pki("backends' CA", "backend.example");
         let (other_ca, _, _) = pki("another CA", "backend.example");
-        let config = rustls::ServerConfig::builder_with_provider(provider())
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_no_client_auth()
-            .with_single_cert(vec![cert], key)
-            .unwrap();
-        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let (sni_tx, mut sni_rx) = tokio::sync::mpsc::unbounded_channel();
-        tokio::spawn(async move {
-            while let Ok((tcp, _)) = listener.accept().await {
-                let Ok(mut tls) = acceptor.accept(tcp).await else { continue };
-                let _ = sni_tx.send(tls.get_ref().1.server_name().map(str::to_string));
-                let mut buf = [0u8; 1024];
-                let _ = tls.read(&mut buf).await;
-                let reply = "HTTP/1.1 302 Found\r\nLocation: https://elsewhere.example/\r\nContent-Length: 0\r\n\r\n";
-                let _ = tls.write_all(reply.as_bytes()).await;
-                let _ = tls.shutdown().await;
-            }
-        });
-        let localhost: IpAddr = "127.0.0.1".parse().unwrap();
-        let check = |ca_pem: Option<&str>, insecure: bool, expect: (u16, u16)| {
-            let url = format!("https://backend.example:{port}/health");
-            let probe = Probe::parse(&url, 443).unwrap().with_trust(ca_pem, insecure).unwrap();
-            let prober = Prober::new(&CheckSpec { probe, expect, ..CheckSpec::default() }).unwrap();
-            async move { prober.probe(localhost, None).await }
-        };
-        assert_eq!(check(Some(&ca), false, DEFAULT_EXPECT).await, Ok(()), "trusted CA, 302 within 200-399");
+        let reply = "HTTP/1.1 302 Found\r\nLocation: https://elsewhere.example/\r\nContent-Length: 0\r\n\r\n";
+        let (port, mut sni_rx) = serve_tls(cert, key, reply).await;
+        let url = format!("https://backend.example:{port}/health");
+        assert_eq!(https_check(&url, Some(&ca), false, DEFAULT_EXPECT).await, Ok(()), "trusted CA, 302 within 200-399");
         assert_eq!(sni_rx.recv().await.unwrap().as_deref(), Some("backend.example"), "SNI is the check's host");
-        assert_eq!(check(Some(&ca), false, (200, 299)).await, Err("HTTP status 302".into()), "not followed");
-        let wrong = check(Some(&other_ca), false, DEFAULT_EXPECT).await.unwrap_err();
+        assert_eq!(
+            https_check(&url, Some(&ca), false, (200, 299)).await,
+            Err("HTTP status 302".into()),
+            "not followed"
+        );
+        let wrong = https_check(&url, Some(&other_ca), false, DEFAULT_EXPECT).await.unwrap_err();
         assert!(wrong.starts_with("TLS: ") && wrong.contains("not signed by a trusted CA"), "{wrong}");
-        assert_eq!(check(None, true, DEFAULT_EXPECT).await, Ok(()), "insecure takes a certificate of any CA");
+        assert_eq!(
+            https_check(&url, None, true, DEFAULT_EXPECT).await,
+            Ok(()),
+            "insecure takes a certificate of any CA"
+        );
         // Trust options only make sense for https, and not both at once.
         assert!(Probe::parse("http://x/", 80).unwrap().with_trust(None, true).is_err());
         assert!(Probe::parse("https://x/", 80).unwrap().with_trust(Some(&ca), true).is_err());
@@ -827,9 +833,13 @@ mod tests {
         assert_eq!(Probe::parse("https://x/", 80).unwrap().to_string(), "https://x:443/");
     }
 
-    /// Serves TLS with `cert` and `key` on a local port, answering 200 to
-    /// any request; returns the port.
-    async fn serve_tls(cert: CertificateDer<'static>, key: rustls::pki_types::PrivateKeyDer<'static>) -> u16 {
+    /// Serves TLS with `cert` and `key` on a local port, answering `reply`
+    /// to any request; returns the port and the SNI of each handshake.
+    async fn serve_tls(
+        cert: CertificateDer<'static>,
+        key: rustls::pki_types::PrivateKeyDer<'static>,
+        reply: &'static str,
+    ) -> (u16, tokio::sync::mpsc::UnboundedReceiver<Option<String>>) {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let config = rustls::ServerConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
@@ -840,17 +850,29 @@ mod tests {
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
+        let (sni_tx, sni_rx) = tokio::sync::mpsc::unbounded_channel();
         tokio::spawn(async move {
             while let Ok((tcp, _)) = listener.accept().await {
                 let Ok(mut tls) = acceptor.accept(tcp).await else { continue };
+                let _ = sni_tx.send(tls.get_ref().1.server_name().map(str::to_string));
                 let mut buf = [0u8; 1024];
                 let _ = tls.read(&mut buf).await;
-                let _ = tls.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n").await;
+                let _ = tls.write_all(reply.as_bytes()).await;
                 let _ = tls.shutdown().await;
             }
         });
-        port
+        (port, sni_rx)
     }
+
+    /// An HTTPS check of `url` on 127.0.0.1 trusting `ca_pem` (or, with
+    /// `insecure`, anything), healthy on `expect`.
+    async fn https_check(url: &str, ca_pem: Option<&str>, insecure: bool, expect: (u16, u16)) -> Result<(), String> {
+        let probe = Probe::parse(url, 443).unwrap().with_trust(ca_pem, insecure).unwrap();
+        let prober = Prober::new(&CheckSpec { probe, expect, ..CheckSpec::default() }).unwrap();
+        prober.probe("127.0.0.1".parse().unwrap(), None).await
+    }
+
+    const OK_200: &str = "HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n";
 
     #[tokio::test]
     async fn a_self_signed_ca_certificate_in_the_check_ca_file_is_pinned_and_refusals_say_what_to_do() {
@@ -866,28 +888,25 @@ mod tests {
         };
         let (pem, cert, key) = self_signed("backend.example");
         let (other_pem, _, _) = self_signed("backend.example");
-        let port = serve_tls(cert, key).await;
-        let check = |host: &str, ca: String| {
+        let (port, _) = serve_tls(cert, key, OK_200).await;
+        let check = |host: &str, ca: &str| {
             let url = format!("https://{host}:{port}/");
-            let probe = Probe::parse(&url, 443).unwrap().with_trust(Some(&ca), false).unwrap();
-            let prober = Prober::new(&CheckSpec { probe, ..CheckSpec::default() }).unwrap();
-            async move { prober.probe("127.0.0.1".parse().unwrap(), None).await }
+            let ca = ca.to_string();
+            async move { https_check(&url, Some(&ca), false, DEFAULT_EXPECT).await }
         };
-        assert_eq!(check("backend.example", pem.clone()).await, Ok(()), "the file holds that very certificate");
+        assert_eq!(check("backend.example", &pem).await, Ok(()), "the file holds that very certificate");
         // Pinned means its bytes, whatever name the check uses.
-        assert_eq!(check("other.example", pem.clone()).await, Ok(()));
+        assert_eq!(check("other.example", &pem).await, Ok(()));
         // Among other certificates in the file too.
-        assert_eq!(check("backend.example", format!("{other_pem}{pem}")).await, Ok(()));
+        assert_eq!(check("backend.example", &format!("{other_pem}{pem}")).await, Ok(()));
         // Another self-signed certificate in the file: refused, saying how to pin.
-        let refused = check("backend.example", other_pem).await.unwrap_err();
+        let refused = check("backend.example", &other_pem).await.unwrap_err();
         assert!(refused.starts_with("TLS: invalid peer certificate: ") && refused.contains("to pin it"), "{refused}");
         // A certificate signed by the file's CA but for another name.
         let (ca, cert, key) = pki("backends' CA", "backend.example");
-        let port2 = serve_tls(cert, key).await;
+        let (port2, _) = serve_tls(cert, key, OK_200).await;
         let url = format!("https://elsewhere.example:{port2}/");
-        let probe = Probe::parse(&url, 443).unwrap().with_trust(Some(&ca), false).unwrap();
-        let prober = Prober::new(&CheckSpec { probe, ..CheckSpec::default() }).unwrap();
-        let refused = prober.probe("127.0.0.1".parse().unwrap(), None).await.unwrap_err();
+        let refused = https_check(&url, Some(&ca), false, DEFAULT_EXPECT).await.unwrap_err();
         assert!(refused.contains("not for 'elsewhere.example'"), "{refused}");
     }
 }
