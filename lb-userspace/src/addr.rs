@@ -11,6 +11,13 @@ pub fn words(addr: IpAddr) -> ([u32; 4], u8) {
     }
 }
 
+/// The host bits of an outer source prefix of `prefix_len` that carry
+/// varying bits (flow hash, check id), host order: the last 32 bits at
+/// most (of an IPv6 prefix, `family_bits` 128).
+pub fn source_host_mask(prefix_len: u8, family_bits: u8) -> u32 {
+    u32::MAX.checked_shr(prefix_len.saturating_sub(family_bits - 32) as u32).unwrap_or(0)
+}
+
 /// Inverse of [`words`].
 pub fn from_words(words: [u32; 4], family: u8) -> IpAddr {
     let mut octets = [0u8; 16];

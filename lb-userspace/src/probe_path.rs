@@ -13,9 +13,12 @@ use aya::{
     programs::{tc::TcAttachType, SchedClassifier},
     Ebpf,
 };
-use lb_common::{map_names, ProbeRoute, AF_INET, AF_INET6, MAX_PROBES, PROBE_MARK_BASE};
+use lb_common::{map_names, ProbeRoute, MAX_PROBES, PROBE_MARK_BASE};
 
-use crate::services::{Encap, Settings, VipAddr};
+use crate::{
+    addr,
+    services::{Encap, Settings, VipAddr},
+};
 
 /// The egress program, attached for as long as this value lives (a tcx
 /// link: it goes with the process, and a new controller attaches anew).
@@ -107,35 +110,55 @@ fn attach(iface: &str) -> Result<Attached, String> {
 /// hop). The outer source's host bits, which carry flow-hash bits in data
 /// packets, carry the check's id here.
 pub fn route(settings: &Settings, encap: Encap, backend: IpAddr, id: u32) -> ProbeRoute {
-    let mut route = ProbeRoute {
+    let source = match backend {
+        IpAddr::V4(_) => {
+            let (prefix, len) = settings.encap_src_v4;
+            IpAddr::V4(Ipv4Addr::from(u32::from(prefix) | (id & addr::source_host_mask(len, 32))))
+        }
+        IpAddr::V6(_) => {
+            let (prefix, len) = settings.encap_src_v6;
+            IpAddr::V6(Ipv6Addr::from(u128::from(prefix) | (id & addr::source_host_mask(len, 128)) as u128))
+        }
+    };
+    let (saddr, family) = addr::words(source);
+    ProbeRoute {
+        saddr,
+        daddr: addr::words(backend).0,
         next_hop_mac: settings.next_hop_mac,
         gue_port: if encap == Encap::Gue { settings.gue_port.to_be() } else { 0 },
-        ..ProbeRoute::default()
-    };
-    match backend {
-        IpAddr::V4(addr) => {
-            let (prefix, len) = settings.encap_src_v4;
-            let host_mask = u32::MAX.checked_shr(len as u32).unwrap_or(0);
-            let source = Ipv4Addr::from(u32::from(prefix) | (id & host_mask));
-            route.family = AF_INET;
-            route.saddr[0] = u32::from_ne_bytes(source.octets());
-            route.daddr[0] = u32::from_ne_bytes(addr.octets());
-        }
-        IpAddr::V6(addr) => {
-            let (prefix, len) = settings.encap_src_v6;
-            let host_mask = u32::MAX.checked_shr(len.saturating_sub(96) as u32).unwrap_or(0);
-            let mut source = prefix.octets();
-            let last = u32::from_be_bytes(source[12..].try_into().unwrap()) | (id & host_mask);
-            source[12..].copy_from_slice(&last.to_be_bytes());
-            route.family = AF_INET6;
-            route.saddr = words(&Ipv6Addr::from(source));
-            route.daddr = words(&addr);
-        }
+        family,
+        _pad: [0; 3],
     }
-    route
 }
 
-fn words(addr: &Ipv6Addr) -> [u32; 4] {
-    let o = addr.octets();
-    std::array::from_fn(|i| u32::from_ne_bytes(o[4 * i..4 * i + 4].try_into().unwrap()))
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_route_carries_the_tier_source_with_the_id_in_its_host_bits() {
+        let settings = Settings {
+            next_hop_mac: [2, 0, 0, 0, 0, 1],
+            encap_src_v4: ("198.51.100.0".parse().unwrap(), 30),
+            encap_src_v6: ("2001:db8:a1::".parse().unwrap(), 126),
+            mtu: 1500,
+            debug: false,
+            new_flow_limit: 0,
+            gue_port: 6080,
+        };
+        let wire = |octets: &[u8]| -> Vec<u32> {
+            octets.chunks(4).map(|c| u32::from_ne_bytes(c.try_into().unwrap())).collect()
+        };
+        // Id 5 in a /30: host bits 01 (5 & 3).
+        let v4 = route(&settings, Encap::Gue, "198.51.100.34".parse().unwrap(), 5);
+        assert_eq!(v4.saddr.to_vec(), [wire(&[198, 51, 100, 1]), vec![0, 0, 0]].concat());
+        assert_eq!(v4.daddr[0], wire(&[198, 51, 100, 34])[0]);
+        assert_eq!((v4.family, v4.gue_port, v4.next_hop_mac), (4, 6080u16.to_be(), [2, 0, 0, 0, 0, 1]));
+        let v6 = route(&settings, Encap::Ipip, "2001:db8:b2::2".parse().unwrap(), 6);
+        let mut source = [0u8; 16];
+        source[..6].copy_from_slice(&[0x20, 0x01, 0x0d, 0xb8, 0x00, 0xa1]);
+        source[15] = 2; // 6 & 3
+        assert_eq!(v6.saddr.to_vec(), wire(&source));
+        assert_eq!((v6.family, v6.gue_port), (6, 0), "IP-in-IP: no GUE port");
+    }
 }

@@ -1214,9 +1214,8 @@ impl Services {
         if v6_len > 128 {
             return Err(ServiceError::BadPrefix(v6_len));
         }
-        let v4_host = u32::MAX.checked_shr(v4_len as u32).unwrap_or(0);
-        // Only the last 32 bits of an IPv6 source carry hash bits.
-        let v6_host = u32::MAX.checked_shr(v6_len.saturating_sub(96) as u32).unwrap_or(0);
+        let v4_host = addr::source_host_mask(v4_len, 32);
+        let v6_host = addr::source_host_mask(v6_len, 128);
         let wire = |host_order: u32| u32::from_ne_bytes(host_order.to_be_bytes());
         let mut v6_words = addr::words(IpAddr::V6(v6)).0;
         v6_words[3] &= !wire(v6_host);
