@@ -29,28 +29,16 @@ fn wait_health(lab: &Lab, vip: &str, j: usize, health: &str) -> std::time::Durat
     since.elapsed()
 }
 
-/// The address of backend `j` in `vip`'s family.
-fn backend_of(vip: &str, j: usize) -> String {
-    if vip.starts_with('[') {
-        backend_v6(j)
-    } else {
-        backend_v4(j)
-    }
-}
-
 /// The reason LB host `i` gives for backend `j` of `vip` being down.
 fn reason(lab: &Lab, i: usize, vip: &str, j: usize) -> String {
-    let list: serde_json::Value = serde_json::from_str(&ok(lab, i, &["-o", "json", "backend", "list", vip])).unwrap();
-    let want = backend_of(vip, j);
-    let row = list.as_array().unwrap().iter().find(|b| b["address"] == want.as_str()).unwrap();
-    row["reason"].as_str().unwrap_or_default().to_string()
+    backend_row(lab, i, vip, j)["reason"].as_str().unwrap_or_default().to_string()
 }
 
 /// Probes of backend `j` of `vip` on LB host `i` so far, and how many
 /// failed (from its /metrics).
 fn probes(i: usize, vip: &str, j: usize) -> (u64, u64) {
     let page = scrape(i, &[]);
-    let labels = format!("backend=\"{}\"", backend_of(vip, j));
+    let labels = format!("backend=\"{}\"", backend_in(vip, j));
     let value = |name: &str| -> u64 {
         page.lines()
             .find(|l| l.starts_with(name) && l.contains(&labels) && l.contains(&format!("vip=\"{vip}\"")))
@@ -235,10 +223,7 @@ fn a_backend_that_drops_the_vips_packets_is_ejected_by_the_passive_signal_and_re
     assert_no_errors("all backends serve");
 
     // be2 drops every packet to the VIP; its own address keeps answering.
-    let drop_vip = format!(
-        "table inet blackhole {{\n chain input {{ type filter hook input priority 0; ip daddr {VIP4} drop; }}\n}}\n"
-    );
-    nft(&backend_ns(2), "blackhole", &drop_vip);
+    drop_vip_packets(2);
     let broke = Instant::now();
     // New connections keep coming until be2 is out, 32 at a time; those
     // sent to be2 repeat their SYN after a second, then give up.
@@ -267,7 +252,7 @@ fn a_backend_that_drops_the_vips_packets_is_ejected_by_the_passive_signal_and_re
     assert_no_errors("be2 ejected, still dropping");
 
     // Repaired during its hold: it returns when the hold ends.
-    ns(&backend_ns(2), &["nft", "delete", "table", "inet", "blackhole"]).unwrap();
+    answer_the_vip(2);
     let back = wait_health(lab, HTTP4, 2, "up");
     println!("be2 repaired: back in {back:?} (hold 10 s, then rise 2 x 1 s)");
     assert_no_errors("be2 back");

@@ -152,11 +152,7 @@ fn a_backend_that_drops_the_vips_packets_shows_syn_repeats_while_its_check_stays
     lab.route_through(&[1], VIP4).unwrap();
     // be2 drops everything to the VIP after decapsulation; its own address
     // (the check's) still answers.
-    let rule = format!(
-        "table inet blackhole {{\n  chain input {{\n    type filter hook input priority 0;\n    \
-         ip daddr {VIP4} drop;\n  }}\n}}\n"
-    );
-    nft(&backend_ns(2), "blackhole", &rule);
+    drop_vip_packets(2);
     // Connections whose flows the ring gives be2 time out (their SYN is
     // sent again in a second); the others work.
     let mut failed = 0;
@@ -172,9 +168,9 @@ fn a_backend_that_drops_the_vips_packets_shows_syn_repeats_while_its_check_stays
         }
     }
     assert!(failed > 0, "some flows went to be2");
-    let list: serde_json::Value = serde_json::from_str(&ok(lab, 1, &["-o", "json", "backend", "list", ECHO4])).unwrap();
+    let rows: Vec<serde_json::Value> = (1..=BACKENDS).map(|j| backend_row(lab, 1, ECHO4, j)).collect();
     let repeats = |j: usize| {
-        let row = list.as_array().unwrap().iter().find(|b| b["address"] == backend_v4(j).as_str()).unwrap().clone();
+        let row = &rows[j - 1];
         (row["syn_repeats"].as_u64().unwrap(), row["health"].as_str().unwrap().to_string())
     };
     println!(

@@ -65,7 +65,7 @@ pub const UDP6: &str = "[2001:db8:f::10]:9000/udp";
 /// waits until both LB hosts announce it and the router has both routes.
 pub fn add_backends(lab: &Lab, vip: &str, extra: &[&str]) {
     for j in 1..=BACKENDS {
-        let addr = if vip.starts_with('[') { backend_v6(j) } else { backend_v4(j) };
+        let addr = backend_in(vip, j);
         let mut args = vec!["backend", "add", vip, &addr];
         args.extend_from_slice(extra);
         all(lab, &args);
@@ -354,10 +354,37 @@ pub fn ring_changes(lab: &Lab, streams: &Streams) {
 /// The health column of lab backend `j` of `vip` on LB host `i`, from
 /// `lbctl -o json backend list`.
 pub fn backend_health(lab: &Lab, i: usize, vip: &str, j: usize) -> String {
+    backend_row(lab, i, vip, j)["health"].as_str().unwrap().to_string()
+}
+
+/// Backend `j` of `vip` as LB host `i`'s `backend list -o json` shows it.
+pub fn backend_row(lab: &Lab, i: usize, vip: &str, j: usize) -> serde_json::Value {
     let list: serde_json::Value = serde_json::from_str(&ok(lab, i, &["-o", "json", "backend", "list", vip])).unwrap();
-    let want = if vip.starts_with('[') { backend_v6(j) } else { backend_v4(j) };
-    let row = list.as_array().unwrap().iter().find(|b| b["address"] == want.as_str()).expect("the backend is listed");
-    row["health"].as_str().unwrap().to_string()
+    let want = backend_in(vip, j);
+    list.as_array().unwrap().iter().find(|b| b["address"] == want.as_str()).expect("the backend is listed").clone()
+}
+
+/// The address of lab backend `j` in `vip`'s family.
+pub fn backend_in(vip: &str, j: usize) -> String {
+    if vip.starts_with('[') {
+        backend_v6(j)
+    } else {
+        backend_v4(j)
+    }
+}
+
+/// Backend `j` drops every packet to the VIP after its decap (nftables);
+/// its own address keeps answering. [`answer_the_vip`] undoes it.
+pub fn drop_vip_packets(j: usize) {
+    let rule = format!(
+        "table inet blackhole {{\n  chain input {{\n    type filter hook input priority 0;\n    \
+         ip daddr {VIP4} drop;\n  }}\n}}\n"
+    );
+    nft(&backend_ns(j), "blackhole", &rule);
+}
+
+pub fn answer_the_vip(j: usize) {
+    ns(&backend_ns(j), &["nft", "delete", "table", "inet", "blackhole"]).unwrap();
 }
 
 /// A CA that signs a server certificate for 127.0.0.1 and a client
