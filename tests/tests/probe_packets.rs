@@ -57,6 +57,13 @@ impl Probe {
         out.truncate(result.data_size_out as usize);
         (result.return_value, out)
     }
+
+    /// Runs a check's frame that must leave (TC_ACT_OK); the frame out.
+    fn encapsulated(&self, frame: &[u8], mark: u32) -> Vec<u8> {
+        let (verdict, out) = self.run(frame, mark);
+        assert_eq!(verdict, TC_ACT_OK, "mark {mark:#x}: the frame leaves");
+        out
+    }
 }
 
 /// A check's SYN as the kernel hands it to tc egress: Ethernet towards the
@@ -119,8 +126,7 @@ fn a_check_packet_leaves_in_ip_in_ip_to_its_backend_through_the_next_hop() {
     let mut probe = Probe::load();
     probe.route(7, v4_route(0));
     let syn = check_syn_v4();
-    let (verdict, out) = probe.run(&syn, PROBE_MARK_BASE + 7);
-    assert_eq!(verdict, TC_ACT_OK);
+    let out = probe.encapsulated(&syn, PROBE_MARK_BASE + 7);
     let mut want = eth(NEXT_HOP, HOST_MAC, 0x0800);
     // Protocol 4: IPv4 in IPv4; length 20 + the 40-byte inner packet.
     want.extend(outer_v4(60, 4));
@@ -133,8 +139,7 @@ fn a_check_packet_leaves_in_gue_over_ipv4_with_no_private_data() {
     let mut probe = Probe::load();
     probe.route(0, v4_route(6080));
     let syn = check_syn_v4();
-    let (verdict, out) = probe.run(&syn, PROBE_MARK_BASE);
-    assert_eq!(verdict, TC_ACT_OK);
+    let out = probe.encapsulated(&syn, PROBE_MARK_BASE);
     let mut want = eth(NEXT_HOP, HOST_MAC, 0x0800);
     want.extend(outer_v4(20 + 8 + 4 + 40, 17));
     // UDP: source port 0xc000 | (flow hash & 0x3fff), the hash is 0 in a
@@ -163,16 +168,14 @@ fn a_check_to_an_ipv6_backend_leaves_in_ipv6_and_in_gue_over_ipv6() {
         h
     };
 
-    let (verdict, out) = probe.run(&syn, PROBE_MARK_BASE + 1);
-    assert_eq!(verdict, TC_ACT_OK);
+    let out = probe.encapsulated(&syn, PROBE_MARK_BASE + 1);
     let mut want = eth(NEXT_HOP, HOST_MAC, 0x86dd);
     // Next header 41: IPv6 in IPv6 (RFC 2473).
     want.extend(outer(60, 41));
     want.extend_from_slice(inner);
     assert_eq!(out, want, "IPv6 in IPv6");
 
-    let (verdict, out) = probe.run(&syn, PROBE_MARK_BASE + 2);
-    assert_eq!(verdict, TC_ACT_OK);
+    let out = probe.encapsulated(&syn, PROBE_MARK_BASE + 2);
     let mut want = eth(NEXT_HOP, HOST_MAC, 0x86dd);
     want.extend(outer(8 + 4 + 60, 17));
     want.extend_from_slice(&[0xc0, 0x00, 0x17, 0xc0, 0x00, 72, 0x00, 0x00]);
@@ -183,8 +186,7 @@ fn a_check_to_an_ipv6_backend_leaves_in_ipv6_and_in_gue_over_ipv6() {
 
     // An IPv4 VIP's check to an IPv6 backend: next header 4.
     let syn = check_syn_v4();
-    let (verdict, out) = probe.run(&syn, PROBE_MARK_BASE + 1);
-    assert_eq!(verdict, TC_ACT_OK);
+    let out = probe.encapsulated(&syn, PROBE_MARK_BASE + 1);
     let mut want = eth(NEXT_HOP, HOST_MAC, 0x86dd);
     want.extend(outer(40, 4));
     want.extend_from_slice(&syn[14..]);
