@@ -59,8 +59,9 @@ pub mod program_names {
 
 /// How many VIPs and backends the maps hold. Backend and VIP ids index arrays.
 pub const MAX_VIPS: u32 = 1024;
-/// Backend ids fit in the ring array's 16-bit slots.
-pub const MAX_BACKENDS: u32 = 8192;
+/// Backend ids fit in the ring array's 16-bit slots. Each VIP's backend
+/// takes an id of its own: 512 VIPs x 100 backends fit.
+pub const MAX_BACKENDS: u32 = 1 << 16;
 /// Default Maglev ring size: a prime, as Maglev needs (paper, section 3.4).
 pub const DEFAULT_RING_SIZE: u32 = 65537;
 /// Ring slots per element of the ring array. An array map rounds every
@@ -77,13 +78,18 @@ pub const fn ring_stride(size: u32) -> u32 {
     size.div_ceil(RING_SLOTS_PER_WORD) * RING_SLOTS_PER_WORD
 }
 
-/// Ring slots each VIP owns: the live ring, the [`ALTERNATE_RINGS`], and a
-/// free one where the next ring is written before it goes live (rings that
-/// are equal share one).
+/// Rings a VIP may keep in the ring array: the live ring, the
+/// [`ALTERNATE_RINGS`], and a free one where the next ring is written
+/// before it goes live (rings that are equal share one).
 pub const RINGS_PER_VIP: u32 = 2 + ALTERNATE_RINGS as u32;
-/// Default number of ring slots in the shared ring array: enough for 32
-/// VIPs at the default size. Userspace may raise it.
-pub const DEFAULT_RING_CAPACITY: u32 = RINGS_PER_VIP * 32 * ring_stride(DEFAULT_RING_SIZE);
+/// Rings every VIP is sure of: the live ring and the free one. Alternate
+/// rings take what room is left, and give it back to a VIP that needs it.
+pub const RESERVED_RINGS_PER_VIP: u32 = 2;
+/// VIPs of the default ring size the default ring capacity holds.
+pub const DEFAULT_RING_VIPS: u32 = 512;
+/// Default number of ring slots in the shared ring array (2 bytes each).
+/// Userspace may change it.
+pub const DEFAULT_RING_CAPACITY: u32 = RESERVED_RINGS_PER_VIP * DEFAULT_RING_VIPS * ring_stride(DEFAULT_RING_SIZE);
 /// Default conn-table entries. Userspace may change it at load.
 pub const DEFAULT_CONN_TABLE_SIZE: u32 = 262_144;
 /// Default MTU of the path to backends (outer packet, without Ethernet).

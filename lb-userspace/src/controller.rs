@@ -91,14 +91,15 @@ pub struct Saved {
     pub maintenance: bool,
 }
 
-/// The map layout a state file describes. 4: seven ring slots per VIP
+/// The map layout a state file describes. 5: each ring has an extent of
+/// its own (a VIP owns two to seven), 65536 backend ids; 4: seven ring slots per VIP
 /// (live, four history rings, the previous live ring, next) and the VIP
 /// entry names the alternate rings; 3: the conn table is an array
 /// of buckets, and the flow hash and ring slot changed (32-bit hash lanes,
 /// multiply-shift slot), so older maps' entries and rings cannot be
 /// followed; 2: three ring slots per VIP (live, previous, next) and the
 /// GUE fields; 1 had two.
-pub const STATE_LAYOUT: u32 = 4;
+pub const STATE_LAYOUT: u32 = 5;
 
 fn first_layout() -> u32 {
     1

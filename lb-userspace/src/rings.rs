@@ -1,9 +1,9 @@
-//! Space in the shared ring array. Each VIP owns one extent of
-//! `RINGS_PER_VIP` ring slots (each its ring size rounded up to whole array
-//! words): the live ring, the rings GUE alternates come from, and a free
-//! one where the next ring is written before a single VIP-map update makes
-//! it live. A packet therefore reads the old ring or the new one, never a
-//! mix.
+//! Space in the shared ring array, in extents of one ring each (its ring
+//! size rounded up to whole array words). A VIP always owns two: its live
+//! ring and a spare, where the next ring is written before a single
+//! VIP-map update makes it live, so a packet reads the old ring or the new
+//! one, never a mix. The rings GUE alternates come from take more extents
+//! while there is room, and give them back when a VIP needs them.
 
 /// A run of slots `[offset, offset + len)`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -17,11 +17,13 @@ pub struct Extent {
 pub struct RingSpace {
     /// Free extents, sorted by offset, never adjacent (merged on free).
     free: Vec<Extent>,
+    #[serde(default)]
+    pub capacity: u32,
 }
 
 impl RingSpace {
     pub fn new(capacity: u32) -> Self {
-        Self { free: vec![Extent { offset: 0, len: capacity }] }
+        Self { free: vec![Extent { offset: 0, len: capacity }], capacity }
     }
 
     pub fn alloc(&mut self, len: u32) -> Option<Extent> {

@@ -16,7 +16,7 @@ use std::{
 use lb_common::{
     flow_hash, source_hash, Backend, Config, FlowKey, VipKey, VipMeta, ALTERNATE_RINGS, CONFIG_F_PORT0_V4,
     CONFIG_F_PORT0_V6, FILTER_STATELESS, FILTER_VIP, HISTORY_RINGS, IPPROTO_TCP, IPPROTO_UDP, MAX_BACKENDS, MAX_VIPS,
-    RINGS_PER_VIP, VIP_F_HASH_SRC_ONLY,
+    RESERVED_RINGS_PER_VIP, RINGS_PER_VIP, VIP_F_HASH_SRC_ONLY,
 };
 
 use serde::{Deserialize, Serialize};
@@ -210,7 +210,7 @@ pub enum ServiceError {
     #[error("no room for a ring of {needed} slots (largest free run {free}); remove a VIP or load with a larger ring capacity")]
     RingSpaceFull { needed: u32, free: u32 },
     #[error(
-        "the ring capacity takes {fit} of the {vips} VIPs to add (each needs {needed} slots: {RINGS_PER_VIP} rings); \
+        "the ring capacity takes {fit} of the {vips} VIPs to add (each needs {needed} slots: {RESERVED_RINGS_PER_VIP} rings); \
          nothing was changed: start lbctl up with a larger --ring-capacity"
     )]
     RingSpaceWanting { fit: usize, vips: usize, needed: u32 },
@@ -261,8 +261,9 @@ pub struct Generation {
     pub fingerprint: u64,
     /// Unix seconds when it became the declared state on this host.
     pub since: u64,
-    /// Which slot of the VIP's extent holds its ring.
-    slot: u32,
+    /// Where its ring starts in the ring array; `None` when the ring array
+    /// had no room to keep it (GUE packets take no alternate from it).
+    slot: Option<u32>,
     /// Its ring by backend id (not saved: rebuilt from `members`).
     #[serde(skip)]
     ring: Vec<u32>,
@@ -271,7 +272,7 @@ pub struct Generation {
 impl Generation {
     /// A generation as another host exported it, to import.
     pub fn declared(members: BTreeMap<IpAddr, u32>, since: u64, fingerprint: u64) -> Self {
-        Self { members, fingerprint, since, slot: 0, ring: Vec::new() }
+        Self { members, fingerprint, since, slot: None, ring: Vec::new() }
     }
 }
 
@@ -279,8 +280,12 @@ impl Generation {
 pub struct VipState {
     pub spec: VipSpec,
     pub id: u32,
-    extent: Extent,
-    /// Which slot of the extent holds the live ring.
+    /// Where the ring slots this VIP owns start in the ring array (absent
+    /// from older state files, which are replayed, not adopted): at least
+    /// two (see [`RESERVED_RINGS_PER_VIP`]), at most [`RINGS_PER_VIP`].
+    #[serde(default)]
+    slots: Vec<u32>,
+    /// Which of them holds the live ring.
     live_slot: u32,
     /// The declared generations, newest first, at most [`HISTORY_RINGS`]:
     /// where GUE packets take their alternate hops from.
@@ -317,22 +322,23 @@ fn settled() -> bool {
 }
 
 impl VipState {
-    fn slot_offset(&self, slot: u32) -> u32 {
-        self.extent.offset + slot * lb_common::ring_stride(self.spec.ring_size)
+    /// Ring-array slots one of this VIP's rings takes.
+    fn stride(&self) -> u32 {
+        lb_common::ring_stride(self.spec.ring_size)
     }
 
-    /// The slot offsets of the rings GUE alternates come from: the history,
+    /// The slots of the rings GUE alternates come from: the history,
     /// newest first, then the previous live ring; a ring in the live ring's
-    /// slot or one already listed is left out (it would name nothing new,
-    /// and each costs packets a read).
+    /// slot, one already listed or one not kept is left out (it would name
+    /// nothing new, and each costs packets a read).
     fn alt_rings(&self, live: u32, history: &[Generation], prev_live: Option<&Generation>) -> Vec<u32> {
         let mut slots: Vec<u32> = Vec::new();
-        for slot in history.iter().chain(prev_live).map(|g| g.slot) {
+        for slot in history.iter().chain(prev_live).filter_map(|g| g.slot) {
             if slot != live && !slots.contains(&slot) {
                 slots.push(slot);
             }
         }
-        slots.iter().map(|s| self.slot_offset(*s)).collect()
+        slots
     }
 
     fn meta(&self, live: u32, history: &[Generation], prev_live: Option<&Generation>, ring_size: u32) -> VipMeta {
@@ -352,7 +358,7 @@ impl VipState {
         VipMeta {
             vip_id: self.id,
             flags,
-            ring_offset: self.slot_offset(live),
+            ring_offset: live,
             ring_size,
             alt_rings_len: alt_rings.len() as u32,
             alt_rings: offsets,
@@ -383,29 +389,67 @@ impl VipState {
         backend.wanted() && (backend.healthy || self.fail_open)
     }
 
-    /// A slot no ring that packets may read uses: neither the live ring
-    /// nor any alternate ring.
-    fn free_slot(&self) -> u32 {
-        let used = |s: u32| {
-            s == self.live_slot
-                || self.history.iter().any(|g| g.slot == s)
-                || self.prev_live.as_ref().is_some_and(|p| p.slot == s)
-        };
-        (0..RINGS_PER_VIP).find(|s| !used(*s)).expect("a VIP has a slot more than its live and alternate rings")
+    /// Whether packets may read a ring in `slot`: the live ring's or an
+    /// alternate ring's.
+    fn slot_in_use(&self, slot: u32) -> bool {
+        slot == self.live_slot || self.history.iter().chain(&self.prev_live).any(|g| g.slot == Some(slot))
     }
 
-    /// A slot that holds `ring`: the live ring's or an alternate ring's when
-    /// it is equal, else a free one, written now (no packet reads it yet).
-    fn slot_for(&self, dp: &mut Dataplane, ring: &[u32]) -> Result<u32, ServiceError> {
+    /// A slot no packet reads, to write the next ring to: an idle one of
+    /// this VIP's, else one more from `space` (up to [`RINGS_PER_VIP`]),
+    /// else the slot of its oldest alternate ring, which is then no longer
+    /// kept (its generation stays in the history, without a ring here).
+    fn spare_slot(&mut self, space: &mut RingSpace) -> u32 {
+        if let Some(idle) = self.slots.iter().copied().find(|s| !self.slot_in_use(*s)) {
+            return idle;
+        }
+        if self.slots.len() < RINGS_PER_VIP as usize {
+            if let Some(extent) = space.alloc(self.stride()) {
+                self.slots.push(extent.offset);
+                return extent.offset;
+            }
+        }
+        let live = self.live_slot;
+        let oldest = (self.history.iter().rev().chain(&self.prev_live).filter_map(|g| g.slot))
+            .find(|s| *s != live)
+            .expect("a VIP owns two slots or more, so one that is busy and not live holds an alternate ring");
+        self.forget_slots(|slot| slot == oldest);
+        tracing::info!(vip = %self.spec.vip, "ring space full: an alternate ring of this VIP is no longer kept");
+        oldest
+    }
+
+    /// Stops keeping the alternate rings in the slots `which` picks.
+    fn forget_slots(&mut self, which: impl Fn(u32) -> bool) {
+        for generation in self.history.iter_mut().chain(self.prev_live.as_mut()) {
+            if generation.slot.is_some_and(&which) {
+                generation.slot = None;
+            }
+        }
+    }
+
+    /// Gives the idle slots back to `space`, all but one: the spare the
+    /// next ring is written to.
+    fn release_idle_slots(&mut self, space: &mut RingSpace) {
+        let idle: Vec<u32> = self.slots.iter().copied().filter(|s| !self.slot_in_use(*s)).skip(1).collect();
+        self.slots.retain(|s| !idle.contains(s));
+        for offset in idle {
+            space.free(Extent { offset, len: self.stride() });
+        }
+    }
+
+    /// A slot that holds `ring`: the live ring's or a kept alternate
+    /// ring's when it is equal, else a spare one, written now (no packet
+    /// reads it yet).
+    fn slot_for(&mut self, space: &mut RingSpace, dp: &mut Dataplane, ring: &[u32]) -> Result<u32, ServiceError> {
         if *ring == self.ring {
             return Ok(self.live_slot);
         }
-        if let Some(same) = self.history.iter().chain(&self.prev_live).find(|g| g.ring == ring) {
-            return Ok(same.slot);
+        if let Some(same) = self.history.iter().chain(&self.prev_live).filter(|g| g.ring == ring).find_map(|g| g.slot) {
+            return Ok(same);
         }
-        let free = self.free_slot();
-        dp.write_ring(self.slot_offset(free), ring)?;
-        Ok(free)
+        let spare = self.spare_slot(space);
+        dp.write_ring(spare, ring)?;
+        Ok(spare)
     }
 
     /// Addresses `generations` name that have no backend id here.
@@ -536,10 +580,51 @@ pub enum Via {
 pub struct Snapshot {
     settings: Settings,
     vips: Vec<VipState>,
+    #[serde(with = "id_runs")]
     free_vip_ids: VecDeque<u32>,
+    #[serde(with = "id_runs")]
     free_backend_ids: VecDeque<u32>,
     ring_space: RingSpace,
     next_cookie: u32,
+}
+
+/// A queue of free ids saved as runs `[first, count]` of consecutive
+/// ones: 65,536 free backend ids are one run, not 400 KB of numbers. Older
+/// state files list every id, which still reads.
+mod id_runs {
+    use std::collections::VecDeque;
+
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub fn serialize<S: Serializer>(ids: &VecDeque<u32>, to: S) -> Result<S::Ok, S::Error> {
+        let mut runs: Vec<[u32; 2]> = Vec::new();
+        for &id in ids {
+            match runs.last_mut() {
+                Some([first, count]) if first.checked_add(*count) == Some(id) => *count += 1,
+                _ => runs.push([id, 1]),
+            }
+        }
+        runs.serialize(to)
+    }
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Item {
+        Run([u32; 2]),
+        Id(u32),
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(from: D) -> Result<VecDeque<u32>, D::Error> {
+        let items = Vec::<Item>::deserialize(from)?;
+        let mut ids = VecDeque::new();
+        for item in items {
+            match item {
+                Item::Run([first, count]) => ids.extend((0..count).map(|i| first + i)),
+                Item::Id(id) => ids.push_back(id),
+            }
+        }
+        Ok(ids)
+    }
 }
 
 impl Snapshot {
@@ -653,19 +738,38 @@ impl Services {
     /// allocator will place them: checked before a change set writes
     /// anything, so a state that does not fit is refused at once, whole.
     pub fn check_ring_space(&self, removed: &[VipAddr], added: &[VipSpec]) -> Result<(), ServiceError> {
-        let mut space = self.ring_space.clone();
-        for vip in removed {
-            if let Some(state) = self.vips.get(vip) {
-                space.free(state.extent);
-            }
-        }
+        let reserve = |ring_size: u32| RESERVED_RINGS_PER_VIP as u64 * lb_common::ring_stride(ring_size) as u64;
+        let mut reserved: u64 =
+            self.vips.values().filter(|v| !removed.contains(&v.spec.vip)).map(|v| reserve(v.spec.ring_size)).sum();
         for (placed, spec) in added.iter().enumerate() {
-            let needed = RINGS_PER_VIP * lb_common::ring_stride(spec.ring_size);
-            if space.alloc(needed).is_none() {
+            reserved += reserve(spec.ring_size);
+            if reserved > self.ring_space.capacity as u64 {
+                let needed = reserve(spec.ring_size) as u32;
                 return Err(ServiceError::RingSpaceWanting { fit: placed, vips: added.len(), needed });
             }
         }
         Ok(())
+    }
+
+    /// A ring's room in the ring array, made by taking other VIPs'
+    /// alternate rings back when there is none (their GUE packets lose
+    /// those alternates; live rings are never touched).
+    fn alloc_slot(&mut self, dp: &mut Dataplane, len: u32) -> Result<u32, ServiceError> {
+        loop {
+            if let Some(extent) = self.ring_space.alloc(len) {
+                return Ok(extent.offset);
+            }
+            let most = self.vips.values().filter(|v| v.slots.len() > RESERVED_RINGS_PER_VIP as usize);
+            let Some(vip) = most.max_by_key(|v| v.slots.len()).map(|v| v.spec.vip) else {
+                return Err(ServiceError::RingSpaceFull { needed: len, free: self.ring_space.largest_free() });
+            };
+            let state = self.vips.get_mut(&vip).expect("just found");
+            state.forget_slots(|_| true);
+            dp.set_vip(&vip.key(), &state.live_meta())?;
+            state.release_idle_slots(&mut self.ring_space);
+            tracing::info!(%vip, "ring space full: the alternate rings of this VIP are no longer kept, for a new VIP");
+            self.sync_fragment_entry(dp, &vip)?;
+        }
     }
 
     pub fn add_vip(&mut self, dp: &mut Dataplane, spec: VipSpec) -> Result<(), ServiceError> {
@@ -674,16 +778,22 @@ impl Services {
         }
         check_ring_size(spec.ring_size)?;
         let vip_id = *self.free_vip_ids.front().ok_or(ServiceError::TooManyVips)?;
-        let needed = RINGS_PER_VIP * lb_common::ring_stride(spec.ring_size);
-        let extent = self
-            .ring_space
-            .alloc(needed)
-            .ok_or(ServiceError::RingSpaceFull { needed, free: self.ring_space.largest_free() })?;
+        let stride = lb_common::ring_stride(spec.ring_size);
+        let mut slots = Vec::new();
+        for _ in 0..RESERVED_RINGS_PER_VIP {
+            match self.alloc_slot(dp, stride) {
+                Ok(slot) => slots.push(slot),
+                Err(e) => {
+                    slots.into_iter().for_each(|offset| self.ring_space.free(Extent { offset, len: stride }));
+                    return Err(e);
+                }
+            }
+        }
         let state = VipState {
             spec,
             id: vip_id,
-            extent,
-            live_slot: 0,
+            live_slot: slots[0],
+            slots,
             history: Vec::new(),
             prev_live: None,
             live_settled: true,
@@ -696,14 +806,14 @@ impl Services {
         // The VIP entry first, then the filter slot that lets packets reach it.
         let written = dp
             .reset_vip_stats(vip_id)
-            .and_then(|()| dp.set_vip(&spec.vip.key(), &state.meta(0, &[], None, 0)))
+            .and_then(|()| dp.set_vip(&spec.vip.key(), &state.meta(state.live_slot, &[], None, 0)))
             .and_then(|()| dp.set_vip(&address_mark(&spec.vip), &ADDRESS_MARK))
             .and_then(|()| {
                 let slot = filter_slot(&spec.vip);
                 dp.set_vip_filter(slot, self.slot_value(slot) | filter_bits(&spec))
             });
         if let Err(e) = written {
-            self.ring_space.free(extent);
+            state.slots.iter().for_each(|&offset| self.ring_space.free(Extent { offset, len: stride }));
             return Err(e.into());
         }
         self.free_vip_ids.pop_front();
@@ -732,7 +842,9 @@ impl Services {
         for id in state.backends.values().map(|b| b.id).chain(state.retired.keys().copied()) {
             self.release_backend(dp, id)?;
         }
-        self.ring_space.free(state.extent);
+        for &offset in &state.slots {
+            self.ring_space.free(Extent { offset, len: state.stride() });
+        }
         self.free_vip_ids.push_back(state.id);
         self.write_config(dp)
     }
@@ -936,14 +1048,14 @@ impl Services {
             state.fail_open = fail_open;
             return Ok(());
         }
-        let live = if ring.is_empty() { state.live_slot } else { state.slot_for(dp, &ring)? };
+        let live = if ring.is_empty() { state.live_slot } else { state.slot_for(&mut self.ring_space, dp, &ring)? };
         // The outgoing ring becomes the previous live one: connections made
         // under it (while a backend was down, say) keep an alternate.
         let prev_live = (state.live_settled && !state.ring.is_empty()).then(|| Generation {
             members: live_members(live_backends).0,
             fingerprint: state.fingerprint,
             since: unix_now(),
-            slot: state.live_slot,
+            slot: Some(state.live_slot),
             ring: std::mem::take(&mut state.ring),
         });
         let ring_size = if ring.is_empty() { 0 } else { state.spec.ring_size };
@@ -961,6 +1073,7 @@ impl Services {
         state.fingerprint = fingerprint;
         state.backends = backends;
         state.fail_open = fail_open;
+        state.release_idle_slots(&mut self.ring_space);
         let took = started.elapsed().as_secs_f64();
         self.ring_swaps += 1;
         self.ring_swap_seconds += took;
@@ -1009,13 +1122,14 @@ impl Services {
     ) -> Result<(), ServiceError> {
         let state = self.vips.get_mut(vip).ok_or(ServiceError::NoSuchVip(*vip))?;
         let (ring, fingerprint) = state.ring_of_known(&members);
-        let slot = state.slot_for(dp, &ring)?;
+        let slot = Some(state.slot_for(&mut self.ring_space, dp, &ring)?);
         let mut history = vec![Generation { members, fingerprint, since, slot, ring }];
         history.extend(state.history.iter().take(HISTORY_RINGS - 1).cloned());
         let ring_size = if state.ring.is_empty() { 0 } else { state.spec.ring_size };
         dp.set_vip(&vip.key(), &state.meta(state.live_slot, &history, state.prev_live.as_ref(), ring_size))?;
         tracing::info!(%vip, fingerprint = %format!("{fingerprint:016x}"), backends = history[0].members.len(), "declared ring recorded in the history");
         state.history = history;
+        state.release_idle_slots(&mut self.ring_space);
         self.sync_fragment_entry(dp, vip)
     }
 
@@ -1091,6 +1205,7 @@ impl Services {
         }
         let state = self.vips.get_mut(vip).expect("looked up above");
         state.history.truncate(generations.len().max(1));
+        state.release_idle_slots(&mut self.ring_space);
         let meta = state.live_meta();
         dp.set_vip(&vip.key(), &meta)?;
         self.sync_fragment_entry(dp, vip)?;
@@ -1309,6 +1424,18 @@ mod tests {
         assert!("203.0.113.10:80/sctp".parse::<VipAddr>().unwrap_err().contains("sctp"));
         assert!("203.0.113.300:80/tcp".parse::<VipAddr>().unwrap_err().contains("not ADDR:PORT"));
         assert!("2001:db8::10:80/tcp".parse::<VipAddr>().is_err());
+    }
+
+    #[test]
+    fn free_ids_are_saved_as_runs_and_read_back_in_order() {
+        #[derive(Serialize, Deserialize)]
+        struct Ids(#[serde(with = "id_runs")] VecDeque<u32>);
+        let ids: VecDeque<u32> = [7, 8, 9, 3, 10, 11, 0].into_iter().chain(100..65536).collect();
+        let text = serde_json::to_string(&Ids(ids.clone())).unwrap();
+        assert_eq!(text, "[[7,3],[3,1],[10,2],[0,1],[100,65436]]");
+        assert_eq!(serde_json::from_str::<Ids>(&text).unwrap().0, ids);
+        // Older state files list every id.
+        assert_eq!(serde_json::from_str::<Ids>("[5,6,2]").unwrap().0, [5, 6, 2]);
     }
 
     #[test]

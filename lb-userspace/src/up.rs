@@ -197,9 +197,10 @@ pub async fn run(opts: UpOptions) -> Result<()> {
         info!("the offload flavor left on the NIC by the previous controller is detached");
     }
     info!(interface = %opts.iface, mode = %xdp_mode, adopted, "balancer attached");
-    let per_vip = lb_common::RINGS_PER_VIP * lb_common::ring_stride(lb_common::DEFAULT_RING_SIZE);
+    let per_vip = lb_common::RESERVED_RINGS_PER_VIP * lb_common::ring_stride(lb_common::DEFAULT_RING_SIZE);
     info!(
         ring_capacity,
+        ring_mib = ring_capacity / (512 * 1024),
         vips = ring_capacity / per_vip,
         "the ring capacity holds this many VIPs of the default ring size (more: --ring-capacity)"
     );

@@ -65,8 +65,8 @@ fn main() -> anyhow::Result<()> {
         dataplane(&mut r, &opts)?;
     }
     if !opts.skip_e2e {
-        // As many VIPs of 100 backends as the backend table holds.
-        let vips = if opts.quick { 32 } else { lb_common::MAX_BACKENDS as usize / 100 };
+        // The VIPs the default settings hold, 100 backends each.
+        let vips = lb_common::DEFAULT_RING_VIPS as usize;
         scale::scale(&mut r, lbctl_release()?, vips)?;
     }
     if !opts.skip_e2e && !opts.only_scale {

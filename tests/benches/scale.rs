@@ -42,19 +42,18 @@ impl Site {
         Ok(site)
     }
 
-    /// Starts `lbctl up` with room for `vips` VIPs of ring 65537; returns
+    /// Starts `lbctl up` on default settings (no sizes given); returns
     /// when its API answers.
-    fn start(&mut self, vips: usize) -> anyhow::Result<u32> {
+    fn start(&mut self) -> anyhow::Result<u32> {
         let socket = format!("{DIR}/lb.sock");
         let _ = std::fs::remove_file(&socket);
-        let capacity = vips as u32 * lb_common::RINGS_PER_VIP * lb_common::ring_stride(65537);
         let log = std::fs::OpenOptions::new().create(true).append(true).open(format!("{DIR}/lb.log"))?;
         let child = Command::new("nsenter")
             .arg(format!("--net=/var/run/netns/{NETNS}"))
             .arg(&self.lbctl)
             .args(["--socket", &socket, "up", "lbs0", "--xdp-mode", "native", "--metrics", "off"])
             .args(["--next-hop-mac", "02:00:00:00:00:01", "--encap-src", "198.51.100.2/32"])
-            .args(["--ring-capacity", &capacity.to_string(), "--pin-dir", PINS, "--state-dir"])
+            .args(["--pin-dir", PINS, "--state-dir"])
             .arg(format!("{DIR}/state"))
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
@@ -119,7 +118,7 @@ fn rss_mib(pid: u32) -> f64 {
 pub fn scale(r: &mut Results, lbctl: PathBuf, vips: usize) -> anyhow::Result<()> {
     eprintln!("control plane at scale: {vips} VIPs x {BACKENDS} backends, ring 65537, no checks");
     let mut site = Site::new(lbctl)?;
-    let pid = site.start(vips)?;
+    let pid = site.start()?;
     let socket = format!("{DIR}/lb.sock");
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let toml = desired(vips);
@@ -155,7 +154,7 @@ pub fn scale(r: &mut Results, lbctl: PathBuf, vips: usize) -> anyhow::Result<()>
     // SIGKILL, then a new controller adopts the pinned maps and the state.
     site.kill();
     let t = Instant::now();
-    site.start(vips)?;
+    site.start()?;
     let adopted = rt.block_on(async {
         let mut status = pb::status_client::StatusClient::new(connect(&socket).await?);
         let s = status.get_status(pb::Empty {}).await?.into_inner();

@@ -2,6 +2,8 @@
 //! written by the controller's library, expected bytes written by hand.
 //! Needs root (loads XDP programs); no interface is touched.
 
+use std::net::IpAddr;
+
 use lb_common::stat;
 use lb_tests::*;
 use lb_userspace::{
@@ -634,23 +636,71 @@ fn a_syn_again_for_a_flow_the_table_sent_to_a_backend_counts_for_that_backend() 
     assert_eq!(h.dp.backend_stats(other_id).unwrap().syn_repeats, 0);
 }
 
+/// A harness whose ring array holds `rings` rings of size 65537.
+fn harness_with_rings(rings: u32) -> Harness {
+    Harness::with(lb_userspace::LoadOptions {
+        conn_table_size: 65_536,
+        ring_capacity: rings * lb_common::ring_stride(65_537),
+        bench_restore: false,
+        offload_flavor: false,
+        pin_dir: None,
+    })
+}
+
+fn vip_spec(vip: &str, encap: Encap) -> VipSpec {
+    VipSpec { vip: vip.parse().unwrap(), hash: HashMode::FiveTuple, ring_size: 65537, encap, stateless: false }
+}
+
 #[test]
 fn the_ring_space_a_change_set_needs_is_checked_before_anything_is_written() {
-    let mut h = Harness::new(); // room for four VIPs of ring 65537
+    // Eight rings: four VIPs' live and spare rings.
+    let mut h = harness_with_rings(8);
     let first = h.vip("203.0.113.10:80/tcp", HashMode::FiveTuple);
-    let spec = |port: u16| VipSpec {
-        vip: format!("203.0.113.10:{port}/tcp").parse().unwrap(),
-        hash: HashMode::FiveTuple,
-        ring_size: 65537,
-        encap: Encap::Ipip,
-        stateless: false,
-    };
-    let four: Vec<VipSpec> = (81..85).map(spec).collect();
+    let four: Vec<VipSpec> = (81..85).map(|port| vip_spec(&format!("203.0.113.10:{port}/tcp"), Encap::Ipip)).collect();
     let err = h.services.check_ring_space(&[], &four).unwrap_err().to_string();
     assert!(err.contains("takes 3 of the 4 VIPs") && err.contains("--ring-capacity"), "{err}");
     // With the first VIP removed in the same change set, they fit.
     h.services.check_ring_space(&[first], &four).unwrap();
     h.services.check_ring_space(&[], &four[..3]).unwrap();
+}
+
+#[test]
+fn a_full_ring_array_gives_alternate_rings_to_a_new_vip_and_never_a_live_ring() {
+    // Four rings: two VIPs' live and spare rings, or one VIP with history.
+    let mut h = harness_with_rings(4);
+    let gue = h.vip_spec(vip_spec("203.0.113.10:80/tcp", Encap::Gue));
+    for last in 1..=5 {
+        h.backend(&gue, &format!("198.51.100.{last}"), 1);
+    }
+    let key = gue.key();
+    let before = h.dp.vip(&key).unwrap().unwrap();
+    // All four rings: the live one and three alternates; the oldest
+    // generation's ring was given up for the newest.
+    assert_eq!(before.alt_rings_len, 3, "{before:?}");
+    assert_eq!(h.services.vip(&gue).unwrap().history().len(), 4, "the declared history is kept whole");
+    let flows: Vec<Vec<u8>> = (0..200).map(|i| tcp_frame(CLIENT, 20000 + i, VIP, 80, SYN)).collect();
+    let picked: Vec<IpAddr> = flows.iter().map(|f| h.forward(f)).collect();
+
+    // A second VIP needs two rings: the first gives its alternates back.
+    let plain = h.vip_spec(vip_spec("203.0.113.10:81/tcp", Encap::Ipip));
+    h.backend(&plain, "198.51.100.9", 1);
+    let after = h.dp.vip(&key).unwrap().unwrap();
+    assert_eq!((after.ring_offset, after.ring_size, after.alt_rings_len), (before.ring_offset, 65537, 0));
+    let again: Vec<IpAddr> = flows.iter().map(|f| h.forward(f)).collect();
+    assert_eq!(again, picked, "the live ring was not touched");
+    assert_eq!(h.forward(&tcp_frame(CLIENT, 40000, VIP, 81, SYN)).to_string(), "198.51.100.9");
+
+    // A third has no room: refused, and nothing else changed.
+    let err = h.services.add_vip(&mut h.dp, vip_spec("203.0.113.10:82/tcp", Encap::Ipip)).unwrap_err();
+    assert!(err.to_string().contains("no room for a ring"), "{err}");
+    assert!(h.dp.vip(&vip_spec("203.0.113.10:82/tcp", Encap::Ipip).vip.key()).unwrap().is_none());
+    // Ring swaps still work in both: each has its spare.
+    h.backend(&gue, "198.51.100.6", 1);
+    h.backend(&plain, "198.51.100.10", 1);
+    let spread: std::collections::HashSet<IpAddr> =
+        (0..300).map(|i| h.forward(&tcp_frame(CLIENT, 30000 + i, VIP, 81, SYN))).collect();
+    assert_eq!(spread.len(), 2, "the second VIP's new ring is live");
+    assert!(flows.iter().any(|f| h.forward(f).to_string() == "198.51.100.6"), "so is the first's");
 }
 
 #[test]

@@ -50,8 +50,10 @@ pub struct UpArgs {
     /// Conn-table entries (16 bytes each; hold at most half as many flows, see the README).
     #[arg(long, default_value_t = DEFAULT_CONN_TABLE_SIZE)]
     conn_table_size: u32,
-    /// Ring slots shared by all VIPs (each VIP takes six times its ring size:
-    /// live, four history rings, next).
+    /// Ring slots shared by all VIPs, 2 bytes each (each VIP is sure of two
+    /// rings, live and next, rounded up to a multiple of 4 slots; its
+    /// history rings take what room is left). The default holds 512 VIPs
+    /// of ring size 65537.
     #[arg(long, default_value_t = DEFAULT_RING_CAPACITY)]
     ring_capacity: u32,
     /// On exit, leave the program attached and its maps pinned, so that the
