@@ -78,6 +78,8 @@ pub const fn ring_stride(size: u32) -> u32 {
     size.div_ceil(RING_SLOTS_PER_WORD) * RING_SLOTS_PER_WORD
 }
 
+/// Map flag (uapi bpf.h): the array's values can be mmap()ed.
+pub const BPF_F_MMAPABLE: u32 = 1 << 10;
 /// Rings a VIP may keep in the ring array: the live ring, the
 /// [`ALTERNATE_RINGS`], and a free one where the next ring is written
 /// before it goes live (rings that are equal share one).

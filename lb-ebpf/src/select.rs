@@ -29,9 +29,11 @@ pub static VIP_ENTRIES: Array<VipEntry> = Array::with_max_entries(2 * MAX_VIPS, 
 pub static VIP_FILTER: Array<u8> = Array::with_max_entries(VIP_FILTER_SLOTS, 0);
 #[map]
 pub static BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);
-/// Every VIP's Maglev ring(s), back to back: slot -> backend id.
+/// Every VIP's Maglev ring(s), back to back: slot -> backend id. Mmapable,
+/// so that userspace writes a ring by one copy.
 #[map]
-pub static RINGS: Array<RingWord> = Array::with_max_entries(DEFAULT_RING_CAPACITY / RING_SLOTS_PER_WORD, 0);
+pub static RINGS: Array<RingWord> =
+    Array::with_max_entries(DEFAULT_RING_CAPACITY / RING_SLOTS_PER_WORD, lb_common::BPF_F_MMAPABLE);
 #[map]
 pub static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
 /// The VIP for this destination: exact port first, then the port-0 VIP of

@@ -79,6 +79,9 @@ enum Loaded {
 pub struct Dataplane {
     loaded: Loaded,
     ring_capacity: u32,
+    /// The ring array's values mapped here, where the kernel let them be
+    /// (a NIC's, or one pinned by an older lbctl, are written by updates).
+    rings_mapped: Option<sys::MappedArray>,
     conn_buckets: u32,
     /// The XDP program's name (the full balancer or its offload flavor).
     program: &'static str,
@@ -115,6 +118,16 @@ impl Dataplane {
         }
         let mut ebpf = loader.load(bytes)?;
         load_xdp(&mut ebpf, program)?;
+        let rings_mapped = match ebpf.map(map_names::RINGS) {
+            Some(Map::Array(data)) => {
+                let words = data.info().map(|i| i.max_entries()).map_err(map_err(map_names::RINGS))?;
+                let len = words as usize * std::mem::size_of::<RingWord>();
+                sys::MappedArray::new(data.fd(), len)
+                    .inspect_err(|e| tracing::debug!(error = %e, "the ring array is written by map updates"))
+                    .ok()
+            }
+            _ => None,
+        };
         // Rings start on whole words: the usable capacity is whole words too.
         let ring_capacity = opts.ring_capacity / RING_SLOTS_PER_WORD * RING_SLOTS_PER_WORD;
         // An adopted (pinned) table keeps the size it was made with (the
@@ -123,7 +136,7 @@ impl Dataplane {
             Some(Map::Array(data)) => data.info().map(|i| i.max_entries()).map_err(map_err(map_names::CONNS))?,
             _ => 0,
         };
-        Ok(Self { loaded: Loaded::Host(ebpf), ring_capacity, conn_buckets, program, mirror: None })
+        Ok(Self { loaded: Loaded::Host(ebpf), ring_capacity, rings_mapped, conn_buckets, program, mirror: None })
     }
 
     /// The offload flavor's maps as loaded for a NIC by `nic.rs`, to be the
@@ -137,6 +150,7 @@ impl Dataplane {
         let mut nic = Self {
             loaded: Loaded::Nic(typed),
             ring_capacity: 0,
+            rings_mapped: None,
             conn_buckets: 0,
             program: program_names::OFFLOAD,
             mirror: None,
@@ -232,6 +246,11 @@ impl Dataplane {
 
     pub fn ring_capacity(&self) -> u32 {
         self.ring_capacity
+    }
+
+    /// Whether rings are written through the mapped ring array.
+    pub fn rings_mapped(&self) -> bool {
+        self.rings_mapped.is_some()
     }
 
     fn map(&mut self, name: &'static str) -> Result<&mut Map, DataplaneError> {
@@ -370,24 +389,26 @@ impl Dataplane {
     /// multiple of [`RING_SLOTS_PER_WORD`]: rings start on whole words).
     /// (Rings are written where no packet reads yet: a failure half way
     /// needs no undo; the VIP entry that makes a ring live comes after.)
-    pub fn write_ring(&mut self, offset: u32, slots: &[u32]) -> Result<(), DataplaneError> {
+    pub fn write_ring(&mut self, offset: u32, slots: &[u16]) -> Result<(), DataplaneError> {
         self.mirrored(Change::Adds, &|dp| dp.write_ring_here(offset, slots), &|_| Ok(()))
     }
 
-    fn write_ring_here(&mut self, offset: u32, slots: &[u32]) -> Result<(), DataplaneError> {
+    fn write_ring_here(&mut self, offset: u32, slots: &[u16]) -> Result<(), DataplaneError> {
         assert_eq!(offset % RING_SLOTS_PER_WORD, 0, "rings start on whole words");
         let words: Vec<RingWord> = slots
             .chunks(RING_SLOTS_PER_WORD as usize)
             .map(|chunk| {
                 let mut word = RingWord::default();
-                for (w, id) in word.iter_mut().zip(chunk) {
-                    *w = u16::try_from(*id).expect("backend ids are below MAX_BACKENDS");
-                }
+                word[..chunk.len()].copy_from_slice(chunk);
                 word
             })
             .collect();
-        self.write_array(map_names::RINGS, offset / RING_SLOTS_PER_WORD, &words)
-            .map_err(|source| DataplaneError::RingWrite { offset, count: slots.len(), source })
+        let first = offset / RING_SLOTS_PER_WORD;
+        match &mut self.rings_mapped {
+            Some(mapped) => mapped.write(first as usize, &words),
+            None => self.write_array(map_names::RINGS, first, &words),
+        }
+        .map_err(|source| DataplaneError::RingWrite { offset, count: slots.len(), source })
     }
 
     /// Writes `values` into an array map from index `first`: in batches on

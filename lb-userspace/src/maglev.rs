@@ -47,7 +47,9 @@ pub fn build(members: &[RingMember], size: u32) -> Option<Vec<u32>> {
 
     const EMPTY: u32 = u32::MAX;
     let mut ring = vec![EMPTY; size as usize];
-    let mut next = vec![0u64; order.len()];
+    // Each backend's place in its permutation, (offset + j * skip) % size
+    // for its j-th preference: reached by adding skip, not by a division.
+    let mut next = offsets;
     let mut credit = vec![0u64; order.len()];
     let mut filled = 0u64;
     while filled < m {
@@ -56,12 +58,12 @@ pub fn build(members: &[RingMember], size: u32) -> Option<Vec<u32>> {
             while credit[k] >= max_weight {
                 credit[k] -= max_weight;
                 // Walk this backend's permutation to its next free slot.
-                let mut slot = (offsets[k] + next[k] * skips[k]) % m;
+                let step = |slot: u64| if slot + skips[k] >= m { slot + skips[k] - m } else { slot + skips[k] };
+                let mut slot = next[k];
                 while ring[slot as usize] != EMPTY {
-                    next[k] += 1;
-                    slot = (offsets[k] + next[k] * skips[k]) % m;
+                    slot = step(slot);
                 }
-                next[k] += 1;
+                next[k] = step(slot);
                 ring[slot as usize] = order[k] as u32;
                 filled += 1;
                 if filled == m {
@@ -125,6 +127,45 @@ mod tests {
             let ring = build(&members, 65537).unwrap();
             assert_eq!(ring.len(), 65537);
             assert!(ring.iter().all(|&b| (b as usize) < members.len()), "n={n}");
+        }
+    }
+
+    /// The paper's table population (Pseudocode 1) with equal weights,
+    /// each preference as its formula writes it: permutation[j] =
+    /// (offset + j * skip) mod M.
+    fn paper_table(members: &[RingMember], m: u64) -> Vec<u32> {
+        let mut sorted: Vec<usize> = (0..members.len()).collect();
+        sorted.sort_by(|&a, &b| members[a].identity.cmp(&members[b].identity));
+        let perm = |i: usize, j: u64| {
+            let offset = xxh3_64_with_seed(&members[i].identity, OFFSET_SEED) % m;
+            let skip = xxh3_64_with_seed(&members[i].identity, SKIP_SEED) % (m - 1) + 1;
+            (offset + j * skip) % m
+        };
+        let mut next = vec![0u64; members.len()];
+        let mut entry = vec![u32::MAX; m as usize];
+        let mut n = 0;
+        loop {
+            for &i in &sorted {
+                let mut c = perm(i, next[i]);
+                while entry[c as usize] != u32::MAX {
+                    next[i] += 1;
+                    c = perm(i, next[i]);
+                }
+                entry[c as usize] = i as u32;
+                next[i] += 1;
+                n += 1;
+                if n == m {
+                    return entry;
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn equal_weights_build_the_papers_table() {
+        for (n, m) in [(3, 13), (10, 251), (100, 65537)] {
+            let members: Vec<_> = (0..n).map(|i| member(i * 7, 1)).collect();
+            assert_eq!(build(&members, m as u32).unwrap(), paper_table(&members, m), "{n} backends, size {m}");
         }
     }
 

@@ -54,9 +54,10 @@ pub fn load_for_device(ifindex: u32, ring_words: u32, pin_dir: Option<&Path>) ->
             }
             _ => {
                 let entries = if name == lb_common::map_names::RINGS { ring_words } else { m.max_entries() };
-                let fd =
-                    sys::create_map(name, m.map_type(), m.key_size(), m.value_size(), entries, m.map_flags(), ifindex)
-                        .map_err(|e| NicError::Map(name.clone(), e))?;
+                // A NIC's maps take no flags (nfp: "map flags are not supported").
+                let flags = m.map_flags() & !lb_common::BPF_F_MMAPABLE;
+                let fd = sys::create_map(name, m.map_type(), m.key_size(), m.value_size(), entries, flags, ifindex)
+                    .map_err(|e| NicError::Map(name.clone(), e))?;
                 let data = MapData::from_fd(fd).map_err(|e| NicError::Map(name.clone(), std::io::Error::other(e)))?;
                 if let Some(pin) = &pin {
                     data.pin(pin).map_err(|e| NicError::Pinned(name.clone(), e.to_string()))?;

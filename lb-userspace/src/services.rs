@@ -11,6 +11,7 @@ use std::{
     collections::{BTreeMap, VecDeque},
     fmt,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    sync::Arc,
 };
 
 use lb_common::{
@@ -264,15 +265,15 @@ pub struct Generation {
     /// Where its ring starts in the ring array; `None` when the ring array
     /// had no room to keep it (GUE packets take no alternate from it).
     slot: Option<u32>,
-    /// Its ring by backend id (not saved: rebuilt from `members`).
+    /// Its ring (not saved: rebuilt from `members`).
     #[serde(skip)]
-    ring: Vec<u32>,
+    ring: Ring,
 }
 
 impl Generation {
     /// A generation as another host exported it, to import.
     pub fn declared(members: BTreeMap<IpAddr, u32>, since: u64, fingerprint: u64) -> Self {
-        Self { members, fingerprint, since, slot: None, ring: Vec::new() }
+        Self { members, fingerprint, since, slot: None, ring: Ring::default() }
     }
 }
 
@@ -305,10 +306,10 @@ pub struct VipState {
     /// backends map, marked retired, until no ring does.
     #[serde(default)]
     retired: BTreeMap<u32, IpAddr>,
-    /// The live ring: backend ids (empty when no backend takes new flows).
-    /// Not saved: it is rebuilt from the backends, deterministically.
+    /// The live ring (empty when no backend takes new flows). Not saved:
+    /// it is rebuilt from the backends, deterministically.
     #[serde(skip)]
-    ring: Vec<u32>,
+    ring: Ring,
     /// Every wanted backend is unhealthy, so all of them serve (fail open).
     pub fail_open: bool,
     /// [`ring_fingerprint`] of the live ring (0 without one); rebuilt with it.
@@ -374,7 +375,7 @@ impl VipState {
         &self.history
     }
 
-    pub fn ring(&self) -> &[u32] {
+    pub fn ring(&self) -> &[u16] {
         &self.ring
     }
 
@@ -440,11 +441,12 @@ impl VipState {
     /// A slot that holds `ring`: the live ring's or a kept alternate
     /// ring's when it is equal, else a spare one, written now (no packet
     /// reads it yet).
-    fn slot_for(&mut self, space: &mut RingSpace, dp: &mut Dataplane, ring: &[u32]) -> Result<u32, ServiceError> {
+    fn slot_for(&mut self, space: &mut RingSpace, dp: &mut Dataplane, ring: &Ring) -> Result<u32, ServiceError> {
         if *ring == self.ring {
             return Ok(self.live_slot);
         }
-        if let Some(same) = self.history.iter().chain(&self.prev_live).filter(|g| g.ring == ring).find_map(|g| g.slot) {
+        if let Some(same) = self.history.iter().chain(&self.prev_live).filter(|g| g.ring == *ring).find_map(|g| g.slot)
+        {
             return Ok(same);
         }
         let spare = self.spare_slot(space);
@@ -468,7 +470,7 @@ impl VipState {
     /// [`VipState::ring_of`], taken from the live ring or a generation when
     /// one has the same members (Maglev is deterministic): a declared
     /// ring is most often the live one.
-    fn ring_of_known(&self, members: &BTreeMap<IpAddr, u32>) -> (Vec<u32>, u64) {
+    fn ring_of_known(&self, members: &BTreeMap<IpAddr, u32>) -> (Ring, u64) {
         if !self.ring.is_empty() && live_members(&self.backends).0 == *members {
             return (self.ring.clone(), self.fingerprint);
         }
@@ -479,10 +481,10 @@ impl VipState {
     }
 
     /// A ring of `members` by backend id (every member must have an id).
-    fn ring_of(&self, members: &BTreeMap<IpAddr, u32>) -> (Vec<u32>, u64) {
+    fn ring_of(&self, members: &BTreeMap<IpAddr, u32>) -> (Ring, u64) {
         let (ring, fingerprint) = ring_by_address(members, self.spec.ring_size);
         let ids: Vec<u32> = members.keys().map(|a| self.id_of(a).expect("every member has an id")).collect();
-        (ring.iter().map(|&i| ids[i as usize]).collect(), fingerprint)
+        (by_id(&ring, &ids), fingerprint)
     }
 }
 
@@ -509,11 +511,20 @@ fn ring_by_address(members: &BTreeMap<IpAddr, u32>, ring_size: u32) -> (Vec<u32>
 /// The ring for `backends`: the wanted and healthy ones or, when every
 /// wanted one is unhealthy, all wanted ones (fail open). Returns the ring of
 /// backend ids (empty if none is wanted) and whether it failed open.
-fn plan_ring(backends: &BTreeMap<IpAddr, BackendState>, ring_size: u32) -> (Vec<u32>, bool, u64) {
+fn plan_ring(backends: &BTreeMap<IpAddr, BackendState>, ring_size: u32) -> (Ring, bool, u64) {
     let (members, fail_open) = live_members(backends);
     let (slots, fingerprint) = ring_by_address(&members, ring_size);
     let ids: Vec<u32> = members.keys().map(|a| backends[a].id).collect();
-    (slots.iter().map(|&i| ids[i as usize]).collect(), fail_open, fingerprint)
+    (by_id(&slots, &ids), fail_open, fingerprint)
+}
+
+/// A ring of backend ids, shared: the live ring and a declared one are
+/// most often the same, and a VIP's rings are 128 KiB each at 65537.
+type Ring = Arc<[u16]>;
+
+/// A ring of member indexes made a ring of their backend ids.
+fn by_id(slots: &[u32], ids: &[u32]) -> Ring {
+    slots.iter().map(|&i| u16::try_from(ids[i as usize]).expect("backend ids are below MAX_BACKENDS")).collect()
 }
 
 /// `f` on every item, the items shared out over the machine's cores (ring
@@ -799,7 +810,7 @@ impl Services {
             live_settled: true,
             fingerprint: 0,
             retired: BTreeMap::new(),
-            ring: Vec::new(),
+            ring: Ring::default(),
             fail_open: false,
             backends: BTreeMap::new(),
         };
@@ -916,6 +927,7 @@ impl Services {
         // Named by a ring, or a member of a generation (too light to be in
         // its ring, but restore rebuilds the ring from the members).
         let named = |id: &u32, addr: &IpAddr| {
+            let id = &(*id as u16);
             state.ring.contains(id)
                 || state
                     .history
@@ -1038,7 +1050,7 @@ impl Services {
         vip: &VipAddr,
         backends: BTreeMap<IpAddr, BackendState>,
         live_backends: &BTreeMap<IpAddr, BackendState>,
-        (ring, fail_open, fingerprint): (Vec<u32>, bool, u64),
+        (ring, fail_open, fingerprint): (Ring, bool, u64),
         cause: &str,
         started: std::time::Instant,
     ) -> Result<(), ServiceError> {
@@ -1264,7 +1276,7 @@ impl Services {
             return Ok(None);
         }
         let slot = lb_common::ring_slot(hash, state.spec.ring_size);
-        let id = state.ring[slot as usize];
+        let id = u32::from(state.ring[slot as usize]);
         let (addr, _) = by_id(id).expect("the ring names only this VIP's backends");
         // As the program does: each alternate ring's backend, where it
         // differs from the chosen one and those before it, still exists and

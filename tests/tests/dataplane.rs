@@ -500,6 +500,7 @@ fn a_conn_entry_for_a_reused_backend_id_is_not_followed() {
 #[test]
 fn ring_swaps_write_a_free_slot_and_the_alternate_rings_are_the_declared_history_and_the_previous_live_ring() {
     let mut h = Harness::new();
+    assert!(h.dp.rings_mapped(), "rings are written by one copy into the mapped array");
     let vip = h.vip("203.0.113.10:80/tcp", HashMode::FiveTuple);
     h.backend(&vip, "198.51.100.1", 1);
     let key = vip.key();
