@@ -30,6 +30,7 @@ use crate::{
     services::{
         BackendSpec, Explanation, Generation, ServiceError, Services, Settings, Snapshot, VipAddr, VipSpec, VipState,
     },
+    state_file::StateFile,
 };
 
 /// An error for an API caller: what kind, and a message naming the input.
@@ -78,11 +79,11 @@ pub struct Checked {
 
 /// What is saved to the state file.
 #[derive(Serialize, Deserialize)]
-pub struct Saved {
+pub struct Saved<V = VipState> {
     /// [`STATE_LAYOUT`] of the lbctl that wrote it (absent: 1).
     #[serde(default = "first_layout")]
     pub layout: u32,
-    pub services: Snapshot,
+    pub services: Snapshot<V>,
     pub checks: Vec<(VipAddr, IpAddr, Checked)>,
     pub conn_table_size: u32,
     pub ring_capacity: u32,
@@ -100,6 +101,20 @@ pub struct Saved {
 /// followed; 2: three ring slots per VIP (live, previous, next) and the
 /// GUE fields; 1 had two.
 pub const STATE_LAYOUT: u32 = 5;
+
+impl<V> Saved<V> {
+    /// The same state with each VIP made by `f`.
+    pub fn try_map_vips<W, E>(self, f: impl FnMut(V) -> Result<W, E>) -> Result<Saved<W>, E> {
+        Ok(Saved {
+            layout: self.layout,
+            services: self.services.try_map_vips(f)?,
+            checks: self.checks,
+            conn_table_size: self.conn_table_size,
+            ring_capacity: self.ring_capacity,
+            maintenance: self.maintenance,
+        })
+    }
+}
 
 fn first_layout() -> u32 {
     1
@@ -142,7 +157,7 @@ pub struct Controller {
     /// The route handoff (`up --announce-table`), if on.
     pub announcer: Option<Arc<Announcer>>,
     tasks: Mutex<BTreeMap<(VipAddr, IpAddr), JoinHandle<()>>>,
-    state_file: PathBuf,
+    state_file: Mutex<StateFile>,
     /// A replay is under way: the state file keeps what it replays until
     /// the replay has succeeded.
     replaying: std::sync::atomic::AtomicBool,
@@ -163,7 +178,7 @@ impl Controller {
             state: Mutex::new(state),
             announcer,
             tasks: Mutex::new(BTreeMap::new()),
-            state_file,
+            state_file: Mutex::new(StateFile::new(state_file)),
             replaying: false.into(),
             ring_capacity,
             info,
@@ -183,35 +198,33 @@ impl Controller {
         }
     }
 
-    /// Saves the state file (write to a temporary file, then rename).
-    fn save(&self, state: &State) {
+    /// Saves the state file (see `state_file`).
+    fn save(&self, state: &mut State) {
         if self.replaying.load(std::sync::atomic::Ordering::Relaxed) {
             return;
         }
-        let saved = Saved {
-            layout: STATE_LAYOUT,
-            services: state.services.snapshot(),
-            checks: state.checks.iter().map(|((v, a), c)| (*v, *a, c.clone())).collect(),
-            conn_table_size: self.info.conn_table_size,
-            ring_capacity: self.ring_capacity,
-            maintenance: self.announcer.as_ref().is_some_and(|a| a.state().maintenance),
-        };
         // Whatever changed may change what can serve.
         if let Some(announcer) = &self.announcer {
             announcer.changed();
         }
-        let tmp = self.state_file.with_extension("tmp");
-        let result = serde_json::to_vec(&saved)
-            .map_err(std::io::Error::other)
-            .and_then(|bytes| std::fs::write(&tmp, bytes))
-            .and_then(|()| std::fs::rename(&tmp, &self.state_file));
+        let maintenance = self.announcer.as_ref().is_some_and(|a| a.state().maintenance);
+        let mut file = self.state_file.lock().unwrap();
+        let checks = &state.checks;
+        let result = file.save(&mut state.services, |services| Saved {
+            layout: STATE_LAYOUT,
+            services,
+            checks: checks.iter().map(|((v, a), c)| (*v, *a, c.clone())).collect(),
+            conn_table_size: self.info.conn_table_size,
+            ring_capacity: self.ring_capacity,
+            maintenance,
+        });
         if let Err(e) = result {
-            warn!(file = %self.state_file.display(), error = %e, "cannot save state: a restart would not restore it");
+            warn!(file = %file.path().display(), error = %e, "cannot save state: a restart would not restore it");
         }
     }
 
     pub fn save_now(&self) {
-        self.save(&self.lock());
+        self.save(&mut self.lock());
     }
 
     /// Ends a change set (unless an `apply` is under way, which ends its
@@ -322,7 +335,8 @@ impl Controller {
         let added: Vec<VipSpec> =
             changes.iter().filter_map(|c| if let Change::AddVip(s) = c { Some(*s) } else { None }).collect();
         self.lock().services.check_ring_space(&removed, &added)?;
-        if dry_run {
+        // Nothing to do is done at once: not even a save.
+        if dry_run || changes.is_empty() {
             return Ok(changes);
         }
         // One change set: each changed VIP's ring is built once, at the end,
@@ -345,7 +359,7 @@ impl Controller {
             result = Err(ApiError::Invalid(format!("building the rings: {e} (nothing was changed)")));
         }
         self.commit(&mut self.lock());
-        if result.is_ok() && !changes.is_empty() {
+        if result.is_ok() {
             let took_ms = started.elapsed().as_secs_f64() * 1000.0;
             info!(changes = changes.len(), took_ms, "desired state applied");
         }

@@ -18,6 +18,7 @@ pub mod offload_check;
 pub mod probe_path;
 pub mod rings;
 pub mod services;
+pub mod state_file;
 mod sys;
 pub mod up;
 

@@ -8,7 +8,7 @@
 //! entry is cleared only after the ring no longer names it.
 
 use std::{
-    collections::{BTreeMap, VecDeque},
+    collections::{BTreeMap, BTreeSet, VecDeque},
     fmt,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     sync::Arc,
@@ -277,7 +277,7 @@ impl Generation {
     }
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct VipState {
     pub spec: VipSpec,
     pub id: u32,
@@ -588,9 +588,9 @@ pub enum Via {
 /// Everything needed to take over maps that a previous controller filled:
 /// saved after every change, read back on restart.
 #[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct Snapshot {
+pub struct Snapshot<V = VipState> {
     settings: Settings,
-    vips: Vec<VipState>,
+    vips: Vec<V>,
     #[serde(with = "id_runs")]
     free_vip_ids: VecDeque<u32>,
     #[serde(with = "id_runs")]
@@ -638,9 +638,21 @@ mod id_runs {
     }
 }
 
-impl Snapshot {
-    pub fn vips(&self) -> &[VipState] {
+impl<V> Snapshot<V> {
+    pub fn vips(&self) -> &[V] {
         &self.vips
+    }
+
+    /// The same snapshot with each VIP made by `f`.
+    pub fn try_map_vips<W, E>(self, f: impl FnMut(V) -> Result<W, E>) -> Result<Snapshot<W>, E> {
+        Ok(Snapshot {
+            settings: self.settings,
+            vips: self.vips.into_iter().map(f).collect::<Result<_, _>>()?,
+            free_vip_ids: self.free_vip_ids,
+            free_backend_ids: self.free_backend_ids,
+            ring_space: self.ring_space,
+            next_cookie: self.next_cookie,
+        })
     }
 }
 
@@ -660,6 +672,8 @@ pub struct Services {
     /// VIPs whose ring waits, each with the backends its live ring was
     /// built from.
     deferred: Option<BTreeMap<VipAddr, BTreeMap<IpAddr, BackendState>>>,
+    /// See [`Services::take_changed`].
+    changed: BTreeSet<VipAddr>,
 }
 
 impl Services {
@@ -675,15 +689,22 @@ impl Services {
             ring_swaps: 0,
             ring_swap_seconds: 0.0,
             deferred: None,
+            changed: BTreeSet::new(),
         };
         services.write_config(dp)?;
         Ok(services)
     }
 
     pub fn snapshot(&self) -> Snapshot {
+        self.snapshot_as(VipState::clone)
+    }
+
+    /// The snapshot with each VIP as `each` gives it (the state file takes
+    /// each VIP's JSON as last written, when the VIP has not changed).
+    pub fn snapshot_as<V>(&self, each: impl FnMut(&VipState) -> V) -> Snapshot<V> {
         Snapshot {
             settings: self.settings,
-            vips: self.vips.values().cloned().collect(),
+            vips: self.vips.values().map(each).collect(),
             free_vip_ids: self.free_vip_ids.clone(),
             free_backend_ids: self.free_backend_ids.clone(),
             ring_space: self.ring_space.clone(),
@@ -721,6 +742,7 @@ impl Services {
             ring_swaps: 0,
             ring_swap_seconds: 0.0,
             deferred: None,
+            changed: BTreeSet::new(),
         }
     }
 
@@ -743,6 +765,17 @@ impl Services {
 
     pub fn vip(&self, vip: &VipAddr) -> Result<&VipState, ServiceError> {
         self.vips.get(vip).ok_or(ServiceError::NoSuchVip(*vip))
+    }
+
+    /// A VIP to change: it is saved again at the next save.
+    fn vip_mut(&mut self, vip: &VipAddr) -> Result<&mut VipState, ServiceError> {
+        self.changed.insert(*vip);
+        self.vips.get_mut(vip).ok_or(ServiceError::NoSuchVip(*vip))
+    }
+
+    /// The VIPs added, removed or changed since the last call.
+    pub fn take_changed(&mut self) -> BTreeSet<VipAddr> {
+        std::mem::take(&mut self.changed)
     }
 
     /// Whether the ring space takes `added` once `removed` are gone, as the
@@ -774,6 +807,7 @@ impl Services {
             let Some(vip) = most.max_by_key(|v| v.slots.len()).map(|v| v.spec.vip) else {
                 return Err(ServiceError::RingSpaceFull { needed: len, free: self.ring_space.largest_free() });
             };
+            self.changed.insert(vip);
             let state = self.vips.get_mut(&vip).expect("just found");
             state.forget_slots(|_| true);
             dp.set_vip(&vip.key(), &state.live_meta())?;
@@ -829,6 +863,7 @@ impl Services {
         }
         self.free_vip_ids.pop_front();
         self.vips.insert(spec.vip, state);
+        self.changed.insert(spec.vip);
         self.sync_fragment_entry(dp, &spec.vip)?;
         self.write_config(dp)
     }
@@ -839,6 +874,7 @@ impl Services {
         }
         dp.remove_vip(&vip.key())?;
         let state = self.vips.remove(vip).expect("checked above");
+        self.changed.insert(*vip);
         if let Some(deferred) = &mut self.deferred {
             deferred.remove(vip);
         }
@@ -886,13 +922,13 @@ impl Services {
         let mut backends = state.backends.clone();
         backends.insert(spec.addr, BackendState { id, cookie, weight: spec.weight, drained: false, healthy: true });
         if let Some(id) = retired {
-            self.vips.get_mut(vip).expect("looked up above").retired.remove(&id);
+            self.vip_mut(vip).expect("looked up above").retired.remove(&id);
         }
         if let Err(e) = self.swap_ring(dp, vip, backends, "backend added") {
             // The entry is in no live ring: putting back what it was undoes the add.
             let undo = match retired {
                 Some(id) => {
-                    self.vips.get_mut(vip).expect("looked up above").retired.insert(id, spec.addr);
+                    self.vip_mut(vip).expect("looked up above").retired.insert(id, spec.addr);
                     Backend { addr: words, cookie, family, flags: lb_common::BACKEND_F_RETIRED, _pad: [0; 2] }
                 }
                 None => Backend::default(),
@@ -917,13 +953,13 @@ impl Services {
         let retired =
             Backend { addr: words, cookie: removed.cookie, family, flags: lb_common::BACKEND_F_RETIRED, _pad: [0; 2] };
         dp.set_backend(removed.id, &retired)?;
-        self.vips.get_mut(vip).expect("swapped above").retired.insert(removed.id, addr);
+        self.vip_mut(vip).expect("swapped above").retired.insert(removed.id, addr);
         self.release_retired(dp, vip)
     }
 
     /// Releases the retired backends of `vip` that no ring names any more.
     fn release_retired(&mut self, dp: &mut Dataplane, vip: &VipAddr) -> Result<(), ServiceError> {
-        let state = self.vips.get_mut(vip).ok_or(ServiceError::NoSuchVip(*vip))?;
+        let state = self.vip_mut(vip)?;
         // Named by a ring, or a member of a generation (too light to be in
         // its ring, but restore rebuilds the ring from the members).
         let named = |id: &u32, addr: &IpAddr| {
@@ -937,7 +973,7 @@ impl Services {
         };
         let unnamed: Vec<u32> = state.retired.iter().filter(|(id, a)| !named(id, a)).map(|(id, _)| *id).collect();
         for id in unnamed {
-            self.vips.get_mut(vip).expect("looked up above").retired.remove(&id);
+            self.vip_mut(vip).expect("looked up above").retired.remove(&id);
             self.release_backend(dp, id)?;
         }
         Ok(())
@@ -963,7 +999,7 @@ impl Services {
         let cause = if healthy { "backend up" } else { "backend down" };
         self.change_backend(dp, vip, addr, cause, |b| b.healthy = healthy)?;
         // A health change is a change set of its own.
-        self.vips.get_mut(vip).expect("changed above").live_settled = true;
+        self.vip_mut(vip).expect("changed above").live_settled = true;
         Ok(())
     }
 
@@ -1027,6 +1063,7 @@ impl Services {
         backends: BTreeMap<IpAddr, BackendState>,
         cause: &str,
     ) -> Result<(), ServiceError> {
+        self.changed.insert(*vip);
         let state = self.vips.get_mut(vip).ok_or(ServiceError::NoSuchVip(*vip))?;
         if let Some(deferred) = &mut self.deferred {
             deferred.entry(*vip).or_insert_with(|| state.backends.clone());
@@ -1054,6 +1091,8 @@ impl Services {
         cause: &str,
         started: std::time::Instant,
     ) -> Result<(), ServiceError> {
+        self.changed.insert(*vip);
+        self.changed.insert(*vip);
         let state = self.vips.get_mut(vip).ok_or(ServiceError::NoSuchVip(*vip))?;
         if ring == state.ring {
             state.backends = backends;
@@ -1132,6 +1171,8 @@ impl Services {
         members: BTreeMap<IpAddr, u32>,
         since: u64,
     ) -> Result<(), ServiceError> {
+        self.changed.insert(*vip);
+        self.changed.insert(*vip);
         let state = self.vips.get_mut(vip).ok_or(ServiceError::NoSuchVip(*vip))?;
         let (ring, fingerprint) = state.ring_of_known(&members);
         let slot = Some(state.slot_for(&mut self.ring_space, dp, &ring)?);
@@ -1209,12 +1250,13 @@ impl Services {
                 id,
                 &Backend { addr: words, cookie, family, flags: lb_common::BACKEND_F_RETIRED, _pad: [0; 2] },
             )?;
-            self.vips.get_mut(vip).expect("looked up above").retired.insert(id, addr);
+            self.vip_mut(vip).expect("looked up above").retired.insert(id, addr);
         }
         // Oldest first: each push keeps the rings packets read intact.
         for generation in generations.iter().rev() {
             self.push_generation(dp, vip, generation.members.clone(), generation.since)?;
         }
+        self.changed.insert(*vip);
         let state = self.vips.get_mut(vip).expect("looked up above");
         state.history.truncate(generations.len().max(1));
         state.release_idle_slots(&mut self.ring_space);

@@ -421,14 +421,8 @@ pub fn remove_pins(dir: &Path) {
 /// The state file, if there is one. Files of older layouts are read too:
 /// their declared part replays on a fresh program.
 fn read_state(path: &Path) -> Result<Option<Saved>> {
-    let text = match std::fs::read(path) {
-        Ok(text) => text,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(e).with_context(|| format!("reading the state file {}", path.display())),
-    };
-    serde_json::from_slice(&text).map(Some).with_context(|| {
-        format!("the state file {} is damaged or too old to read: move it away to start empty", path.display())
-    })
+    crate::state_file::load(path)
+        .map_err(|e| anyhow::anyhow!("the state file is damaged or too old to read: {e}; move it away to start empty"))
 }
 
 /// Makes sure `pin_root` is on bpffs, mounting it at /sys/fs/bpf if need

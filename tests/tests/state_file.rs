@@ -1,0 +1,122 @@
+//! The state file: the main file and one file per VIP, written only for the
+//! VIPs that changed; crashes between the writes leave a readable state.
+
+use std::path::{Path, PathBuf};
+
+use lb_tests::*;
+use lb_userspace::{
+    controller::Saved,
+    state_file::{self, StateFile},
+    HashMode,
+};
+
+/// A directory of the test's own, removed also when it fails.
+struct Dir(PathBuf);
+
+impl Dir {
+    fn new(name: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("lb-state-file-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        Dir(dir)
+    }
+}
+
+impl Drop for Dir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn save(file: &mut StateFile, h: &mut Harness) {
+    file.save(&mut h.services, |services| Saved {
+        layout: 5,
+        services,
+        checks: Vec::new(),
+        conn_table_size: 65536,
+        ring_capacity: h.dp.ring_capacity(),
+        maintenance: false,
+    })
+    .unwrap();
+}
+
+fn vip_files(main: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(main.with_extension("vips"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+/// The VIPs as JSON, to compare what was saved with what is running.
+fn vips_json(vips: &[lb_userspace::services::VipState]) -> serde_json::Value {
+    serde_json::to_value(vips).unwrap()
+}
+
+#[test]
+fn a_change_rewrites_only_its_vips_file_and_the_state_reads_back_whole() {
+    let dir = Dir::new("one-change");
+    let main = dir.0.join("lb0.json");
+    let mut h = Harness::new();
+    let a = h.vip("203.0.113.10:80/tcp", HashMode::FiveTuple);
+    let b = h.vip("203.0.113.10:443/tcp", HashMode::FiveTuple);
+    h.backend(&a, "198.51.100.1", 1);
+    h.backend(&b, "198.51.100.2", 1);
+    let mut file = StateFile::new(main.clone());
+    save(&mut file, &mut h);
+    let first = vip_files(&main);
+    assert_eq!(first.len(), 2, "{first:?}");
+
+    h.backend(&b, "198.51.100.3", 1);
+    save(&mut file, &mut h);
+    let second = vip_files(&main);
+    assert_eq!(second.len(), 2, "the replaced file is gone: {second:?}");
+    assert_eq!(second.iter().filter(|n| first.contains(n)).count(), 1, "a's file stayed, b's is new");
+    let loaded = state_file::load(&main).unwrap().unwrap();
+    assert_eq!(vips_json(loaded.services.vips()), vips_json(h.services.snapshot().vips()));
+
+    // Nothing changed: no VIP file is written again.
+    save(&mut file, &mut h);
+    assert_eq!(vip_files(&main), second);
+
+    // A VIP removed: its file goes with it.
+    h.services.remove_vip(&mut h.dp, &a).unwrap();
+    save(&mut file, &mut h);
+    assert_eq!(vip_files(&main).len(), 1);
+    assert_eq!(state_file::load(&main).unwrap().unwrap().services.vips().len(), 1);
+}
+
+#[test]
+fn a_crash_between_the_writes_leaves_the_last_whole_state() {
+    let dir = Dir::new("crash");
+    let main = dir.0.join("lb0.json");
+    let mut h = Harness::new();
+    let a = h.vip("203.0.113.10:80/tcp", HashMode::FiveTuple);
+    h.backend(&a, "198.51.100.1", 1);
+    let mut file = StateFile::new(main.clone());
+    save(&mut file, &mut h);
+    let saved = vips_json(h.services.snapshot().vips());
+    // A VIP file written by a save that died before its main file: the
+    // main file still names the old one, and the stray file is removed.
+    let stray = main.with_extension("vips").join("0-0-1.json");
+    std::fs::write(&stray, b"{\"half\": ").unwrap();
+    let loaded = state_file::load(&main).unwrap().unwrap();
+    assert_eq!(vips_json(loaded.services.vips()), saved);
+    assert!(!stray.exists(), "the stray file was removed");
+    // A main file that names a missing VIP file is refused, saying which.
+    let named = vip_files(&main).remove(0);
+    std::fs::remove_file(main.with_extension("vips").join(&named)).unwrap();
+    let err = state_file::load(&main).err().expect("refused");
+    assert!(err.contains(&named), "{err}");
+}
+
+#[test]
+fn a_state_file_of_an_older_release_with_its_vips_inline_reads() {
+    let fixture = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/state-layout-3.json");
+    let saved = state_file::load(Path::new(fixture)).unwrap().unwrap();
+    assert_eq!(saved.layout, 3);
+    let ports: Vec<u16> = saved.services.vips().iter().map(|v| v.spec.vip.port).collect();
+    assert_eq!(ports, [80, 9000]);
+    assert_eq!(saved.services.vips()[0].backends.len(), 3);
+}
