@@ -11,7 +11,6 @@
 use std::{
     collections::BTreeMap,
     net::IpAddr,
-    path::PathBuf,
     sync::{Arc, Mutex, MutexGuard},
     time::Instant,
 };
@@ -169,7 +168,7 @@ pub struct Controller {
 impl Controller {
     pub fn new(
         state: State,
-        state_file: PathBuf,
+        state_file: StateFile,
         ring_capacity: u32,
         info: RunInfo,
         announcer: Option<Arc<Announcer>>,
@@ -178,7 +177,7 @@ impl Controller {
             state: Mutex::new(state),
             announcer,
             tasks: Mutex::new(BTreeMap::new()),
-            state_file: Mutex::new(StateFile::new(state_file)),
+            state_file: Mutex::new(state_file),
             replaying: false.into(),
             ring_capacity,
             info,

@@ -429,6 +429,18 @@ impl Dataplane {
     }
 
     /// The backend id in one slot of the ring array.
+    /// The `size` slots of the ring at `offset`, read from the mapped ring
+    /// array (`None` where it is not mapped).
+    pub fn read_ring(&self, offset: u32, size: u32) -> Option<Vec<u16>> {
+        let words: Vec<RingWord> = self
+            .rings_mapped
+            .as_ref()?
+            .read((offset / RING_SLOTS_PER_WORD) as usize, size.div_ceil(RING_SLOTS_PER_WORD) as usize)?;
+        let mut slots: Vec<u16> = words.into_iter().flatten().collect();
+        slots.truncate(size as usize);
+        Some(slots)
+    }
+
     pub fn ring_slot(&mut self, slot: u32) -> Result<u32, DataplaneError> {
         let word = self
             .array::<RingWord>(map_names::RINGS)?

@@ -312,8 +312,8 @@ pub struct VipState {
     ring: Ring,
     /// Every wanted backend is unhealthy, so all of them serve (fail open).
     pub fail_open: bool,
-    /// [`ring_fingerprint`] of the live ring (0 without one); rebuilt with it.
-    #[serde(skip)]
+    /// [`ring_fingerprint`] of the live ring (0 without one).
+    #[serde(default)]
     pub fingerprint: u64,
     pub backends: BTreeMap<IpAddr, BackendState>,
 }
@@ -388,6 +388,49 @@ impl VipState {
     /// Whether a backend is in the ring now.
     pub fn in_ring(&self, backend: &BackendState) -> bool {
         backend.wanted() && (backend.healthy || self.fail_open)
+    }
+
+    /// Takes the rings back from the mapped ring array. False, and nothing
+    /// taken, where it cannot: the array is not mapped, a kept ring has no
+    /// slot, or the state file has no fingerprint of the live ring (an
+    /// older release's).
+    fn read_rings(&mut self, dp: &Dataplane) -> bool {
+        let (members, fail_open) = live_members(&self.backends);
+        let kept = self.history.iter().chain(&self.prev_live);
+        if members.is_empty() || self.fingerprint == 0 || kept.clone().any(|g| g.slot.is_none()) {
+            return false;
+        }
+        let Some(live) = dp.read_ring(self.live_slot, self.spec.ring_size).map(Ring::from) else { return false };
+        let read = |slot: u32| match slot == self.live_slot {
+            true => Some(live.clone()),
+            false => dp.read_ring(slot, self.spec.ring_size).map(Ring::from),
+        };
+        let Some(rings) = kept.map(|g| read(g.slot.expect("checked above"))).collect::<Option<Vec<Ring>>>() else {
+            return false;
+        };
+        for (generation, ring) in self.history.iter_mut().chain(self.prev_live.as_mut()).zip(rings) {
+            generation.ring = ring;
+        }
+        self.ring = live;
+        self.fail_open = fail_open;
+        true
+    }
+
+    /// Builds the live ring and the kept ones from the backends and the
+    /// generations' members.
+    fn build_rings(&mut self) {
+        let (ring, fail_open, fingerprint) = plan_ring(&self.backends, self.spec.ring_size);
+        self.ring = ring;
+        self.fingerprint = fingerprint;
+        self.fail_open = fail_open;
+        for i in 0..self.history.len() {
+            let ring = self.ring_of_known(&self.history[i].members).0;
+            self.history[i].ring = ring;
+        }
+        if let Some(members) = self.prev_live.as_ref().map(|p| p.members.clone()) {
+            let ring = self.ring_of_known(&members).0;
+            self.prev_live.as_mut().expect("just read").ring = ring;
+        }
     }
 
     /// Whether packets may read a ring in `slot`: the live ring's or an
@@ -712,25 +755,15 @@ impl Services {
         }
     }
 
-    /// Takes over maps that already hold `snapshot`: the live rings are
-    /// rebuilt in memory (Maglev is deterministic) and nothing is written,
-    /// so packets and conn-table entries are not disturbed.
-    pub fn restore(snapshot: Snapshot) -> Self {
+    /// Takes over maps that already hold `snapshot`: nothing is written,
+    /// so packets and conn-table entries are not disturbed. The rings are
+    /// read back from the mapped ring array, as packets read them, or else
+    /// rebuilt (Maglev is deterministic; on every core).
+    pub fn restore(snapshot: Snapshot, dp: &Dataplane) -> Self {
         let mut states = snapshot.vips;
-        on_every_core(&mut states, |state| {
-            let (ring, fail_open, fingerprint) = plan_ring(&state.backends, state.spec.ring_size);
-            state.ring = ring;
-            state.fingerprint = fingerprint;
-            state.fail_open = fail_open;
-            for i in 0..state.history.len() {
-                let ring = state.ring_of_known(&state.history[i].members).0;
-                state.history[i].ring = ring;
-            }
-            if let Some(members) = state.prev_live.as_ref().map(|p| p.members.clone()) {
-                let ring = state.ring_of_known(&members).0;
-                state.prev_live.as_mut().expect("just read").ring = ring;
-            }
-        });
+        let mut rebuild: Vec<&mut VipState> =
+            states.iter_mut().filter_map(|s| (!s.read_rings(dp)).then_some(s)).collect();
+        on_every_core(&mut rebuild, |state| state.build_rings());
         let vips = states.into_iter().map(|state| (state.spec.vip, state)).collect();
         Self {
             settings: snapshot.settings,

@@ -97,11 +97,14 @@ fn vip_dir(main: &Path) -> PathBuf {
 
 /// Reads a state file and the VIP files it names, and removes VIP files it
 /// does not name (left by a crash between writing them and the main
-/// file). `None`: there is no state file.
-pub fn load(main: &Path) -> Result<Option<Saved>, String> {
+/// file). Returns the state (`None`: there is no state file) and the file
+/// to save to, which knows the VIP files it read: a VIP that has not
+/// changed since keeps its file.
+pub fn load(main: &Path) -> Result<(Option<Saved>, StateFile), String> {
+    let mut file = StateFile::new(main.to_path_buf());
     let text = match std::fs::read(main) {
         Ok(text) => text,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok((None, file)),
         Err(e) => return Err(format!("reading the state file {}: {e}", main.display())),
     };
     let saved: Saved<SavedVip> = serde_json::from_slice(&text).map_err(|e| format!("{}: {e}", main.display()))?;
@@ -112,9 +115,11 @@ pub fn load(main: &Path) -> Result<Option<Saved>, String> {
             SavedVip::Inline(vip) => Ok(*vip),
             SavedVip::File(name) => {
                 let path = dir.join(&name);
-                named.insert(name);
                 let text = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-                serde_json::from_slice(&text).map_err(|e| format!("{}: {e}", path.display()))
+                let vip: VipState = serde_json::from_slice(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+                file.files.insert(vip.spec.vip, name.clone());
+                named.insert(name);
+                Ok(vip)
             }
         })
         .map_err(|e: String| format!("the state file names a VIP file it cannot read ({e})"))?;
@@ -125,5 +130,5 @@ pub fn load(main: &Path) -> Result<Option<Saved>, String> {
             }
         }
     }
-    Ok(Some(saved))
+    Ok((Some(saved), file))
 }

@@ -367,6 +367,20 @@ impl MappedArray {
         unsafe { std::ptr::copy_nonoverlapping(values.as_ptr().cast::<u8>(), self.ptr.as_ptr().add(start), bytes) };
         Ok(())
     }
+
+    /// The `count` elements of type `V` from element `first` on, if the
+    /// mapping holds them.
+    pub fn read<V: Copy + Default>(&self, first: usize, count: usize) -> Option<Vec<V>> {
+        let size = std::mem::size_of::<V>();
+        let end = (first + count).checked_mul(size)?;
+        if end > self.len {
+            return None;
+        }
+        let mut values = vec![V::default(); count];
+        let src = unsafe { self.ptr.as_ptr().add(first * size) };
+        unsafe { std::ptr::copy_nonoverlapping(src, values.as_mut_ptr().cast::<u8>(), count * size) };
+        Some(values)
+    }
 }
 
 impl Drop for MappedArray {

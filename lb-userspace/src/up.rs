@@ -22,6 +22,7 @@ use crate::{
     nic::{self, NicProgram},
     probe_path::ProbePaths,
     services::{Services, Settings},
+    state_file::StateFile,
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -101,7 +102,7 @@ pub async fn run(opts: UpOptions) -> Result<()> {
 
     // Adopt what a previous controller left running, if it left its state;
     // else start a fresh program and replay the state file, if any.
-    let saved = read_state(&state_file)?;
+    let (saved, saved_to) = read_state(&state_file)?;
     let adopted = match &saved {
         Some(Saved { layout, .. }) if link_pin.exists() => {
             if *layout != STATE_LAYOUT {
@@ -150,7 +151,6 @@ pub async fn run(opts: UpOptions) -> Result<()> {
         offload_flavor: opts.offload_flavor,
         pin_dir: Some(pin_dir.clone()),
     })?;
-
     let nl = Netlink::open()?;
     let next_hop_mac = match opts.next_hop_mac {
         Some(mac) => mac,
@@ -168,13 +168,12 @@ pub async fn run(opts: UpOptions) -> Result<()> {
     };
     let (services, checks, replay) = match saved {
         Some(saved) if adopted => {
-            let mut services = Services::restore(saved.services);
+            let mut services = Services::restore(saved.services, &dp);
             services.set_settings(&mut dp, settings)?;
             (services, saved.checks.into_iter().map(|(v, a, c)| ((v, a), c)).collect(), None)
         }
         saved => (Services::new(&mut dp, settings)?, Default::default(), saved),
     };
-
     // Without a saved state the pins were removed above, so this attaches
     // afresh; with one it replaces the running program behind its link.
     // The host first: until the NIC runs its part, the host does it all.
@@ -233,8 +232,7 @@ pub async fn run(opts: UpOptions) -> Result<()> {
         }
         None => None,
     };
-    let ctrl =
-        Controller::new(State::new(dp, services, checks, probes), state_file.clone(), ring_capacity, info, announcer);
+    let ctrl = Controller::new(State::new(dp, services, checks, probes), saved_to, ring_capacity, info, announcer);
     if let Some(saved) = replay {
         // Nothing is announced yet. A state that does not fit (a smaller
         // --ring-capacity, say) stops the start and stays as it was.
@@ -420,7 +418,7 @@ pub fn remove_pins(dir: &Path) {
 
 /// The state file, if there is one. Files of older layouts are read too:
 /// their declared part replays on a fresh program.
-fn read_state(path: &Path) -> Result<Option<Saved>> {
+fn read_state(path: &Path) -> Result<(Option<Saved>, StateFile)> {
     crate::state_file::load(path)
         .map_err(|e| anyhow::anyhow!("the state file is damaged or too old to read: {e}; move it away to start empty"))
 }

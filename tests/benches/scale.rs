@@ -105,11 +105,14 @@ fn desired(vips: usize) -> String {
     toml
 }
 
-fn rss_mib(pid: u32) -> f64 {
+/// A `/proc/PID/status` memory line in MiB: VmRSS counts the mapped ring
+/// array the controller writes rings into (kernel memory, 128 MiB by
+/// default); RssAnon is the controller's own.
+fn status_mib(pid: u32, field: &str) -> f64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     let kib: f64 = status
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
         .unwrap_or(f64::NAN);
     kib / 1024.0
@@ -150,7 +153,7 @@ pub fn scale(r: &mut Results, lbctl: PathBuf, vips: usize) -> anyhow::Result<()>
         anyhow::ensure!(again.changes.is_empty(), "a re-apply changed {:?}", again.changes.first());
         anyhow::Ok((load, change, noop))
     })?;
-    let rss = rss_mib(pid);
+    let (rss, anon) = (status_mib(pid, "VmRSS:"), status_mib(pid, "RssAnon:"));
     // SIGKILL, then a new controller adopts the pinned maps and the state.
     site.kill();
     let t = Instant::now();
@@ -169,12 +172,14 @@ pub fn scale(r: &mut Results, lbctl: PathBuf, vips: usize) -> anyhow::Result<()>
     r.insert(key("noop_reapply_ms"), noop);
     r.insert(key("sigkill_adopt_ms"), adopted);
     r.insert(key("controller_rss_mib"), rss);
+    r.insert(key("controller_rss_anon_mib"), anon);
     eprintln!(
         "  apply from empty {load:.0} ms; one backend added {:.1} ms (median of 5); no-op re-apply {noop:.0} ms",
         change[2]
     );
     eprintln!(
-        "  SIGKILL, then adopted by a new controller, API answering: {adopted:.0} ms; controller RSS {rss:.0} MiB"
+        "  SIGKILL, then adopted by a new controller, API answering: {adopted:.0} ms; controller RSS {rss:.0} MiB \
+         ({anon:.0} MiB its own, the rest the mapped ring array)"
     );
     Ok(())
 }

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use lb_tests::*;
 use lb_userspace::{
     controller::Saved,
+    services::Services,
     state_file::{self, StateFile},
     HashMode,
 };
@@ -73,7 +74,7 @@ fn a_change_rewrites_only_its_vips_file_and_the_state_reads_back_whole() {
     let second = vip_files(&main);
     assert_eq!(second.len(), 2, "the replaced file is gone: {second:?}");
     assert_eq!(second.iter().filter(|n| first.contains(n)).count(), 1, "a's file stayed, b's is new");
-    let loaded = state_file::load(&main).unwrap().unwrap();
+    let loaded = state_file::load(&main).unwrap().0.unwrap();
     assert_eq!(vips_json(loaded.services.vips()), vips_json(h.services.snapshot().vips()));
 
     // Nothing changed: no VIP file is written again.
@@ -84,7 +85,7 @@ fn a_change_rewrites_only_its_vips_file_and_the_state_reads_back_whole() {
     h.services.remove_vip(&mut h.dp, &a).unwrap();
     save(&mut file, &mut h);
     assert_eq!(vip_files(&main).len(), 1);
-    assert_eq!(state_file::load(&main).unwrap().unwrap().services.vips().len(), 1);
+    assert_eq!(state_file::load(&main).unwrap().0.unwrap().services.vips().len(), 1);
 }
 
 #[test]
@@ -101,7 +102,7 @@ fn a_crash_between_the_writes_leaves_the_last_whole_state() {
     // main file still names the old one, and the stray file is removed.
     let stray = main.with_extension("vips").join("0-0-1.json");
     std::fs::write(&stray, b"{\"half\": ").unwrap();
-    let loaded = state_file::load(&main).unwrap().unwrap();
+    let loaded = state_file::load(&main).unwrap().0.unwrap();
     assert_eq!(vips_json(loaded.services.vips()), saved);
     assert!(!stray.exists(), "the stray file was removed");
     // A main file that names a missing VIP file is refused, saying which.
@@ -114,9 +115,39 @@ fn a_crash_between_the_writes_leaves_the_last_whole_state() {
 #[test]
 fn a_state_file_of_an_older_release_with_its_vips_inline_reads() {
     let fixture = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/state-layout-3.json");
-    let saved = state_file::load(Path::new(fixture)).unwrap().unwrap();
+    let saved = state_file::load(Path::new(fixture)).unwrap().0.unwrap();
     assert_eq!(saved.layout, 3);
     let ports: Vec<u16> = saved.services.vips().iter().map(|v| v.spec.vip.port).collect();
     assert_eq!(ports, [80, 9000]);
     assert_eq!(saved.services.vips()[0].backends.len(), 3);
+}
+
+#[test]
+fn an_adopted_state_takes_its_rings_from_the_ring_array_and_keeps_its_vip_files() {
+    let dir = Dir::new("adopt");
+    let main = dir.0.join("lb0.json");
+    let mut h = Harness::new();
+    let a = h.vip("203.0.113.10:80/tcp", HashMode::FiveTuple);
+    for last in 1..=3 {
+        h.backend(&a, &format!("198.51.100.{last}"), 1);
+    }
+    let mut file = StateFile::new(main.clone());
+    save(&mut file, &mut h);
+    let files = vip_files(&main);
+    let live = h.dp.vip(&a.key()).unwrap().unwrap();
+    // The ring packets read, marked: a slot of another backend now names
+    // the first backend, which no Maglev build would give.
+    let mut ring: Vec<u16> = h.services.vip(&a).unwrap().ring().to_vec();
+    let first_id = h.services.vip(&a).unwrap().backends[&"198.51.100.1".parse().unwrap()].id as u16;
+    let other = ring.iter().position(|&id| id != first_id).unwrap();
+    ring[other] = first_id;
+    h.dp.write_ring(live.ring_offset, &ring).unwrap();
+
+    let (saved, mut loaded_file) = state_file::load(&main).unwrap();
+    h.services = Services::restore(saved.unwrap().services, &h.dp);
+    assert_eq!(h.services.vip(&a).unwrap().ring(), &ring[..], "the ring as packets read it");
+    assert_eq!(h.services.vip(&a).unwrap().history()[0].members.len(), 3);
+    // Nothing changed since: the save writes the main file only.
+    save(&mut loaded_file, &mut h);
+    assert_eq!(vip_files(&main), files);
 }

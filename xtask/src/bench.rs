@@ -122,9 +122,20 @@ fn print_table(r: &BTreeMap<String, f64>) {
     {
         println!("{key:<34} {value:>10.2} Mpps on one core ({:.2}x the floor)", value / floor_mpps);
     }
+    // The control plane's goals at 512 VIPs x 100 backends (issue 23).
+    const GOALS: [(&str, f64); 4] = [
+        ("apply_from_empty_ms", 2000.0),
+        ("one_backend_add_ms", 10.0),
+        ("noop_reapply_ms", 100.0),
+        ("sigkill_adopt_ms", 1000.0),
+    ];
     for (key, value) in r.iter().filter(|(k, _)| k.starts_with("scale.")) {
         let unit = if key.ends_with("_mib") { "MiB" } else { "ms" };
-        println!("{key:<34} {value:>10.1} {unit}");
+        let goal = GOALS.iter().find(|(name, _)| key.ends_with(name)).map(|(_, goal)| {
+            let verdict = if *value <= *goal { "met" } else { "MISSED" };
+            format!("  (goal <= {goal:.0} ms: {verdict})")
+        });
+        println!("{key:<34} {value:>10.1} {unit}{}", goal.unwrap_or_default());
     }
     let (lb_rps, ha) = (get("e2e.http_rps_lb"), get("e2e.http_rps_haproxy"));
     println!("{:<34} {:>10.0} req/s ({:.2}x HAProxy TCP mode, {ha:.0} req/s)", "e2e.http_rps_lb", lb_rps, lb_rps / ha);
