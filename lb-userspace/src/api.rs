@@ -464,6 +464,9 @@ impl StatusService for Api {
             announce_error: announce.error.unwrap_or_default(),
             programs,
             data_path_checks: st.probes.summary(),
+            checks: st.checks.len() as u32,
+            probe_tasks: self.0.probe_counts().0 as u32,
+            probe_lateness_p99_ms: self.0.probe_lateness_p99() * 1000.0,
         }))
     }
 

@@ -17,11 +17,11 @@ use std::{
 
 use lb_common::{stat, FlowKey};
 use serde::{Deserialize, Serialize};
-use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
 use crate::{
     announce::Announcer,
+    check_tasks::{self, CheckTasks, Lateness, ProbeKey},
     dataplane::{Dataplane, DataplaneError},
     desired::{self, BackendWish, Change, Desired, VipWish},
     health::{self, CheckPath, CheckSpec, Probe, Tracker},
@@ -155,7 +155,8 @@ pub struct Controller {
     state: Mutex<State>,
     /// The route handoff (`up --announce-table`), if on.
     pub announcer: Option<Arc<Announcer>>,
-    tasks: Mutex<BTreeMap<(VipAddr, IpAddr), JoinHandle<()>>>,
+    tasks: Mutex<CheckTasks>,
+    lateness: Mutex<Lateness>,
     state_file: Mutex<StateFile>,
     /// A replay is under way: the state file keeps what it replays until
     /// the replay has succeeded.
@@ -176,7 +177,8 @@ impl Controller {
         Arc::new(Self {
             state: Mutex::new(state),
             announcer,
-            tasks: Mutex::new(BTreeMap::new()),
+            tasks: Mutex::default(),
+            lateness: Mutex::default(),
             state_file: Mutex::new(state_file),
             replaying: false.into(),
             ring_capacity,
@@ -253,13 +255,7 @@ impl Controller {
         let st = &mut *guard;
         st.services.remove_vip(&mut st.dp, vip)?;
         st.checks.retain(|(v, _), _| v != vip);
-        self.tasks.lock().unwrap().retain(|(v, _), task| {
-            let keep = v != vip;
-            if !keep {
-                task.abort();
-            }
-            keep
-        });
+        self.tasks.lock().unwrap().stop_vip(vip);
         info!(%vip, "VIP removed");
         self.commit(st);
         Ok(())
@@ -290,9 +286,7 @@ impl Controller {
         let st = &mut *guard;
         st.services.remove_backend(&mut st.dp, vip, addr)?;
         st.checks.remove(&(*vip, addr));
-        if let Some(task) = self.tasks.lock().unwrap().remove(&(*vip, addr)) {
-            task.abort();
-        }
+        self.tasks.lock().unwrap().stop(vip, addr);
         info!(%vip, backend = %addr, "backend removed");
         self.commit(st);
         Ok(())
@@ -418,9 +412,7 @@ impl Controller {
     }
 
     fn replace_check(self: &Arc<Self>, vip: &VipAddr, addr: IpAddr, spec: CheckSpec) {
-        if let Some(task) = self.tasks.lock().unwrap().remove(&(*vip, addr)) {
-            task.abort();
-        }
+        self.tasks.lock().unwrap().stop(vip, addr);
         {
             let mut guard = self.lock();
             let st = &mut *guard;
@@ -438,29 +430,41 @@ impl Controller {
         }
     }
 
+    /// Runs the check of `addr` in `vip`: in the task of the same probe
+    /// if one runs (see `check_tasks`), else in a new one.
     fn spawn_check(self: &Arc<Self>, vip: VipAddr, addr: IpAddr, spec: CheckSpec) {
-        let ctrl = Arc::clone(self);
-        let task = tokio::spawn(async move {
-            // Specs are validated before they get here; a prober that cannot
-            // be made still fails every probe with the reason.
-            let prober = health::Prober::new(&spec);
-            // The first probe within one interval, at this check's phase.
-            tokio::time::sleep(health::phase(spec.interval, &(vip, addr))).await;
-            loop {
-                let target = ctrl.probe_target(&vip, addr, &spec);
-                let started = Instant::now();
-                let result = match (&prober, target) {
-                    (Ok(prober), Ok((to, mark))) => prober.probe(to, mark).await,
-                    (Err(e), _) => Err(e.clone()),
-                    (_, Err(e)) => Err(e),
-                };
-                ctrl.record_check(&vip, addr, &spec, result, started.elapsed().as_secs_f64());
-                tokio::time::sleep(spec.interval + health::jitter(spec.interval)).await;
-            }
-        });
-        if let Some(old) = self.tasks.lock().unwrap().insert((vip, addr), task) {
-            old.abort();
-        }
+        let start = |probe: &ProbeKey, subscribers: check_tasks::Subscribers| {
+            let ctrl = Arc::clone(self);
+            let ProbeKey { addr, through, spec } = probe.clone();
+            tokio::spawn(async move {
+                // Specs are validated before they get here; a prober that
+                // cannot be made still fails every probe with the reason.
+                let prober = health::Prober::new(&spec);
+                // The first probe within one interval, at this probe's phase.
+                let mut due = tokio::time::Instant::now() + health::phase(spec.interval, &(through, addr));
+                loop {
+                    tokio::time::sleep_until(due).await;
+                    ctrl.lateness.lock().unwrap().record(due.elapsed().as_secs_f64());
+                    let target = match &through {
+                        None => Ok((addr, None)),
+                        Some(vip) => ctrl.probe_target(vip, addr, &spec),
+                    };
+                    let started = Instant::now();
+                    let result = match (&prober, target) {
+                        (Ok(prober), Ok((to, mark))) => prober.probe(to, mark).await,
+                        (Err(e), _) => Err(e.clone()),
+                        (_, Err(e)) => Err(e),
+                    };
+                    let seconds = started.elapsed().as_secs_f64();
+                    let vips: Vec<VipAddr> = subscribers.lock().unwrap().iter().copied().collect();
+                    for vip in vips {
+                        ctrl.record_check(&vip, addr, &spec, result.clone(), seconds);
+                    }
+                    due = tokio::time::Instant::now() + spec.interval + health::jitter(spec.interval);
+                }
+            })
+        };
+        self.tasks.lock().unwrap().run(vip, addr, spec, start);
     }
 
     /// Where a round of a check goes: the backend's own address, or (a
@@ -639,9 +643,17 @@ impl Controller {
 
     /// Stops every health check (shutdown).
     pub fn stop_checks(&self) {
-        for (_, task) in std::mem::take(&mut *self.tasks.lock().unwrap()) {
-            task.abort();
-        }
+        self.tasks.lock().unwrap().stop_all();
+    }
+
+    /// Probe tasks running, and the checks they serve.
+    pub fn probe_counts(&self) -> (usize, usize) {
+        self.tasks.lock().unwrap().counts()
+    }
+
+    /// The 99th percentile of how late probes started, in seconds.
+    pub fn probe_lateness_p99(&self) -> f64 {
+        self.lateness.lock().unwrap().quantile(0.99)
     }
 }
 

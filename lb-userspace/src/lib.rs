@@ -4,6 +4,7 @@
 pub mod addr;
 pub mod announce;
 pub mod api;
+mod check_tasks;
 pub mod controller;
 pub mod dataplane;
 pub mod decap_cmd;

@@ -15,6 +15,8 @@
 //!
 //! - scale: one controller in a namespace of its own, VIPs x 100 backends
 //!   applied, changed, re-applied and adopted after SIGKILL (scale.rs).
+//! - checks: 10,000 TCP health checks every second, on distinct backends
+//!   and on backends shared by VIPs: CPU, probe lateness, fds (checks.rs).
 //!
 //! Usage: bench [--quick] [--json PATH] [--skip-e2e] [--only-scale]
 
@@ -34,6 +36,7 @@ use lb_userspace::{
     BackendSpec, Dataplane, HashMode, LoadOptions, Services,
 };
 
+mod checks;
 mod per_core;
 mod scale;
 
@@ -68,6 +71,7 @@ fn main() -> anyhow::Result<()> {
         // The VIPs the default settings hold, 100 backends each.
         let vips = lb_common::DEFAULT_RING_VIPS as usize;
         scale::scale(&mut r, lbctl_release()?, vips)?;
+        checks::checks(&mut r, lbctl_release()?, opts.quick)?;
     }
     if !opts.skip_e2e && !opts.only_scale {
         lab_benches(&mut r, &opts)?;

@@ -17,19 +17,19 @@ use lb_userspace::api::pb;
 
 use crate::{connect, Results};
 
-const NETNS: &str = "lbs-scale";
-const DIR: &str = "/run/lbs-scale";
+pub(crate) const NETNS: &str = "lbs-scale";
+pub(crate) const DIR: &str = "/run/lbs-scale";
 const PINS: &str = "/sys/fs/bpf/lbs-scale";
 const BACKENDS: usize = 100;
 
 /// The namespace, the controller and its pins; all removed when dropped.
-struct Site {
+pub(crate) struct Site {
     lbctl: PathBuf,
     controller: Option<Child>,
 }
 
 impl Site {
-    fn new(lbctl: PathBuf) -> anyhow::Result<Self> {
+    pub(crate) fn new(lbctl: PathBuf) -> anyhow::Result<Self> {
         let site = Site { lbctl, controller: None };
         site.remove();
         sh("ip", &["netns", "add", NETNS])?;
@@ -44,7 +44,7 @@ impl Site {
 
     /// Starts `lbctl up` on default settings (no sizes given); returns
     /// when its API answers.
-    fn start(&mut self) -> anyhow::Result<u32> {
+    pub(crate) fn start(&mut self) -> anyhow::Result<u32> {
         let socket = format!("{DIR}/lb.sock");
         let _ = std::fs::remove_file(&socket);
         let log = std::fs::OpenOptions::new().create(true).append(true).open(format!("{DIR}/lb.log"))?;
@@ -108,7 +108,7 @@ fn desired(vips: usize) -> String {
 /// A `/proc/PID/status` memory line in MiB: VmRSS counts the mapped ring
 /// array the controller writes rings into (kernel memory, 128 MiB by
 /// default); RssAnon is the controller's own.
-fn status_mib(pid: u32, field: &str) -> f64 {
+pub(crate) fn status_mib(pid: u32, field: &str) -> f64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     let kib: f64 = status
         .lines()

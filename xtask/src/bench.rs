@@ -137,6 +137,14 @@ fn print_table(r: &BTreeMap<String, f64>) {
         });
         println!("{key:<34} {value:>10.1} {unit}{}", goal.unwrap_or_default());
     }
+    for (key, value) in r.iter().filter(|(k, _)| k.starts_with("checks.")) {
+        let unit = match key.rsplit('.').next().unwrap_or_default() {
+            "controller_cpu_cores" => "cores",
+            "probe_lateness_p99_ms" => "ms",
+            _ => "",
+        };
+        println!("{key:<56} {value:>10.2} {unit}");
+    }
     let (lb_rps, ha) = (get("e2e.http_rps_lb"), get("e2e.http_rps_haproxy"));
     println!("{:<34} {:>10.0} req/s ({:.2}x HAProxy TCP mode, {ha:.0} req/s)", "e2e.http_rps_lb", lb_rps, lb_rps / ha);
 }

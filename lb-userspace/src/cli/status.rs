@@ -25,6 +25,7 @@ pub async fn status(client: &ClientOpts) -> Result<()> {
         ("debug logging", if s.debug { "on" } else { "off" }.to_string()),
         ("announce", announce_summary(&s)),
         ("programs", if s.programs.is_empty() { "none attached".into() } else { s.programs.join("; ") }),
+        ("health checks", checks_summary(&s)),
         ("data-path checks", s.data_path_checks.clone()),
         ("uptime", format!("{} s", s.uptime_seconds)),
         ("version", s.version.clone()),
@@ -32,6 +33,18 @@ pub async fn status(client: &ClientOpts) -> Result<()> {
         println!("{k:<14} {v}");
     }
     Ok(())
+}
+
+/// Checks, the probes that run them, and whether probes keep their time.
+fn checks_summary(s: &pb::StatusReply) -> String {
+    if s.checks == 0 {
+        return "none".into();
+    }
+    format!(
+        "{} checks in {} probe tasks (a target checked alike in several VIPs is probed once); \
+         probes start late by {:.1} ms at the 99th percentile",
+        s.checks, s.probe_tasks, s.probe_lateness_p99_ms
+    )
 }
 
 /// `lbctl announce withdraw|restore|status`.
