@@ -159,7 +159,7 @@ impl Harness {
     pub fn new() -> Self {
         Self::with(LoadOptions {
             conn_table_size: 65_536,
-            // Four VIPs of the default ring size.
+            // Four VIPs of the default ring size, each with all its rings.
             ring_capacity: 4 * lb_common::RINGS_PER_VIP * lb_common::ring_stride(65_537),
             bench_restore: false,
             offload_flavor: false,

@@ -23,6 +23,13 @@ impl Dir {
     }
 }
 
+/// A test's directory, its state file's path, and a balancer to save.
+fn setup(name: &str) -> (Dir, PathBuf, Harness) {
+    let dir = Dir::new(name);
+    let main = dir.0.join("lb0.json");
+    (dir, main, Harness::new())
+}
+
 impl Drop for Dir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
@@ -57,9 +64,7 @@ fn vips_json(vips: &[lb_userspace::services::VipState]) -> serde_json::Value {
 
 #[test]
 fn a_change_rewrites_only_its_vips_file_and_the_state_reads_back_whole() {
-    let dir = Dir::new("one-change");
-    let main = dir.0.join("lb0.json");
-    let mut h = Harness::new();
+    let (_dir, main, mut h) = setup("one-change");
     let a = h.vip("203.0.113.10:80/tcp", HashMode::FiveTuple);
     let b = h.vip("203.0.113.10:443/tcp", HashMode::FiveTuple);
     h.backend(&a, "198.51.100.1", 1);
@@ -90,9 +95,7 @@ fn a_change_rewrites_only_its_vips_file_and_the_state_reads_back_whole() {
 
 #[test]
 fn a_crash_between_the_writes_leaves_the_last_whole_state() {
-    let dir = Dir::new("crash");
-    let main = dir.0.join("lb0.json");
-    let mut h = Harness::new();
+    let (_dir, main, mut h) = setup("crash");
     let a = h.vip("203.0.113.10:80/tcp", HashMode::FiveTuple);
     h.backend(&a, "198.51.100.1", 1);
     let mut file = StateFile::new(main.clone());
@@ -124,9 +127,7 @@ fn a_state_file_of_an_older_release_with_its_vips_inline_reads() {
 
 #[test]
 fn an_adopted_state_takes_its_rings_from_the_ring_array_and_keeps_its_vip_files() {
-    let dir = Dir::new("adopt");
-    let main = dir.0.join("lb0.json");
-    let mut h = Harness::new();
+    let (_dir, main, mut h) = setup("adopt");
     let a = h.vip("203.0.113.10:80/tcp", HashMode::FiveTuple);
     for last in 1..=3 {
         h.backend(&a, &format!("198.51.100.{last}"), 1);
