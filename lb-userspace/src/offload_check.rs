@@ -68,6 +68,8 @@ pub const RULE_HELPER: &str = "nfp verifier.c nfp_bpf_check_helper_call: only ma
                                map_delete_elem, xdp_adjust_head, xdp_adjust_tail, get_prandom_u32, perf_event_output";
 pub const RULE_MAP_TYPE: &str =
     "kernel/bpf/offload.c bpf_map_offload_map_alloc: a device-bound map is BPF_MAP_TYPE_ARRAY or BPF_MAP_TYPE_HASH";
+pub const RULE_MAP_FLAGS: &str = "nfp offload.c nfp_bpf_map_alloc: map flags are not supported (the loader drops \
+                                  BPF_F_MMAPABLE from the NIC's copy of a map; no other flag is dropped)";
 pub const RULE_MAP_ARG: &str =
     "nfp verifier.c nfp_bpf_stack_arg_ok: map helpers take their key and value from the stack";
 pub const RULE_MAP_STORE: &str =
@@ -150,6 +152,16 @@ pub fn check_program(name: &str, insns: &[Insn], maps: &[MapInfo], limits: &Limi
                 at: None,
                 what: format!("map {} is of type {} ({})", m.name, m.map_type, map_type_name(m.map_type)),
                 rule: RULE_MAP_TYPE,
+            });
+        }
+        // The loader makes the NIC's copy of a map without BPF_F_MMAPABLE
+        // (only the host's copy is mapped); any other flag would be refused.
+        let flags = m.flags & !lb_common::BPF_F_MMAPABLE;
+        if flags != 0 {
+            violations.push(Violation {
+                at: None,
+                what: format!("map {} has flags {flags:#x}", m.name),
+                rule: RULE_MAP_FLAGS,
             });
         }
     }
@@ -587,6 +599,9 @@ mod tests {
         for t in [9, 6] {
             assert_eq!(rules(&plain(vec![]), &[MapInfo { map_type: t, ..array("m") }]), [RULE_MAP_TYPE]);
         }
+        // BPF_F_NO_PREALLOC (0x1) is refused; BPF_F_MMAPABLE (0x400) the loader drops.
+        assert_eq!(rules(&plain(vec![]), &[MapInfo { flags: 0x1, ..array("m") }]), [RULE_MAP_FLAGS]);
+        assert!(rules(&plain(vec![]), &[MapInfo { flags: 0x400, ..array("m") }]).is_empty());
         // A plain store to the looked-up value, also after a spill to the stack.
         assert_eq!(rules(&plain(vec![insn(CLASS_ST | MODE_MEM | 0x18, 0, 0, 0, 1)]), &m), [RULE_MAP_STORE]);
         let spilled = vec![

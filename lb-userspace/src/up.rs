@@ -294,7 +294,21 @@ pub async fn run(opts: UpOptions) -> Result<()> {
         tokio::spawn(api::serve_tcp(Arc::clone(&ctrl), listener, tls, stopped(stop_rx.clone())));
     }
     info!(socket = %opts.socket.display(), "serving the API");
-    let served = api::serve(Arc::clone(&ctrl), &opts.socket, stopped(stop_rx)).await;
+    // Connected clients get a grace to finish their calls; one that keeps
+    // its connection open (a stuck or forgotten client) does not hold the
+    // stop up.
+    let stop_then_grace = stopped(stop_rx.clone());
+    let grace = async {
+        stop_then_grace.await;
+        tokio::time::sleep(API_STOP_GRACE).await;
+    };
+    let served = tokio::select! {
+        served = api::serve(Arc::clone(&ctrl), &opts.socket, stopped(stop_rx)) => served,
+        _ = grace => {
+            warn!(grace = ?API_STOP_GRACE, "API clients still connected after the grace; stopping without them");
+            Ok(())
+        }
+    };
     if let (Some(announcer), false) = (&ctrl.announcer, opts.keep) {
         withdraw_and_drain(announcer, drain_time).await;
     }
@@ -310,6 +324,9 @@ pub async fn run(opts: UpOptions) -> Result<()> {
     }
     served
 }
+
+/// How long a stop waits for API clients to finish their calls.
+const API_STOP_GRACE: Duration = Duration::from_secs(5);
 
 /// The subdirectory of the pins that holds the NIC's maps and link.
 const NIC_DIR: &str = "nic";

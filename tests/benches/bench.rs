@@ -18,7 +18,7 @@
 //! - checks: 10,000 TCP health checks every second, on distinct backends
 //!   and on backends shared by VIPs: CPU, probe lateness, fds (checks.rs).
 //!
-//! Usage: bench [--quick] [--json PATH] [--skip-e2e] [--only-scale]
+//! Usage: bench [--quick] [--json PATH] [--skip-e2e] [--only scale|checks]
 
 use std::{collections::BTreeMap, net::IpAddr, path::PathBuf, time::Instant};
 
@@ -46,34 +46,43 @@ struct Opts {
     quick: bool,
     json: Option<PathBuf>,
     skip_e2e: bool,
-    only_scale: bool,
+    /// Run only this part (`scale` or `checks`).
+    only: Option<String>,
 }
 
 fn main() -> anyhow::Result<()> {
-    let mut opts = Opts { quick: false, json: None, skip_e2e: false, only_scale: false };
+    let mut opts = Opts { quick: false, json: None, skip_e2e: false, only: None };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
             "--quick" => opts.quick = true,
             "--json" => opts.json = args.next().map(PathBuf::from),
             "--skip-e2e" => opts.skip_e2e = true,
-            "--only-scale" => opts.only_scale = true,
+            "--only" => match args.next().as_deref() {
+                Some(part @ ("scale" | "checks")) => opts.only = Some(part.to_string()),
+                other => anyhow::bail!("--only takes scale or checks, not {other:?}"),
+            },
             "--bench" => {}
             other => anyhow::bail!("unknown argument {other}"),
         }
     }
     let mut r = Results::new();
-    if !opts.only_scale {
+    let runs = |part: &str| opts.only.as_deref().is_none_or(|only| only == part);
+    if opts.only.is_none() {
         conn_table_occupancy(&mut r);
         dataplane(&mut r, &opts)?;
     }
     if !opts.skip_e2e {
         // The VIPs the default settings hold, 100 backends each.
         let vips = lb_common::DEFAULT_RING_VIPS as usize;
-        scale::scale(&mut r, lbctl_release()?, vips)?;
-        checks::checks(&mut r, lbctl_release()?, opts.quick)?;
+        if runs("scale") {
+            scale::scale(&mut r, lbctl_release()?, vips)?;
+        }
+        if runs("checks") {
+            checks::checks(&mut r, lbctl_release()?, opts.quick)?;
+        }
     }
-    if !opts.skip_e2e && !opts.only_scale {
+    if !opts.skip_e2e && opts.only.is_none() {
         lab_benches(&mut r, &opts)?;
     }
     let json = serde_json::to_string_pretty(&r)?;

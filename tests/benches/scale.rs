@@ -66,6 +66,14 @@ impl Site {
         Ok(pid)
     }
 
+    /// Starts a controller with no state (a running one is killed first).
+    pub(crate) fn start_afresh(&mut self) -> anyhow::Result<u32> {
+        self.kill();
+        let _ = std::fs::remove_dir_all(format!("{DIR}/state"));
+        let _ = std::fs::remove_dir_all(PINS);
+        self.start()
+    }
+
     fn kill(&mut self) {
         if let Some(mut child) = self.controller.take() {
             let _ = child.kill();

@@ -38,15 +38,20 @@ pub fn run(args: OffloadCheckArgs, format: Format) -> Result<()> {
             let helpers: Vec<String> = r.helpers.iter().map(|(id, n)| format!("{} x{n}", helper_name(*id))).collect();
             println!("  helpers: {}", helpers.join(", "));
             for m in &r.maps {
+                let host_only = if m.flags & lb_common::BPF_F_MMAPABLE != 0 {
+                    " (BPF_F_MMAPABLE: the host's copy only; the NIC's is made without flags)"
+                } else {
+                    ""
+                };
                 println!(
-                    "  map {}: {} ({}), key {} B, value {} B, {} entries, flags {:#x}",
+                    "  map {}: {} ({}), key {} B, value {} B, {} entries, flags {:#x}{host_only}",
                     m.name,
                     map_type_name(m.map_type),
                     m.map_type,
                     m.key_size,
                     m.value_size,
                     m.max_entries,
-                    m.flags
+                    m.flags,
                 );
             }
             match r.violations.first() {
