@@ -207,9 +207,17 @@ fn sigkill_of_the_controllers_keeps_a_streaming_connection_and_restart_restores_
     let strip =
         |t: &str| t.lines().map(|l| l.split_whitespace().take(5).collect::<Vec<_>>().join(" ")).collect::<Vec<_>>();
     assert_eq!(strip(&after), strip(&before), "backends restored");
-    // A clean stop detaches: no XDP program is left on the LB host.
+    // A clean stop detaches: no XDP program is left on the LB host; an API
+    // client that opened HTTP/2 and never answers does not hold it up.
+    let mut idle_client = std::os::unix::net::UnixStream::connect(Lab::socket(1)).unwrap();
+    // RFC 9113 3.4: the client preface, then an empty SETTINGS frame
+    // (length 0, type 0x4, no flags, stream 0).
+    idle_client.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0").unwrap();
     lab.stop_lb(1, libc::SIGTERM).unwrap();
     assert!(!ip_link(&lb_ns(1)).contains("prog/xdp"));
+    let log = std::fs::read_to_string(format!("{DIR}/lb1.log")).unwrap();
+    assert!(log.contains("API clients still connected after the grace"), "{log}");
+    drop(idle_client);
 }
 
 fn ip_link(name: &str) -> String {
