@@ -8,6 +8,7 @@
 // JIT multiplies within 32 bits and cannot divide by a variable (the nfp).
 const SEED: u32 = 0x6c62_5f66; // "lb_f"
 const SEED_HIGH: u32 = 0x6c6f_7732; // "low2": the digest's other half
+const SEED_CID: u32 = 0x7175_6963; // "quic"
 const K: u32 = 0x9e37_79b1;
 
 /// One word into the state: xor, multiply, xorshift (a bijection of `h`).
@@ -65,6 +66,19 @@ pub fn flow_digest(src: &[u32; 4], dst: &[u32; 4], src_port: u16, dst_port: u16,
 pub fn source_hash(src: &[u32; 4]) -> u32 {
     let mut h = SEED;
     for w in src {
+        h = mix(h, *w);
+    }
+    finish(h)
+}
+
+/// The hash of a QUIC connection ID chosen by a client (its first
+/// packets' destination CID): up to 20 octets as five native words, zero
+/// past `len`. The client's addresses are left out, so its Initials meet
+/// at one backend even when its address changes.
+#[inline(always)]
+pub fn cid_hash(words: &[u32; 5], len: u8) -> u32 {
+    let mut h = SEED_CID ^ len as u32;
+    for w in words {
         h = mix(h, *w);
     }
     finish(h)

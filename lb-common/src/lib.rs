@@ -9,9 +9,10 @@
 
 pub mod conntrack;
 pub mod hash;
+pub mod quic;
 
 pub use conntrack::{ConnBucket, ConnSlot, CONN_F_GUE, CONN_F_PAST_SYN, CONN_F_SOURCE_HASH, CONN_WAYS};
-pub use hash::{flow_digest, flow_hash, ring_slot, source_hash};
+pub use hash::{cid_hash, flow_digest, flow_hash, ring_slot, source_hash};
 
 /// Map names, as the programs declare them and userspace looks them up.
 pub mod map_names {
@@ -34,8 +35,9 @@ pub mod map_names {
     pub const OFFLOAD_BACKEND_STATS: &str = "OFFLOAD_BACKEND_STATS";
     pub const VIP_SLOTS: &str = "VIP_SLOTS";
     pub const VIP_ENTRIES: &str = "VIP_ENTRIES";
+    pub const QUIC_SERVERS: &str = "QUIC_SERVERS";
     /// The balancer's maps: what a controller pins and a restart adopts.
-    pub const BALANCER_MAPS: [&str; 11] = [
+    pub const BALANCER_MAPS: [&str; 12] = [
         VIPS,
         VIP_SLOTS,
         VIP_ENTRIES,
@@ -47,6 +49,7 @@ pub mod map_names {
         GLOBAL_STATS,
         VIP_STATS,
         BACKEND_STATS,
+        QUIC_SERVERS,
     ];
 }
 
@@ -186,6 +189,9 @@ pub const VIP_F_GUE: u32 = 2;
 /// VIP flag: packets never read or write the conn table; every one is
 /// balanced by the live ring (and, for GUE TCP, carries the alternate).
 pub const VIP_F_STATELESS: u32 = 4;
+/// VIP flag: UDP packets are QUIC; a connection ID that names a server
+/// (QUIC-LB, [`quic`]) picks the backend, whatever the addresses.
+pub const VIP_F_QUIC: u32 = 8;
 
 /// Value of the VIP map. Replaced whole by one map update, which the kernel
 /// makes atomic for hash maps: that is how a ring swap becomes visible.
@@ -205,6 +211,8 @@ pub struct VipMeta {
     /// come from, in the order they are named: the history, newest first,
     /// then the previous live ring (see [`ALTERNATE_RINGS`]).
     pub alt_rings: [u32; ALTERNATE_RINGS],
+    /// With [`VIP_F_QUIC`]: how its connection IDs name servers.
+    pub quic: quic::QuicLb,
 }
 
 /// One backend, indexed by backend id in the backends array.
@@ -393,7 +401,20 @@ pub mod stat {
     /// GUE packets sent with at least one alternate hop (a history ring's
     /// backend that differs from the live ring's).
     pub const GUE_ALTERNATE: usize = 14;
-    pub const COUNT: usize = 15;
+    /// QUIC VIPs: packets whose connection ID named a live backend.
+    pub const QUIC_BY_SERVER_ID: usize = 15;
+    /// QUIC VIPs: long-header packets whose destination CID names no
+    /// server (the client chose it), balanced by its hash.
+    pub const QUIC_BY_CLIENT_CID: usize = 16;
+    /// QUIC VIPs, short header, balanced by the 5-tuple because the CID's
+    /// config rotation codepoint is not the VIP's ...
+    pub const QUIC_UNKNOWN_CONFIG: usize = 17;
+    /// ... or its server ID names no live backend ...
+    pub const QUIC_UNKNOWN_SERVER: usize = 18;
+    /// ... or the packet cannot hold the CID (also long headers whose CID
+    /// length is past QUIC's 20 octets).
+    pub const QUIC_UNDECODABLE: usize = 19;
+    pub const COUNT: usize = 20;
     pub const NAMES: [&str; COUNT] = [
         "not_for_us",
         "malformed",
@@ -410,6 +431,11 @@ pub mod stat {
         "icmp_error_forwarded",
         "too_big_answered",
         "gue_alternate",
+        "quic_by_server_id",
+        "quic_by_client_cid",
+        "quic_unknown_config",
+        "quic_unknown_server",
+        "quic_undecodable",
     ];
 }
 
@@ -549,4 +575,6 @@ mod pod {
     unsafe impl aya::Pod for DecapConfig {}
     unsafe impl aya::Pod for DecapStats {}
     unsafe impl aya::Pod for FloodBucket {}
+    unsafe impl aya::Pod for quic::QuicServerKey {}
+    unsafe impl aya::Pod for quic::QuicServer {}
 }

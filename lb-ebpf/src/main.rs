@@ -37,6 +37,7 @@ mod icmp;
 mod object;
 mod outer;
 mod parse;
+mod quic;
 mod select;
 
 use aya_ebpf::{
@@ -50,7 +51,7 @@ use lb_common::{
     address_mark, conntrack, flow_digest, flow_hash, source_hash, stat, vip_filter_slot, Backend, BackendStats, Config,
     ConnBucket, ConnValue, FloodBucket, GlobalStats, VipMeta, VipStats, AF_INET, BACKEND_F_RETIRED, CONFIG_F_DEBUG,
     CONN_F_GUE, CONN_F_PAST_SYN, CONN_F_SOURCE_HASH, CONN_WAYS, DEFAULT_CONN_TABLE_SIZE, FILTER_STATELESS, FILTER_VIP,
-    IPPROTO_TCP, MAX_BACKENDS, MAX_VIPS, VIP_F_GUE, VIP_F_HASH_SRC_ONLY, VIP_F_STATELESS,
+    IPPROTO_TCP, IPPROTO_UDP, MAX_BACKENDS, MAX_VIPS, VIP_F_GUE, VIP_F_HASH_SRC_ONLY, VIP_F_QUIC, VIP_F_STATELESS,
 };
 
 use aya_log_ebpf::info;
@@ -132,15 +133,36 @@ fn balance(ctx: &XdpContext, cfg: &Config, stats: &mut [u64; stat::COUNT]) -> (u
     } else {
         flow_digest(&f.src, &f.dst, f.src_port, f.dst_port, f.proto)
     };
-    let known = if untracked { None } else { lookup_conn(cfg, &pkt, digest) };
+    // A QUIC VIP's connection ID may name the backend, or (a client's
+    // own) pick it from the ring by its hash; neither is remembered: the
+    // next packet names it again.
+    let mut by_cid = false;
+    let mut known = None;
+    if early.flags & VIP_F_QUIC != 0 && f.proto == IPPROTO_UDP && !icmp_error {
+        known = match quic::route(ctx, pkt.udp_payload, &early, stats) {
+            quic::Route::Server(id, backend) => Some((id, backend, conn_for(&early, id, &backend, digest as u32))),
+            quic::Route::ClientCid(hash) => {
+                pick_from_ring(&early, &pkt, hash as u64).map(|(id, backend, conn, _)| (id, backend, conn))
+            }
+            quic::Route::FiveTuple => None,
+        };
+        by_cid = known.is_some();
+    }
+    if !by_cid && !untracked {
+        known = lookup_conn(cfg, &pkt, digest);
+    }
     // A SYN again for a flow the table already sent to this backend, with
     // nothing from the client in between: the passive signal, counted with
     // the backend's other counters below.
     let mut syn_repeat = false;
     let (backend_id, backend, conn, tunnel) = match known {
         Some((id, backend, conn)) => {
-            stats[stat::CONN_HIT] += 1;
-            // The remembered backend owns the flow: no alternate needed.
+            if by_cid {
+                count_vip(early.vip_id, &pkt, 0);
+            } else {
+                stats[stat::CONN_HIT] += 1;
+            }
+            // The remembered (or named) backend owns the flow: no alternate needed.
             let tunnel = if conn.flags & CONN_F_GUE != 0 {
                 Tunnel::Gue { alternates: select::Alternates::NONE }
             } else {
@@ -299,18 +321,17 @@ fn remember(cfg: &Config, digest: u64, conn: &ConnValue) -> bool {
 #[inline(always)]
 fn pick_from_ring(vip: &VipMeta, pkt: &Packet, digest: u64) -> Option<(u32, Backend, ConnValue, u32)> {
     let picked = select::pick(vip, pkt, digest as u32)?;
+    let conn = conn_for(vip, picked.backend_id, &picked.backend, picked.hash);
+    Some((picked.backend_id, picked.backend, conn, picked.slot))
+}
+
+/// The conn-table entry of a flow of `vip` sent to backend `id`; `hash`
+/// gives the outer header its flow bits.
+#[inline(always)]
+fn conn_for(vip: &VipMeta, id: u32, backend: &Backend, hash: u32) -> ConnValue {
     let flags = if vip.flags & VIP_F_GUE != 0 { CONN_F_GUE } else { 0 }
         | if vip.flags & VIP_F_HASH_SRC_ONLY != 0 { CONN_F_SOURCE_HASH } else { 0 };
-    let (id, backend) = (picked.backend_id, picked.backend);
-    let conn = ConnValue {
-        backend_id: id,
-        cookie: backend.cookie,
-        vip_id: vip.vip_id as u16,
-        flags,
-        _pad: 0,
-        hash: picked.hash,
-    };
-    Some((id, backend, conn, picked.slot))
+    ConnValue { backend_id: id, cookie: backend.cookie, vip_id: vip.vip_id as u16, flags, _pad: 0, hash }
 }
 
 /// The SYN-flood guard: whether this CPU may remember one more new flow.

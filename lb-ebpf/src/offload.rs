@@ -37,7 +37,7 @@ use aya_ebpf::{
 };
 use lb_common::{
     flow_hash, vip_filter_slot, BackendStats, VipStats, FILTER_STATELESS, IPPROTO_TCP, MAX_BACKENDS, MAX_VIPS,
-    VIP_F_GUE, VIP_F_STATELESS,
+    VIP_F_GUE, VIP_F_QUIC, VIP_F_STATELESS,
 };
 
 use encap::{encapsulate, overhead, Inner, Tunnel};
@@ -63,7 +63,8 @@ fn forward(ctx: &XdpContext) -> Option<u32> {
         return None;
     }
     let vip = select::lookup_vip(cfg, &pkt.flow)?;
-    if vip.flags & VIP_F_STATELESS == 0 {
+    // QUIC VIPs read connection IDs: the host's balancer does.
+    if vip.flags & VIP_F_STATELESS == 0 || vip.flags & VIP_F_QUIC != 0 {
         return None;
     }
     let f = &pkt.flow;

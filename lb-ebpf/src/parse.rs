@@ -5,7 +5,9 @@
 use aya_ebpf::programs::XdpContext;
 
 use crate::headers::{ptr_at, EthHdr, Ipv4Hdr, Ipv6Hdr, ETH_P_IP, ETH_P_IPV6};
-use lb_common::{FlowKey, AF_INET, AF_INET6, ETH_HLEN, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP};
+use lb_common::{
+    FlowKey, AF_INET, AF_INET6, ETH_HLEN, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, UDP_HLEN,
+};
 
 /// IPv6 Fragment extension header (RFC 8200, section 4.5).
 const IPPROTO_FRAGMENT: u8 = 44;
@@ -35,6 +37,8 @@ pub struct Packet {
     pub syn: bool,
     /// May not be fragmented: IPv4 with DF (RFC 791), and all IPv6.
     pub dont_fragment: bool,
+    /// Offset in the frame of the payload, if the packet is UDP.
+    pub udp_payload: usize,
 }
 
 pub enum Parsed {
@@ -92,7 +96,7 @@ fn icmp(ctx: &XdpContext, dst: [u32; 4], family: u8, icmp_offset: usize, ip_len:
         return Parsed::NotForUs;
     }
     match quoted_flow(ctx, family, icmp_offset + 8) {
-        Some(flow) => Parsed::IcmpError(Packet { flow, ip_len, tos, syn: false, dont_fragment: false }),
+        Some(flow) => Parsed::IcmpError(Packet { flow, ip_len, tos, syn: false, dont_fragment: false, udp_payload: 0 }),
         None => Parsed::NotForUs,
     }
 }
@@ -166,13 +170,14 @@ fn parse_ipv4(ctx: &XdpContext) -> Parsed {
     if fragment {
         // Even the first fragment, which has the ports: all fragments of a
         // datagram must hash alike to meet at one backend.
-        return Parsed::Fragment(Packet { flow, ip_len, tos, syn: false, dont_fragment: false });
+        return Parsed::Fragment(Packet { flow, ip_len, tos, syn: false, dont_fragment: false, udp_payload: 0 });
     }
-    let Some(syn) = parse_ports(ctx, ETH_HLEN + header_len, &mut flow, ip_len - header_len as u32) else {
+    let l4 = ETH_HLEN + header_len;
+    let Some(syn) = parse_ports(ctx, l4, &mut flow, ip_len - header_len as u32) else {
         return Parsed::Malformed;
     };
     let dont_fragment = ip.frag_off & IPV4_DF != 0;
-    Parsed::Flow(Packet { flow, ip_len, tos, syn, dont_fragment })
+    Parsed::Flow(Packet { flow, ip_len, tos, syn, dont_fragment, udp_payload: l4 + UDP_HLEN })
 }
 
 #[inline(always)]
@@ -199,7 +204,8 @@ fn parse_ipv6(ctx: &XdpContext) -> Parsed {
         }
         let flow = FlowKey { src: ip.saddr, dst: ip.daddr, proto, family: AF_INET6, ..FlowKey::default() };
         let tos = (first >> 20) as u8;
-        return Parsed::Fragment(Packet { flow, ip_len: payload_len + 40, tos, syn: false, dont_fragment: false });
+        let ip_len = payload_len + 40;
+        return Parsed::Fragment(Packet { flow, ip_len, tos, syn: false, dont_fragment: false, udp_payload: 0 });
     }
     if ip.next_hdr == IPPROTO_ICMPV6 {
         return icmp(ctx, ip.daddr, AF_INET6, ETH_HLEN + 40, payload_len + 40, (first >> 20) as u8);
@@ -213,7 +219,8 @@ fn parse_ipv6(ctx: &XdpContext) -> Parsed {
     let Some(syn) = parse_ports(ctx, ETH_HLEN + 40, &mut flow, payload_len) else {
         return Parsed::Malformed;
     };
-    Parsed::Flow(Packet { flow, ip_len: payload_len + 40, tos, syn, dont_fragment: true })
+    let udp_payload = ETH_HLEN + 40 + UDP_HLEN;
+    Parsed::Flow(Packet { flow, ip_len: payload_len + 40, tos, syn, dont_fragment: true, udp_payload })
 }
 
 /// Reads the ports into `flow` and tells whether it is a TCP SYN. `None`

@@ -13,6 +13,7 @@ use crate::{
     controller::{ApiError, Controller},
     desired::{self, BackendWish},
     netlink::format_mac,
+    quic::QuicSpec,
     services::{Generation, Via, VipAddr, VipState},
 };
 
@@ -120,6 +121,18 @@ pub async fn serve(
     Ok(())
 }
 
+/// A QUIC config from the API: zeros take the defaults.
+fn quic_spec(q: pb::QuicConfig) -> Result<QuicSpec, String> {
+    let default = QuicSpec::default();
+    let octet = |v: u32, what: &str| u8::try_from(v).map_err(|_| format!("QUIC {what} {v} is out of range"));
+    let or_default = |v: u8, d: u8| if v == 0 { d } else { v };
+    Ok(QuicSpec {
+        config_id: octet(q.config_id, "config id")?,
+        server_id_len: or_default(octet(q.server_id_len, "server ID length")?, default.server_id_len),
+        nonce_len: or_default(octet(q.nonce_len, "nonce length")?, default.nonce_len),
+    })
+}
+
 fn vip_of(text: &str) -> Result<VipAddr, Status> {
     text.parse().map_err(Status::invalid_argument)
 }
@@ -143,6 +156,12 @@ impl Api {
             new_flows: stats.new_flows,
             encap: state.spec.encap.to_string(),
             stateless: state.spec.stateless,
+            quic: state.spec.quic.map(|q| pb::QuicConfig {
+                enabled: true,
+                config_id: q.config_id.into(),
+                server_id_len: q.server_id_len.into(),
+                nonce_len: q.nonce_len.into(),
+            }),
             ring_fingerprint: fingerprint_text(state.fingerprint),
             history_fingerprints: state.history().iter().map(|g| fingerprint_text(g.fingerprint)).collect(),
             announced: match &self.0.announcer {
@@ -180,6 +199,7 @@ impl Api {
                     in_ring: state.in_ring(b),
                     reason: reason.to_string(),
                     syn_repeats: stats.syn_repeats,
+                    server_id: state.spec.quic.zip(b.server_id).map(|(q, id)| q.hex(id)).unwrap_or_default(),
                 }
             })
             .collect())
@@ -198,8 +218,9 @@ impl Api {
 impl Vips for Api {
     async fn add_vip(&self, req: Request<pb::AddVipRequest>) -> Result<Response<pb::Vip>, Status> {
         let r = req.into_inner();
-        let spec =
-            desired::vip_spec(&r.vip, &r.hash, r.ring_size, &r.encap, r.stateless).map_err(Status::invalid_argument)?;
+        let quic = r.quic.filter(|q| q.enabled).map(quic_spec).transpose().map_err(Status::invalid_argument)?;
+        let spec = desired::vip_spec(&r.vip, &r.hash, r.ring_size, &r.encap, r.stateless, quic)
+            .map_err(Status::invalid_argument)?;
         self.0.add_vip(spec)?;
         let mut guard = self.0.lock();
         let st = &mut *guard;
@@ -324,7 +345,14 @@ impl Backends for Api {
             },
         )
         .map_err(Status::invalid_argument)?;
-        self.0.add_backend(&vip, addr, BackendWish { weight, drained: false, check })?;
+        let server_id = match r.server_id.as_str() {
+            "" => None,
+            text => {
+                let spec = self.0.lock().services.vip(&vip).map_err(ApiError::from)?.spec;
+                Some(desired::server_id(&spec, addr, text).map_err(Status::invalid_argument)?)
+            }
+        };
+        self.0.add_backend(&vip, addr, BackendWish { weight, drained: false, check, server_id })?;
         Ok(Response::new(self.backend_message(&vip, addr)?))
     }
 

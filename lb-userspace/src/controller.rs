@@ -91,7 +91,8 @@ pub struct Saved<V = VipState> {
     pub maintenance: bool,
 }
 
-/// The map layout a state file describes. 5: each ring has an extent of
+/// The map layout a state file describes. 6: QUIC VIPs (the VIP entry
+/// carries a QUIC-LB config, a server-ID map, five more counters); 5: each ring has an extent of
 /// its own (a VIP owns two to seven), 65536 backend ids; 4: seven ring slots per VIP
 /// (live, four history rings, the previous live ring, next) and the VIP
 /// entry names the alternate rings; 3: the conn table is an array
@@ -99,7 +100,7 @@ pub struct Saved<V = VipState> {
 /// multiply-shift slot), so older maps' entries and rings cannot be
 /// followed; 2: three ring slots per VIP (live, previous, next) and the
 /// GUE fields; 1 had two.
-pub const STATE_LAYOUT: u32 = 5;
+pub const STATE_LAYOUT: u32 = 6;
 
 impl<V> Saved<V> {
     /// The same state with each VIP made by `f`.
@@ -245,7 +246,8 @@ impl Controller {
         let mut guard = self.lock();
         let st = &mut *guard;
         st.services.add_vip(&mut st.dp, spec)?;
-        info!(vip = %spec.vip, hash = ?spec.hash, ring_size = spec.ring_size, "VIP added");
+        let quic = spec.quic.map(|q| q.to_string());
+        info!(vip = %spec.vip, hash = ?spec.hash, ring_size = spec.ring_size, quic, "VIP added");
         self.commit(st);
         Ok(())
     }
@@ -265,7 +267,8 @@ impl Controller {
         {
             let mut guard = self.lock();
             let st = &mut *guard;
-            st.services.add_backend(&mut st.dp, vip, BackendSpec { addr, weight: wish.weight })?;
+            let spec = BackendSpec { addr, weight: wish.weight, server_id: wish.server_id };
+            st.services.add_backend(&mut st.dp, vip, spec)?;
             if wish.drained {
                 st.services.drain_backend(&mut st.dp, vip, addr)?;
             }
@@ -401,6 +404,12 @@ impl Controller {
                     } else {
                         st.services.undrain_backend(&mut st.dp, vip, *addr)?;
                     }
+                    self.commit(st);
+                }
+                if old.server_id != wish.server_id {
+                    let mut guard = self.lock();
+                    let st = &mut *guard;
+                    st.services.set_server_id(&mut st.dp, vip, *addr, wish.server_id)?;
                     self.commit(st);
                 }
                 if old.check != wish.check {
@@ -669,7 +678,8 @@ fn desired_of<'a>(vips: impl Iterator<Item = &'a VipState>, checks: &BTreeMap<(V
             .iter()
             .map(|(addr, b)| {
                 let check = checks.get(&(v.spec.vip, *addr)).map(|c| c.spec.clone()).unwrap_or_default();
-                (*addr, BackendWish { weight: b.weight, drained: b.drained, check })
+                let server_id = v.spec.quic.and_then(|q| q.by_hand(*addr, b.server_id));
+                (*addr, BackendWish { weight: b.weight, drained: b.drained, check, server_id })
             })
             .collect();
         (v.spec.vip, VipWish { spec: v.spec, backends })

@@ -9,10 +9,11 @@ use aya::{
     Ebpf, EbpfLoader, Pod,
 };
 use lb_common::{
-    conntrack, decap_stat, flow_digest, map_names, program_names, source_hash, stat, Backend, BackendStats, Config,
-    ConnBucket, ConnValue, DecapAddr, DecapConfig, DecapStats, FlowKey, GlobalStats, RingWord, VipEntry, VipKey,
-    VipMeta, VipStats, CONN_F_SOURCE_HASH, CONN_WAYS, DEFAULT_CONN_TABLE_SIZE, DEFAULT_RING_CAPACITY, MAX_VIPS,
-    RING_SLOTS_PER_WORD,
+    conntrack, decap_stat, flow_digest, map_names, program_names,
+    quic::{QuicServer, QuicServerKey},
+    source_hash, stat, Backend, BackendStats, Config, ConnBucket, ConnValue, DecapAddr, DecapConfig, DecapStats,
+    FlowKey, GlobalStats, RingWord, VipEntry, VipKey, VipMeta, VipStats, CONN_F_SOURCE_HASH, CONN_WAYS,
+    DEFAULT_CONN_TABLE_SIZE, DEFAULT_RING_CAPACITY, MAX_VIPS, RING_SLOTS_PER_WORD,
 };
 
 use crate::{object, sys};
@@ -379,6 +380,21 @@ impl Dataplane {
 
     fn set_backend_here(&mut self, id: u32, backend: &Backend) -> Result<(), DataplaneError> {
         self.array::<Backend>(map_names::BACKENDS)?.set(id, backend, 0).map_err(map_err(map_names::BACKENDS))
+    }
+
+    /// Names the backend a QUIC VIP's server ID routes to (the host's
+    /// balancer only: the offload flavor passes QUIC VIPs up to it).
+    pub fn set_quic_server(&mut self, key: &QuicServerKey, server: &QuicServer) -> Result<(), DataplaneError> {
+        let name = map_names::QUIC_SERVERS;
+        self.hash::<QuicServerKey, QuicServer>(name)?.insert(key, server, 0).map_err(map_err(name))
+    }
+
+    pub fn remove_quic_server(&mut self, key: &QuicServerKey) -> Result<(), DataplaneError> {
+        let name = map_names::QUIC_SERVERS;
+        match self.hash::<QuicServerKey, QuicServer>(name)?.remove(key) {
+            Err(MapError::KeyNotFound) => Ok(()),
+            other => other.map_err(map_err(name)),
+        }
     }
 
     pub fn backend(&mut self, id: u32) -> Result<Backend, DataplaneError> {

@@ -42,6 +42,7 @@ use toml::Spanned;
 
 use crate::{
     health::{self, CheckPath, CheckSpec, Probe},
+    quic::{QuicSpec, ServerId},
     services::{check_ring_size, HashMode, VipAddr, VipSpec, MAX_WEIGHT},
 };
 
@@ -77,9 +78,41 @@ struct VipEntry {
     encap: Option<Spanned<String>>,
     #[serde(default)]
     stateless: bool,
+    quic: Option<Spanned<QuicEntry>>,
     check_path: Option<Spanned<String>>,
     #[serde(default)]
     backend: Vec<BackendEntry>,
+}
+
+/// `quic = true`, or `quic = { config_id = 1, server_id_len = 3, nonce_len = 8 }`
+/// (what is left out takes its default).
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum QuicEntry {
+    On(bool),
+    Config(QuicFields),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct QuicFields {
+    config_id: Option<u8>,
+    server_id_len: Option<u8>,
+    nonce_len: Option<u8>,
+}
+
+impl QuicEntry {
+    fn spec(&self) -> Option<QuicSpec> {
+        let default = QuicSpec::default();
+        match self {
+            QuicEntry::On(on) => on.then_some(default),
+            QuicEntry::Config(c) => Some(QuicSpec {
+                config_id: c.config_id.unwrap_or(default.config_id),
+                server_id_len: c.server_id_len.unwrap_or(default.server_id_len),
+                nonce_len: c.nonce_len.unwrap_or(default.nonce_len),
+            }),
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -99,6 +132,7 @@ struct BackendEntry {
     check_insecure: bool,
     check_path: Option<Spanned<String>>,
     eject_syn_repeats: Option<u32>,
+    server_id: Option<Spanned<String>>,
 }
 
 /// A backend as the operator wants it.
@@ -107,6 +141,8 @@ pub struct BackendWish {
     pub weight: u32,
     pub drained: bool,
     pub check: CheckSpec,
+    /// A QUIC VIP's server ID given by hand (see [`QuicSpec::by_hand`]).
+    pub server_id: Option<ServerId>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -212,8 +248,11 @@ fn parse_part(text: &str, offset: usize, part: &str) -> Result<Desired, String> 
             e.get_ref().parse::<crate::services::Encap>().map_err(|err| format!("{}: {err}", at(e.span())))?;
         }
         let encap = entry.encap.as_ref().map(|e| e.get_ref().as_str()).unwrap_or("");
-        let spec = vip_spec(entry.vip.get_ref(), hash, ring_size, encap, entry.stateless)
-            .map_err(|e| format!("{}: {e}", at(entry.vip.span())))?;
+        let quic = entry.quic.as_ref().and_then(|q| q.get_ref().spec());
+        let spec = vip_spec(entry.vip.get_ref(), hash, ring_size, encap, entry.stateless, quic).map_err(|e| {
+            let span = entry.quic.as_ref().filter(|_| e.contains("QUIC")).map_or(entry.vip.span(), |q| q.span());
+            format!("{}: {e}", at(span))
+        })?;
         let mut backends = BTreeMap::new();
         for b in entry.backend {
             // The VIP's check_path is the default of its checked backends.
@@ -252,7 +291,14 @@ fn parse_part(text: &str, offset: usize, part: &str) -> Result<Desired, String> 
                 },
             )
             .map_err(|e| format!("{}: {e}", line()))?;
-            let wish = BackendWish { weight, drained: b.drained.unwrap_or(false), check };
+            let server_id = match &b.server_id {
+                None => None,
+                Some(text) => {
+                    let id = server_id(&spec, addr, text.get_ref()).map_err(|e| format!("{}: {e}", at(text.span())))?;
+                    spec.quic.and_then(|q| q.by_hand(addr, Some(id)))
+                }
+            };
+            let wish = BackendWish { weight, drained: b.drained.unwrap_or(false), check, server_id };
             if backends.insert(addr, wish).is_some() {
                 return Err(format!("{}: backend {addr} appears twice in VIP {}", line(), spec.vip));
             }
@@ -265,8 +311,28 @@ fn parse_part(text: &str, offset: usize, part: &str) -> Result<Desired, String> 
     Ok(desired)
 }
 
+/// A backend's server ID given by hand, for a QUIC VIP only, of the VIP's
+/// length; shared with the API.
+pub fn server_id(spec: &VipSpec, addr: IpAddr, text: &str) -> Result<ServerId, String> {
+    let Some(quic) = spec.quic else {
+        return Err(format!("backend {addr}: VIP {} is not QUIC, so it has no server IDs", spec.vip));
+    };
+    let id: ServerId = text.parse()?;
+    if !quic.fits(id) {
+        return Err(format!("server ID {text} of backend {addr} is longer than {} octets", quic.server_id_len));
+    }
+    Ok(id)
+}
+
 /// A VIP from its text parts, validated; shared with the API.
-pub fn vip_spec(vip: &str, hash: &str, ring_size: u32, encap: &str, stateless: bool) -> Result<VipSpec, String> {
+pub fn vip_spec(
+    vip: &str,
+    hash: &str,
+    ring_size: u32,
+    encap: &str,
+    stateless: bool,
+    quic: Option<QuicSpec>,
+) -> Result<VipSpec, String> {
     let vip: VipAddr = vip.parse()?;
     let hash = match hash {
         "" | "5tuple" => HashMode::FiveTuple,
@@ -275,7 +341,9 @@ pub fn vip_spec(vip: &str, hash: &str, ring_size: u32, encap: &str, stateless: b
     };
     let ring_size = if ring_size == 0 { DEFAULT_RING_SIZE } else { ring_size };
     check_ring_size(ring_size).map_err(|e| e.to_string())?;
-    Ok(VipSpec { vip, hash, ring_size, encap: encap.parse()?, stateless })
+    let spec = VipSpec { vip, hash, ring_size, encap: encap.parse()?, stateless, quic };
+    crate::services::check_quic(&spec).map_err(|e| e.to_string())?;
+    Ok(spec)
 }
 
 /// A backend address for `vip`: an IP address of a family the VIP can
@@ -367,13 +435,22 @@ impl std::fmt::Display for Change {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Change::RemoveVip(v) => write!(f, "- vip {v}"),
-            Change::AddVip(s) => write!(f, "+ vip {} (hash {}, ring {})", s.vip, s.hash, s.ring_size),
+            Change::AddVip(s) => {
+                write!(f, "+ vip {} (hash {}, ring {}", s.vip, s.hash, s.ring_size)?;
+                if let Some(quic) = s.quic {
+                    write!(f, ", quic {quic}")?;
+                }
+                write!(f, ")")
+            }
             Change::RemoveBackend(v, a) => write!(f, "- backend {a} of {v}"),
             Change::AddBackend(v, a, w) | Change::UpdateBackend(v, a, w) => {
                 let sign = if matches!(self, Change::AddBackend(..)) { "+" } else { "~" };
                 write!(f, "{sign} backend {a} of {v} (weight {}, check {}", w.weight, w.check)?;
                 if w.drained {
                     write!(f, ", drained")?;
+                }
+                if let Some(id) = w.server_id {
+                    write!(f, ", server id {:#x}", id.0)?;
                 }
                 write!(f, ")")
             }
@@ -560,6 +637,35 @@ expect_status = "200-299"
         assert!(parse(&no_ca).unwrap_err().starts_with("line 9: cannot read check_ca /nonexistent/ca.pem"));
         let http = file.replace("https://", "http://");
         assert!(parse(&http).unwrap_err().contains("https:// checks only"), "{}", parse(&http).unwrap_err());
+    }
+
+    #[test]
+    fn quic_vips_and_server_ids_parse_and_bad_ones_name_the_line() {
+        let file = "[[vip]]\nvip = \"203.0.113.10:443/udp\"\nquic = true\n\n\
+                    [[vip.backend]]\naddress = \"198.51.100.1\"\nserver_id = \"0a01\"\n\n\
+                    [[vip.backend]]\naddress = \"198.51.100.2\"\nserver_id = \"6402\"\n";
+        let d = parse(file).unwrap();
+        let v = &d[&"203.0.113.10:443/udp".parse().unwrap()];
+        assert_eq!(v.spec.quic, Some(QuicSpec::default()));
+        let id = |a: &str| v.backends[&a.parse().unwrap()].server_id;
+        // The second is the ID its address gives anyway: not kept as by hand.
+        assert_eq!((id("198.51.100.1"), id("198.51.100.2")), (Some(ServerId(0x0a01)), None));
+        let custom = file.replace("quic = true", "quic = { config_id = 2, nonce_len = 8 }");
+        let spec = parse(&custom).unwrap()[&"203.0.113.10:443/udp".parse().unwrap()].spec.quic.unwrap();
+        assert_eq!(spec, QuicSpec { config_id: 2, server_id_len: 2, nonce_len: 8 });
+        let bad = file.replace("quic = true", "quic = { config_id = 7 }");
+        assert!(parse(&bad).unwrap_err().starts_with("line 3: VIP 203.0.113.10:443/udp: QUIC config id 7"));
+        let tcp = file.replace("443/udp", "443/tcp");
+        assert!(parse(&tcp).unwrap_err().contains("QUIC runs over UDP"), "{}", parse(&tcp).unwrap_err());
+        let long = file.replace("\"0a01\"", "\"10000\"");
+        assert_eq!(
+            parse(&long).unwrap_err(),
+            "line 7: server ID 10000 of backend 198.51.100.1 is longer than 2 octets"
+        );
+        let plain = file.replace("quic = true\n", "");
+        assert!(parse(&plain)
+            .unwrap_err()
+            .starts_with("line 6: backend 198.51.100.1: VIP 203.0.113.10:443/udp is not QUIC"));
     }
 
     #[test]

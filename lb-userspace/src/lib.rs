@@ -17,6 +17,7 @@ pub mod nic;
 pub mod object;
 pub mod offload_check;
 pub mod probe_path;
+pub mod quic;
 pub mod rings;
 pub mod services;
 pub mod state_file;

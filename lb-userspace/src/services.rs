@@ -15,8 +15,10 @@ use std::{
 };
 
 use lb_common::{
-    flow_hash, source_hash, Backend, Config, FlowKey, VipKey, VipMeta, ALTERNATE_RINGS, CONFIG_F_PORT0_V4,
-    CONFIG_F_PORT0_V6, FILTER_STATELESS, FILTER_VIP, HISTORY_RINGS, IPPROTO_TCP, IPPROTO_UDP, MAX_BACKENDS, MAX_VIPS,
+    flow_hash,
+    quic::{server_id_word, QuicServer, QuicServerKey},
+    source_hash, Backend, Config, FlowKey, VipKey, VipMeta, ALTERNATE_RINGS, CONFIG_F_PORT0_V4, CONFIG_F_PORT0_V6,
+    FILTER_STATELESS, FILTER_VIP, HISTORY_RINGS, IPPROTO_TCP, IPPROTO_UDP, MAX_BACKENDS, MAX_VIPS,
     RESERVED_RINGS_PER_VIP, RINGS_PER_VIP, VIP_F_HASH_SRC_ONLY,
 };
 
@@ -26,6 +28,7 @@ use crate::{
     addr,
     dataplane::{Dataplane, DataplaneError},
     maglev::{self, RingMember},
+    quic::{QuicSpec, ServerId},
     rings::{Extent, RingSpace},
 };
 
@@ -159,6 +162,9 @@ pub struct VipSpec {
     /// Never read or write the conn table: every packet follows the ring.
     #[serde(default)]
     pub stateless: bool,
+    /// QUIC-aware (UDP only): connection IDs name the backend (QUIC-LB).
+    #[serde(default)]
+    pub quic: Option<QuicSpec>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -166,6 +172,8 @@ pub struct BackendSpec {
     pub addr: IpAddr,
     /// 0 keeps existing flows but takes no new ones, like drain.
     pub weight: u32,
+    /// A QUIC VIP's server ID for it, by hand (else from its address).
+    pub server_id: Option<ServerId>,
 }
 
 /// Host-wide data-plane settings.
@@ -225,6 +233,14 @@ pub enum ServiceError {
     FamilyMismatch { vip: VipAddr, backend: IpAddr },
     #[error("prefix length {0} is too long for its address family")]
     BadPrefix(u8),
+    #[error("VIP {0}: {1}")]
+    BadQuic(VipAddr, String),
+    #[error("VIP {0} is not QUIC: a backend there has no server ID")]
+    ServerIdWithoutQuic(VipAddr),
+    #[error("server ID {id} of backend {backend} is taken by {holder} in VIP {vip}: give one by hand (--server-id)")]
+    ServerIdTaken { vip: VipAddr, backend: IpAddr, id: String, holder: IpAddr },
+    #[error("server ID {id:#x} of backend {backend} does not fit VIP {vip}'s {len}-octet server IDs")]
+    ServerIdTooLong { vip: VipAddr, backend: IpAddr, id: u64, len: u8 },
     #[error("ring history of VIP {0}: {1}")]
     History(VipAddr, String),
     #[error(transparent)]
@@ -240,6 +256,9 @@ pub struct BackendState {
     pub drained: bool,
     /// As health checks last said (true when unchecked).
     pub healthy: bool,
+    /// Its server ID, in a QUIC VIP.
+    #[serde(default)]
+    pub server_id: Option<ServerId>,
 }
 
 impl BackendState {
@@ -353,6 +372,9 @@ impl VipState {
         if self.spec.stateless {
             flags |= lb_common::VIP_F_STATELESS;
         }
+        if self.spec.quic.is_some() {
+            flags |= lb_common::VIP_F_QUIC;
+        }
         let alt_rings = self.alt_rings(live, history, prev_live);
         let mut offsets = [0; ALTERNATE_RINGS];
         offsets[..alt_rings.len()].copy_from_slice(&alt_rings);
@@ -363,6 +385,7 @@ impl VipState {
             ring_size,
             alt_rings_len: alt_rings.len() as u32,
             alt_rings: offsets,
+            quic: self.spec.quic.map(|q| q.entry()).unwrap_or_default(),
         }
     }
 
@@ -855,6 +878,7 @@ impl Services {
             return Err(ServiceError::VipExists(spec.vip));
         }
         check_ring_size(spec.ring_size)?;
+        check_quic(&spec)?;
         let vip_id = *self.free_vip_ids.front().ok_or(ServiceError::TooManyVips)?;
         let stride = lb_common::ring_stride(spec.ring_size);
         let mut slots = Vec::new();
@@ -907,6 +931,9 @@ impl Services {
         }
         dp.remove_vip(&vip.key())?;
         let state = self.vips.remove(vip).expect("checked above");
+        if let Some(quic) = &state.spec.quic {
+            write_quic_servers(dp, &quic_servers(state.id, &state.backends, state.fail_open, quic), &BTreeMap::new())?;
+        }
         self.changed.insert(*vip);
         if let Some(deferred) = &mut self.deferred {
             deferred.remove(vip);
@@ -946,6 +973,7 @@ impl Services {
             Some(id) => id,
             None => *self.free_backend_ids.front().ok_or(ServiceError::TooManyBackends)?,
         };
+        let server_id = server_id_for(vip, state, &spec)?;
         let cookie = self.next_cookie;
         let (words, family) = addr::words(spec.addr);
         if retired.is_none() {
@@ -953,7 +981,8 @@ impl Services {
         }
         dp.set_backend(id, &Backend { addr: words, cookie, family, flags: 0, _pad: [0; 2] })?;
         let mut backends = state.backends.clone();
-        backends.insert(spec.addr, BackendState { id, cookie, weight: spec.weight, drained: false, healthy: true });
+        let added = BackendState { id, cookie, weight: spec.weight, drained: false, healthy: true, server_id };
+        backends.insert(spec.addr, added);
         if let Some(id) = retired {
             self.vip_mut(vip).expect("looked up above").retired.remove(&id);
         }
@@ -1047,6 +1076,20 @@ impl Services {
         self.change_backend(dp, vip, addr, "weight changed", |b| b.weight = weight)
     }
 
+    /// A QUIC VIP backend's server ID: given, or (None) from its address.
+    pub fn set_server_id(
+        &mut self,
+        dp: &mut Dataplane,
+        vip: &VipAddr,
+        addr: IpAddr,
+        server_id: Option<ServerId>,
+    ) -> Result<(), ServiceError> {
+        let state = self.vip(vip)?;
+        let spec = BackendSpec { addr, weight: 0, server_id };
+        let id = server_id_for(vip, state, &spec)?;
+        self.change_backend(dp, vip, addr, "server ID changed", |b| b.server_id = id)
+    }
+
     fn change_backend(
         &mut self,
         dp: &mut Dataplane,
@@ -1125,8 +1168,11 @@ impl Services {
         started: std::time::Instant,
     ) -> Result<(), ServiceError> {
         self.changed.insert(*vip);
-        self.changed.insert(*vip);
         let state = self.vips.get_mut(vip).ok_or(ServiceError::NoSuchVip(*vip))?;
+        if let Some(quic) = &state.spec.quic {
+            let old = quic_servers(state.id, &state.backends, state.fail_open, quic);
+            write_quic_servers(dp, &old, &quic_servers(state.id, &backends, fail_open, quic))?;
+        }
         if ring == state.ring {
             state.backends = backends;
             state.fail_open = fail_open;
@@ -1445,6 +1491,7 @@ const ADDRESS_MARK: VipMeta = VipMeta {
     ring_size: 0,
     alt_rings_len: 0,
     alt_rings: [0; ALTERNATE_RINGS],
+    quic: lb_common::quic::QuicLb { config_id: 0, server_id_len: 0, cid_len: 0, _pad: 0 },
 };
 
 fn unix_now() -> u64 {
@@ -1460,10 +1507,74 @@ fn filter_slot(vip: &VipAddr) -> u32 {
     lb_common::vip_filter_slot(&addr::words(vip.addr).0)
 }
 
-/// What a VIP needs of its filter slot: to be let in, and, if stateless, to
-/// be looked up before the conn table.
+/// What a VIP needs of its filter slot: to be let in, and, if stateless
+/// or QUIC, to be looked up before the conn table.
 fn filter_bits(spec: &VipSpec) -> u8 {
-    FILTER_VIP | if spec.stateless { FILTER_STATELESS } else { 0 }
+    FILTER_VIP | if spec.stateless || spec.quic.is_some() { FILTER_STATELESS } else { 0 }
+}
+
+pub fn check_quic(spec: &VipSpec) -> Result<(), ServiceError> {
+    let Some(quic) = spec.quic else { return Ok(()) };
+    if spec.vip.proto != Proto::Udp {
+        return Err(ServiceError::BadQuic(spec.vip, "QUIC runs over UDP: make it a /udp VIP".into()));
+    }
+    quic.check().map_err(|e| ServiceError::BadQuic(spec.vip, e))
+}
+
+/// A new backend's server ID in `vip`: given or from its address, unique
+/// in the VIP; none outside QUIC VIPs.
+fn server_id_for(vip: &VipAddr, state: &VipState, spec: &BackendSpec) -> Result<Option<ServerId>, ServiceError> {
+    let Some(quic) = state.spec.quic else {
+        return match spec.server_id {
+            Some(_) => Err(ServiceError::ServerIdWithoutQuic(*vip)),
+            None => Ok(None),
+        };
+    };
+    let id = spec.server_id.unwrap_or_else(|| quic.server_id_of(spec.addr));
+    if !quic.fits(id) {
+        return Err(ServiceError::ServerIdTooLong { vip: *vip, backend: spec.addr, id: id.0, len: quic.server_id_len });
+    }
+    if let Some((holder, _)) = state.backends.iter().find(|(a, b)| **a != spec.addr && b.server_id == Some(id)) {
+        return Err(ServiceError::ServerIdTaken { vip: *vip, backend: spec.addr, id: quic.hex(id), holder: *holder });
+    }
+    Ok(Some(id))
+}
+
+/// The `QUIC_SERVERS` entries of a VIP's backends: each one that may take
+/// packets (healthy, or every one while failing open; drained ones too, as
+/// their connections stay on them).
+fn quic_servers(
+    vip_id: u32,
+    backends: &BTreeMap<IpAddr, BackendState>,
+    fail_open: bool,
+    quic: &QuicSpec,
+) -> BTreeMap<QuicServerKey, QuicServer> {
+    backends
+        .values()
+        .filter(|b| b.healthy || fail_open)
+        .filter_map(|b| {
+            let id = b.server_id?;
+            let key = QuicServerKey { vip_id, _pad: 0, server_id: server_id_word(&quic.octets(id)) };
+            Some((key, QuicServer { backend_id: b.id, cookie: b.cookie }))
+        })
+        .collect()
+}
+
+/// Writes the difference between two sets of `QUIC_SERVERS` entries.
+fn write_quic_servers(
+    dp: &mut Dataplane,
+    old: &BTreeMap<QuicServerKey, QuicServer>,
+    new: &BTreeMap<QuicServerKey, QuicServer>,
+) -> Result<(), DataplaneError> {
+    for (key, server) in new {
+        if old.get(key) != Some(server) {
+            dp.set_quic_server(key, server)?;
+        }
+    }
+    for key in old.keys().filter(|k| !new.contains_key(k)) {
+        dp.remove_quic_server(key)?;
+    }
+    Ok(())
 }
 
 /// A backend's identity for Maglev: its address bytes, the same on every host.
@@ -1539,7 +1650,10 @@ mod tests {
                 .iter()
                 .zip(ids)
                 .map(|(a, id)| {
-                    (a.parse().unwrap(), BackendState { id: *id, cookie: 1, weight: 1, drained: false, healthy: true })
+                    (
+                        a.parse().unwrap(),
+                        BackendState { id: *id, cookie: 1, weight: 1, drained: false, healthy: true, server_id: None },
+                    )
                 })
                 .collect()
         };

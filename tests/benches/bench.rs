@@ -142,14 +142,17 @@ fn balancer_of(conn_table_size: u32, offload_flavor: bool) -> anyhow::Result<(Da
     ];
     for (v, encap, stateless) in vips {
         let vip: VipAddr = v.parse().map_err(anyhow::Error::msg)?;
-        svc.add_vip(&mut dp, VipSpec { vip, hash: HashMode::FiveTuple, ring_size: 65537, encap, stateless })?;
+        svc.add_vip(
+            &mut dp,
+            VipSpec { vip, hash: HashMode::FiveTuple, ring_size: 65537, encap, stateless, quic: None },
+        )?;
         for i in 1..=10 {
             let addr: IpAddr = if v.starts_with('[') {
                 format!("2001:db8:1::{i}").parse()?
             } else {
                 format!("198.51.100.{i}").parse()?
             };
-            svc.add_backend(&mut dp, &vip, BackendSpec { addr, weight: 1 })?;
+            svc.add_backend(&mut dp, &vip, BackendSpec { addr, weight: 1, server_id: None })?;
             if i % 3 == 1 {
                 svc.commit_history(&mut dp)?;
             }
@@ -428,6 +431,7 @@ fn control(r: &mut Results, lab: &Lab, opts: &Opts) -> anyhow::Result<()> {
                 address: addr.clone(),
                 weight: Some(1),
                 health: None,
+                server_id: String::new(),
             })
             .await?;
             samples.push(t.elapsed().as_secs_f64() * 1000.0);

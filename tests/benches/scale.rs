@@ -150,6 +150,7 @@ pub fn scale(r: &mut Results, lbctl: PathBuf, vips: usize) -> anyhow::Result<()>
                 address: "198.51.100.250".into(),
                 weight: Some(1),
                 health: None,
+                server_id: String::new(),
             };
             backend_api.add_backend(add).await?;
             change.push(ms(t));

@@ -180,7 +180,7 @@ impl Harness {
     /// Adds a VIP written as the CLI writes it, with the default ring size.
     pub fn vip(&mut self, vip: &str, hash: HashMode) -> VipAddr {
         let vip: VipAddr = vip.parse().unwrap();
-        self.vip_spec(VipSpec { vip, hash, ring_size: 65537, encap: Encap::Ipip, stateless: false })
+        self.vip_spec(VipSpec { vip, hash, ring_size: 65537, encap: Encap::Ipip, stateless: false, quic: None })
     }
 
     /// Adds a VIP with every setting given.
@@ -192,7 +192,7 @@ impl Harness {
     /// Adds a backend as one API call does: a change set of its own, so
     /// the declared ring history records it.
     pub fn backend(&mut self, vip: &VipAddr, addr: &str, weight: u32) {
-        let spec = BackendSpec { addr: addr.parse().unwrap(), weight };
+        let spec = BackendSpec { addr: addr.parse().unwrap(), weight, server_id: None };
         self.services.add_backend(&mut self.dp, vip, spec).expect("backend added");
         self.commit();
     }

@@ -649,7 +649,14 @@ fn harness_with_rings(rings: u32) -> Harness {
 }
 
 fn vip_spec(vip: &str, encap: Encap) -> VipSpec {
-    VipSpec { vip: vip.parse().unwrap(), hash: HashMode::FiveTuple, ring_size: 65537, encap, stateless: false }
+    VipSpec {
+        vip: vip.parse().unwrap(),
+        hash: HashMode::FiveTuple,
+        ring_size: 65537,
+        encap,
+        stateless: false,
+        quic: None,
+    }
 }
 
 #[test]
@@ -969,7 +976,9 @@ fn packets_during_ring_swaps_see_the_old_ring_or_the_new_one() {
     let four = "198.51.100.4".parse::<std::net::IpAddr>().unwrap();
     let set_four = |h: &mut Harness, present: u32| {
         if present == 1 {
-            h.services.add_backend(&mut h.dp, &vip, lb_userspace::BackendSpec { addr: four, weight: 1 }).unwrap();
+            h.services
+                .add_backend(&mut h.dp, &vip, lb_userspace::BackendSpec { addr: four, weight: 1, server_id: None })
+                .unwrap();
         } else {
             h.services.remove_backend(&mut h.dp, &vip, four).unwrap();
         }
@@ -1065,7 +1074,7 @@ fn a_change_set_that_defers_its_rings_builds_each_once_and_forwards_as_one_built
             (0..2).map(|k| h.vip(&format!("203.0.113.10:{}/tcp", 80 + k), HashMode::FiveTuple)).collect();
         for vip in &vips {
             for j in 1..=8 {
-                let spec = BackendSpec { addr: format!("198.51.100.{j}").parse().unwrap(), weight: 1 };
+                let spec = BackendSpec { addr: format!("198.51.100.{j}").parse().unwrap(), weight: 1, server_id: None };
                 h.services.add_backend(&mut h.dp, vip, spec).unwrap();
             }
             h.services.remove_backend(&mut h.dp, vip, "198.51.100.3".parse().unwrap()).unwrap();

@@ -213,6 +213,11 @@ fn sigkill_of_the_controllers_keeps_a_streaming_connection_and_restart_restores_
     // RFC 9113 3.4: the client preface, then an empty SETTINGS frame
     // (length 0, type 0x4, no flags, stream 0).
     idle_client.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0").unwrap();
+    // The server's preface (a SETTINGS frame: type 0x4 in the 9-octet
+    // frame header) says the connection is up, not still being accepted.
+    let mut frame_header = [0u8; 9];
+    std::io::Read::read_exact(&mut idle_client, &mut frame_header).unwrap();
+    assert_eq!(frame_header[3], 0x04, "{frame_header:02x?}");
     lab.stop_lb(1, libc::SIGTERM).unwrap();
     assert!(!ip_link(&lb_ns(1)).contains("prog/xdp"));
     let log = std::fs::read_to_string(format!("{DIR}/lb1.log")).unwrap();
@@ -653,6 +658,7 @@ fn hostile_api_input_is_refused_and_the_controller_stays_bounded_and_responsive(
                     address: backend_v4(j),
                     weight: Some(1),
                     health: None,
+                    server_id: String::new(),
                 })
                 .await
                 .unwrap();

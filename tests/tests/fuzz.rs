@@ -230,7 +230,8 @@ fn mutated_config_files_and_api_input_are_refused_cleanly() {
         }
         let words: Vec<&str> = text.split_whitespace().collect();
         let word = words.get((rng.next_u64() as usize) % words.len().max(1)).copied().unwrap_or("");
-        let _ = desired::vip_spec(word.trim_matches('"'), "5tuple", (rng.next_u64() % 70_000) as u32, word, false);
+        let _ =
+            desired::vip_spec(word.trim_matches('"'), "5tuple", (rng.next_u64() % 70_000) as u32, word, false, None);
         let _ = lb_userspace::health::Probe::parse(word.trim_matches('"'), (rng.next_u64() % 3) as u16);
     }
     println!("config fuzz: {n} files, {ok} accepted, {refused} refused with a located error");

@@ -20,6 +20,7 @@ fn gue_vip(h: &mut Harness, vip: &str, stateless: bool) -> lb_userspace::service
         ring_size: 65537,
         encap: Encap::Gue,
         stateless,
+        quic: None,
     })
 }
 
@@ -311,7 +312,7 @@ fn a_ring_history_imported_from_another_host_names_the_same_alternates_and_a_bad
     let mut second = Harness::new();
     let vip2 = gue_vip(&mut second, "203.0.113.10:80/tcp", true);
     for b in ["198.51.100.1", "198.51.100.2", "198.51.100.3"] {
-        let spec = lb_userspace::BackendSpec { addr: b.parse().unwrap(), weight: 1 };
+        let spec = lb_userspace::BackendSpec { addr: b.parse().unwrap(), weight: 1, server_id: None };
         second.services.add_backend(&mut second.dp, &vip2, spec).unwrap();
     }
     second.commit();

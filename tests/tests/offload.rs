@@ -29,7 +29,7 @@ fn pair() -> (Harness, Harness) {
     for h in [&mut full, &mut flavor] {
         let vip = |h: &mut Harness, vip: &str, encap, stateless| {
             let vip: VipAddr = vip.parse().unwrap();
-            h.vip_spec(VipSpec { vip, hash: HashMode::FiveTuple, ring_size: 65537, encap, stateless })
+            h.vip_spec(VipSpec { vip, hash: HashMode::FiveTuple, ring_size: 65537, encap, stateless, quic: None })
         };
         // The fuzz corpus's VIPs: GUE and IP-in-IP stateless ones, one
         // with a conn table (host only).
@@ -165,6 +165,7 @@ fn the_controller_writes_both_programs_maps_and_a_write_failing_half_way_leaves_
         ring_size: 65537,
         encap: Encap::Gue,
         stateless: true,
+        quic: None,
     };
     let first = h.vip_spec(spec("203.0.113.10:80/tcp"));
     h.backend(&first, "198.51.100.1", 1);
@@ -206,7 +207,7 @@ fn the_controller_writes_both_programs_maps_and_a_write_failing_half_way_leaves_
     let err = h.services.add_backend(
         &mut h.dp,
         &second,
-        lb_userspace::BackendSpec { addr: "198.51.100.3".parse().unwrap(), weight: 1 },
+        lb_userspace::BackendSpec { addr: "198.51.100.3".parse().unwrap(), weight: 1, server_id: None },
     );
     assert!(err.is_err(), "the NIC's ring array is full");
     let key = second.key();

@@ -49,6 +49,10 @@ pub enum BackendCommand {
         /// 5 min), then comes back by its check's rise.
         #[arg(long, value_name = "N", default_value_t = 0)]
         eject_syn_repeats: u32,
+        /// QUIC VIPs: the backend's server ID in hex (default: the last
+        /// octets of its address, as many as the VIP's server IDs have).
+        #[arg(long, value_name = "HEX")]
+        server_id: Option<String>,
     },
     /// Remove a backend: its flows move to others.
     Del { vip: String, address: String },
@@ -78,6 +82,7 @@ pub async fn run(command: BackendCommand, client: &ClientOpts) -> Result<()> {
             check_insecure,
             check_path,
             eject_syn_repeats,
+            server_id,
         } => {
             let check_ca_pem = match check_ca {
                 None => String::new(),
@@ -98,7 +103,13 @@ pub async fn run(command: BackendCommand, client: &ClientOpts) -> Result<()> {
                 eject_syn_repeats,
             };
             one(api
-                .add_backend(pb::AddBackendRequest { vip, address, weight: Some(weight), health: Some(health) })
+                .add_backend(pb::AddBackendRequest {
+                    vip,
+                    address,
+                    weight: Some(weight),
+                    health: Some(health),
+                    server_id: server_id.unwrap_or_default(),
+                })
                 .await?)
         }
         BackendCommand::Del { vip, address } => {

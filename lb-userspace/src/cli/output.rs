@@ -34,7 +34,7 @@ pub fn print_vips(vips: &[pb::Vip], format: Format) -> Result<()> {
                 v.hash.clone(),
                 v.ring_size.to_string(),
                 v.encap.clone(),
-                if v.stateless { "stateless" } else { "conntrack" }.into(),
+                vip_state(v),
                 v.backends.to_string(),
                 in_ring,
                 v.packets.to_string(),
@@ -49,6 +49,17 @@ pub fn print_vips(vips: &[pb::Vip], format: Format) -> Result<()> {
     Ok(())
 }
 
+/// Conn table or not, and a QUIC VIP's connection-ID layout.
+fn vip_state(v: &pb::Vip) -> String {
+    let table = if v.stateless { "stateless" } else { "conntrack" };
+    match &v.quic {
+        Some(q) if q.enabled => {
+            format!("{table}, quic (config {}, server id {}B, nonce {}B)", q.config_id, q.server_id_len, q.nonce_len)
+        }
+        _ => table.into(),
+    }
+}
+
 /// The history's fingerprints, newest first, by their first 8 digits
 /// (`-o json` has them whole).
 fn short_fingerprints(fingerprints: &[String]) -> String {
@@ -60,8 +71,15 @@ pub fn print_backends(backends: &[pb::Backend], format: Format) -> Result<()> {
     if format == Format::Json {
         return print_json(&backends);
     }
+    // QUIC VIPs' backends have server IDs: a column of their own, last.
+    let quic = backends.iter().any(|b| !b.server_id.is_empty());
+    let mut headers =
+        vec!["vip", "backend", "weight", "state", "health", "check", "packets", "bytes", "syn repeats", "reason"];
+    if quic {
+        headers.push("server id");
+    }
     print_table(
-        &["vip", "backend", "weight", "state", "health", "check", "packets", "bytes", "syn repeats", "reason"],
+        &headers,
         backends.iter().map(|b| {
             let state = if b.drained {
                 "drained"
@@ -70,7 +88,7 @@ pub fn print_backends(backends: &[pb::Backend], format: Format) -> Result<()> {
             } else {
                 "out of ring"
             };
-            vec![
+            let mut row = vec![
                 b.vip.clone(),
                 b.address.clone(),
                 b.weight.to_string(),
@@ -81,7 +99,11 @@ pub fn print_backends(backends: &[pb::Backend], format: Format) -> Result<()> {
                 b.bytes.to_string(),
                 b.syn_repeats.to_string(),
                 b.reason.clone(),
-            ]
+            ];
+            if quic {
+                row.push(b.server_id.clone());
+            }
+            row
         }),
     );
     Ok(())

@@ -24,6 +24,20 @@ pub enum VipCommand {
         /// live ring (with gue, TCP packets carry the alternate hops).
         #[arg(long)]
         stateless: bool,
+        /// QUIC-aware (UDP VIPs): a connection ID that names a server
+        /// (QUIC-LB, unencrypted) sends the packet to that backend,
+        /// whatever the client's address; see `backend list` for the IDs.
+        #[arg(long)]
+        quic: bool,
+        /// QUIC: the config rotation codepoint (0-6) of the CIDs.
+        #[arg(long, value_name = "N", default_value_t = 0, requires = "quic")]
+        quic_config_id: u32,
+        /// QUIC: octets of the server ID (1-8).
+        #[arg(long, value_name = "N", default_value_t = 2, requires = "quic")]
+        quic_server_id_len: u32,
+        /// QUIC: octets of the nonce after it (4 or more).
+        #[arg(long, value_name = "N", default_value_t = 6, requires = "quic")]
+        quic_nonce_len: u32,
     },
     /// Delete a VIP and its backends.
     Del { vip: String },
@@ -34,8 +48,24 @@ pub enum VipCommand {
 pub async fn run(command: VipCommand, client: &ClientOpts) -> Result<()> {
     let mut api = VipsClient::new(connect(client).await?);
     match command {
-        VipCommand::Add { vip, hash, ring_size, encap, stateless } => {
-            let v = api.add_vip(pb::AddVipRequest { vip, hash, ring_size, encap, stateless }).await?.into_inner();
+        VipCommand::Add {
+            vip,
+            hash,
+            ring_size,
+            encap,
+            stateless,
+            quic,
+            quic_config_id,
+            quic_server_id_len,
+            quic_nonce_len,
+        } => {
+            let quic = quic.then_some(pb::QuicConfig {
+                enabled: true,
+                config_id: quic_config_id,
+                server_id_len: quic_server_id_len,
+                nonce_len: quic_nonce_len,
+            });
+            let v = api.add_vip(pb::AddVipRequest { vip, hash, ring_size, encap, stateless, quic }).await?.into_inner();
             print_vips(&[v], client.output)
         }
         VipCommand::Del { vip } => {
