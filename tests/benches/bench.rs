@@ -32,6 +32,7 @@ use lb_lab::{in_ns, ns, sh, Lab, CLIENT_NS, ROUTER_NS};
 use lb_tests::*;
 use lb_userspace::{
     object,
+    quic::QuicSpec,
     services::{Encap, VipAddr, VipSpec},
     BackendSpec, Dataplane, HashMode, LoadOptions, Services,
 };
@@ -139,13 +140,13 @@ fn balancer_of(conn_table_size: u32, offload_flavor: bool) -> anyhow::Result<(Da
         ("203.0.113.10:53/udp", Encap::Ipip, false),
         ("203.0.113.20:80/tcp", Encap::Gue, true),
         ("203.0.113.30:80/tcp", Encap::Gue, false),
+        ("203.0.113.40:443/udp", Encap::Ipip, false),
     ];
     for (v, encap, stateless) in vips {
+        // The QUIC VIP: default layout, server IDs 0x6401-0x640a.
+        let quic = v.ends_with(":443/udp").then(QuicSpec::default);
         let vip: VipAddr = v.parse().map_err(anyhow::Error::msg)?;
-        svc.add_vip(
-            &mut dp,
-            VipSpec { vip, hash: HashMode::FiveTuple, ring_size: 65537, encap, stateless, quic: None },
-        )?;
+        svc.add_vip(&mut dp, VipSpec { vip, hash: HashMode::FiveTuple, ring_size: 65537, encap, stateless, quic })?;
         for i in 1..=10 {
             let addr: IpAddr = if v.starts_with('[') {
                 format!("2001:db8:1::{i}").parse()?
@@ -230,6 +231,15 @@ fn dataplane_on_cpu0(r: &mut Results, opts: &Opts) -> anyhow::Result<()> {
     let syn_known = tcp_frame("192.0.2.57", 1, "203.0.113.10", 80, SYN);
     let ack6 = tcp_frame("2001:db8:c::55", 40000, "2001:db8::10", 80, ACK);
     let udp4 = udp_frame("192.0.2.55", 5353, "203.0.113.10", 53, &[0; 18]);
+    // QUIC (RFC 9000 17.3.1 and 17.2.2): a 1-RTT packet whose CID names
+    // server ID 0x6403 (config 0, length 9), and an Initial whose client-
+    // chosen 8-octet DCID is hashed; 1200 octets, as Initials must be.
+    let mut short = vec![0x41, 0x08, 0x64, 0x03, 0xa1, 0xa2, 0xa3, 0xa4, 0xa5, 0xa6, 0x00, 0x01];
+    short.extend_from_slice(&[0x55; 20]);
+    let quic_short = udp_frame("192.0.2.55", 5353, "203.0.113.40", 443, &short);
+    let mut initial = vec![0xc3, 0, 0, 0, 1, 8, 1, 2, 3, 4, 5, 6, 7, 8, 0, 0];
+    initial.resize(1200, 0x66);
+    let quic_initial = udp_frame("192.0.2.55", 5353, "203.0.113.40", 443, &initial);
     let non_vip = tcp_frame("192.0.2.55", 40000, "203.0.113.99", 80, ACK);
     let gue_syn = tcp_frame("192.0.2.56", 1, "203.0.113.20", 80, SYN);
     let gue_ct_ack = tcp_frame("192.0.2.55", 40000, "203.0.113.30", 80, ACK);
@@ -268,7 +278,7 @@ fn dataplane_on_cpu0(r: &mut Results, opts: &Opts) -> anyhow::Result<()> {
     // The offload flavor, on the host, for reference (the same VIPs).
     let (mut flavor, _) = balancer_of(2 << 20, true)?;
 
-    let cases: [(&str, &[u8]); 13] = [
+    let cases: [(&str, &[u8]); 15] = [
         ("v4_established_ns", &ack4),
         ("v4_new_flow_ns", &syn4),
         // The passive signal's path: a SYN for a flow the table sent to a
@@ -279,6 +289,8 @@ fn dataplane_on_cpu0(r: &mut Results, opts: &Opts) -> anyhow::Result<()> {
         ("gue_conntrack_established_ns", &gue_ct_ack),
         ("v6_established_ns", &ack6),
         ("v4_udp_ns", &udp4),
+        ("quic_short_server_id_ns", &quic_short),
+        ("quic_initial_ns", &quic_initial),
         ("non_vip_ns", &non_vip),
         ("non_ip_ns", &arp),
         ("v4_new_flow_full_table_ns", &syn4),
@@ -330,8 +342,15 @@ fn dataplane_on_cpu0(r: &mut Results, opts: &Opts) -> anyhow::Result<()> {
         })
         .collect();
     record(r, "dataplane.probe_egress_unmarked_ns", &mut s);
-    let conn_hits = dp.global_stats()?[lb_common::stat::CONN_HIT];
-    eprintln!("  conn hits during the run: {conn_hits}");
+    let stats = dp.global_stats()?;
+    let (conn_hits, by_server_id, by_client_cid) = (
+        stats[lb_common::stat::CONN_HIT],
+        stats[lb_common::stat::QUIC_BY_SERVER_ID],
+        stats[lb_common::stat::QUIC_BY_CLIENT_CID],
+    );
+    eprintln!(
+        "  during the run: {conn_hits} conn hits, QUIC {by_server_id} by server ID, {by_client_cid} by client CID"
+    );
     // The program's size as the kernel runs it (xlated BPF instructions).
     let mut plain = Dataplane::load(LoadOptions { bench_restore: false, ..LoadOptions::default() })?;
     if let Some(bytes) = plain.program().info()?.size_translated() {
