@@ -13,6 +13,7 @@ use std::{
 };
 
 use common::*;
+use futures_util::future::join_all;
 use lb_lab::*;
 use quinn::{ClientConfig, ConnectionId, Endpoint, EndpointConfig, ServerConfig, TransportConfig, VarInt};
 
@@ -43,6 +44,9 @@ fn transport() -> Arc<TransportConfig> {
     let mut t = TransportConfig::default();
     t.stream_receive_window(VarInt::from_u32(WINDOW));
     t.max_idle_timeout(Some(Duration::from_secs(10).try_into().unwrap()));
+    // A transfer waiting for the test's next step stays alive; a broken
+    // path shows within the idle timeout.
+    t.keep_alive_interval(Some(Duration::from_secs(1)));
     // The lab's client link has MTU 1400; no probing beyond the 1200 floor.
     t.mtu_discovery_config(None);
     Arc::new(t)
@@ -257,6 +261,7 @@ fn a_quic_transfer_survives_its_client_moving_to_a_new_port_then_a_new_address_o
     println!("LB hosts routed {by_server_id} packets by server ID, {by_client_cid} by the client's CID");
     assert!(by_server_id > (6 * STEP / 1200) as u64 / 10, "the clients' packets went by server ID: {by_server_id}");
     assert!(by_client_cid >= 2, "the Initials went by the client's CID: {by_client_cid}");
+    assert_eq!(unroutable(lab), 0);
 }
 
 #[test]
@@ -285,12 +290,14 @@ fn quic_transfers_survive_migrations_through_ring_changes_an_ecmp_move_and_an_in
     let on = |transfers: &[Transfer], name: &str| transfers.iter().filter(|t| t.backend == name).count();
     println!("{} transfers: {} on be1, {} on be2", transfers.len(), on(&transfers, "be1"), on(&transfers, "be2"));
     assert!(on(&transfers, "be1") > 0 && on(&transfers, "be2") > 0, "the fixed Initial DCIDs spread");
-    // Every transfer reads a step; a failure breaks only its own transfer.
+    // Every transfer reads a step, all at once; a failure ends only its
+    // own transfer.
     let step = |transfers: &mut Vec<Transfer>, broken: &mut Vec<String>, what: &str| {
         rt.block_on(async {
+            let results = join_all(transfers.iter_mut().map(|t| t.step(STEP))).await;
             let mut kept = Vec::new();
-            for mut t in transfers.drain(..) {
-                match t.step(STEP).await {
+            for (t, result) in transfers.drain(..).zip(results) {
+                match result {
                     Ok(()) => kept.push(t),
                     Err(e) => broken.push(format!("after {what}: {e}")),
                 }
@@ -356,8 +363,8 @@ fn quic_transfers_survive_migrations_through_ring_changes_an_ecmp_move_and_an_in
     assert!(!fresh.iter().any(|b| b == "be1"), "be1 is drained: {fresh:?}");
     let ended: Vec<String> = rt.block_on(async {
         let mut names = Vec::new();
-        for t in transfers.drain(..) {
-            match t.finish().await {
+        for result in join_all(transfers.drain(..).map(Transfer::finish)).await {
+            match result {
                 Ok(name) => names.push(name),
                 Err(e) => broken.push(format!("at the end: {e}")),
             }
@@ -367,6 +374,13 @@ fn quic_transfers_survive_migrations_through_ring_changes_an_ecmp_move_and_an_in
     println!("{} transfers of {total} octets ended on {ended:?}", ended.len());
     assert!(broken.is_empty(), "broken connections: {broken:#?}");
     assert_eq!(ended.len(), 8);
+    assert_eq!(unroutable(lab), 0, "every packet of the connections named its server or was the client's");
+}
+
+/// Packets of QUIC VIPs that went by the 5-tuple, on every LB host.
+fn unroutable(lab: &Lab) -> u64 {
+    let names = ["quic_unknown_config", "quic_unknown_server", "quic_undecodable"];
+    (1..=LBS).flat_map(|i| names.map(|n| counter(lab, i, n))).sum()
 }
 
 /// `n` QUIC v1 Initials (RFC 9000, 17.2.2) to the IPv4 QUIC VIP, each from
