@@ -143,8 +143,12 @@ fn balancer_of(conn_table_size: u32, offload_flavor: bool) -> anyhow::Result<(Da
         ("203.0.113.40:443/udp", Encap::Ipip, false),
     ];
     for (v, encap, stateless) in vips {
-        // The QUIC VIP: default layout, server IDs 0x6401-0x640a.
+        // The QUIC VIP: default layout, server IDs 0x6401-0x640a. (The
+        // offload flavor passes QUIC VIPs to the host: it has no server map.)
         let quic = v.ends_with(":443/udp").then(QuicSpec::default);
+        if quic.is_some() && offload_flavor {
+            continue;
+        }
         let vip: VipAddr = v.parse().map_err(anyhow::Error::msg)?;
         svc.add_vip(&mut dp, VipSpec { vip, hash: HashMode::FiveTuple, ring_size: 65537, encap, stateless, quic })?;
         for i in 1..=10 {
