@@ -39,6 +39,7 @@ mod outer;
 mod parse;
 mod quic;
 mod select;
+mod vlan;
 
 use aya_ebpf::{
     bindings::xdp_action::{XDP_DROP, XDP_PASS, XDP_TX},
@@ -71,13 +72,33 @@ static VIP_STATS: PerCpuArray<VipStats> = PerCpuArray::with_max_entries(MAX_VIPS
 #[map]
 static BACKEND_STATS: PerCpuArray<BackendStats> = PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
 
+/// Ingress VLAN ID -> the VLAN ID forwarded packets leave with (0: the
+/// same), for hosts whose backends sit on another VLAN than their clients.
+#[map]
+static VLAN_EGRESS: Array<u16> = Array::with_max_entries(4096, 0);
+
 #[xdp]
 pub fn lb_balancer(ctx: XdpContext) -> u32 {
     let (Some(stats), Some(cfg)) = (GLOBAL_STATS.get_ptr_mut(0), select::CONFIG.get(0)) else {
         return XDP_PASS;
     };
     let stats = unsafe { &mut (*stats).counters };
-    let (action, outcome) = balance(&ctx, cfg, stats);
+    // A tagged frame is balanced untagged and leaves (or goes up) tagged.
+    let Ok(tags) = vlan::pop(&ctx) else {
+        stats[stat::MALFORMED] += 1;
+        return XDP_PASS;
+    };
+    let (mut action, mut outcome) = balance(&ctx, cfg, stats);
+    if tags != 0 {
+        let egress = match VLAN_EGRESS.get(vlan::innermost_vid(tags) as u32) {
+            Some(&vid) if vid != 0 && outcome == stat::FORWARDED => vlan::with_innermost_vid(tags, vid),
+            _ => tags,
+        };
+        if vlan::push(&ctx, egress).is_err() {
+            // Untagged, it would reach another VLAN: drop it instead.
+            (action, outcome) = (XDP_DROP, stat::ENCAP_FAILED);
+        }
+    }
     if let Some(counter) = stats.get_mut(outcome) {
         *counter += 1;
     }
@@ -110,16 +131,17 @@ fn balance(ctx: &XdpContext, cfg: &Config, stats: &mut [u64; stat::COUNT]) -> (u
     if filter & FILTER_VIP == 0 {
         return (XDP_PASS, not_for_us);
     }
-    // (A zeroed VIP and a flag, not an Option: the verifier refuses reads
-    // of the uninitialised payload the compiler may emit for `None`.)
-    let mut early = VipMeta::default();
+    // (The VIP is a pointer into its map, not a copy: the stack is nearly
+    // full.)
     let looked_up = filter & FILTER_STATELESS != 0 && !fragment;
-    if looked_up {
+    let early = if looked_up {
         match select::lookup_vip(cfg, &pkt.flow) {
-            Some(vip) => early = vip,
+            Some(vip) => vip,
             None => return (XDP_PASS, not_for_us),
         }
-    }
+    } else {
+        &select::NO_VIP
+    };
     let stateless = early.flags & VIP_F_STATELESS != 0;
 
     // 3. An established flow, or 4. a new one: VIP, then its ring.
@@ -139,10 +161,10 @@ fn balance(ctx: &XdpContext, cfg: &Config, stats: &mut [u64; stat::COUNT]) -> (u
     let mut by_cid = false;
     let mut known = None;
     if early.flags & VIP_F_QUIC != 0 && f.proto == IPPROTO_UDP && !icmp_error {
-        known = match quic::route(ctx, pkt.udp_payload, &early, stats) {
-            quic::Route::Server(id, backend) => Some((id, backend, conn_for(&early, id, &backend, digest as u32))),
+        known = match quic::route(ctx, pkt.udp_payload, early, stats) {
+            quic::Route::Server(id, backend) => Some((id, backend, conn_for(early, id, backend, digest as u32))),
             quic::Route::ClientCid(hash) => {
-                pick_from_ring(&early, &pkt, hash as u64).map(|(id, backend, conn, _)| (id, backend, conn))
+                pick_from_ring(early, &pkt, hash as u64).map(|(id, backend, conn, _)| (id, backend, conn))
             }
             quic::Route::FiveTuple => None,
         };
@@ -194,7 +216,7 @@ fn balance(ctx: &XdpContext, cfg: &Config, stats: &mut [u64; stat::COUNT]) -> (u
             let tunnel = if vip.flags & VIP_F_GUE == 0 {
                 Tunnel::Ipip
             } else if midstream {
-                let alternates = select::alternates(&vip, &backend, id, slot);
+                let alternates = select::alternates(&vip, backend, id, slot);
                 if alternates.len > 0 {
                     stats[stat::GUE_ALTERNATE] += 1;
                 }
@@ -218,11 +240,11 @@ fn balance(ctx: &XdpContext, cfg: &Config, stats: &mut [u64; stat::COUNT]) -> (u
         }
     };
     // 5. MTU, encapsulation, out.
-    if pkt.ip_len + overhead(&backend, tunnel) > cfg.mtu {
+    if pkt.ip_len + overhead(backend, tunnel) > cfg.mtu {
         // Tell the client the size that fits (path-MTU discovery); packets
         // that may be fragmented, fragments and ICMP go to the kernel.
         if pkt.dont_fragment {
-            let fits = cfg.mtu - overhead(&backend, tunnel);
+            let fits = cfg.mtu - overhead(backend, tunnel);
             let mtu = if pkt.flow.family == AF_INET { fits } else { fits.max(1280) };
             if icmp::too_big(ctx, pkt.flow.family, pkt.ip_len, mtu).is_some() {
                 stats[stat::TOO_BIG_ANSWERED] += 1;
@@ -232,7 +254,7 @@ fn balance(ctx: &XdpContext, cfg: &Config, stats: &mut [u64; stat::COUNT]) -> (u
         return (XDP_PASS, stat::TOO_BIG);
     }
     let inner = Inner { family: pkt.flow.family, ip_len: pkt.ip_len, tos: pkt.tos, hash: conn.hash };
-    if encapsulate(ctx, cfg, &backend, &inner, tunnel).is_err() {
+    if encapsulate(ctx, cfg, backend, &inner, tunnel).is_err() {
         return (XDP_PASS, stat::ENCAP_FAILED);
     }
     if let Some(s) = BACKEND_STATS.get_ptr_mut(backend_id) {
@@ -248,7 +270,7 @@ fn balance(ctx: &XdpContext, cfg: &Config, stats: &mut [u64; stat::COUNT]) -> (u
         stats[stat::ICMP_ERROR_FORWARDED] += 1;
     }
     #[cfg(feature = "bench-restore")]
-    encap::restore(ctx, &backend, tunnel, inner.family, pkt.syn);
+    encap::restore(ctx, backend, tunnel, inner.family, pkt.syn);
     (XDP_TX, stat::FORWARDED)
 }
 
@@ -282,7 +304,7 @@ fn count_vip(vip_id: u32, pkt: &Packet, new_flows: u64) {
 /// The flow's remembered backend, if it still exists. A SYN starts a new
 /// connection, so it never reuses an entry.
 #[inline(always)]
-fn lookup_conn(cfg: &Config, pkt: &Packet, digest: u64) -> Option<(u32, Backend, ConnValue)> {
+fn lookup_conn(cfg: &Config, pkt: &Packet, digest: u64) -> Option<(u32, &'static Backend, ConnValue)> {
     if pkt.syn {
         return None;
     }
@@ -302,7 +324,7 @@ fn lookup_conn(cfg: &Config, pkt: &Packet, digest: u64) -> Option<(u32, Backend,
         return None;
     }
     count_vip(conn.vip_id as u32, pkt, 0);
-    Some((conn.backend_id, *backend, conn))
+    Some((conn.backend_id, backend, conn))
 }
 
 /// Remembers the flow's backend (a full bucket forgets its least recently
@@ -319,9 +341,9 @@ fn remember(cfg: &Config, digest: u64, conn: &ConnValue) -> bool {
 /// Maglev (`select::pick`), with the conn-table entry that would remember
 /// the choice.
 #[inline(always)]
-fn pick_from_ring(vip: &VipMeta, pkt: &Packet, digest: u64) -> Option<(u32, Backend, ConnValue, u32)> {
+fn pick_from_ring(vip: &VipMeta, pkt: &Packet, digest: u64) -> Option<(u32, &'static Backend, ConnValue, u32)> {
     let picked = select::pick(vip, pkt, digest as u32)?;
-    let conn = conn_for(vip, picked.backend_id, &picked.backend, picked.hash);
+    let conn = conn_for(vip, picked.backend_id, picked.backend, picked.hash);
     Some((picked.backend_id, picked.backend, conn, picked.slot))
 }
 

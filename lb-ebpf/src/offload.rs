@@ -72,16 +72,16 @@ fn forward(ctx: &XdpContext) -> Option<u32> {
     let tunnel = if vip.flags & VIP_F_GUE == 0 {
         Tunnel::Ipip
     } else if f.proto == IPPROTO_TCP && !pkt.syn {
-        Tunnel::Gue { alternates: select::alternates(&vip, &picked.backend, picked.backend_id, picked.slot) }
+        Tunnel::Gue { alternates: select::alternates(&vip, picked.backend, picked.backend_id, picked.slot) }
     } else {
         Tunnel::Gue { alternates: select::Alternates::NONE }
     };
     // Too big: the host answers with the ICMP error.
-    if pkt.ip_len + overhead(&picked.backend, tunnel) > cfg.mtu {
+    if pkt.ip_len + overhead(picked.backend, tunnel) > cfg.mtu {
         return None;
     }
     let inner = Inner { family: f.family, ip_len: pkt.ip_len, tos: pkt.tos, hash: picked.hash };
-    encapsulate(ctx, cfg, &picked.backend, &inner, tunnel).ok()?;
+    encapsulate(ctx, cfg, picked.backend, &inner, tunnel).ok()?;
     let bytes = pkt.ip_len as u64;
     if let Some(s) = OFFLOAD_VIP_STATS.get_ptr_mut(vip.vip_id) {
         add(unsafe { &raw mut (*s).packets }, 1);
@@ -93,7 +93,7 @@ fn forward(ctx: &XdpContext) -> Option<u32> {
         add(unsafe { &raw mut (*s).bytes }, bytes);
     }
     #[cfg(feature = "bench-restore")]
-    encap::restore(ctx, &picked.backend, tunnel, f.family, pkt.syn);
+    encap::restore(ctx, picked.backend, tunnel, f.family, pkt.syn);
     Some(XDP_TX)
 }
 

@@ -28,7 +28,7 @@ const LONG_DCID_LEN_AT: usize = 5;
 
 pub enum Route {
     /// The connection ID's server ID names this live backend.
-    Server(u32, Backend),
+    Server(u32, &'static Backend),
     /// A client's connection ID: pick from the ring by this hash.
     ClientCid(u32),
     /// By the 5-tuple, as any UDP packet.
@@ -111,7 +111,7 @@ fn octets_mask(n: i32) -> u32 {
 
 /// The live backend the CID at `cid` names, or the reason it names none.
 #[inline(always)]
-fn server(ctx: &XdpContext, cid: usize, vip: &VipMeta) -> Result<(u32, Backend), usize> {
+fn server(ctx: &XdpContext, cid: usize, vip: &VipMeta) -> Result<(u32, &'static Backend), usize> {
     // The first octet and the 8 after it: the longest server ID.
     let octets = unsafe { &*ptr_at::<[u8; 9]>(ctx, cid).ok_or(stat::QUIC_UNDECODABLE)? };
     if octets[0] >> 5 != vip.quic.config_id {
@@ -124,5 +124,5 @@ fn server(ctx: &XdpContext, cid: usize, vip: &VipMeta) -> Result<(u32, Backend),
     if backend.cookie == 0 || backend.cookie != server.cookie || backend.flags & BACKEND_F_RETIRED != 0 {
         return Err(stat::QUIC_UNKNOWN_SERVER);
     }
-    Ok((server.backend_id, *backend))
+    Ok((server.backend_id, backend))
 }

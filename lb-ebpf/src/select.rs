@@ -37,10 +37,24 @@ pub static RINGS: Array<RingWord> =
 #[map]
 pub static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
 /// The VIP for this destination: exact port first, then the port-0 VIP of
-/// the address if the config says one exists for this family. The value is
-/// copied: a concurrent ring swap replaces the map element.
+/// No VIP (yet): every flag clear.
+pub static NO_VIP: VipMeta = VipMeta {
+    vip_id: 0,
+    flags: 0,
+    ring_offset: 0,
+    ring_size: 0,
+    alt_rings_len: 0,
+    alt_rings: [0; lb_common::ALTERNATE_RINGS],
+    quic: lb_common::quic::QuicLb { config_id: 0, server_id_len: 0, cid_len: 0, _pad: 0 },
+};
+
+/// The VIP for this destination: exact port first, then the port-0 VIP of
+/// the address if the config says one exists for this family. A pointer
+/// into the map, not a copy (stack): a ring swap writes the other half of
+/// the VIP's entry pair (or a new hash element), never the one a packet
+/// is reading.
 #[inline(always)]
-pub fn lookup_vip(cfg: &Config, flow: &FlowKey) -> Option<VipMeta> {
+pub fn lookup_vip(cfg: &Config, flow: &FlowKey) -> Option<&'static VipMeta> {
     let mut key = VipKey { addr: flow.dst, port: flow.dst_port, proto: flow.proto, family: flow.family };
     if let Some(vip) = vip_by_key(&key) {
         return Some(vip);
@@ -56,29 +70,29 @@ pub fn lookup_vip(cfg: &Config, flow: &FlowKey) -> Option<VipMeta> {
 /// A VIP by its key: the arrays first (inlined: no helper call), then
 /// the hash map, which holds the VIPs whose slot another VIP owns.
 #[inline(always)]
-fn vip_by_key(key: &VipKey) -> Option<VipMeta> {
+fn vip_by_key(key: &VipKey) -> Option<&'static VipMeta> {
     let word = VIP_SLOTS.get(lb_common::vip_slot(key)).copied().unwrap_or(0);
     if word != 0 {
         if let Some(entry) = VIP_ENTRIES.get(word - 1) {
             if entry.key == *key {
-                return Some(entry.meta);
+                return Some(&entry.meta);
             }
         }
     }
-    unsafe { VIPS.get(key) }.copied()
+    unsafe { VIPS.get(key) }
 }
 
 /// The VIP that takes fragments for this address and protocol (userspace
 /// names one per pair: the port-0 VIP, else the lowest port).
 #[inline(always)]
-pub fn lookup_fragment_vip(flow: &FlowKey) -> Option<VipMeta> {
-    unsafe { VIPS.get(&fragment_key(flow.dst, flow.proto, flow.family)) }.copied()
+pub fn lookup_fragment_vip(flow: &FlowKey) -> Option<&'static VipMeta> {
+    unsafe { VIPS.get(&fragment_key(flow.dst, flow.proto, flow.family)) }
 }
 
 /// A backend chosen by the VIP's live ring.
 pub struct Picked {
     pub backend_id: u32,
-    pub backend: Backend,
+    pub backend: &'static Backend,
     /// The ring slot (the alternate rings are read at the same one).
     pub slot: u32,
     /// The hash the slot came from: outer source bits, IPv6 flow label.
@@ -95,7 +109,7 @@ pub fn pick(vip: &VipMeta, pkt: &Packet, flow_hash: u32) -> Option<Picked> {
     let hash = if vip.flags & VIP_F_HASH_SRC_ONLY != 0 { source_hash(&pkt.flow.src) } else { flow_hash };
     let slot = ring_slot(hash, vip.ring_size);
     let backend_id = ring_at(vip.ring_offset + slot)?;
-    let backend = *BACKENDS.get(backend_id)?;
+    let backend = BACKENDS.get(backend_id)?;
     if backend.cookie == 0 {
         return None;
     }
