@@ -36,6 +36,9 @@ pub mod map_names {
     pub const VIP_SLOTS: &str = "VIP_SLOTS";
     pub const VIP_ENTRIES: &str = "VIP_ENTRIES";
     pub const QUIC_SERVERS: &str = "QUIC_SERVERS";
+    /// Ingress VLAN ID -> egress VLAN ID (`lbctl up --vlan-map`); not
+    /// pinned: written from the options at every start.
+    pub const VLAN_EGRESS: &str = "VLAN_EGRESS";
     /// The balancer's maps: what a controller pins and a restart adopts.
     pub const BALANCER_MAPS: [&str; 12] = [
         VIPS,

@@ -17,11 +17,12 @@
 
 mod headers;
 mod object;
+mod vlan;
 
 use aya_ebpf::{
     bindings::{
         bpf_sock_tuple, bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1, bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2,
-        xdp_action::{XDP_PASS, XDP_TX},
+        xdp_action::{XDP_DROP, XDP_PASS, XDP_TX},
         BPF_F_CURRENT_NETNS,
     },
     helpers::{bpf_sk_release, bpf_skc_lookup_tcp, bpf_tcp_check_syncookie, bpf_xdp_adjust_head},
@@ -53,7 +54,14 @@ const TCP_LISTEN: u32 = 10;
 
 #[xdp]
 pub fn lb_decap(ctx: XdpContext) -> u32 {
-    let (action, counter) = match decap(&ctx) {
+    // A tagged frame is decapsulated untagged; what goes up or back out
+    // carries its tags again.
+    let Ok(tags) = vlan::pop(&ctx) else { return XDP_PASS };
+    let done = decap(&ctx);
+    if tags != 0 && vlan::push(&ctx, tags).is_err() {
+        return XDP_DROP;
+    }
+    let (action, counter) = match done {
         Some(Done::Passed) => (XDP_PASS, decap_stat::DECAPSULATED),
         Some(Done::AlternateUnused) => (XDP_PASS, decap_stat::ALTERNATE_UNUSED),
         Some(Done::Redirected) => (XDP_TX, decap_stat::REDIRECTED),

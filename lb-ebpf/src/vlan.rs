@@ -87,7 +87,8 @@ pub fn push(ctx: &XdpContext, tags: Tags) -> Result<(), ()> {
 }
 
 /// The VLAN ID of the innermost tag (the one next to the IP header, which
-/// names the subnet), and `tags` with it replaced by `vid`.
+/// names the subnet). (The decap program keeps tags as they came.)
+#[allow(dead_code)]
 #[inline(always)]
 pub fn innermost_vid(tags: Tags) -> u16 {
     let tag = if tags >> 32 != 0 { (tags >> 32) as u32 } else { tags as u32 };
@@ -96,6 +97,9 @@ pub fn innermost_vid(tags: Tags) -> u16 {
     tci & 0x0fff
 }
 
+/// `tags` with the innermost tag's VLAN ID replaced by `vid` (its
+/// priority and DEI bits kept).
+#[allow(dead_code)]
 #[inline(always)]
 pub fn with_innermost_vid(tags: Tags, vid: u16) -> Tags {
     let shift = if tags >> 32 != 0 { 32 } else { 0 };

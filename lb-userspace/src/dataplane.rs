@@ -397,6 +397,13 @@ impl Dataplane {
         }
     }
 
+    /// Forwarded packets that came tagged with VLAN `from` leave tagged
+    /// `to` (the innermost tag of a QinQ pair).
+    pub fn set_vlan_egress(&mut self, from: u16, to: u16) -> Result<(), DataplaneError> {
+        let name = map_names::VLAN_EGRESS;
+        self.array::<u16>(name)?.set(from as u32, to, 0).map_err(map_err(name))
+    }
+
     pub fn backend(&mut self, id: u32) -> Result<Backend, DataplaneError> {
         self.array::<Backend>(map_names::BACKENDS)?.get(&id, 0).map_err(map_err(map_names::BACKENDS))
     }

@@ -23,6 +23,7 @@ pub mod services;
 pub mod state_file;
 mod sys;
 pub mod up;
+pub mod vlan;
 
 pub use dataplane::{Dataplane, DataplaneError, Decap, LoadOptions};
 pub use services::{BackendSpec, HashMode, Proto, ServiceError, Services, Settings, VipSpec};

@@ -68,6 +68,10 @@ pub struct UpOptions {
     /// How long to forward after withdrawing the routes on a stop (else the
     /// config file's, else [`DEFAULT_DRAIN_TIME`]).
     pub drain_time: Option<Duration>,
+    /// A VLAN trunk: the NIC must leave tags in the frame.
+    pub trunk: bool,
+    /// Ingress VLAN -> egress VLAN of forwarded packets.
+    pub vlan_map: Vec<(u16, u16)>,
     /// Test only: the offload flavor instead of the full balancer.
     pub offload_flavor: bool,
     /// Test only, with [`ModeChoice::Offload`]: the flavor is loaded for the
@@ -94,6 +98,17 @@ pub async fn run(opts: UpOptions) -> Result<()> {
     }
     let ifindex = netlink::if_index(&opts.iface)
         .with_context(|| format!("no interface '{}' in this network namespace", opts.iface))?;
+    if let Some(from) =
+        opts.vlan_map.iter().map(|m| m.0).find(|f| opts.vlan_map.iter().filter(|m| m.0 == *f).count() > 1)
+    {
+        bail!("--vlan-map maps VLAN {from} more than once");
+    }
+    if !opts.vlan_map.is_empty() && opts.offload_flavor {
+        bail!("--vlan-map needs the full balancer (the offload flavor passes tagged frames to the host)");
+    }
+    if opts.trunk {
+        crate::vlan::check_trunk(&opts.iface)?;
+    }
     ensure_bpffs(&opts.pin_root)?;
     let pin_dir = opts.pin_root.join(&opts.iface);
     let link_pin = pin_dir.join("link");
@@ -151,6 +166,10 @@ pub async fn run(opts: UpOptions) -> Result<()> {
         offload_flavor: opts.offload_flavor,
         pin_dir: Some(pin_dir.clone()),
     })?;
+    for &(from, to) in &opts.vlan_map {
+        dp.set_vlan_egress(from, to)?;
+        info!(from, to, "forwarded packets from VLAN {from} leave on VLAN {to}");
+    }
     let nl = Netlink::open()?;
     let next_hop_mac = match opts.next_hop_mac {
         Some(mac) => mac,

@@ -97,6 +97,16 @@ pub struct UpArgs {
     /// short). Default 5s.
     #[arg(long, value_parser = parse_duration)]
     drain_time: Option<std::time::Duration>,
+    /// The interface is a VLAN trunk: refuse to start if the NIC takes
+    /// VLAN tags off in hardware (rx-vlan-offload), which would hide them
+    /// from XDP. Tagged frames (802.1Q, QinQ) are balanced either way.
+    #[arg(long)]
+    trunk: bool,
+    /// IN=OUT: forwarded packets that came tagged VLAN IN leave for the
+    /// backends tagged VLAN OUT (the inner tag of a QinQ pair); may be
+    /// given for several VLANs; implies --trunk.
+    #[arg(long, value_parser = lb_userspace::vlan::parse_mapping, value_name = "IN=OUT")]
+    vlan_map: Vec<(u16, u16)>,
     /// Test only: run the offload flavor on the host instead of the full
     /// balancer (stateless VIPs only; everything else goes to the kernel).
     #[arg(long, hide = true)]
@@ -198,6 +208,8 @@ pub async fn run(args: UpArgs, client: &ClientOpts) -> Result<()> {
         offload_without_nic: args.offload_without_nic,
         gue_port: args.gue_port,
         tcp_api,
+        trunk: args.trunk || !args.vlan_map.is_empty(),
+        vlan_map: args.vlan_map,
     })
     .await
 }
