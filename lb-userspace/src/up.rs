@@ -429,10 +429,42 @@ pub fn attach_pinned(program: &mut Xdp, iface: &str, choice: ModeChoice, link_pi
         }
     }
     bail!(
-        "cannot attach XDP to {iface} ({}). If another XDP program is attached, detach it first \
-         (ip link set dev {iface} xdp off)",
-        errors.join("; ")
+        "cannot attach XDP to {iface} ({}). {}",
+        errors.join("; "),
+        bond_advice(iface).unwrap_or_else(|| format!(
+            "If another XDP program is attached, detach it first (ip link set dev {iface} xdp off)"
+        ))
     )
+}
+
+/// What a bond needs for XDP, with its own settings, if `iface` is one
+/// (the kernel says why only in a tracepoint when a link is refused).
+fn bond_advice(iface: &str) -> Option<String> {
+    let read = |file: &str| std::fs::read_to_string(format!("/sys/class/net/{iface}/bonding/{file}")).ok();
+    let mode = read("mode")?;
+    let policy = read("xmit_hash_policy").unwrap_or_default();
+    let slaves = read("slaves").unwrap_or_default();
+    Some(bond_rules(iface, mode.trim(), policy.trim(), slaves.trim()))
+}
+
+/// The kernel's rules for XDP on a bond (drivers/net/bonding, 5.15 and
+/// later) against this bond's mode, hash policy and slaves, as sysfs shows them.
+fn bond_rules(iface: &str, mode: &str, policy: &str, slaves: &str) -> String {
+    let mode_name = mode.split_whitespace().next().unwrap_or(mode);
+    let policy_name = policy.split_whitespace().next().unwrap_or(policy);
+    let mode_ok = match mode_name {
+        "balance-rr" | "active-backup" => true,
+        "802.3ad" | "balance-xor" => policy_name != "vlan+srcmac",
+        _ => false,
+    };
+    let why = if mode_ok {
+        format!("its mode {mode_name} takes XDP, so a slave refused it: every slave's driver must run XDP natively and transmit XDP frames (ndo_xdp_xmit); slaves: {slaves}")
+    } else if matches!(mode_name, "802.3ad" | "balance-xor") {
+        format!("its xmit_hash_policy {policy_name} does not take XDP: use layer2, layer2+3 or layer3+4")
+    } else {
+        format!("its mode {mode_name} does not take XDP: use 802.3ad, balance-xor, active-backup or balance-rr")
+    };
+    format!("{iface} is a bond (kernel 5.15 or later runs XDP on bonds): {why}")
 }
 
 pub fn error_chain(e: &dyn std::error::Error) -> String {
@@ -623,5 +655,20 @@ async fn forward_logs(logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
         let Ok(mut guard) = fd.readable_mut().await else { return };
         guard.get_inner_mut().flush();
         guard.clear_ready();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::bond_rules;
+
+    #[test]
+    fn a_bond_refusal_names_what_to_change() {
+        let alb = bond_rules("bond0", "balance-alb 6", "layer2 0", "eth0 eth1");
+        assert!(alb.contains("mode balance-alb does not take XDP: use 802.3ad"), "{alb}");
+        let srcmac = bond_rules("bond0", "802.3ad 4", "vlan+srcmac 5", "eth0 eth1");
+        assert!(srcmac.contains("xmit_hash_policy vlan+srcmac does not take XDP"), "{srcmac}");
+        let slaves = bond_rules("bond0", "802.3ad 4", "layer3+4 1", "eth0 eth1");
+        assert!(slaves.contains("a slave refused it") && slaves.contains("slaves: eth0 eth1"), "{slaves}");
     }
 }

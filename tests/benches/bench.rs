@@ -244,6 +244,11 @@ fn dataplane_on_cpu0(r: &mut Results, opts: &Opts) -> anyhow::Result<()> {
     let mut initial = vec![0xc3, 0, 0, 0, 1, 8, 1, 2, 3, 4, 5, 6, 7, 8, 0, 0];
     initial.resize(1200, 0x66);
     let quic_initial = udp_frame("192.0.2.55", 5353, "203.0.113.40", 443, &initial);
+    // The same established flow on a VLAN trunk: 802.1Q (VLAN 100), and
+    // QinQ (802.1ad service VLAN 10, then VLAN 100).
+    let with_tags = |f: &[u8], tags: &[u8]| [&f[..12], tags, &f[12..]].concat();
+    let ack4_vlan = with_tags(&ack4, &[0x81, 0x00, 0x00, 0x64]);
+    let ack4_qinq = with_tags(&ack4, &[0x88, 0xa8, 0x00, 0x0a, 0x81, 0x00, 0x00, 0x64]);
     let non_vip = tcp_frame("192.0.2.55", 40000, "203.0.113.99", 80, ACK);
     let gue_syn = tcp_frame("192.0.2.56", 1, "203.0.113.20", 80, SYN);
     let gue_ct_ack = tcp_frame("192.0.2.55", 40000, "203.0.113.30", 80, ACK);
@@ -282,8 +287,10 @@ fn dataplane_on_cpu0(r: &mut Results, opts: &Opts) -> anyhow::Result<()> {
     // The offload flavor, on the host, for reference (the same VIPs).
     let (mut flavor, _) = balancer_of(2 << 20, true)?;
 
-    let cases: [(&str, &[u8]); 15] = [
+    let cases: [(&str, &[u8]); 17] = [
         ("v4_established_ns", &ack4),
+        ("v4_established_vlan_ns", &ack4_vlan),
+        ("v4_established_qinq_ns", &ack4_qinq),
         ("v4_new_flow_ns", &syn4),
         // The passive signal's path: a SYN for a flow the table sent to a
         // backend, nothing since: counted as a repeat for that backend.
@@ -329,7 +336,12 @@ fn dataplane_on_cpu0(r: &mut Results, opts: &Opts) -> anyhow::Result<()> {
     per_core::per_core(
         r,
         dp.program(),
-        &[("v4_established", &ack4), ("v4_new_flow", &syn4), ("gue_stateless_established", &gue_ack)],
+        &[
+            ("v4_established", &ack4),
+            ("v4_established_vlan", &ack4_vlan),
+            ("v4_new_flow", &syn4),
+            ("gue_stateless_established", &gue_ack),
+        ],
         opts.quick,
     )?;
     // The data-path checks' tc egress program, on a packet that is not a
