@@ -4,7 +4,7 @@
 
 use std::{env, path::PathBuf, process::Command};
 
-const PROGRAMS: [&str; 5] = ["lb-balancer", "lb-offload", "lb-decap", "lb-probe", "lb-floor"];
+const PROGRAMS: [&str; 6] = ["lb-balancer", "lb-offload", "lb-decap", "lb-probe", "lb-floor", "lb-lab-trunk"];
 
 fn main() {
     build_ebpf();

@@ -10,6 +10,7 @@ pub mod dataplane;
 pub mod decap_cmd;
 pub mod desired;
 pub mod health;
+pub mod lab_trunk;
 pub mod maglev;
 pub mod metrics;
 pub mod netlink;

@@ -14,3 +14,5 @@ pub static DECAP: &[u8] = include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-d
 pub static PROBE: &[u8] = include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-probe.o"));
 /// Benchmark floors: `floor_pass`, `floor_tx`, `floor_restore`.
 pub static FLOOR: &[u8] = include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-floor.o"));
+/// The lab's VLAN trunk ends (`trunk_tag`, `trunk_untag`): a lab component.
+pub static LAB_TRUNK: &[u8] = include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-lab-trunk.o"));

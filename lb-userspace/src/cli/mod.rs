@@ -115,6 +115,14 @@ enum Command {
     /// What an XDP offload JIT (the nfp driver's) would refuse in a program
     /// this lbctl carries: helpers, maps, stack, instructions, rules.
     OffloadCheck(offload::OffloadCheckArgs),
+    /// Lab only: tag and untag every frame the kernel sends and receives on
+    /// IFACE with VLAN VID (the lab's trunk; its kernel has no VLAN devices).
+    #[command(hide = true)]
+    LabTrunk {
+        iface: String,
+        #[arg(long, value_parser = clap::value_parser!(u16).range(1..=4094))]
+        vid: u16,
+    },
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completions { shell: clap_complete::Shell },
     /// Print the man page (roff): lbctl manpage > /usr/share/man/man1/lbctl.1
@@ -136,6 +144,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Announce { command } => status::announce(command, &client).await,
         Command::OffloadCheck(args) => offload::run(args, client.output),
         Command::Decap { command } => decap::run(command, client.output).await,
+        Command::LabTrunk { iface, vid } => lb_userspace::lab_trunk::attach(&iface, vid),
         Command::Completions { shell } => {
             clap_complete::generate(
                 shell,

@@ -4,7 +4,8 @@
 //! ```text
 //!  client (192.0.2.10-13, 2001:db8:c::10-13)
 //!     |
-//!  router --ECMP (L4 hash) for the VIPs--> lb1, lb2   (lbctl up, XDP native)
+//!  router --ECMP (L4 hash) for the VIPs--> lb1, lb2   (lbctl up, XDP native;
+//!     |                                    lb2's link is a VLAN trunk, VLAN 100)
 //!     |  <-- eBGP + BFD (BIRD): each LB host announces the VIP addresses
 //!     |      its controller puts in kernel table 100 --'
 //!     |  <------------- IP-in-IP (XDP_TX) -------------'
@@ -36,6 +37,12 @@ pub const VIP6: &str = "2001:db8:f::10";
 pub const DIR: &str = "/run/lb-lab";
 const PREFIX: &str = "lbl-";
 pub const LBS: usize = 2;
+/// The LB host whose link to the router is a VLAN trunk, and its VLAN.
+/// The kernel here has no 802.1Q devices: both ends tag and untag what
+/// their kernels send and receive with `lbctl lab-trunk` (tc programs, a
+/// lab component); the balancer sees the frames tagged, as on a real trunk.
+pub const TRUNK_LB: usize = 2;
+pub const TRUNK_VLAN: u16 = 100;
 pub const BACKENDS: usize = 3;
 /// Port of the line echo server on every backend (TCP and UDP).
 pub const ECHO_PORT: u16 = 9000;
@@ -186,6 +193,9 @@ impl Lab {
             ip(&n, &format!("addr add 2001:db8:a{i}::2/64 dev {dev} nodad"))?;
             ip(&n, &format!("route add default via 198.51.100.{}", 4 * i - 3))?;
             ip(&n, &format!("-6 route add default via 2001:db8:a{i}::1"))?;
+            if i == TRUNK_LB {
+                self.trunk(&n, &dev, &rt)?;
+            }
         }
         for j in 1..=BACKENDS {
             let (n, dev, rt) = (backend_ns(j), format!("be{j}-eth"), format!("rt-be{j}"));
@@ -219,6 +229,18 @@ impl Lab {
         )?;
         // No static routes to the VIPs: the LB hosts announce them (BGP).
         Ok(())
+    }
+
+    /// Makes the link between LB host namespace `n` (`dev`) and the router
+    /// (`rt`) a VLAN trunk: tags in the frames on the wire (no transmit
+    /// offload keeping them aside), none taken off in hardware on the LB
+    /// side (`lbctl up --trunk` checks), both kernels' traffic tagged.
+    fn trunk(&self, n: &str, dev: &str, rt: &str) -> Result<()> {
+        ns(ROUTER_NS, &["ethtool", "-K", rt, "txvlan", "off"])?;
+        ns(n, &["ethtool", "-K", dev, "txvlan", "off", "rxvlan", "off"])?;
+        let vid = TRUNK_VLAN.to_string();
+        self.lbctl_in(ROUTER_NS, &["lab-trunk", rt, "--vid", &vid])?;
+        self.lbctl_in(n, &["lab-trunk", dev, "--vid", &vid]).map(drop)
     }
 
     /// Runs `lbctl ARGS` inside namespace `name`, keeping the host's mounts
@@ -275,6 +297,7 @@ impl Lab {
                 vec!["--announce-table".into(), bird::ANNOUNCE_TABLE.to_string()]
             })
             .args(if extra.contains(&"--drain-time") { &[][..] } else { &["--drain-time", "1s"][..] })
+            .args(if i == TRUNK_LB { &["--trunk"][..] } else { &[][..] })
             .args(extra)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
@@ -432,6 +455,8 @@ impl Lab {
             remove_dir(&format!("/sys/fs/bpf/lbctl-decap/rt-be{j}"));
         }
         remove_dir("/sys/fs/bpf/lbctl-decap/rt-cl");
+        remove_dir(&format!("/sys/fs/bpf/lbctl-lab-trunk/rt-lb{TRUNK_LB}"));
+        remove_dir(&format!("/sys/fs/bpf/lbctl-lab-trunk/{}", lb_iface(TRUNK_LB)));
         let listed = sh("ip", &["netns", "list"])?;
         for line in listed.lines() {
             if let Some(name) = line.split_whitespace().next().filter(|n| n.starts_with(PREFIX)) {
