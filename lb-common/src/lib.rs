@@ -39,6 +39,9 @@ pub mod map_names {
     /// Ingress VLAN ID -> egress VLAN ID (`lbctl up --vlan-map`); not
     /// pinned: written from the options at every start.
     pub const VLAN_EGRESS: &str = "VLAN_EGRESS";
+    /// The backend-facing interface (`lbctl up --backend-iface`): a devmap
+    /// of one entry; not pinned, written at every start.
+    pub const EGRESS: &str = "EGRESS";
     /// The balancer's maps: what a controller pins and a restart adopts.
     pub const BALANCER_MAPS: [&str; 12] = [
         VIPS,
@@ -327,6 +330,11 @@ pub const CONFIG_F_PORT0_V6: u32 = 2;
 /// Config flag: log every packet decision through aya-log (debugging only;
 /// `lbctl debug on|off` flips it without reloading the program).
 pub const CONFIG_F_DEBUG: u32 = 4;
+/// Config flag: encapsulated packets leave through the backend-facing
+/// interface (`lbctl up --backend-iface`: `XDP_REDIRECT` to the one entry of
+/// the `EGRESS` devmap, from `egress_mac`), not back out of the NIC they
+/// came in on (`XDP_TX`).
+pub const CONFIG_F_REDIRECT: u32 = 8;
 
 /// The balancer's settings: one entry of an array map.
 #[repr(C)]
@@ -351,6 +359,10 @@ pub struct Config {
     pub new_flow_limit: u32,
     /// Buckets of the conn table (its array's size; set by the loader).
     pub conn_buckets: u32,
+    /// With [`CONFIG_F_REDIRECT`]: the backend-facing interface's MAC, the
+    /// source of encapsulated packets.
+    pub egress_mac: [u8; 6],
+    pub _pad: u16,
 }
 
 /// The guard's per-CPU token bucket (a per-CPU array of one entry).

@@ -6,8 +6,8 @@
 
 use aya_ebpf::{helpers::bpf_xdp_adjust_head, programs::XdpContext};
 use lb_common::{
-    gue_alternates_len, Backend, Config, AF_INET, AF_INET6, ETH_HLEN, GUE_ALTERNATE_KIND, GUE_HLEN, IPPROTO_IPIP,
-    IPPROTO_IPV6, IPPROTO_UDP, IPV4_HLEN, IPV6_HLEN, UDP_HLEN,
+    gue_alternates_len, Backend, Config, AF_INET, AF_INET6, CONFIG_F_REDIRECT, ETH_HLEN, GUE_ALTERNATE_KIND, GUE_HLEN,
+    IPPROTO_IPIP, IPPROTO_IPV6, IPPROTO_UDP, IPV4_HLEN, IPV6_HLEN, UDP_HLEN,
 };
 
 use crate::headers::{ptr_at, EthHdr, Ipv4Hdr, Ipv6Hdr, UdpHdr, ETH_P_IP, ETH_P_IPV6};
@@ -49,10 +49,10 @@ pub struct Inner {
 /// grow the packet; the packet is then unchanged.
 #[inline(always)]
 pub fn encapsulate(ctx: &XdpContext, cfg: &Config, backend: &Backend, inner: &Inner, tunnel: Tunnel) -> Result<(), ()> {
-    // Our own MAC is the destination of the frame we received; read it
-    // before the headers move.
+    // Our own MAC is the destination of the frame we received (read it
+    // before the headers move), or the backend-facing NIC's with two.
     let eth = ptr_at::<EthHdr>(ctx, 0).ok_or(())?;
-    let own_mac = unsafe { (*eth).dst };
+    let own_mac = if cfg.flags & CONFIG_F_REDIRECT != 0 { cfg.egress_mac } else { unsafe { (*eth).dst } };
 
     let outer_len = overhead(backend, tunnel) as usize;
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(outer_len as i32)) } != 0 {

@@ -45,14 +45,15 @@ use aya_ebpf::{
     bindings::xdp_action::{XDP_DROP, XDP_PASS, XDP_TX},
     helpers::bpf_ktime_get_ns,
     macros::{map, xdp},
-    maps::{Array, PerCpuArray},
+    maps::{Array, DevMap, PerCpuArray},
     programs::XdpContext,
 };
 use lb_common::{
     address_mark, conntrack, flow_digest, flow_hash, source_hash, stat, vip_filter_slot, Backend, BackendStats, Config,
     ConnBucket, ConnValue, FloodBucket, GlobalStats, VipMeta, VipStats, AF_INET, BACKEND_F_RETIRED, CONFIG_F_DEBUG,
-    CONN_F_GUE, CONN_F_PAST_SYN, CONN_F_SOURCE_HASH, CONN_WAYS, DEFAULT_CONN_TABLE_SIZE, FILTER_STATELESS, FILTER_VIP,
-    IPPROTO_TCP, IPPROTO_UDP, MAX_BACKENDS, MAX_VIPS, VIP_F_GUE, VIP_F_HASH_SRC_ONLY, VIP_F_QUIC, VIP_F_STATELESS,
+    CONFIG_F_REDIRECT, CONN_F_GUE, CONN_F_PAST_SYN, CONN_F_SOURCE_HASH, CONN_WAYS, DEFAULT_CONN_TABLE_SIZE,
+    FILTER_STATELESS, FILTER_VIP, IPPROTO_TCP, IPPROTO_UDP, MAX_BACKENDS, MAX_VIPS, VIP_F_GUE, VIP_F_HASH_SRC_ONLY,
+    VIP_F_QUIC, VIP_F_STATELESS,
 };
 
 use aya_log_ebpf::info;
@@ -71,6 +72,10 @@ static FLOOD: PerCpuArray<FloodBucket> = PerCpuArray::with_max_entries(1, 0);
 static VIP_STATS: PerCpuArray<VipStats> = PerCpuArray::with_max_entries(MAX_VIPS, 0);
 #[map]
 static BACKEND_STATS: PerCpuArray<BackendStats> = PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
+
+/// The backend-facing interface, with two NICs (`CONFIG_F_REDIRECT`).
+#[map]
+static EGRESS: DevMap = DevMap::with_max_entries(1, 0);
 
 /// Ingress VLAN ID -> the VLAN ID forwarded packets leave with (0: the
 /// same), for hosts whose backends sit on another VLAN than their clients.
@@ -271,6 +276,10 @@ fn balance(ctx: &XdpContext, cfg: &Config, stats: &mut [u64; stat::COUNT]) -> (u
     }
     #[cfg(feature = "bench-restore")]
     encap::restore(ctx, backend, tunnel, inner.family, pkt.syn);
+    if cfg.flags & CONFIG_F_REDIRECT != 0 {
+        // Two NICs: out of the backend-facing one (XDP_REDIRECT).
+        return (EGRESS.redirect(0, XDP_DROP as u64).unwrap_or(XDP_DROP), stat::FORWARDED);
+    }
     (XDP_TX, stat::FORWARDED)
 }
 

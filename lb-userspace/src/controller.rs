@@ -91,7 +91,8 @@ pub struct Saved<V = VipState> {
     pub maintenance: bool,
 }
 
-/// The map layout a state file describes. 6: QUIC VIPs (the VIP entry
+/// The map layout a state file describes. 7: the config carries the
+/// backend-facing interface's MAC (two NICs); 6: QUIC VIPs (the VIP entry
 /// carries a QUIC-LB config, a server-ID map, five more counters); 5: each ring has an extent of
 /// its own (a VIP owns two to seven), 65536 backend ids; 4: seven ring slots per VIP
 /// (live, four history rings, the previous live ring, next) and the VIP
@@ -100,7 +101,7 @@ pub struct Saved<V = VipState> {
 /// multiply-shift slot), so older maps' entries and rings cannot be
 /// followed; 2: three ring slots per VIP (live, previous, next) and the
 /// GUE fields; 1 had two.
-pub const STATE_LAYOUT: u32 = 6;
+pub const STATE_LAYOUT: u32 = 7;
 
 impl<V> Saved<V> {
     /// The same state with each VIP made by `f`.

@@ -397,6 +397,18 @@ impl Dataplane {
         }
     }
 
+    /// Two NICs: encapsulated packets leave through interface `ifindex`
+    /// (with `Settings::egress_mac` set, which turns the redirect on).
+    pub fn set_egress(&mut self, ifindex: u32) -> Result<(), DataplaneError> {
+        let name = map_names::EGRESS;
+        let mut devmap = aya::maps::DevMap::try_from(self.map(name)?).map_err(map_err(name))?;
+        devmap.set(0, ifindex, None, 0).map_err(|e| match e {
+            aya::maps::xdp::XdpMapError::MapError(e) => map_err(name)(e),
+            // Only a chained program can be refused that way; none is given.
+            aya::maps::xdp::XdpMapError::ChainedProgramNotSupported => unreachable!("no program chained"),
+        })
+    }
+
     /// Forwarded packets that came tagged with VLAN `from` leave tagged
     /// `to` (the innermost tag of a QinQ pair).
     pub fn set_vlan_egress(&mut self, from: u16, to: u16) -> Result<(), DataplaneError> {

@@ -50,6 +50,42 @@ impl Netlink {
         Ok(None)
     }
 
+    /// The gateway of a route (main table) out of interface `ifindex`: the
+    /// next hop towards what lies behind it (the backends, with two NICs).
+    pub async fn gateway_via(&self, ifindex: u32) -> Result<Option<IpAddr>, rtnetlink::Error> {
+        for family in [AddressFamily::Inet, AddressFamily::Inet6] {
+            let mut request = RouteMessage::default();
+            request.header.address_family = family;
+            let mut routes = self.handle.route().get(request).execute();
+            while let Some(route) = routes.try_next().await? {
+                if route.header.table != 254 || !route.attributes.contains(&RouteAttribute::Oif(ifindex)) {
+                    continue;
+                }
+                for attr in &route.attributes {
+                    match attr {
+                        RouteAttribute::Gateway(RouteAddress::Inet(a)) => return Ok(Some(IpAddr::V4(*a))),
+                        RouteAttribute::Gateway(RouteAddress::Inet6(a)) => return Ok(Some(IpAddr::V6(*a))),
+                        _ => {}
+                    }
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// The MAC address of interface `ifindex`.
+    pub async fn link_mac(&self, ifindex: u32) -> Result<Option<[u8; 6]>, rtnetlink::Error> {
+        let mut links = self.handle.link().get().match_index(ifindex).execute();
+        while let Some(link) = links.try_next().await? {
+            for attr in &link.attributes {
+                if let LinkAttribute::Address(mac) = attr {
+                    return Ok(mac.as_slice().try_into().ok());
+                }
+            }
+        }
+        Ok(None)
+    }
+
     /// The MAC of a neighbour, if the kernel has a usable entry for it.
     pub async fn neighbour_mac(&self, ip: IpAddr) -> Result<Option<[u8; 6]>, rtnetlink::Error> {
         let mut neighbours = self.handle.neighbours().get().execute();

@@ -10,7 +10,11 @@ use std::{
 
 use aya::{
     maps::{Array, MapData},
-    programs::{tc::TcAttachType, SchedClassifier},
+    programs::{
+        links::LinkOrder,
+        tc::{TcAttachOptions, TcAttachType},
+        SchedClassifier,
+    },
     Ebpf,
 };
 use lb_common::{map_names, ProbeRoute, MAX_PROBES, PROBE_MARK_BASE};
@@ -99,7 +103,10 @@ fn attach(iface: &str) -> Result<Attached, String> {
         .try_into()
         .map_err(|e: aya::programs::ProgramError| e.to_string())?;
     program.load().map_err(|e| e.to_string())?;
-    program.attach(iface, TcAttachType::Egress).map_err(|e| e.to_string())?;
+    // First on egress: other programs there (VLAN tagging, say) see the
+    // check's packet encapsulated, as they see the balancer's.
+    let first = TcAttachOptions::TcxOrder(LinkOrder::first());
+    program.attach_with_options(iface, TcAttachType::Egress, first).map_err(|e| e.to_string())?;
     let map = ebpf.take_map(map_names::PROBE_ROUTES).ok_or("no PROBE_ROUTES map")?;
     let routes = Array::try_from(map).map_err(|e| e.to_string())?;
     Ok(Attached { _ebpf: ebpf, routes })
@@ -145,6 +152,7 @@ mod tests {
             debug: false,
             new_flow_limit: 0,
             gue_port: 6080,
+            egress_mac: None,
         };
         let wire = |octets: &[u8]| -> Vec<u32> {
             octets.chunks(4).map(|c| u32::from_ne_bytes(c.try_into().unwrap())).collect()

@@ -18,7 +18,7 @@ use lb_common::{
     flow_hash,
     quic::{server_id_word, QuicServer, QuicServerKey},
     source_hash, Backend, Config, FlowKey, VipKey, VipMeta, ALTERNATE_RINGS, CONFIG_F_PORT0_V4, CONFIG_F_PORT0_V6,
-    FILTER_STATELESS, FILTER_VIP, HISTORY_RINGS, IPPROTO_TCP, IPPROTO_UDP, MAX_BACKENDS, MAX_VIPS,
+    CONFIG_F_REDIRECT, FILTER_STATELESS, FILTER_VIP, HISTORY_RINGS, IPPROTO_TCP, IPPROTO_UDP, MAX_BACKENDS, MAX_VIPS,
     RESERVED_RINGS_PER_VIP, RINGS_PER_VIP, VIP_F_HASH_SRC_ONLY,
 };
 
@@ -196,6 +196,10 @@ pub struct Settings {
     /// UDP destination port of GUE packets.
     #[serde(default = "default_gue_port")]
     pub gue_port: u16,
+    /// Two NICs: the backend-facing interface's MAC; encapsulated packets
+    /// leave through it (the `EGRESS` devmap) with this source.
+    #[serde(default)]
+    pub egress_mac: Option<[u8; 6]>,
 }
 
 fn default_gue_port() -> u16 {
@@ -1454,6 +1458,9 @@ impl Services {
         for vip in self.vips.keys().filter(|v| v.port == 0) {
             flags |= if vip.addr.is_ipv4() { CONFIG_F_PORT0_V4 } else { CONFIG_F_PORT0_V6 };
         }
+        if s.egress_mac.is_some() {
+            flags |= CONFIG_F_REDIRECT;
+        }
         let (v4, v4_len) = s.encap_src_v4;
         let (v6, v6_len) = s.encap_src_v6;
         if v4_len > 32 {
@@ -1479,6 +1486,8 @@ impl Services {
             new_flow_limit: s.new_flow_limit,
             // Filled in by the data plane, which knows the table it loaded.
             conn_buckets: 0,
+            egress_mac: s.egress_mac.unwrap_or_default(),
+            _pad: 0,
         })
     }
 }

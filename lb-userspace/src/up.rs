@@ -68,6 +68,8 @@ pub struct UpOptions {
     /// How long to forward after withdrawing the routes on a stop (else the
     /// config file's, else [`DEFAULT_DRAIN_TIME`]).
     pub drain_time: Option<Duration>,
+    /// Two NICs: encapsulated packets leave through this one.
+    pub backend_iface: Option<String>,
     /// A VLAN trunk: the NIC must leave tags in the frame.
     pub trunk: bool,
     /// Ingress VLAN -> egress VLAN of forwarded packets.
@@ -109,6 +111,17 @@ pub async fn run(opts: UpOptions) -> Result<()> {
     if opts.trunk {
         crate::vlan::check_trunk(&opts.iface)?;
     }
+    let backend_ifindex = match &opts.backend_iface {
+        None => None,
+        Some(name) if *name == opts.iface => bail!("--backend-iface {name} is the interface itself: leave it out"),
+        Some(_) if opts.mode == ModeChoice::Offload || opts.offload_flavor => {
+            bail!("--backend-iface needs the host balancer: the offload flavor sends packets back out of its NIC")
+        }
+        Some(name) => Some(
+            netlink::if_index(name)
+                .with_context(|| format!("no interface '{name}' (--backend-iface) in this network namespace"))?,
+        ),
+    };
     ensure_bpffs(&opts.pin_root)?;
     let pin_dir = opts.pin_root.join(&opts.iface);
     let link_pin = pin_dir.join("link");
@@ -173,7 +186,7 @@ pub async fn run(opts: UpOptions) -> Result<()> {
     let nl = Netlink::open()?;
     let next_hop_mac = match opts.next_hop_mac {
         Some(mac) => mac,
-        None => resolve_next_hop(&nl).await?,
+        None => resolve_next_hop(&nl, backend_ifindex).await?,
     };
     let addrs = nl.addresses(ifindex).await.unwrap_or_default();
     let settings = Settings {
@@ -184,7 +197,18 @@ pub async fn run(opts: UpOptions) -> Result<()> {
         debug: false,
         new_flow_limit: opts.new_flow_limit,
         gue_port: opts.gue_port,
+        egress_mac: match backend_ifindex {
+            Some(index) => Some(nl.link_mac(index).await?.context("the backend interface has no MAC address")?),
+            None => None,
+        },
     };
+    if let Some(index) = backend_ifindex {
+        dp.set_egress(index)?;
+        info!(
+            interface = opts.backend_iface.as_deref(),
+            "packets for backends leave through the backend interface (XDP_REDIRECT)"
+        );
+    }
     let (services, checks, replay) = match saved {
         Some(saved) if adopted => {
             let mut services = Services::restore(saved.services, &dp);
@@ -233,7 +257,8 @@ pub async fn run(opts: UpOptions) -> Result<()> {
 
     // The data-path checks' egress program: without it the balancer runs,
     // and data-path checks fail saying why.
-    let probes = ProbePaths::attach(&opts.iface);
+    // Data-path checks leave the way the VIPs' packets do.
+    let probes = ProbePaths::attach(opts.backend_iface.as_deref().unwrap_or(&opts.iface));
     if let Some(why) = probes.unavailable() {
         warn!("{why}");
     }
@@ -292,7 +317,7 @@ pub async fn run(opts: UpOptions) -> Result<()> {
         tokio::spawn(async move { announcer.run(|| c.serving_addresses()).await });
     }
     if !ctrl.info.fixed_next_hop {
-        tokio::spawn(refresh_next_hop(Arc::clone(&ctrl), nl));
+        tokio::spawn(refresh_next_hop(Arc::clone(&ctrl), nl, backend_ifindex));
     }
 
     // One signal stops every listener.
@@ -535,11 +560,21 @@ fn private_mount_namespace() -> bool {
     matches!((own, other), (Ok(own), Ok(other)) if own != other)
 }
 
-async fn resolve_next_hop(nl: &Netlink) -> Result<[u8; 6]> {
-    let gateway = nl
-        .default_gateway()
-        .await?
-        .context("no default route in this network namespace to find the next hop: give --next-hop-mac")?;
+/// The gateway towards the backends: the default route's, or with two NICs
+/// the one routes out of the backend interface `via` name.
+async fn gateway(nl: &Netlink, via: Option<u32>) -> Result<Option<IpAddr>, rtnetlink::Error> {
+    match via {
+        Some(index) => nl.gateway_via(index).await,
+        None => nl.default_gateway().await,
+    }
+}
+
+async fn resolve_next_hop(nl: &Netlink, via: Option<u32>) -> Result<[u8; 6]> {
+    let gateway = gateway(nl, via).await?.context(if via.is_some() {
+        "no route with a gateway out of --backend-iface to find the next hop: add one, or give --next-hop-mac"
+    } else {
+        "no default route in this network namespace to find the next hop: give --next-hop-mac"
+    })?;
     for _ in 0..30 {
         if let Some(mac) = nl.neighbour_mac(gateway).await? {
             info!(%gateway, mac = %netlink::format_mac(&mac), "next hop resolved");
@@ -552,10 +587,10 @@ async fn resolve_next_hop(nl: &Netlink) -> Result<[u8; 6]> {
 }
 
 /// Keeps the next-hop MAC in step with the neighbour table.
-async fn refresh_next_hop(ctrl: Arc<Controller>, nl: Netlink) {
+async fn refresh_next_hop(ctrl: Arc<Controller>, nl: Netlink, via: Option<u32>) {
     loop {
         tokio::time::sleep(Duration::from_secs(1)).await;
-        let Ok(Some(gateway)) = nl.default_gateway().await else { continue };
+        let Ok(Some(gateway)) = gateway(&nl, via).await else { continue };
         match nl.neighbour_mac(gateway).await {
             Ok(Some(mac)) => {
                 let _ = ctrl.set_next_hop_mac(mac);

@@ -145,6 +145,7 @@ pub fn test_settings() -> Settings {
         debug: false,
         new_flow_limit: 0,
         gue_port: lb_common::DEFAULT_GUE_PORT,
+        egress_mac: None,
     }
 }
 

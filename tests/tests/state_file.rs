@@ -38,7 +38,7 @@ impl Drop for Dir {
 
 fn save(file: &mut StateFile, h: &mut Harness) {
     file.save(&mut h.services, |services| Saved {
-        layout: 6,
+        layout: 7,
         services,
         checks: Vec::new(),
         conn_table_size: 65536,

@@ -5,7 +5,6 @@
 mod common;
 
 use std::{
-    io::{BufRead, BufReader, Write},
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
     process::Command,
     sync::{
@@ -68,7 +67,7 @@ fn watch_trunk(stop: Arc<AtomicBool>) -> std::thread::JoinHandle<Seen> {
             msg.msg_control = control.as_mut_ptr() as *mut _;
             msg.msg_controllen = std::mem::size_of_val(&control);
             let n = unsafe { libc::recvmsg(socket.as_raw_fd(), &mut msg, 0) };
-            if n < 14 || from.sll_pkttype == libc::PACKET_OUTGOING as u8 {
+            if n < 14 || from.sll_pkttype == libc::PACKET_OUTGOING {
                 continue;
             }
             let mut vlan = None;
@@ -98,22 +97,6 @@ fn watch_trunk(stop: Arc<AtomicBool>) -> std::thread::JoinHandle<Seen> {
         }
         seen
     })
-}
-
-/// `n` new echo connections, one line each, from ports `first_port`...;
-/// returns how many failed.
-fn new_connections(n: u16, first_port: u16) -> usize {
-    (0..n)
-        .filter(|k| {
-            let src = sock(&client_v4(*k as usize % 4), first_port + k);
-            let Ok(mut c) = try_connect(src, sock(VIP4, ECHO_PORT)) else { return true };
-            c.set_read_timeout(Some(std::time::Duration::from_secs(5))).unwrap();
-            let mut reply = String::new();
-            let sent = c.write_all(b"new\n").is_ok();
-            let read = BufReader::new(&mut c).read_line(&mut reply).is_ok();
-            !(sent && read && reply.ends_with(" new\n"))
-        })
-        .count()
 }
 
 #[test]

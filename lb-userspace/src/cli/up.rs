@@ -97,6 +97,11 @@ pub struct UpArgs {
     /// short). Default 5s.
     #[arg(long, value_parser = parse_duration)]
     drain_time: Option<std::time::Duration>,
+    /// Two NICs: packets for backends leave through this interface
+    /// (XDP_REDIRECT), towards the gateway of its routes; clients' packets
+    /// come in on IFACE, and answers to clients leave there.
+    #[arg(long, value_name = "IFACE")]
+    backend_iface: Option<String>,
     /// The interface is a VLAN trunk: refuse to start if the NIC takes
     /// VLAN tags off in hardware (rx-vlan-offload), which would hide them
     /// from XDP. Tagged frames (802.1Q, QinQ) are balanced either way.
@@ -208,6 +213,7 @@ pub async fn run(args: UpArgs, client: &ClientOpts) -> Result<()> {
         offload_without_nic: args.offload_without_nic,
         gue_port: args.gue_port,
         tcp_api,
+        backend_iface: args.backend_iface,
         trunk: args.trunk || !args.vlan_map.is_empty(),
         vlan_map: args.vlan_map,
     })

@@ -65,6 +65,10 @@ pub fn lb_ns(i: usize) -> String {
 pub fn lb_iface(i: usize) -> String {
     format!("lb{i}-eth")
 }
+/// LB host `i`'s second, backend-facing link ([`Lab::give_backend_nic`]).
+pub fn backend_nic(i: usize) -> String {
+    format!("lb{i}-be")
+}
 pub fn backend_ns(j: usize) -> String {
     format!("{PREFIX}be{j}")
 }
@@ -241,6 +245,29 @@ impl Lab {
         let vid = TRUNK_VLAN.to_string();
         self.lbctl_in(ROUTER_NS, &["lab-trunk", rt, "--vid", &vid])?;
         self.lbctl_in(n, &["lab-trunk", dev, "--vid", &vid]).map(drop)
+    }
+
+    /// The lab variant with two NICs: LB host `i` gets a second link to the
+    /// router (`lb{i}-be`, 198.51.100.64/30 for i = 1), routes to the
+    /// backends through it, and is restarted with `--backend-iface`, so
+    /// clients' packets come in on its first link and leave for the
+    /// backends on the second.
+    pub fn give_backend_nic(&self, i: usize) -> Result<()> {
+        let (n, dev, rt) = (lb_ns(i), backend_nic(i), format!("rt-lb{i}b"));
+        let base = 64 + 4 * (i - 1);
+        sh("ip", &["link", "add", &dev, "netns", &n, "type", "veth", "peer", "name", &rt, "netns", ROUTER_NS])?;
+        ip(ROUTER_NS, &format!("addr add 198.51.100.{}/30 dev {rt}", base + 1))?;
+        ip(&n, &format!("addr add 198.51.100.{}/30 dev {dev}", base + 2))?;
+        ip(ROUTER_NS, &format!("link set {rt} up"))?;
+        ip(&n, &format!("link set {dev} up"))?;
+        for j in 1..=BACKENDS {
+            ip(&n, &format!("route add 198.51.100.{}/28 via 198.51.100.{} dev {dev}", 16 * j, base + 1))?;
+        }
+        // Redirected frames reach a veth's peer only if it runs XDP too.
+        let addr = format!("198.51.100.{}", base + 1);
+        self.lbctl_in(ROUTER_NS, &["decap", "up", &rt, "--address", &addr])?;
+        self.stop_lb(i, libc::SIGTERM)?;
+        self.start_lb(i, &["--backend-iface", &dev]).map(drop)
     }
 
     /// Runs `lbctl ARGS` inside namespace `name`, keeping the host's mounts
@@ -449,6 +476,7 @@ impl Lab {
         for i in 1..=LBS {
             remove_dir(&format!("/sys/fs/bpf/lbctl/{}", lb_iface(i)));
             remove_dir(&format!("/sys/fs/bpf/lbctl-decap/rt-lb{i}"));
+            remove_dir(&format!("/sys/fs/bpf/lbctl-decap/rt-lb{i}b"));
         }
         for j in 1..=BACKENDS {
             remove_dir(&format!("/sys/fs/bpf/lbctl-decap/be{j}-eth"));

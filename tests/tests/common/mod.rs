@@ -421,3 +421,19 @@ pub fn explained(lab: &Lab, i: usize, client: &str, vip: &str) -> String {
     let j = (1..=BACKENDS).find(|&j| backend_v4(j) == addr || backend_v6(j) == addr).expect("a lab backend");
     format!("be{j}")
 }
+
+/// `n` new echo connections, one line each, from ports `first_port`...;
+/// returns how many failed.
+pub fn new_connections(n: u16, first_port: u16) -> usize {
+    (0..n)
+        .filter(|k| {
+            let src = sock(&client_v4(*k as usize % 4), first_port + k);
+            let Ok(mut c) = try_connect(src, sock(VIP4, ECHO_PORT)) else { return true };
+            c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let mut reply = String::new();
+            let sent = c.write_all(b"new\n").is_ok();
+            let read = BufReader::new(&mut c).read_line(&mut reply).is_ok();
+            !(sent && read && reply.ends_with(" new\n"))
+        })
+        .count()
+}
