@@ -11,9 +11,14 @@ mod object;
 use aya_ebpf::{
     bindings::xdp_action::{XDP_DROP, XDP_PASS, XDP_TX},
     helpers::bpf_xdp_adjust_head,
-    macros::xdp,
+    macros::{map, xdp},
+    maps::DevMap,
     programs::XdpContext,
 };
+
+/// The interface `floor_redirect` sends to.
+#[map]
+static FLOOR_EGRESS: DevMap = DevMap::with_max_entries(1, 0);
 
 use headers::{ptr_at, EthHdr};
 
@@ -41,13 +46,31 @@ pub fn floor_tx(ctx: XdpContext) -> u32 {
 /// the balancer's bench build adds to every forwarded packet.
 #[xdp]
 pub fn floor_restore(ctx: XdpContext) -> u32 {
+    if !grow_restore_and_swap(&ctx) {
+        return XDP_PASS;
+    }
+    XDP_TX
+}
+
+/// floor_restore, out of another interface (XDP_REDIRECT through a
+/// devmap): the least the balancer does with two NICs.
+#[xdp]
+pub fn floor_redirect(ctx: XdpContext) -> u32 {
+    if !grow_restore_and_swap(&ctx) {
+        return XDP_PASS;
+    }
+    FLOOR_EGRESS.redirect(0, XDP_DROP as u64).unwrap_or(XDP_DROP)
+}
+
+#[inline(always)]
+fn grow_restore_and_swap(ctx: &XdpContext) -> bool {
     unsafe {
         if bpf_xdp_adjust_head(ctx.ctx, -20) != 0 || bpf_xdp_adjust_head(ctx.ctx, 20) != 0 {
-            return XDP_PASS;
+            return false;
         }
     }
-    swap_macs(&ctx);
-    XDP_TX
+    swap_macs(ctx);
+    true
 }
 
 #[inline(always)]

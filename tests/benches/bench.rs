@@ -333,6 +333,13 @@ fn dataplane_on_cpu0(r: &mut Results, opts: &Opts) -> anyhow::Result<()> {
         };
         record(r, &key, &mut s);
     }
+    // Two NICs: the same VIPs, packets for backends out of another veth.
+    let (mut two_nics, two_nics_svc) = balancer(1 << 16)?;
+    let mut h2 = lb_tests::Harness { dp: two_nics, services: two_nics_svc };
+    let egress = lb_userspace::Settings { egress_mac: Some([2, 0, 0, 0, 0, 0x0b]), ..test_settings() };
+    h2.services.set_settings(&mut h2.dp, egress)?;
+    h2.run(&syn_of(&ack4));
+    two_nics = h2.dp;
     per_core::per_core(
         r,
         dp.program(),
@@ -342,6 +349,7 @@ fn dataplane_on_cpu0(r: &mut Results, opts: &Opts) -> anyhow::Result<()> {
             ("v4_new_flow", &syn4),
             ("gue_stateless_established", &gue_ack),
         ],
+        per_core::Redirect { balancer: &mut two_nics, frame: &ack4 },
         opts.quick,
     )?;
     // The data-path checks' tc egress program, on a packet that is not a

@@ -43,26 +43,49 @@ fn rx_packets(dev: &str) -> anyhow::Result<u64> {
     out[0]["stats64"]["rx"]["packets"].as_u64().ok_or_else(|| anyhow::anyhow!("no rx packets for {dev}: {out}"))
 }
 
+/// Two NICs: a balancer (bench build) set up with a backend interface, and
+/// an established frame for it; its packets leave through a second veth.
+pub struct Redirect<'a> {
+    pub balancer: &'a mut lb_userspace::Dataplane,
+    pub frame: &'a [u8],
+}
+
 /// `cases` run through `balancer` (the bench build, its conn table seeded
-/// for the established cases). Runs on the caller's CPU.
-pub fn per_core(r: &mut Results, balancer: &Xdp, cases: &[(&str, &[u8])], quick: bool) -> anyhow::Result<()> {
+/// for the established cases), and the redirect case beside
+/// `floor_redirect`. Runs on the caller's CPU.
+pub fn per_core(
+    r: &mut Results,
+    balancer: &Xdp,
+    cases: &[(&str, &[u8])],
+    redirect: Redirect,
+    quick: bool,
+) -> anyhow::Result<()> {
     eprintln!("per core (live frames through a veth, XDP_TX, the peer drops; Mpps on CPU 0)");
     let count = if quick { 2_000_000 } else { 10_000_000 };
     let rounds = if quick { 3 } else { 5 };
     let mut floors = EbpfLoader::new().load(object::FLOOR)?;
-    for name in ["floor_restore", "floor_drop"] {
+    for name in ["floor_restore", "floor_drop", "floor_redirect"] {
         let p: &mut Xdp = floors.program_mut(name).unwrap().try_into()?;
         p.load()?;
     }
     in_fresh_netns(|| -> anyhow::Result<()> {
         {
-            sh("ip", &["link", "add", "lv0", "type", "veth", "peer", "name", "lv1"])?;
-            for dev in ["lv0", "lv1"] {
-                sh("ip", &["link", "set", dev, "up"])?;
+            // lv0 -> lv1 (XDP_TX), lv2 -> lv3 (redirected from lv0).
+            for (a, b) in [("lv0", "lv1"), ("lv2", "lv3")] {
+                sh("ip", &["link", "add", a, "type", "veth", "peer", "name", b])?;
+                for dev in [a, b] {
+                    sh("ip", &["link", "set", dev, "up"])?;
+                }
             }
             let sink: &mut Xdp = floors.program_mut("floor_drop").unwrap().try_into()?;
-            sink.attach("lv1", XdpMode::Driver)?;
+            for dev in ["lv1", "lv3"] {
+                sink.attach(dev, XdpMode::Driver)?;
+            }
             let ifindex = lb_userspace::netlink::if_index("lv0").unwrap();
+            let out = lb_userspace::netlink::if_index("lv2").unwrap();
+            redirect.balancer.set_egress(out)?;
+            let mut floor_egress = aya::maps::DevMap::try_from(floors.map_mut("FLOOR_EGRESS").unwrap())?;
+            floor_egress.set(0, out, None, 0)?;
             let floor: &Xdp = floors.program("floor_restore").unwrap().try_into()?;
             let mut samples: std::collections::BTreeMap<String, Vec<f64>> = Default::default();
             for _ in 0..rounds {
@@ -74,14 +97,37 @@ pub fn per_core(r: &mut Results, balancer: &Xdp, cases: &[(&str, &[u8])], quick:
                 let arrived = rx_packets("lv1")? - before;
                 let sent = count as u64 * (1 + cases.len() as u64);
                 anyhow::ensure!(arrived * 10 >= sent * 9, "only {arrived} of {sent} frames reached the peer");
+                let before = rx_packets("lv3")?;
+                let floor_redirect: &Xdp = floors.program("floor_redirect").unwrap().try_into()?;
+                samples.entry("floor_redirect".into()).or_default().push(live(
+                    floor_redirect,
+                    redirect.frame,
+                    ifindex,
+                    count,
+                )?);
+                let two_nics = live(redirect.balancer.program(), redirect.frame, ifindex, count)?;
+                samples.entry("v4_established_two_nics".into()).or_default().push(two_nics);
+                let arrived = rx_packets("lv3")? - before;
+                anyhow::ensure!(
+                    arrived * 10 >= 2 * count as u64 * 9,
+                    "only {arrived} of {} redirected frames",
+                    2 * count
+                );
             }
             let floor = crate::stats(samples.get_mut("floor_restore").unwrap()).1;
+            let floor_redirect = crate::stats(samples.get_mut("floor_redirect").unwrap()).1;
             for (name, mut s) in samples {
                 let (min, median, max) = crate::stats(&mut s);
                 r.insert(format!("per_core.{name}_mpps"), median);
+                // The redirect path against the redirect floor.
+                let (of, floor_name) = if name.contains("redirect") || name.contains("two_nics") {
+                    (floor_redirect, "floor_redirect")
+                } else {
+                    (floor, "floor_restore")
+                };
                 eprintln!(
-                    "  {name:<34} median {median:>6.2} Mpps (min {min:.2}, max {max:.2}), {:.2}x the floor",
-                    median / floor
+                    "  {name:<34} median {median:>6.2} Mpps (min {min:.2}, max {max:.2}), {:.2}x {floor_name}",
+                    median / of
                 );
             }
             Ok(())
