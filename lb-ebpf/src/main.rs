@@ -3,6 +3,8 @@
 //! back out of the NIC it came from (XDP_TX). Read top to bottom, this file
 //! is the packet path:
 //!
+//! 0. a VLAN-tagged frame (802.1Q, QinQ) has its tags taken off here and
+//!    put back on whatever leaves or goes up (`vlan.rs`);
 //! 1. parse Ethernet / IPv4 / IPv6 / TCP / UDP (anything else: XDP_PASS;
 //!    echo requests to a VIP address are answered with XDP_TX);
 //! 2. VIP-address filter: an inlined array lookup sends most non-VIP
@@ -20,9 +22,10 @@
 //!    may live on one of those); other new flows are remembered, unless the VIP
 //!    is stateless;
 //! 5. check the MTU, encapsulate (IP-in-IP or GUE) towards the backend,
-//!    XDP_TX.
+//!    XDP_TX (with two NICs, XDP_REDIRECT out of the backend-facing one).
 //!
-//! Helper calls per packet: 1 (adjust_head) for every forwarded packet,
+//! Helper calls per packet: 1 (adjust_head) for every forwarded packet
+//! (2 more for a tagged one; 1 more, the redirect, with two NICs),
 //! established, new or stateless (a 2nd, the clock, for a new flow when the
 //! SYN-flood guard has a limit); non-VIP, none unless its address collides
 //! in the filter. Array lookups (filter, config, conn table, VIP slots and

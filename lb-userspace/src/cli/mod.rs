@@ -30,6 +30,14 @@ pub struct Cli {
     client: ClientOpts,
 }
 
+impl Cli {
+    /// `lbctl up`: a long-running daemon, not a command whose output may
+    /// be cut short by `| head`.
+    pub fn is_controller(&self) -> bool {
+        matches!(self.command, Command::Up(_))
+    }
+}
+
 /// How a client subcommand reaches the controller, and how it prints.
 #[derive(clap::Args, Clone)]
 pub struct ClientOpts {
