@@ -199,6 +199,9 @@ fn the_second_chance_follows_the_sockets_of_this_host() {
         let mut want = passed_on(&input, [198, 51, 100, 34], &[], &stray);
         want[42..46].copy_from_slice(&[0x00, 0x04, 0x00, 0x00]);
         assert_eq!(out, want);
+        // On a VLAN trunk (802.1Q tag, VLAN 100): passed on with its tag.
+        let tag = |f: &[u8]| [&f[..12], &[0x81, 0x00, 0x00, 0x64][..], &f[12..]].concat();
+        assert_eq!(run(&mut d, &tag(&input)), (XDP_TX, tag(&want)));
         // At the alternate, the same packet has no alternate left: passed up.
         let mut again = decap_for(&["198.51.100.34"]);
         let (action, _) = run(&mut again, &out);
@@ -240,7 +243,7 @@ fn the_second_chance_follows_the_sockets_of_this_host() {
 
         // Established, SYN and cookie ACK named an alternate that was not
         // needed; the stray (three times) and the forged ACK were passed on.
-        assert_eq!(d.stats().unwrap(), [0, 3, 4], "decapsulated, alternate unused, redirected");
+        assert_eq!(d.stats().unwrap(), [0, 3, 5], "decapsulated, alternate unused, redirected");
     });
 }
 

@@ -237,3 +237,26 @@ fn the_decap_program_strips_tagged_tunnels_and_passes_them_up_tagged() {
     let other = tagged(&tcp_frame(CLIENT, 40000, "198.51.100.99", 80, SYN), &[VLAN100]);
     assert_eq!(run_xdp(d.program(), &other), (XDP_PASS, other.clone()));
 }
+
+#[test]
+fn a_tagged_packet_of_a_gue_vip_leaves_as_the_untagged_one_does_with_its_tags() {
+    let mut h = Harness::new();
+    let spec = lb_userspace::VipSpec {
+        vip: "203.0.113.20:80/tcp".parse().unwrap(),
+        hash: HashMode::FiveTuple,
+        ring_size: 65537,
+        encap: lb_userspace::services::Encap::Gue,
+        stateless: true,
+        quic: None,
+    };
+    let vip = h.vip_spec(spec);
+    h.backend(&vip, "198.51.100.20", 1);
+    let syn = tcp_frame(CLIENT, 40000, "203.0.113.20", 80, SYN);
+    let (action, untagged) = h.run(&syn);
+    assert_eq!(action, XDP_TX);
+    assert_eq!(&untagged[12..14], &[0x08, 0x00]);
+    assert_eq!(&untagged[36..38], &6080u16.to_be_bytes(), "GUE (UDP 6080), as tests/gue.rs checks byte by byte");
+    let (action, out) = h.run(&tagged(&syn, &[SVLAN10, VLAN100]));
+    assert_eq!(action, XDP_TX);
+    assert_eq!(out, tagged(&untagged, &[SVLAN10, VLAN100]));
+}
