@@ -4,7 +4,7 @@
 //! holds it to those rules). It balances the packets of stateless VIPs,
 //! TCP and UDP, exactly as the full balancer does (the same maps, lookup,
 //! Maglev pick, alternate hop and encapsulation, from the same source) and
-//! sends them back out (XDP_TX). Everything else it leaves untouched to the
+//! sends them back out (XDP_TX), VLAN tags kept. Everything else it leaves untouched to the
 //! full balancer on the host (XDP_PASS): VIPs with a conn table, non-VIP
 //! traffic, fragments, ICMP, echo requests, packets too big, VIPs without a
 //! backend. Counters are plain arrays written by atomic adds (a NIC has no
@@ -28,9 +28,10 @@ mod outer;
 mod parse;
 #[allow(dead_code)]
 mod select;
+mod vlan;
 
 use aya_ebpf::{
-    bindings::xdp_action::{XDP_PASS, XDP_TX},
+    bindings::xdp_action::{XDP_DROP, XDP_PASS, XDP_TX},
     macros::{map, xdp},
     maps::Array,
     programs::XdpContext,
@@ -50,7 +51,14 @@ static OFFLOAD_BACKEND_STATS: Array<BackendStats> = Array::with_max_entries(MAX_
 
 #[xdp]
 pub fn lb_offload(ctx: XdpContext) -> u32 {
-    forward(&ctx).unwrap_or(XDP_PASS)
+    // A tagged frame is balanced untagged and leaves (or goes up) with its
+    // tags as they came (`--vlan-map` is the host balancer's).
+    let Ok(tags) = vlan::pop(&ctx) else { return XDP_PASS };
+    let action = forward(&ctx).unwrap_or(XDP_PASS);
+    if tags != 0 && vlan::push(&ctx, tags).is_err() {
+        return XDP_DROP;
+    }
+    action
 }
 
 /// XDP_TX for a stateless VIP's packet, `None` (XDP_PASS) for the host.

@@ -105,8 +105,8 @@ pub async fn run(opts: UpOptions) -> Result<()> {
     {
         bail!("--vlan-map maps VLAN {from} more than once");
     }
-    if !opts.vlan_map.is_empty() && opts.offload_flavor {
-        bail!("--vlan-map needs the full balancer (the offload flavor passes tagged frames to the host)");
+    if !opts.vlan_map.is_empty() && (opts.offload_flavor || opts.mode == ModeChoice::Offload) {
+        bail!("--vlan-map needs the host balancer: the offload flavor sends tagged frames on with the tags they came with");
     }
     if opts.trunk {
         crate::vlan::check_trunk(&opts.iface)?;

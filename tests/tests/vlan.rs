@@ -260,3 +260,33 @@ fn a_tagged_packet_of_a_gue_vip_leaves_as_the_untagged_one_does_with_its_tags() 
     assert_eq!(action, XDP_TX);
     assert_eq!(out, tagged(&untagged, &[SVLAN10, VLAN100]));
 }
+
+#[test]
+fn the_offload_flavor_balances_tagged_frames_and_passes_the_rest_as_they_came() {
+    let mut h =
+        Harness::with(lb_userspace::LoadOptions { offload_flavor: true, ring_capacity: 1 << 20, ..Default::default() });
+    let spec = lb_userspace::VipSpec {
+        vip: "203.0.113.10:80/tcp".parse().unwrap(),
+        hash: HashMode::FiveTuple,
+        ring_size: 65537,
+        encap: lb_userspace::services::Encap::Ipip,
+        stateless: true,
+        quic: None,
+    };
+    let vip = h.vip_spec(spec);
+    h.backend(&vip, "198.51.100.20", 1);
+    let plain = tcp_frame(CLIENT, 40000, VIP, 80, SYN);
+    let (action, out) = h.run(&tagged(&plain, &[SVLAN10, VLAN100]));
+    assert_eq!(action, XDP_TX);
+    #[rustfmt::skip]
+    let mut expected = vec![
+        0x02, 0, 0, 0, 0, 0x02,  0x02, 0, 0, 0, 0, 0x01,
+        0x88, 0xa8, 0x00, 0x0a,  0x81, 0x00, 0x60, 0x64,
+        0x08, 0x00,
+    ];
+    expected.extend_from_slice(&OUTER_V4);
+    expected.extend_from_slice(&plain[14..]);
+    assert_eq!(out, expected);
+    let not_a_vip = tagged(&tcp_frame(CLIENT, 40000, "203.0.113.99", 80, SYN), &[VLAN100]);
+    assert_eq!(h.run(&not_a_vip), (XDP_PASS, not_a_vip.clone()));
+}
