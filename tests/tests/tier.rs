@@ -223,7 +223,7 @@ fn an_upgrade_across_a_map_layout_change_replays_the_old_releases_state_file() {
     // The next save is in this release's layout.
     let saved: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(format!("{DIR}/state/{}.json", lb_iface(1))).unwrap()).unwrap();
-    assert_eq!(saved["layout"], 6);
+    assert_eq!(saved["layout"], 7);
 }
 
 #[test]
