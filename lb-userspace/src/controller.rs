@@ -130,6 +130,10 @@ pub struct RunInfo {
     pub conn_table_size: u32,
     /// The next-hop MAC came from the command line (no refresh).
     pub fixed_next_hop: bool,
+    /// Two NICs: where packets for backends leave.
+    pub backend_interface: Option<String>,
+    pub trunk: bool,
+    pub vlan_map: Vec<(u16, u16)>,
 }
 
 pub struct State {

@@ -268,6 +268,9 @@ pub async fn run(opts: UpOptions) -> Result<()> {
         adopted,
         conn_table_size,
         fixed_next_hop: opts.next_hop_mac.is_some(),
+        backend_interface: opts.backend_iface.clone(),
+        trunk: opts.trunk,
+        vlan_map: opts.vlan_map.clone(),
     };
     let announcer = match announce_table {
         Some(table) => {

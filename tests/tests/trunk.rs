@@ -151,4 +151,5 @@ fn a_trunk_whose_nic_strips_tags_is_refused_naming_the_ethtool_command() {
     lab.start_lb(TRUNK_LB, &[]).unwrap();
     let status = ok(lab, TRUNK_LB, &["status"]);
     assert!(status.contains("lb_balancer"), "{status}");
+    assert!(status.contains("VLANs          trunk (the NIC leaves tags in the frame)"), "{status}");
 }

@@ -66,6 +66,8 @@ fn connections_through_an_lb_host_with_two_nics_survive_ring_changes_and_ecmp_mo
     let s = lab();
     let lab = &s.lab;
     lab.give_backend_nic(1).unwrap();
+    let status = ok(lab, 1, &["status"]);
+    assert!(status.contains("backends via   lb1-be (XDP_REDIRECT: two NICs)"), "{status}");
     let (client_side, backend_side) = ("rt-lb1", "rt-lb1b");
     let before =
         (rx_packets(ROUTER_NS, client_side), rx_packets(ROUTER_NS, backend_side), counter(lab, 1, "forwarded"));

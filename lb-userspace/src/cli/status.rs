@@ -14,6 +14,8 @@ pub async fn status(client: &ClientOpts) -> Result<()> {
     for (k, v) in [
         ("interface", s.interface.clone()),
         ("xdp mode", s.xdp_mode.clone()),
+        ("backends via", backends_via(&s)),
+        ("VLANs", vlans(&s)),
         ("adopted", s.adopted.to_string()),
         ("next-hop MAC", s.next_hop_mac.clone()),
         ("encap source", format!("{} {}", s.encap_src_v4, s.encap_src_v6)),
@@ -33,6 +35,26 @@ pub async fn status(client: &ClientOpts) -> Result<()> {
         println!("{k:<14} {v}");
     }
     Ok(())
+}
+
+/// Where packets for backends leave.
+fn backends_via(s: &pb::StatusReply) -> String {
+    if s.backend_interface.is_empty() {
+        format!("{} (XDP_TX)", s.interface)
+    } else {
+        format!("{} (XDP_REDIRECT: two NICs)", s.backend_interface)
+    }
+}
+
+/// The trunk settings: tags are balanced either way.
+fn vlans(s: &pb::StatusReply) -> String {
+    let trunk =
+        if s.trunk { "trunk (the NIC leaves tags in the frame)" } else { "tagged frames balanced as they come" };
+    if s.vlan_map.is_empty() {
+        trunk.to_string()
+    } else {
+        format!("{trunk}; forwarded on VLAN {}", s.vlan_map.join(", "))
+    }
 }
 
 /// Checks, the probes that run them, and whether probes keep their time.
