@@ -19,7 +19,7 @@ mod outer;
 use aya_ebpf::{
     bindings::{
         bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, BPF_ADJ_ROOM_ENCAP_L2_SHIFT, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4,
-        BPF_F_ADJ_ROOM_ENCAP_L3_IPV6, BPF_F_ADJ_ROOM_ENCAP_L4_UDP, TC_ACT_OK, TC_ACT_SHOT,
+        BPF_F_ADJ_ROOM_ENCAP_L3_IPV6, BPF_F_ADJ_ROOM_ENCAP_L4_UDP, TC_ACT_SHOT, TC_ACT_UNSPEC,
     },
     macros::{classifier, map},
     maps::Array,
@@ -35,17 +35,20 @@ use headers::{EthHdr, Ipv4Hdr, Ipv6Hdr, UdpHdr, ETH_P_IP, ETH_P_IPV6};
 #[map]
 static PROBE_ROUTES: Array<ProbeRoute> = Array::with_max_entries(MAX_PROBES, 0);
 
+/// Returns TC_ACT_UNSPEC ("next") for every packet it lets through: on tcx
+/// (and cls_bpf) the next program on egress, if any, still runs; TC_ACT_OK
+/// would end the chain there.
 #[classifier]
 pub fn probe_encap(ctx: TcContext) -> i32 {
     let mark = unsafe { (*ctx.skb.skb).mark };
     let id = mark.wrapping_sub(PROBE_MARK_BASE);
     if id >= MAX_PROBES {
-        return TC_ACT_OK as i32;
+        return TC_ACT_UNSPEC;
     }
     // A check packet that cannot be encapsulated is dropped: sent as it is,
     // it would reach the VIP through the tier and pass for any backend.
     match encapsulate(&ctx, id) {
-        Some(()) => TC_ACT_OK as i32,
+        Some(()) => TC_ACT_UNSPEC,
         None => TC_ACT_SHOT as i32,
     }
 }

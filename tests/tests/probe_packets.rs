@@ -14,7 +14,10 @@ use aya::{
 use lb_common::{ProbeRoute, AF_INET, AF_INET6, MAX_PROBES, PROBE_MARK_BASE};
 use lb_tests::*;
 
-const TC_ACT_OK: u32 = 0;
+/// TC_ACT_UNSPEC (-1, include/uapi/linux/pkt_cls.h): the frame goes on,
+/// and on tcx the next program on egress still runs (TC_ACT_OK, 0, would
+/// end the chain).
+const TC_ACT_UNSPEC: u32 = -1i32 as u32;
 const TC_ACT_SHOT: u32 = 2;
 /// The check socket's own frame: from the LB host to the router.
 const HOST_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x0a];
@@ -58,10 +61,10 @@ impl Probe {
         (result.return_value, out)
     }
 
-    /// Runs a check's frame that must leave (TC_ACT_OK); the frame out.
+    /// Runs a check's frame that must leave (TC_ACT_UNSPEC); the frame out.
     fn encapsulated(&self, frame: &[u8], mark: u32) -> Vec<u8> {
         let (verdict, out) = self.run(frame, mark);
-        assert_eq!(verdict, TC_ACT_OK, "mark {mark:#x}: the frame leaves");
+        assert_eq!(verdict, TC_ACT_UNSPEC, "mark {mark:#x}: the frame leaves");
         out
     }
 }
@@ -199,7 +202,7 @@ fn unmarked_packets_pass_untouched_and_a_check_without_a_route_is_dropped() {
     probe.route(3, v4_route(0));
     let syn = check_syn_v4();
     for mark in [0, 1, PROBE_MARK_BASE - 1, PROBE_MARK_BASE + MAX_PROBES] {
-        assert_eq!(probe.run(&syn, mark), (TC_ACT_OK, syn.clone()), "mark {mark:#x} is not a check's");
+        assert_eq!(probe.run(&syn, mark), (TC_ACT_UNSPEC, syn.clone()), "mark {mark:#x} is not a check's");
     }
     // A check whose route is gone must not reach the VIP through the
     // tier, where any backend could answer for it.
