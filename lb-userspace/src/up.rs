@@ -100,28 +100,7 @@ pub async fn run(opts: UpOptions) -> Result<()> {
     }
     let ifindex = netlink::if_index(&opts.iface)
         .with_context(|| format!("no interface '{}' in this network namespace", opts.iface))?;
-    if let Some(from) =
-        opts.vlan_map.iter().map(|m| m.0).find(|f| opts.vlan_map.iter().filter(|m| m.0 == *f).count() > 1)
-    {
-        bail!("--vlan-map maps VLAN {from} more than once");
-    }
-    if !opts.vlan_map.is_empty() && (opts.offload_flavor || opts.mode == ModeChoice::Offload) {
-        bail!("--vlan-map needs the host balancer: the offload flavor sends tagged frames on with the tags they came with");
-    }
-    if opts.trunk {
-        crate::vlan::check_trunk(&opts.iface)?;
-    }
-    let backend_ifindex = match &opts.backend_iface {
-        None => None,
-        Some(name) if *name == opts.iface => bail!("--backend-iface {name} is the interface itself: leave it out"),
-        Some(_) if opts.mode == ModeChoice::Offload || opts.offload_flavor => {
-            bail!("--backend-iface needs the host balancer: the offload flavor sends packets back out of its NIC")
-        }
-        Some(name) => Some(
-            netlink::if_index(name)
-                .with_context(|| format!("no interface '{name}' (--backend-iface) in this network namespace"))?,
-        ),
-    };
+    let backend_ifindex = check_interfaces(&opts)?;
     ensure_bpffs(&opts.pin_root)?;
     let pin_dir = opts.pin_root.join(&opts.iface);
     let link_pin = pin_dir.join("link");
@@ -255,9 +234,8 @@ pub async fn run(opts: UpOptions) -> Result<()> {
         Err(e) => warn!(error = %e, "no data-plane decision logs: `lbctl debug on` will log nothing"),
     }
 
-    // The data-path checks' egress program: without it the balancer runs,
-    // and data-path checks fail saying why.
-    // Data-path checks leave the way the VIPs' packets do.
+    // The data-path checks' egress program, where the VIPs' packets leave:
+    // without it the balancer runs, and data-path checks fail saying why.
     let probes = ProbePaths::attach(opts.backend_iface.as_deref().unwrap_or(&opts.iface));
     if let Some(why) = probes.unavailable() {
         warn!("{why}");
@@ -419,6 +397,33 @@ fn replace_pinned(program: &mut Xdp, link_pin: &Path) -> Result<()> {
     let link = XdpLink::try_from(FdLink::from(link)).context("the pinned link is not an XDP link")?;
     program.attach_to_link(link).context("replacing the running program")?;
     Ok(())
+}
+
+/// Checks the VLAN and two-NIC options before anything changes; returns
+/// the backend interface's index, with two NICs.
+fn check_interfaces(opts: &UpOptions) -> Result<Option<u32>> {
+    let offload = opts.offload_flavor || opts.mode == ModeChoice::Offload;
+    if let Some(from) =
+        opts.vlan_map.iter().map(|m| m.0).find(|f| opts.vlan_map.iter().filter(|m| m.0 == *f).count() > 1)
+    {
+        bail!("--vlan-map maps VLAN {from} more than once");
+    }
+    if !opts.vlan_map.is_empty() && offload {
+        bail!("--vlan-map needs the host balancer: the offload flavor sends tagged frames on with the tags they came with");
+    }
+    if opts.trunk {
+        crate::vlan::check_trunk(&opts.iface)?;
+    }
+    let Some(name) = &opts.backend_iface else { return Ok(None) };
+    if *name == opts.iface {
+        bail!("--backend-iface {name} is the interface itself: leave it out");
+    }
+    if offload {
+        bail!("--backend-iface needs the host balancer: the offload flavor sends packets back out of its NIC");
+    }
+    let index = netlink::if_index(name)
+        .with_context(|| format!("no interface '{name}' (--backend-iface) in this network namespace"))?;
+    Ok(Some(index))
 }
 
 /// Puts `program` on `iface` behind a link pinned at `link_pin`, so that it
