@@ -40,26 +40,24 @@ pub fn pop(ctx: &XdpContext) -> Result<Tags, ()> {
     if !is_tag(unsafe { (*eth).proto }) {
         return Ok(0);
     }
-    // The first tag and the two octets after it: a second tag's TPID, or
-    // the EtherType.
-    let after = ptr_at::<[u16; 3]>(ctx, MACS_LEN + 2).ok_or(())?;
-    let outer = unsafe { *ptr_at::<u32>(ctx, MACS_LEN).ok_or(())? };
     let macs = unsafe { *ptr_at::<[u32; 3]>(ctx, 0).ok_or(())? };
-    let (tags, len) = if is_tag(unsafe { (*after)[1] }) {
-        let inner = unsafe { *ptr_at::<[u16; 4]>(ctx, MACS_LEN + TAG_LEN).ok_or(())? };
-        if is_tag(inner[2]) {
+    // The first tag, and the four octets after it: a second tag, or the
+    // EtherType (a little-endian load: its first two octets are the low half).
+    let [outer, next] = unsafe { *ptr_at::<[u32; 2]>(ctx, MACS_LEN).ok_or(())? };
+    let (tags, len) = if is_tag(next as u16) {
+        if is_tag(unsafe { *ptr_at::<u16>(ctx, MACS_LEN + 2 * TAG_LEN).ok_or(())? }) {
             return Err(());
         }
-        let inner = unsafe { *ptr_at::<u32>(ctx, MACS_LEN + TAG_LEN).ok_or(())? };
         unsafe { *ptr_at::<[u32; 3]>(ctx, 2 * TAG_LEN).ok_or(())? = macs };
-        (outer as u64 | (inner as u64) << 32, 2 * TAG_LEN)
+        (outer as u64 | (next as u64) << 32, 2 * TAG_LEN)
     } else {
         unsafe { *ptr_at::<[u32; 3]>(ctx, TAG_LEN).ok_or(())? = macs };
         (outer as u64, TAG_LEN)
     };
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, len as i32) } != 0 {
-        // Put the addresses back where they were.
+        // Put the frame back as it came (the moved addresses covered the tags).
         unsafe { *ptr_at::<[u32; 3]>(ctx, 0).ok_or(())? = macs };
+        unsafe { *ptr_at::<[u32; 2]>(ctx, MACS_LEN).ok_or(())? = [outer, next] };
         return Err(());
     }
     Ok(tags)

@@ -13,7 +13,7 @@ use netlink_packet_route::{
     route::{RouteAddress, RouteAttribute, RouteMessage},
     AddressFamily,
 };
-use rtnetlink::{Handle, IpVersion};
+use rtnetlink::Handle;
 
 pub struct Netlink {
     handle: Handle,
@@ -27,38 +27,20 @@ impl Netlink {
         Ok(Self { handle })
     }
 
-    /// The gateway of the main table's default route (IPv4 first, then IPv6).
-    pub async fn default_gateway(&self) -> Result<Option<IpAddr>, rtnetlink::Error> {
-        for version in [IpVersion::V4, IpVersion::V6] {
-            let mut request = RouteMessage::default();
-            request.header.address_family =
-                if version == IpVersion::V4 { AddressFamily::Inet } else { AddressFamily::Inet6 };
-            let mut routes = self.handle.route().get(request).execute();
-            while let Some(route) = routes.try_next().await? {
-                if route.header.destination_prefix_length != 0 || route.header.table != 254 {
-                    continue;
-                }
-                for attr in &route.attributes {
-                    match attr {
-                        RouteAttribute::Gateway(RouteAddress::Inet(a)) => return Ok(Some(IpAddr::V4(*a))),
-                        RouteAttribute::Gateway(RouteAddress::Inet6(a)) => return Ok(Some(IpAddr::V6(*a))),
-                        _ => {}
-                    }
-                }
-            }
-        }
-        Ok(None)
-    }
-
-    /// The gateway of a route (main table) out of interface `ifindex`: the
-    /// next hop towards what lies behind it (the backends, with two NICs).
-    pub async fn gateway_via(&self, ifindex: u32) -> Result<Option<IpAddr>, rtnetlink::Error> {
+    /// The next hop towards the backends: the gateway of the main table's
+    /// default route, or with two NICs of a route out of interface `via`
+    /// (IPv4 first, then IPv6).
+    pub async fn gateway(&self, via: Option<u32>) -> Result<Option<IpAddr>, rtnetlink::Error> {
         for family in [AddressFamily::Inet, AddressFamily::Inet6] {
             let mut request = RouteMessage::default();
             request.header.address_family = family;
             let mut routes = self.handle.route().get(request).execute();
             while let Some(route) = routes.try_next().await? {
-                if route.header.table != 254 || !route.attributes.contains(&RouteAttribute::Oif(ifindex)) {
+                let wanted = match via {
+                    Some(ifindex) => route.attributes.contains(&RouteAttribute::Oif(ifindex)),
+                    None => route.header.destination_prefix_length == 0,
+                };
+                if route.header.table != 254 || !wanted {
                     continue;
                 }
                 for attr in &route.attributes {

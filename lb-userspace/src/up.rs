@@ -568,17 +568,8 @@ fn private_mount_namespace() -> bool {
     matches!((own, other), (Ok(own), Ok(other)) if own != other)
 }
 
-/// The gateway towards the backends: the default route's, or with two NICs
-/// the one routes out of the backend interface `via` name.
-async fn gateway(nl: &Netlink, via: Option<u32>) -> Result<Option<IpAddr>, rtnetlink::Error> {
-    match via {
-        Some(index) => nl.gateway_via(index).await,
-        None => nl.default_gateway().await,
-    }
-}
-
 async fn resolve_next_hop(nl: &Netlink, via: Option<u32>) -> Result<[u8; 6]> {
-    let gateway = gateway(nl, via).await?.context(if via.is_some() {
+    let gateway = nl.gateway(via).await?.context(if via.is_some() {
         "no route with a gateway out of --backend-iface to find the next hop: add one, or give --next-hop-mac"
     } else {
         "no default route in this network namespace to find the next hop: give --next-hop-mac"
@@ -598,7 +589,7 @@ async fn resolve_next_hop(nl: &Netlink, via: Option<u32>) -> Result<[u8; 6]> {
 async fn refresh_next_hop(ctrl: Arc<Controller>, nl: Netlink, via: Option<u32>) {
     loop {
         tokio::time::sleep(Duration::from_secs(1)).await;
-        let Ok(Some(gateway)) = gateway(&nl, via).await else { continue };
+        let Ok(Some(gateway)) = nl.gateway(via).await else { continue };
         match nl.neighbour_mac(gateway).await {
             Ok(Some(mac)) => {
                 let _ = ctrl.set_next_hop_mac(mac);
