@@ -246,9 +246,8 @@ fn dataplane_on_cpu0(r: &mut Results, opts: &Opts) -> anyhow::Result<()> {
     let quic_initial = udp_frame("192.0.2.55", 5353, "203.0.113.40", 443, &initial);
     // The same established flow on a VLAN trunk: 802.1Q (VLAN 100), and
     // QinQ (802.1ad service VLAN 10, then VLAN 100).
-    let with_tags = |f: &[u8], tags: &[u8]| [&f[..12], tags, &f[12..]].concat();
-    let ack4_vlan = with_tags(&ack4, &[0x81, 0x00, 0x00, 0x64]);
-    let ack4_qinq = with_tags(&ack4, &[0x88, 0xa8, 0x00, 0x0a, 0x81, 0x00, 0x00, 0x64]);
+    let ack4_vlan = tagged(&ack4, &[[0x81, 0x00, 0x00, 0x64]]);
+    let ack4_qinq = tagged(&ack4, &[[0x88, 0xa8, 0x00, 0x0a], [0x81, 0x00, 0x00, 0x64]]);
     let non_vip = tcp_frame("192.0.2.55", 40000, "203.0.113.99", 80, ACK);
     let gue_syn = tcp_frame("192.0.2.56", 1, "203.0.113.20", 80, SYN);
     let gue_ct_ack = tcp_frame("192.0.2.55", 40000, "203.0.113.30", 80, ACK);
@@ -334,12 +333,11 @@ fn dataplane_on_cpu0(r: &mut Results, opts: &Opts) -> anyhow::Result<()> {
         record(r, &key, &mut s);
     }
     // Two NICs: the same VIPs, packets for backends out of another veth.
-    let (mut two_nics, two_nics_svc) = balancer(1 << 16)?;
-    let mut h2 = lb_tests::Harness { dp: two_nics, services: two_nics_svc };
+    let (dp2, services) = balancer(1 << 16)?;
+    let mut two_nics = lb_tests::Harness { dp: dp2, services };
     let egress = lb_userspace::Settings { egress_mac: Some([2, 0, 0, 0, 0, 0x0b]), ..test_settings() };
-    h2.services.set_settings(&mut h2.dp, egress)?;
-    h2.run(&syn_of(&ack4));
-    two_nics = h2.dp;
+    two_nics.services.set_settings(&mut two_nics.dp, egress)?;
+    two_nics.run(&syn_of(&ack4));
     per_core::per_core(
         r,
         dp.program(),
@@ -349,7 +347,7 @@ fn dataplane_on_cpu0(r: &mut Results, opts: &Opts) -> anyhow::Result<()> {
             ("v4_new_flow", &syn4),
             ("gue_stateless_established", &gue_ack),
         ],
-        per_core::Redirect { balancer: &mut two_nics, frame: &ack4 },
+        per_core::Redirect { balancer: &mut two_nics.dp, frame: &ack4 },
         opts.quick,
     )?;
     // The data-path checks' tc egress program, on a packet that is not a

@@ -117,6 +117,18 @@ pub fn frame(src: IpAddr, dst: IpAddr, proto: u8, l4: &[u8]) -> Vec<u8> {
     f
 }
 
+/// `frame` with VLAN `tags` (each TPID and TCI, as on the wire: IEEE
+/// 802.1Q) inserted after its two MAC addresses.
+pub fn tagged(frame: &[u8], tags: &[[u8; 4]]) -> Vec<u8> {
+    [&frame[..12], &tags.concat(), &frame[12..]].concat()
+}
+
+/// An RFC 792 echo request from `src` to `dst`: id 1, sequence 1, no data,
+/// checksum 0xf7fd (by hand; the addresses are not in it).
+pub fn echo_request_v4(src: &str, dst: &str) -> Vec<u8> {
+    frame(src.parse().unwrap(), dst.parse().unwrap(), 1, &[8, 0, 0xf7, 0xfd, 0, 1, 0, 1])
+}
+
 pub fn tcp_frame(src: &str, src_port: u16, dst: &str, dst_port: u16, flags: u8) -> Vec<u8> {
     frame(src.parse().unwrap(), dst.parse().unwrap(), 6, &tcp(src_port, dst_port, flags))
 }
@@ -321,7 +333,7 @@ pub fn fuzz_templates() -> Vec<Vec<u8>> {
         tcp_frame("2001:db8:c::55", 40000, "2001:db8::10", 443, SYN),
         udp_frame("2001:db8:c::55", 40000, "2001:db8::10", 53, b"q"),
         tcp_frame("192.0.2.55", 40000, "203.0.113.99", 80, SYN),
-        frame("192.0.2.55".parse().unwrap(), "203.0.113.10".parse().unwrap(), 1, &[8, 0, 0xf7, 0xfd, 0, 1, 0, 1]),
+        echo_request_v4("192.0.2.55", "203.0.113.10"),
         frame("2001:db8:c::55".parse().unwrap(), "2001:db8::10".parse().unwrap(), 58, &[128, 0, 0, 0, 0, 1, 0, 1]),
         arp,
         options,

@@ -182,8 +182,7 @@ fn packets_not_for_a_vip_pass_untouched() {
     arp.extend_from_slice(&[0u8; 20]);
     // ICMP timestamp request (type 13) to the VIP; echo to a non-VIP address.
     let icmp_to_vip = frame(CLIENT.parse().unwrap(), VIP.parse().unwrap(), 1, &[13, 0, 0, 0, 0, 1, 0, 1]);
-    let echo_elsewhere =
-        frame(CLIENT.parse().unwrap(), "203.0.113.11".parse().unwrap(), 1, &[8, 0, 0xf7, 0xfd, 0, 1, 0, 1]);
+    let echo_elsewhere = echo_request_v4(CLIENT, "203.0.113.11");
     let cases = [
         arp,
         tcp_frame(CLIENT, 40000, "203.0.113.11", 80, SYN), // other address
@@ -860,8 +859,7 @@ fn a_syn_flood_larger_than_the_conn_table_does_not_move_an_established_flow() {
 #[test]
 fn echo_requests_to_a_vip_address_are_answered_in_place() {
     let mut h = one_backend_v4();
-    // RFC 792 echo request, id 1, seq 1; checksum 0xf7fd by hand.
-    let request = frame(CLIENT.parse().unwrap(), VIP.parse().unwrap(), 1, &[8, 0, 0xf7, 0xfd, 0, 1, 0, 1]);
+    let request = echo_request_v4(CLIENT, VIP);
     let (action, out) = h.run(&request);
     assert_eq!(action, XDP_TX);
     #[rustfmt::skip]

@@ -200,8 +200,8 @@ fn the_second_chance_follows_the_sockets_of_this_host() {
         want[42..46].copy_from_slice(&[0x00, 0x04, 0x00, 0x00]);
         assert_eq!(out, want);
         // On a VLAN trunk (802.1Q tag, VLAN 100): passed on with its tag.
-        let tag = |f: &[u8]| [&f[..12], &[0x81, 0x00, 0x00, 0x64][..], &f[12..]].concat();
-        assert_eq!(run(&mut d, &tag(&input)), (XDP_TX, tag(&want)));
+        let vlan100 = [[0x81, 0x00, 0x00, 0x64]];
+        assert_eq!(run(&mut d, &tagged(&input, &vlan100)), (XDP_TX, tagged(&want, &vlan100)));
         // At the alternate, the same packet has no alternate left: passed up.
         let mut again = decap_for(&["198.51.100.34"]);
         let (action, _) = run(&mut again, &out);

@@ -111,7 +111,7 @@ fn the_flavor_forwards_stateless_vips_byte_for_byte_as_the_full_balancer_and_pas
     for input in [
         udp_frame("2001:db8:c::55", 40000, "2001:db8::10", 53, b"q"),
         tcp_frame("192.0.2.55", 40000, "203.0.113.99", 80, SYN),
-        frame("192.0.2.55".parse().unwrap(), "203.0.113.10".parse().unwrap(), 1, &[8, 0, 0xf7, 0xfd, 0, 1, 0, 1]),
+        echo_request_v4("192.0.2.55", "203.0.113.10"),
         fragment,
         big,
     ] {

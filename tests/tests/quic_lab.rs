@@ -385,19 +385,15 @@ fn unroutable(lab: &Lab) -> u64 {
 
 /// `n` QUIC v1 Initials (RFC 9000, 17.2.2) to the IPv4 QUIC VIP, each from
 /// another source address of 192.0.2.64-254 and port, with random CIDs and
-/// a payload no server can decrypt; IPv4 and UDP headers by hand through a
-/// raw socket (RFC 791, RFC 768: UDP checksum 0, none).
+/// a payload no server can decrypt; IPv4 and UDP headers from the packet
+/// tests' builders (RFC 791, RFC 768: UDP checksum 0, none), through a raw
+/// socket.
 fn initial_flood(n: u32) {
     let raw = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW) };
     assert!(raw >= 0, "raw socket: {}", std::io::Error::last_os_error());
-    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
-    let mut random = move || {
-        // xorshift64: the same flood every run.
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        seed
-    };
+    // The same flood every run.
+    let mut rng = lb_tests::XorShift(0x9e37_79b9_7f4a_7c15);
+    let mut random = move || rng.next_u64();
     let dst = [203, 0, 113, 10];
     for k in 0..n {
         if k % 64 == 0 {
@@ -417,34 +413,12 @@ fn initial_flood(n: u32) {
         while quic.len() < 1200 {
             quic.extend_from_slice(&random().to_be_bytes()[..(1200 - quic.len()).min(8)]);
         }
-        let udp_len = 8 + quic.len();
-        let mut packet = vec![0x45, 0];
-        packet.extend_from_slice(&((20 + udp_len) as u16).to_be_bytes());
-        packet.extend_from_slice(&[0, 0, 0x40, 0, 64, 17, 0, 0]);
-        packet.extend_from_slice(&src);
-        packet.extend_from_slice(&dst);
-        let sum = lb_tests::checksum(&packet);
-        packet[10..12].copy_from_slice(&sum.to_be_bytes());
-        packet.extend_from_slice(&port.to_be_bytes());
-        packet.extend_from_slice(&QUIC_PORT.to_be_bytes());
-        packet.extend_from_slice(&(udp_len as u16).to_be_bytes());
-        packet.extend_from_slice(&[0, 0]);
-        packet.extend_from_slice(&quic);
-        let to = libc::sockaddr_in {
-            sin_family: libc::AF_INET as u16,
-            sin_port: 0,
-            sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes(dst) },
-            sin_zero: [0; 8],
-        };
+        let packet =
+            [lb_tests::ipv4(src.into(), dst.into(), 17, &[], 8 + quic.len()), lb_tests::udp(port, QUIC_PORT, &quic)]
+                .concat();
+        let (to, to_len) = sockaddr(SocketAddr::from((dst, 0)));
         let sent = unsafe {
-            libc::sendto(
-                raw,
-                packet.as_ptr() as *const _,
-                packet.len(),
-                0,
-                &to as *const _ as *const libc::sockaddr,
-                std::mem::size_of::<libc::sockaddr_in>() as u32,
-            )
+            libc::sendto(raw, packet.as_ptr() as *const _, packet.len(), 0, &to as *const _ as *const _, to_len)
         };
         assert_eq!(sent, packet.len() as isize, "sendto: {}", std::io::Error::last_os_error());
     }

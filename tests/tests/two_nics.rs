@@ -40,13 +40,7 @@ fn with_a_backend_nic_forwarded_packets_are_redirected_from_its_mac_and_answers_
     // An established packet takes the same way.
     assert_eq!(h.run(&tcp_frame("192.0.2.55", 40000, "203.0.113.10", 80, ACK)).0, XDP_REDIRECT);
     // Answers to the client leave where it came from: XDP_TX, LB's MAC.
-    let request = lb_tests::frame(
-        "192.0.2.55".parse().unwrap(),
-        "203.0.113.10".parse().unwrap(),
-        1,
-        &[8, 0, 0xf7, 0xfd, 0, 1, 0, 1],
-    );
-    let (action, out) = h.run(&request);
+    let (action, out) = h.run(&lb_tests::echo_request_v4("192.0.2.55", "203.0.113.10"));
     assert_eq!(action, XDP_TX);
     assert_eq!(&out[..12], &[ROUTER_MAC, LB_MAC].concat()[..]);
     // Back to one NIC: XDP_TX again.

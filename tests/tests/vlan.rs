@@ -15,16 +15,6 @@ const VLAN100: [u8; 4] = [0x81, 0x00, 0x60, 0x64];
 /// 802.1ad service tag: TPID 0x88a8, priority 0, VLAN 10.
 const SVLAN10: [u8; 4] = [0x88, 0xa8, 0x00, 0x0a];
 
-/// `frame` with `tags` inserted after its two MAC addresses.
-fn tagged(frame: &[u8], tags: &[[u8; 4]]) -> Vec<u8> {
-    let mut f = frame[..12].to_vec();
-    for t in tags {
-        f.extend_from_slice(t);
-    }
-    f.extend_from_slice(&frame[12..]);
-    f
-}
-
 fn one_backend_v4() -> Harness {
     let mut h = Harness::new();
     let vip = h.vip("203.0.113.10:80/tcp", HashMode::FiveTuple);
@@ -41,6 +31,29 @@ const OUTER_V4: [u8; 20] = [
     0x40, 0x04, 0x4e, 0x75,  192, 0, 2, 1,  198, 51, 100, 20,
 ];
 
+/// A SYN (`plain`, untagged) as the balancer forwards it to 198.51.100.20:
+/// to the next hop, from the LB, then the tags' bytes as they came, IPv4,
+/// [`OUTER_V4`] and the packet as it arrived.
+fn forwarded(tags: &[[u8; 4]], plain: &[u8]) -> Vec<u8> {
+    #[rustfmt::skip]
+    let macs = [0x02, 0, 0, 0, 0, 0x02,  0x02, 0, 0, 0, 0, 0x01];
+    [&macs[..], &tags.concat(), &[0x08, 0x00], &OUTER_V4, &plain[14..]].concat()
+}
+
+/// A stateless VIP with one backend, 198.51.100.20.
+fn stateless_vip(h: &mut Harness, vip: &str, encap: lb_userspace::services::Encap) {
+    let spec = lb_userspace::VipSpec {
+        vip: vip.parse().unwrap(),
+        hash: HashMode::FiveTuple,
+        ring_size: 65537,
+        encap,
+        stateless: true,
+        quic: None,
+    };
+    let vip = h.vip_spec(spec);
+    h.backend(&vip, "198.51.100.20", 1);
+}
+
 #[test]
 fn a_tagged_syn_leaves_encapsulated_with_its_tag_in_front_of_the_outer_header() {
     let mut h = one_backend_v4();
@@ -48,16 +61,7 @@ fn a_tagged_syn_leaves_encapsulated_with_its_tag_in_front_of_the_outer_header() 
     let input = tagged(&plain, &[VLAN100]);
     let (action, out) = h.run(&input);
     assert_eq!(action, XDP_TX);
-    #[rustfmt::skip]
-    let mut expected = vec![
-        // To the next hop, from the LB; the tag as it came; IPv4.
-        0x02, 0, 0, 0, 0, 0x02,  0x02, 0, 0, 0, 0, 0x01,
-        0x81, 0x00, 0x60, 0x64,
-        0x08, 0x00,
-    ];
-    expected.extend_from_slice(&OUTER_V4);
-    expected.extend_from_slice(&plain[14..]);
-    assert_eq!(out, expected);
+    assert_eq!(out, forwarded(&[VLAN100], &plain));
     assert_eq!(h.stat(stat::FORWARDED), 1);
 }
 
@@ -67,15 +71,7 @@ fn a_qinq_frame_keeps_both_tags_over_ipv4_and_ipv6() {
     let plain = tcp_frame(CLIENT, 40000, VIP, 80, SYN);
     let (action, out) = h.run(&tagged(&plain, &[SVLAN10, VLAN100]));
     assert_eq!(action, XDP_TX);
-    #[rustfmt::skip]
-    let mut expected = vec![
-        0x02, 0, 0, 0, 0, 0x02,  0x02, 0, 0, 0, 0, 0x01,
-        0x88, 0xa8, 0x00, 0x0a,  0x81, 0x00, 0x60, 0x64,
-        0x08, 0x00,
-    ];
-    expected.extend_from_slice(&OUTER_V4);
-    expected.extend_from_slice(&plain[14..]);
-    assert_eq!(out, expected);
+    assert_eq!(out, forwarded(&[SVLAN10, VLAN100], &plain));
 
     // IPv6 in IPv6 (RFC 2473): the tags, then EtherType 0x86dd.
     let v6 = h.vip("[2001:db8::10]:80/tcp", HashMode::FiveTuple);
@@ -115,8 +111,7 @@ fn frames_passed_to_the_kernel_keep_their_tags_byte_for_byte() {
 #[test]
 fn echo_replies_and_too_big_answers_go_back_on_the_vlan_they_came_from() {
     let mut h = one_backend_v4();
-    // RFC 792 echo request, id 1, seq 1 (as in the untagged test).
-    let request = frame(CLIENT.parse().unwrap(), VIP.parse().unwrap(), 1, &[8, 0, 0xf7, 0xfd, 0, 1, 0, 1]);
+    let request = echo_request_v4(CLIENT, VIP);
     let (action, out) = h.run(&tagged(&request, &[SVLAN10, VLAN100]));
     assert_eq!(action, XDP_TX);
     #[rustfmt::skip]
@@ -207,8 +202,7 @@ fn the_vlan_map_moves_forwarded_packets_to_the_backends_vlan_and_nothing_else() 
     let (_, out) = h.run(&tagged(&plain, &[[0x81, 0x00, 0x00, 0x65]]));
     assert_eq!(&out[12..16], &[0x81, 0x00, 0x00, 0x65]);
     // Answers to the client stay on the client's VLAN.
-    let request =
-        tagged(&frame(CLIENT.parse().unwrap(), VIP.parse().unwrap(), 1, &[8, 0, 0xf7, 0xfd, 0, 1, 0, 1]), &[VLAN100]);
+    let request = tagged(&echo_request_v4(CLIENT, VIP), &[VLAN100]);
     let (action, out) = h.run(&request);
     assert_eq!(action, XDP_TX);
     assert_eq!(&out[12..16], &VLAN100);
@@ -241,16 +235,7 @@ fn the_decap_program_strips_tagged_tunnels_and_passes_them_up_tagged() {
 #[test]
 fn a_tagged_packet_of_a_gue_vip_leaves_as_the_untagged_one_does_with_its_tags() {
     let mut h = Harness::new();
-    let spec = lb_userspace::VipSpec {
-        vip: "203.0.113.20:80/tcp".parse().unwrap(),
-        hash: HashMode::FiveTuple,
-        ring_size: 65537,
-        encap: lb_userspace::services::Encap::Gue,
-        stateless: true,
-        quic: None,
-    };
-    let vip = h.vip_spec(spec);
-    h.backend(&vip, "198.51.100.20", 1);
+    stateless_vip(&mut h, "203.0.113.20:80/tcp", lb_userspace::services::Encap::Gue);
     let syn = tcp_frame(CLIENT, 40000, "203.0.113.20", 80, SYN);
     let (action, untagged) = h.run(&syn);
     assert_eq!(action, XDP_TX);
@@ -265,28 +250,11 @@ fn a_tagged_packet_of_a_gue_vip_leaves_as_the_untagged_one_does_with_its_tags() 
 fn the_offload_flavor_balances_tagged_frames_and_passes_the_rest_as_they_came() {
     let mut h =
         Harness::with(lb_userspace::LoadOptions { offload_flavor: true, ring_capacity: 1 << 20, ..Default::default() });
-    let spec = lb_userspace::VipSpec {
-        vip: "203.0.113.10:80/tcp".parse().unwrap(),
-        hash: HashMode::FiveTuple,
-        ring_size: 65537,
-        encap: lb_userspace::services::Encap::Ipip,
-        stateless: true,
-        quic: None,
-    };
-    let vip = h.vip_spec(spec);
-    h.backend(&vip, "198.51.100.20", 1);
+    stateless_vip(&mut h, "203.0.113.10:80/tcp", lb_userspace::services::Encap::Ipip);
     let plain = tcp_frame(CLIENT, 40000, VIP, 80, SYN);
     let (action, out) = h.run(&tagged(&plain, &[SVLAN10, VLAN100]));
     assert_eq!(action, XDP_TX);
-    #[rustfmt::skip]
-    let mut expected = vec![
-        0x02, 0, 0, 0, 0, 0x02,  0x02, 0, 0, 0, 0, 0x01,
-        0x88, 0xa8, 0x00, 0x0a,  0x81, 0x00, 0x60, 0x64,
-        0x08, 0x00,
-    ];
-    expected.extend_from_slice(&OUTER_V4);
-    expected.extend_from_slice(&plain[14..]);
-    assert_eq!(out, expected);
+    assert_eq!(out, forwarded(&[SVLAN10, VLAN100], &plain));
     let not_a_vip = tagged(&tcp_frame(CLIENT, 40000, "203.0.113.99", 80, SYN), &[VLAN100]);
     assert_eq!(h.run(&not_a_vip), (XDP_PASS, not_a_vip.clone()));
 }
